@@ -1,0 +1,245 @@
+#include "builder/stages.hpp"
+
+#include "common/error.hpp"
+#include "common/fs.hpp"
+
+#include <archive.h>
+#include <archive_entry.h>
+#include <cerrno>
+#include <dirent.h>
+#include <fcntl.h>
+#include <memory>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace treeflash::builder {
+
+namespace {
+
+std::string join(const std::string& dir, const std::string& name)
+{
+    return dir.empty() ? name : dir + "/" + name;
+}
+
+std::string read_symlink_at(int dirfd, const char* name, const std::string& path)
+{
+    std::string target(256, '\0');
+    for (;;) {
+        ssize_t n = ::readlinkat(dirfd, name, target.data(), target.size());
+        if (n < 0)
+            throw_errno("readlink " + path);
+        if (static_cast<size_t>(n) < target.size()) {
+            target.resize(static_cast<size_t>(n));
+            return target;
+        }
+        target.resize(target.size() * 2);
+    }
+}
+
+struct DirCloser {
+    void operator()(DIR* d) const { ::closedir(d); }
+};
+
+void import_dir_entries(int dirfd, dev_t root_dev, const std::string& relpath, Node& into, ImportResult& result)
+{
+    int dupfd = ::fcntl(dirfd, F_DUPFD_CLOEXEC, 0);
+    if (dupfd < 0)
+        throw_errno("dup");
+    std::unique_ptr<DIR, DirCloser> dir(::fdopendir(dupfd));
+    if (!dir) {
+        ::close(dupfd);
+        throw_errno("opendir " + (relpath.empty() ? std::string(".") : relpath));
+    }
+    for (;;) {
+        errno = 0;
+        struct dirent* entry = ::readdir(dir.get());
+        if (!entry) {
+            if (errno != 0)
+                throw_errno("readdir " + relpath);
+            break;
+        }
+        std::string name = entry->d_name;
+        if (name == "." || name == "..")
+            continue;
+        std::string path = join(relpath, name);
+        struct stat st {};
+        if (::fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0)
+            throw_errno("stat " + path);
+        if (!is_committable(st.st_mode)) {
+            result.dropped_special.push_back(path + " (" + special_kind_name(st.st_mode) + ")");
+            continue;
+        }
+        std::unique_ptr<Node> node;
+        if (S_ISDIR(st.st_mode)) {
+            node = Node::directory(st.st_mode & 07777, st.st_uid, st.st_gid);
+            if (st.st_dev != root_dev) {
+                result.skipped_mounts.push_back(path);
+            } else {
+                UniqueFd child(::openat(dirfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+                if (!child)
+                    throw_errno("open " + path);
+                import_dir_entries(child.get(), root_dev, path, *node, result);
+            }
+        } else if (S_ISLNK(st.st_mode)) {
+            node = Node::symlink(read_symlink_at(dirfd, name.c_str(), path), st.st_uid, st.st_gid);
+        } else {
+            node = std::make_unique<Node>();
+            node->kind = Node::Kind::Regular;
+            node->uid = st.st_uid;
+            node->gid = st.st_gid;
+            node->mode = st.st_mode & 07777;
+            node->size = static_cast<uint64_t>(st.st_size);
+            node->source.origin = FileSource::Origin::InputTree;
+            node->source.path = path;
+        }
+        into.children.emplace(std::move(name), std::move(node));
+    }
+}
+
+struct ArchiveReadFree {
+    void operator()(struct archive* a) const { archive_read_free(a); }
+};
+using ArchiveReader = std::unique_ptr<struct archive, ArchiveReadFree>;
+
+std::string archive_error(struct archive* a)
+{
+    const char* message = archive_error_string(a);
+    return message ? message : "unknown libarchive error";
+}
+
+// "./usr/bin/" -> "usr/bin"; refuses absolute paths and "..".
+std::string tar_entry_path(const char* raw, std::string_view what)
+{
+    if (!raw)
+        throw Error(std::string(what) + ": entry without a path");
+    std::string_view path(raw);
+    std::string joined;
+    for (const auto& part : fs::split_relative_path(path, std::string(what) + " '" + std::string(path) + "'"))
+        joined += (joined.empty() ? "" : "/") + part;
+    return joined;
+}
+
+} // namespace
+
+ImportResult import_directory(const std::filesystem::path& dir)
+{
+    ImportResult result;
+    UniqueFd root = fs::open_directory(dir);
+    struct stat st {};
+    if (::fstat(root.get(), &st) != 0)
+        throw_errno("stat " + dir.string());
+    Node& top = result.tree.root();
+    top.mode = st.st_mode & 07777;
+    top.uid = st.st_uid;
+    top.gid = st.st_gid;
+    import_dir_entries(root.get(), st.st_dev, "", top, result);
+    result.tree.set_input_root(std::move(root));
+    return result;
+}
+
+ImportResult import_tarball(const std::filesystem::path& tarball, const std::filesystem::path& scratch_dir)
+{
+    ImportResult result;
+    UniqueFd scratch = fs::open_directory(scratch_dir);
+    ArchiveReader reader(archive_read_new());
+    if (!reader)
+        throw Error("archive_read_new failed");
+    archive_read_support_filter_all(reader.get());
+    archive_read_support_format_tar(reader.get());
+    if (archive_read_open_filename(reader.get(), tarball.c_str(), 1 << 16) != ARCHIVE_OK)
+        throw Error("open " + tarball.string() + ": " + archive_error(reader.get()));
+
+    uint64_t extracted = 0;
+    struct archive_entry* entry = nullptr;
+    for (;;) {
+        int rc = archive_read_next_header(reader.get(), &entry);
+        if (rc == ARCHIVE_EOF)
+            break;
+        if (rc != ARCHIVE_OK && rc != ARCHIVE_WARN)
+            throw Error("read " + tarball.string() + ": " + archive_error(reader.get()));
+        std::string path = tar_entry_path(archive_entry_pathname(entry), "tarball entry");
+        mode_t type = archive_entry_filetype(entry);
+        uid_t uid = static_cast<uid_t>(archive_entry_uid(entry));
+        gid_t gid = static_cast<gid_t>(archive_entry_gid(entry));
+        mode_t perm = archive_entry_perm(entry) & 07777;
+
+        if (const char* link = archive_entry_hardlink(entry)) {
+            std::string target = tar_entry_path(link, "tarball hardlink " + path);
+            const Node* existing = result.tree.find(target);
+            if (!existing || !existing->is_regular())
+                throw Error("tarball entry " + path + ": hardlink to " + target + ", which is not a regular file before it");
+            auto node = std::make_unique<Node>();
+            node->kind = Node::Kind::Regular;
+            node->uid = existing->uid;
+            node->gid = existing->gid;
+            node->mode = existing->mode;
+            node->size = existing->size;
+            node->source = existing->source;
+            result.tree.put(path, std::move(node));
+            continue;
+        }
+        if (!is_committable(type)) {
+            result.dropped_special.push_back(path + " (" + special_kind_name(type) + ")");
+            continue;
+        }
+        if (path.empty()) { // "./": the root directory itself
+            if (type != AE_IFDIR)
+                throw Error("tarball entry '.': not a directory");
+            Node& root = result.tree.root();
+            root.mode = perm;
+            root.uid = uid;
+            root.gid = gid;
+            continue;
+        }
+        if (type == AE_IFDIR) {
+            Node* existing = result.tree.find(path);
+            if (existing && existing->is_dir()) {
+                existing->mode = perm;
+                existing->uid = uid;
+                existing->gid = gid;
+            } else {
+                result.tree.put(path, Node::directory(perm, uid, gid));
+            }
+        } else if (type == AE_IFLNK) {
+            const char* target = archive_entry_symlink(entry);
+            result.tree.put(path, Node::symlink(target ? target : "", uid, gid));
+        } else {
+            std::string name = std::to_string(extracted++);
+            // Place the node first: a path through a symlink fails before any byte is written.
+            auto node = std::make_unique<Node>();
+            node->kind = Node::Kind::Regular;
+            node->uid = uid;
+            node->gid = gid;
+            node->mode = perm;
+            node->source.origin = FileSource::Origin::Scratch;
+            node->source.path = name;
+            Node& placed = result.tree.put(path, std::move(node));
+            UniqueFd out(::openat(scratch.get(), name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+            if (!out)
+                throw_errno("extract " + path);
+            if (archive_read_data_into_fd(reader.get(), out.get()) != ARCHIVE_OK)
+                throw Error("extract " + path + ": " + archive_error(reader.get()));
+            struct stat st {};
+            if (::fstat(out.get(), &st) != 0)
+                throw_errno("stat extracted " + path);
+            placed.size = static_cast<uint64_t>(st.st_size);
+        }
+    }
+    result.tree.set_scratch_root(std::move(scratch));
+    return result;
+}
+
+ImportResult import_rootfs(const std::filesystem::path& input, const std::filesystem::path& scratch_dir)
+{
+    std::error_code ec;
+    auto status = std::filesystem::status(input, ec);
+    if (ec || !std::filesystem::exists(status))
+        throw Error(input.string() + ": no such file or directory");
+    if (std::filesystem::is_directory(status))
+        return import_directory(input);
+    if (std::filesystem::is_regular_file(status))
+        return import_tarball(input, scratch_dir);
+    throw Error(input.string() + ": neither a directory nor a tarball");
+}
+
+} // namespace treeflash::builder

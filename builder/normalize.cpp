@@ -1,0 +1,212 @@
+#include "builder/stages.hpp"
+
+#include "common/error.hpp"
+#include "common/templates.hpp"
+
+#include <sstream>
+
+namespace treeflash::builder {
+
+namespace {
+
+// The directories OSTree expects at the top of every deployment, empty,
+// with their modes. Their contents are provided at boot.
+struct ApiDir {
+    const char* name;
+    mode_t mode;
+    bool keep_content; // var and boot may carry content on purpose
+};
+constexpr ApiDir api_dirs[] = {
+    {"dev", 0755, false}, {"proc", 0555, false}, {"sys", 0555, false}, {"run", 0755, false},
+    {"tmp", 01777, false}, {"var", 0755, true},  {"boot", 0755, true},  {"sysroot", 0755, false},
+};
+
+std::string summarize(const std::vector<std::string>& paths, size_t max_listed = 10)
+{
+    std::string text;
+    for (size_t i = 0; i < paths.size() && i < max_listed; ++i)
+        text += (i ? ", " : "") + paths[i];
+    if (paths.size() > max_listed)
+        text += ", and " + std::to_string(paths.size() - max_listed) + " more";
+    return text;
+}
+
+void require_not_symlink(const Node* node, const std::string& path)
+{
+    if (node && node->is_symlink())
+        throw Error("/" + path + " is a symlink (-> " + node->symlink_target + "); the rootfs must carry /" + path
+                    + " as a directory");
+    if (node && !node->is_dir())
+        throw Error("/" + path + " is not a directory");
+}
+
+void move_etc(Tree& tree, NormalizeResult& result)
+{
+    require_not_symlink(tree.find("usr"), "usr");
+    Node* etc = tree.find("etc");
+    Node* usr_etc = tree.find("usr/etc");
+    require_not_symlink(etc, "etc");
+    require_not_symlink(usr_etc, "usr/etc");
+    if (etc && usr_etc) {
+        if (!etc->children.empty() && !usr_etc->children.empty())
+            throw Error("the rootfs has both /etc and /usr/etc with content; OSTree takes its default configuration "
+                        "from /usr/etc alone: merge /etc into /usr/etc first");
+        if (etc->children.empty()) {
+            tree.take("etc");
+            return;
+        }
+        tree.take("usr/etc");
+    }
+    if (etc) {
+        tree.ensure_dir("usr");
+        tree.put("usr/etc", tree.take("etc"));
+        result.moved_etc = true;
+    } else if (!usr_etc) {
+        tree.ensure_dir("usr/etc");
+    }
+}
+
+std::string quote_value(const std::string& value)
+{
+    bool plain = !value.empty();
+    for (char c : value)
+        if (!(isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-'))
+            plain = false;
+    if (plain)
+        return value;
+    std::string quoted = "\"";
+    for (char c : value) {
+        if (c == '"' || c == '\\' || c == '$' || c == '`')
+            quoted += '\\';
+        quoted += c;
+    }
+    return quoted + "\"";
+}
+
+std::string replace_all(std::string text, const std::string& from, const std::string& to)
+{
+    for (size_t pos = 0; (pos = text.find(from, pos)) != std::string::npos; pos += to.size())
+        text.replace(pos, from.size(), to);
+    return text;
+}
+
+void write_os_release(Tree& tree, const NormalizeOptions& options, NormalizeResult& result)
+{
+    const Node* lib_release = tree.find("usr/lib/os-release");
+    const Node* etc_release = tree.find("usr/etc/os-release");
+    if ((lib_release || etc_release) && options.os_release.empty())
+        return;
+    std::string existing;
+    std::string target = "usr/lib/os-release";
+    if (lib_release && lib_release->is_regular()) {
+        existing = tree.read_all(*lib_release);
+    } else if (etc_release && etc_release->is_regular()) {
+        existing = tree.read_all(*etc_release);
+        target = "usr/etc/os-release";
+    }
+    tree.put(target, Node::memory_file(render_os_release(options, existing)));
+    result.wrote_os_release = true;
+}
+
+void ensure_api_dirs(Tree& tree, NormalizeResult& result)
+{
+    for (const ApiDir& dir : api_dirs) {
+        Node* node = tree.find(dir.name);
+        if (node && !node->is_dir()) {
+            result.warnings.push_back(std::string("replaced /") + dir.name + " (not a directory) with an empty directory");
+            tree.take(dir.name);
+            node = nullptr;
+        }
+        if (!node) {
+            tree.put(dir.name, Node::directory(dir.mode));
+            continue;
+        }
+        if (!dir.keep_content && !node->children.empty()) {
+            auto dropped = list_below(tree, dir.name);
+            result.warnings.push_back("dropped " + std::to_string(dropped.size()) + " entries under /" + dir.name
+                                      + " (provided at boot, not by the commit): " + summarize(dropped));
+            node->children.clear();
+        }
+    }
+    Node* ostree_link = tree.find("ostree");
+    if (ostree_link && !(ostree_link->is_symlink() && ostree_link->symlink_target == "sysroot/ostree"))
+        result.warnings.push_back("replaced /ostree with the symlink ostree -> sysroot/ostree");
+    tree.put("ostree", Node::symlink("sysroot/ostree"));
+}
+
+void report_layout(const Tree& tree, NormalizeResult& result)
+{
+    result.var_entries = list_below(tree, "var");
+    if (!result.var_entries.empty())
+        result.warnings.push_back(std::to_string(result.var_entries.size())
+                                  + " entries under /var are only seeded by the first deployment; upgrades do not "
+                                    "carry them into existing deployments: "
+                                  + summarize(result.var_entries));
+    std::vector<std::string> outside_usr;
+    for (const char* name : {"bin", "sbin", "lib", "lib64", "lib32"}) {
+        const Node* node = tree.find(name);
+        if (node && node->is_dir() && !node->children.empty())
+            outside_usr.push_back(std::string("/") + name);
+    }
+    if (!outside_usr.empty())
+        result.warnings.push_back("the rootfs is not usr-merged (" + summarize(outside_usr)
+                                  + " are directories): only /usr is read-only at boot, so programs there can be "
+                                    "modified on the device; make them symlinks into /usr");
+}
+
+} // namespace
+
+std::string render_os_release(const NormalizeOptions& options, const std::string& existing)
+{
+    std::string base = existing;
+    if (base.empty()) {
+        base = std::string(templates::get("os-release"));
+        base = replace_all(base, "@OS@", options.os_name);
+        base = replace_all(base, "@VERSION@", options.version);
+    }
+    // Parse KEY=VALUE lines, keep their order, apply the overrides.
+    std::vector<std::pair<std::string, std::string>> entries;
+    std::istringstream in(base);
+    std::string line;
+    while (std::getline(in, line)) {
+        auto eq = line.find('=');
+        if (line.empty() || line[0] == '#' || eq == std::string::npos)
+            continue;
+        std::string key = line.substr(0, eq);
+        std::string value = line.substr(eq + 1);
+        if (value.size() >= 2 && (value.front() == '"' || value.front() == '\'') && value.back() == value.front())
+            value = value.substr(1, value.size() - 2);
+        while (!value.empty() && value.back() == ' ')
+            value.pop_back();
+        if (!value.empty())
+            entries.emplace_back(key, value);
+    }
+    for (const auto& [key, value] : options.os_release) {
+        bool found = false;
+        for (auto& entry : entries)
+            if (entry.first == key) {
+                entry.second = value;
+                found = true;
+            }
+        if (!found)
+            entries.emplace_back(key, value);
+    }
+    std::string out;
+    for (const auto& [key, value] : entries)
+        out += key + "=" + quote_value(value) + "\n";
+    return out;
+}
+
+NormalizeResult normalize(Tree& tree, const NormalizeOptions& options)
+{
+    NormalizeResult result;
+    in_step("/etc", [&] { move_etc(tree, result); });
+    in_step("os-release", [&] { write_os_release(tree, options, result); });
+    in_step("layout", [&] {
+        ensure_api_dirs(tree, result);
+        report_layout(tree, result);
+    });
+    return result;
+}
+
+} // namespace treeflash::builder

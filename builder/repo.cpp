@@ -1,0 +1,96 @@
+#include "builder/repo.hpp"
+
+#include "common/error.hpp"
+
+#include <cerrno>
+#include <chrono>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/file.h>
+#include <thread>
+
+namespace treeflash::builder {
+
+namespace {
+
+void lock_exclusively(int fd, const std::filesystem::path& path, GCancellable* cancellable,
+                      const BuildRepo::WaitNotice& on_wait)
+{
+    bool noticed = false;
+    while (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno != EWOULDBLOCK && errno != EINTR)
+            throw_errno("lock " + path.string());
+        if (!noticed && on_wait)
+            on_wait("waiting for another build of " + path.string() + " to finish");
+        noticed = true;
+        if (cancellable && g_cancellable_is_cancelled(cancellable))
+            throw Cancelled();
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+}
+
+bool is_empty_directory(const std::filesystem::path& path)
+{
+    std::error_code ec;
+    return std::filesystem::is_directory(path, ec) && std::filesystem::is_empty(path, ec) && !ec;
+}
+
+} // namespace
+
+BuildRepo::BuildRepo(const std::filesystem::path& path, GCancellable* cancellable, const WaitNotice& on_wait)
+    : m_path(path)
+{
+    std::error_code ec;
+    bool exists = std::filesystem::exists(std::filesystem::symlink_status(path, ec));
+    GError* error = nullptr;
+    if (!exists || is_empty_directory(path)) {
+        m_replace_empty_dir = exists;
+        std::filesystem::path parent = path.parent_path().empty() ? "." : path.parent_path();
+        if (!std::filesystem::is_directory(parent, ec))
+            throw Error(path.string() + ": parent directory " + parent.string() + " does not exist");
+        m_new_repo.emplace(parent, "." + path.filename().string() + ".partial-");
+        m_repo.reset(ostree_repo_create_at(AT_FDCWD, m_new_repo->path().c_str(), OSTREE_REPO_MODE_ARCHIVE, nullptr,
+                                           cancellable, &error));
+        if (!m_repo)
+            throw_gerror(error, "create archive repository");
+        m_lock = fs::open_directory(m_new_repo->path());
+        lock_exclusively(m_lock.get(), path, cancellable, on_wait);
+        return;
+    }
+    if (!std::filesystem::exists(path / "config", ec) || !std::filesystem::is_directory(path / "objects", ec))
+        throw Error(path.string() + " exists and is not an OSTree repository (no config, no objects/)");
+    m_lock = fs::open_directory(path);
+    lock_exclusively(m_lock.get(), path, cancellable, on_wait);
+    m_repo.reset(ostree_repo_open_at(AT_FDCWD, path.c_str(), cancellable, &error));
+    if (!m_repo)
+        throw_gerror(error, "open repository " + path.string());
+}
+
+BuildRepo::~BuildRepo() = default; // m_new_repo's TempDir removes an unpublished repository
+
+std::filesystem::path BuildRepo::scratch_parent() const
+{
+    return (m_new_repo ? m_new_repo->path() : m_path) / "tmp";
+}
+
+void BuildRepo::publish()
+{
+    if (!m_new_repo)
+        return;
+    // mkdtemp made it private; a repository is served to others.
+    mode_t mask = ::umask(022);
+    ::umask(mask);
+    if (::chmod(m_new_repo->path().c_str(), 0777 & ~mask) != 0)
+        throw_errno("chmod " + m_new_repo->path().string());
+    // rename(2) replaces an empty directory atomically; otherwise refuse to
+    // replace anything that appeared meanwhile.
+    int rc = m_replace_empty_dir
+                 ? ::rename(m_new_repo->path().c_str(), m_path.c_str())
+                 : ::renameat2(AT_FDCWD, m_new_repo->path().c_str(), AT_FDCWD, m_path.c_str(), RENAME_NOREPLACE);
+    if (rc != 0)
+        throw_errno("move the new repository into place at " + m_path.string());
+    m_new_repo->keep();
+    m_new_repo.reset();
+}
+
+} // namespace treeflash::builder

@@ -1,0 +1,44 @@
+// The repository a build writes into: opened or created, and held
+// exclusively for the whole build.
+#pragma once
+
+#include "common/fd.hpp"
+#include "common/fs.hpp"
+#include "common/glib.hpp"
+
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <ostree.h>
+
+namespace treeflash::builder {
+
+class BuildRepo {
+public:
+    using WaitNotice = std::function<void(const std::string&)>;
+
+    // Opens the archive repository at `path` and takes its build lock,
+    // waiting (and calling `on_wait` once) while another build holds it. A
+    // missing path, or an empty directory, gets a new archive repository that
+    // is built beside it and appears at `path` only through publish().
+    BuildRepo(const std::filesystem::path& path, GCancellable* cancellable, const WaitNotice& on_wait = {});
+    BuildRepo(const BuildRepo&) = delete;
+    BuildRepo& operator=(const BuildRepo&) = delete;
+    ~BuildRepo(); // an unpublished new repository is removed
+
+    OstreeRepo* get() const { return m_repo.get(); }
+    bool is_new() const { return m_new_repo.has_value(); }
+    // Where scratch data of this build goes (on the repository's file system).
+    std::filesystem::path scratch_parent() const;
+    // Makes a new repository appear at its path (no-op for an existing one).
+    void publish();
+
+private:
+    std::filesystem::path m_path;
+    std::optional<fs::TempDir> m_new_repo;
+    bool m_replace_empty_dir = false;
+    UniqueFd m_lock;
+    glib::Object<OstreeRepo> m_repo;
+};
+
+} // namespace treeflash::builder

@@ -1,0 +1,40 @@
+#include "builder/stages.hpp"
+
+#include <sys/stat.h>
+
+namespace treeflash::builder {
+
+bool is_committable(mode_t st_mode)
+{
+    return S_ISDIR(st_mode) || S_ISREG(st_mode) || S_ISLNK(st_mode);
+}
+
+std::string special_kind_name(mode_t st_mode)
+{
+    if (S_ISCHR(st_mode))
+        return "character device";
+    if (S_ISBLK(st_mode))
+        return "block device";
+    if (S_ISFIFO(st_mode))
+        return "FIFO";
+    if (S_ISSOCK(st_mode))
+        return "socket";
+    return "unknown file type";
+}
+
+std::vector<std::string> sanitize_warnings(const ImportResult& imported)
+{
+    std::vector<std::string> warnings;
+    if (!imported.dropped_special.empty()) {
+        std::string list;
+        for (const auto& entry : imported.dropped_special)
+            list += (list.empty() ? "" : ", ") + entry;
+        warnings.push_back("dropped " + std::to_string(imported.dropped_special.size())
+                           + " special file(s) OSTree cannot store (devtmpfs creates device nodes at boot): " + list);
+    }
+    for (const auto& dir : imported.skipped_mounts)
+        warnings.push_back("skipped the contents of " + dir + ": it is another file system mounted into the rootfs");
+    return warnings;
+}
+
+} // namespace treeflash::builder

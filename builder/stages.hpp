@@ -1,0 +1,132 @@
+// The build pipeline's stages. Each takes plain structs and the staging
+// Tree, does one job, and returns what it found for the report; none of them
+// prints. See ARCHITECTURE.md for the order.
+#pragma once
+
+#include "builder/tree.hpp"
+
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+typedef struct _GCancellable GCancellable;
+typedef struct OstreeRepo OstreeRepo;
+
+namespace treeflash::builder {
+
+// ---- import.cpp ---------------------------------------------------------
+
+struct ImportResult {
+    Tree tree;
+    std::vector<std::string> dropped_special; // "dev/null (character device)"
+    std::vector<std::string> skipped_mounts;  // directories on another file system
+};
+
+// A directory: nothing in it is opened for writing, no symlink is followed.
+ImportResult import_directory(const std::filesystem::path& dir);
+
+// A .tar, .tar.gz, .tar.xz or .tar.zst read with libarchive. Regular files
+// are extracted into `scratch_dir` (which must outlive the Tree). Entries with
+// ".." or absolute paths, and entries that would be written through a
+// symlink, are refused.
+ImportResult import_tarball(const std::filesystem::path& tarball, const std::filesystem::path& scratch_dir);
+
+// Chooses between the two by looking at `input`.
+ImportResult import_rootfs(const std::filesystem::path& input, const std::filesystem::path& scratch_dir);
+
+// ---- sanitize.cpp -------------------------------------------------------
+
+// Whether an entry of this st_mode can go into an OSTree commit (directories,
+// regular files and symlinks); device nodes, FIFOs and sockets cannot.
+bool is_committable(mode_t st_mode);
+// "character device", "block device", "FIFO", "socket".
+std::string special_kind_name(mode_t st_mode);
+
+// One warning that lists every special file import dropped (empty when none).
+std::vector<std::string> sanitize_warnings(const ImportResult& imported);
+
+// ---- normalize.cpp ------------------------------------------------------
+
+struct NormalizeOptions {
+    std::string os_name = "tcu";
+    std::string version; // VERSION_ID in a generated os-release
+    std::map<std::string, std::string> os_release; // --os-release KEY=VALUE overrides
+};
+
+struct NormalizeResult {
+    bool moved_etc = false;           // /etc became /usr/etc
+    bool wrote_os_release = false;    // usr/lib/os-release was generated or rewritten
+    std::vector<std::string> var_entries; // content under /var (not carried to existing deployments)
+    std::vector<std::string> warnings;
+};
+
+// /etc -> /usr/etc, os-release, sysroot/, ostree -> sysroot/ostree and the
+// empty API directories OSTree expects.
+NormalizeResult normalize(Tree& tree, const NormalizeOptions& options);
+
+// Renders os-release text from templates/os-release with `options` applied.
+std::string render_os_release(const NormalizeOptions& options, const std::string& existing = {});
+
+// ---- kernel.cpp ---------------------------------------------------------
+
+enum class KernelLayout { Legacy, Modules };
+std::string to_string(KernelLayout layout);
+KernelLayout parse_kernel_layout(std::string_view text);
+
+struct KernelOptions {
+    std::optional<std::filesystem::path> kernel;
+    std::optional<std::filesystem::path> initramfs;
+    std::vector<std::filesystem::path> devicetrees;
+    KernelLayout layout = KernelLayout::Legacy;
+    std::string kver; // modules layout; derived from usr/lib/modules/ when empty
+};
+
+struct KernelResult {
+    KernelLayout layout = KernelLayout::Legacy;
+    std::string bootcsum;            // what OSTree will name the deployment's boot directory
+    std::string kver;                // modules layout
+    std::vector<std::string> placed; // tree paths of the kernel files
+    bool from_rootfs = false;        // the rootfs already carried the kernel
+    std::vector<std::string> warnings;
+};
+
+KernelResult place_kernel(Tree& tree, const KernelOptions& options);
+
+// ---- commit.cpp ---------------------------------------------------------
+
+struct GpgSigning {
+    std::string key_id;
+    std::string homedir; // empty: the user's default
+};
+
+struct CommitOptions {
+    std::string branch = "master";
+    std::string subject;
+    std::string body;
+    std::string version;
+    std::optional<uint64_t> timestamp; // seconds since the epoch; now when unset
+    std::optional<GpgSigning> gpg;
+    bool static_delta = false;
+    bool force = false; // commit even when tree and message equal the parent's
+    unsigned jobs = 0;  // worker threads writing objects; 0 = one per CPU
+};
+
+struct CommitResult {
+    std::string commit;
+    std::string parent;
+    bool unchanged = false; // the parent already was this tree: no new commit
+    uint64_t files = 0;     // regular files and symlinks
+    uint64_t bytes = 0;     // bytes of regular files
+    uint64_t objects_written = 0;
+    std::vector<std::string> warnings;
+};
+
+// Writes the tree into `repo`, signs it, makes the delta, then moves
+// `branch` to the new commit and regenerates the summary. The branch moves
+// after everything else: a failure or a kill before that leaves the branch
+// where it was and the repository consistent.
+CommitResult commit_tree(OstreeRepo* repo, Tree& tree, const CommitOptions& options, GCancellable* cancellable);
+
+} // namespace treeflash::builder

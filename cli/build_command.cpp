@@ -1,0 +1,189 @@
+// treeflash build: options -> builder::BuildOptions -> builder::build -> report.
+#include "builder/build.hpp"
+#include "cli/command.hpp"
+#include "common/error.hpp"
+#include "common/glib.hpp"
+
+#include <boost/program_options.hpp>
+#include <cstdlib>
+#include <iostream>
+
+namespace po = boost::program_options;
+
+namespace treeflash::cli {
+
+namespace {
+
+const char* build_usage = R"(Usage: treeflash build --rootfs DIR|TARBALL --repo REPO [OPTIONS]
+
+Turns a rootfs into a commit on BRANCH of the OSTree repository REPO (an
+archive repository, created when missing) and regenerates its summary.
+The input is never modified. The rootfs is normalized as OSTree needs it:
+/etc moves to /usr/etc, usr/lib/os-release is written when missing, and
+sysroot/, ostree -> sysroot/ostree and empty dev proc sys run tmp var boot
+are added. Device nodes, FIFOs and sockets are dropped with a warning.
+
+Prints the commit checksum on stdout. A build whose tree and message equal
+the branch's last commit adds no commit and prints that one.
+
+Examples:
+  treeflash build --rootfs rootfs/ --repo repo \
+      --kernel Image --devicetree fsl-ls1043a-rdb.dtb --initramfs initramfs.img \
+      --subject "image v1 (ls104x) rootfs" --version 1.0
+  SOURCE_DATE_EPOCH=1700000000 treeflash build --rootfs rootfs.tar.zst --repo repo --json
+
+Options)";
+
+uint64_t parse_timestamp(const std::string& text)
+{
+    std::string digits = text.size() > 1 && text[0] == '@' ? text.substr(1) : text;
+    if (!digits.empty() && digits.find_first_not_of("0123456789") == std::string::npos)
+        return std::stoull(digits);
+    GTimeZone* utc = g_time_zone_new_utc();
+    GDateTime* parsed = g_date_time_new_from_iso8601(text.c_str(), utc);
+    g_time_zone_unref(utc);
+    if (!parsed)
+        throw UsageError("--timestamp '" + text + "': use seconds since the epoch or ISO 8601 (2024-05-01T12:00:00Z)");
+    gint64 seconds = g_date_time_to_unix(parsed);
+    g_date_time_unref(parsed);
+    if (seconds < 0)
+        throw UsageError("--timestamp '" + text + "' is before 1970");
+    return static_cast<uint64_t>(seconds);
+}
+
+std::map<std::string, std::string> parse_key_values(const std::vector<std::string>& items, const char* option)
+{
+    std::map<std::string, std::string> out;
+    for (const auto& item : items) {
+        auto eq = item.find('=');
+        if (eq == 0 || eq == std::string::npos)
+            throw UsageError(std::string(option) + " '" + item + "': expected KEY=VALUE");
+        std::string key = item.substr(0, eq);
+        for (char c : key)
+            if (!(isupper(static_cast<unsigned char>(c)) || isdigit(static_cast<unsigned char>(c)) || c == '_'))
+                throw UsageError(std::string(option) + " '" + item + "': keys are upper case, digits and _");
+        out[key] = item.substr(eq + 1);
+    }
+    return out;
+}
+
+nlohmann::json to_json(const builder::BuildResult& result)
+{
+    return {
+        {"commit", result.commit.commit},
+        {"ref", result.ref},
+        {"parent", result.commit.parent.empty() ? nlohmann::json(nullptr) : nlohmann::json(result.commit.parent)},
+        {"unchanged", result.commit.unchanged},
+        {"repo", result.repo.string()},
+        {"created_repo", result.created_repo},
+        {"bootcsum", result.kernel.bootcsum},
+        {"kernel_layout", builder::to_string(result.kernel.layout)},
+        {"kernel_files", result.kernel.placed},
+        {"kernel_from_rootfs", result.kernel.from_rootfs},
+        {"files", result.commit.files},
+        {"bytes", result.commit.bytes},
+        {"objects_written", result.commit.objects_written},
+        {"var_entries", result.normalize.var_entries.size()},
+        {"warnings", result.warnings},
+    };
+}
+
+} // namespace
+
+int run_build(const std::vector<std::string>& args, GCancellable* cancellable)
+{
+    builder::BuildOptions options;
+    std::string rootfs, repo, layout = "legacy", timestamp, kernel, initramfs, gpg_key, gpg_home;
+    std::vector<std::string> devicetrees, os_release;
+    bool json = false, static_delta = false, force = false;
+
+    po::options_description desc(build_usage);
+    desc.add_options()
+        ("help,h", "show this help")
+        ("rootfs", po::value(&rootfs)->value_name("DIR|TARBALL"),
+         "the root filesystem: a directory, or a .tar/.tar.gz/.tar.xz/.tar.zst (required)")
+        ("repo", po::value(&repo)->value_name("REPO"), "the OSTree repository; created in archive mode when missing (required)")
+        ("branch", po::value(&options.commit.branch)->value_name("REF")->default_value("master"), "the branch to commit to")
+        ("subject", po::value(&options.commit.subject)->value_name("TEXT"),
+         "commit subject (default: \"OS [VERSION ]rootfs\"), e.g. \"image v1 (ls104x) rootfs\"")
+        ("body", po::value(&options.commit.body)->value_name("TEXT"), "commit body")
+        ("version", po::value(&options.commit.version)->value_name("V"),
+         "the commit's version metadata and os-release VERSION_ID, e.g. 1.0")
+        ("kernel", po::value(&kernel)->value_name("FILE"),
+         "the kernel image (raw arm64 Image); without it the rootfs must carry one")
+        ("initramfs", po::value(&initramfs)->value_name("FILE"), "the initramfs to deploy with the kernel")
+        ("devicetree", po::value(&devicetrees)->value_name("FILE")->composing(),
+         "a devicetree blob; repeat for several (modules layout only)")
+        ("kernel-layout", po::value(&layout)->value_name("legacy|modules")->default_value("legacy"),
+         "legacy: usr/lib/ostree-boot/vmlinuz-SHA256...; modules: usr/lib/modules/KVER/vmlinuz...")
+        ("kver", po::value(&options.kernel.kver)->value_name("KVER"),
+         "kernel version for the modules layout (default: from vmlinuz-KVER or usr/lib/modules/)")
+        ("os", po::value(&options.normalize.os_name)->value_name("NAME")->default_value("tcu"),
+         "the OS name a generated os-release carries (ID and NAME)")
+        ("os-release", po::value(&os_release)->value_name("KEY=VALUE")->composing(),
+         "set a key of usr/lib/os-release, e.g. PRETTY_NAME=\"TCU 1.0\"; repeatable")
+        ("timestamp", po::value(&timestamp)->value_name("T"),
+         "commit time, seconds since the epoch or ISO 8601 (default: $SOURCE_DATE_EPOCH, else now); "
+         "equal inputs and timestamp give an equal commit")
+        ("gpg-sign", po::value(&gpg_key)->value_name("KEYID"), "sign the commit and the summary with this GPG key")
+        ("gpg-homedir", po::value(&gpg_home)->value_name("DIR"), "GPG home directory holding the key")
+        ("static-delta", po::bool_switch(&static_delta), "also generate a static delta from the previous commit")
+        ("force-commit", po::bool_switch(&force), "commit even when nothing changed since the last commit")
+        ("jobs", po::value(&options.commit.jobs)->value_name("N"), "threads writing objects (default: one per CPU)")
+        ("json", po::bool_switch(&json), "print the result as JSON on stdout");
+
+    po::variables_map vm;
+    try {
+        po::store(po::command_line_parser(args).options(desc).run(), vm);
+        po::notify(vm);
+    } catch (const po::error& e) {
+        throw UsageError(e.what());
+    }
+    if (vm.count("help")) {
+        std::cout << desc << "\n";
+        return 0;
+    }
+    if (rootfs.empty())
+        throw UsageError("--rootfs is required");
+    if (repo.empty())
+        throw UsageError("--repo is required");
+    if (!gpg_home.empty() && gpg_key.empty())
+        throw UsageError("--gpg-homedir needs --gpg-sign");
+    if ((!initramfs.empty() || !devicetrees.empty()) && kernel.empty())
+        throw UsageError("--initramfs and --devicetree need --kernel");
+
+    options.rootfs = rootfs;
+    options.repo = repo;
+    try {
+        options.kernel.layout = builder::parse_kernel_layout(layout);
+    } catch (const Error& e) {
+        throw UsageError(e.what());
+    }
+    if (!kernel.empty())
+        options.kernel.kernel = kernel;
+    if (!initramfs.empty())
+        options.kernel.initramfs = initramfs;
+    for (const auto& dtb : devicetrees)
+        options.kernel.devicetrees.emplace_back(dtb);
+    options.normalize.version = options.commit.version;
+    options.normalize.os_release = parse_key_values(os_release, "--os-release");
+    if (!timestamp.empty())
+        options.commit.timestamp = parse_timestamp(timestamp);
+    else if (const char* epoch = std::getenv("SOURCE_DATE_EPOCH"); epoch && *epoch)
+        options.commit.timestamp = parse_timestamp(epoch);
+    if (!gpg_key.empty())
+        options.commit.gpg = builder::GpgSigning{gpg_key, gpg_home};
+    options.commit.static_delta = static_delta;
+    options.commit.force = force;
+
+    builder::BuildResult result = in_step("build", [&] { return builder::build(options, cancellable, print_notice); });
+    for (const auto& warning : result.warnings)
+        print_warning(warning);
+    if (json)
+        print_json(to_json(result));
+    else
+        std::cout << result.commit.commit << "\n";
+    return 0;
+}
+
+} // namespace treeflash::cli

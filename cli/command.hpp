@@ -1,0 +1,29 @@
+// What every subcommand file provides, and the helpers they share.
+#pragma once
+
+#include <gio/gio.h>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace treeflash::cli {
+
+struct Command {
+    const char* name;
+    const char* summary;
+    // args excludes the program and command names; returns the exit code.
+    int (*run)(const std::vector<std::string>& args, GCancellable* cancellable);
+};
+
+int run_build(const std::vector<std::string>& args, GCancellable* cancellable);
+
+// Thrown for bad command lines: printed with a hint to --help, exit 2.
+struct UsageError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+void print_warning(const std::string& text);
+void print_notice(const std::string& text);
+void print_json(const nlohmann::json& value);
+
+} // namespace treeflash::cli

@@ -1,0 +1,130 @@
+// treeflash: turn a rootfs into an OSTree commit and put it on SD cards.
+// This file only dispatches to the subcommands (one file each) and maps
+// errors to exit codes; the work is done by the builder/ and flasher/ libraries.
+#include "cli/command.hpp"
+#include "common/error.hpp"
+#include "common/glib.hpp"
+
+#include <array>
+#include <csignal>
+#include <cstring>
+#include <iostream>
+#include <pthread.h>
+#include <thread>
+#include <unistd.h>
+
+namespace treeflash::cli {
+
+namespace {
+
+constexpr std::array commands{
+    Command{"build", "turn a rootfs directory or tarball into a commit in an OSTree repository", run_build},
+};
+
+void print_usage(std::ostream& out)
+{
+    out << "Usage: treeflash COMMAND [OPTIONS]\n\n"
+           "Builds OSTree commits from busybox root filesystems and puts them on SD cards.\n\n"
+           "Commands:\n";
+    for (const auto& command : commands)
+        out << "  " << command.name << std::string(10 - std::strlen(command.name), ' ') << command.summary << "\n";
+    out << "\nGlobal options:\n"
+           "  -h, --help     show this help (or COMMAND --help for a command's options)\n"
+           "  --version      print the version\n\n"
+           "Example:\n"
+           "  treeflash build --rootfs rootfs/ --repo repo --kernel Image --devicetree board.dtb\n\n"
+           "Exit status: 0 success, 1 failure, 2 bad command line, 130 interrupted.\n";
+}
+
+// SIGINT and SIGTERM cancel the running command: libostree calls and the
+// pipeline's own loops watch the cancellable, and every resource is released
+// on the way out. A second signal ends the process at once.
+class InterruptHandler {
+public:
+    explicit InterruptHandler(GCancellable* cancellable)
+    {
+        sigset_t signals;
+        sigemptyset(&signals);
+        sigaddset(&signals, SIGINT);
+        sigaddset(&signals, SIGTERM);
+        pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+        // Lives until the process exits; it only ever waits for signals.
+        std::thread([signals, cancellable] {
+            int count = 0;
+            for (;;) {
+                int sig = 0;
+                if (sigwait(&signals, &sig) != 0)
+                    continue;
+                if (++count > 1) {
+                    const char message[] = "treeflash: interrupted again, exiting without cleanup\n";
+                    [[maybe_unused]] auto ignored = ::write(2, message, sizeof message - 1);
+                    _exit(130);
+                }
+                g_cancellable_cancel(cancellable);
+            }
+        }).detach();
+    }
+};
+
+} // namespace
+
+void print_warning(const std::string& text)
+{
+    std::cerr << "treeflash: warning: " << text << "\n";
+}
+
+void print_notice(const std::string& text)
+{
+    std::cerr << "treeflash: " << text << "\n";
+}
+
+void print_json(const nlohmann::json& value)
+{
+    std::cout << value.dump(2) << "\n";
+}
+
+int main(int argc, char** argv)
+{
+    std::vector<std::string> args(argv + 1, argv + argc);
+    if (args.empty() || args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
+        print_usage(args.empty() ? std::cerr : std::cout);
+        return args.empty() ? 2 : 0;
+    }
+    if (args[0] == "--version") {
+        std::cout << "treeflash " TREEFLASH_VERSION "\n";
+        return 0;
+    }
+    const Command* command = nullptr;
+    for (const auto& candidate : commands)
+        if (args[0] == candidate.name)
+            command = &candidate;
+    if (!command) {
+        std::cerr << "treeflash: unknown command '" << args[0] << "' (see treeflash --help)\n";
+        return 2;
+    }
+
+    // Never freed: the signal thread may use it until the process exits.
+    GCancellable* cancellable = g_cancellable_new();
+    InterruptHandler interrupts(cancellable);
+    std::vector<std::string> rest(args.begin() + 1, args.end());
+    try {
+        return command->run(rest, cancellable);
+    } catch (const UsageError& e) {
+        std::cerr << "treeflash " << command->name << ": " << e.what() << " (see treeflash " << command->name
+                  << " --help)\n";
+        return 2;
+    } catch (const Cancelled&) {
+        std::cerr << "treeflash " << command->name << ": interrupted\n";
+        return 130;
+    } catch (const std::exception& e) {
+        std::cerr << "treeflash " << command->name << ": " << e.what() << "\n";
+        return 1;
+    }
+}
+
+} // namespace treeflash::cli
+
+int main(int argc, char** argv)
+{
+    return treeflash::cli::main(argc, argv);
+}

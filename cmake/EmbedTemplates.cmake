@@ -1,0 +1,15 @@
+# embed_templates(TARGET DIR): a static library exposing every file of DIR as
+# treeflash::templates::get("relative/name").
+function(embed_templates target dir)
+  file(GLOB_RECURSE files RELATIVE ${dir} CONFIGURE_DEPENDS ${dir}/*)
+  set(body "")
+  foreach(f IN LISTS files)
+    file(READ ${dir}/${f} content)
+    string(APPEND body "    {\"${f}\", R\"TFTEMPLATE(${content})TFTEMPLATE\"},\n")
+  endforeach()
+  set(out ${CMAKE_BINARY_DIR}/generated/templates.cpp)
+  file(WRITE ${out}.in "#include \"common/templates.hpp\"\n#include <map>\n#include <stdexcept>\n#include <string>\n\nnamespace treeflash::templates {\n\nstd::string_view get(std::string_view name)\n{\n    static const std::map<std::string, std::string, std::less<>> all = {\n${body}    };\n    auto it = all.find(name);\n    if (it == all.end())\n        throw std::out_of_range(\"no template named \" + std::string(name));\n    return it->second;\n}\n\n} // namespace treeflash::templates\n")
+  configure_file(${out}.in ${out} COPYONLY)
+  add_library(${target} STATIC ${out})
+  target_include_directories(${target} PUBLIC ${CMAKE_SOURCE_DIR})
+endfunction()

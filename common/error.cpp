@@ -1,0 +1,32 @@
+#include "common/error.hpp"
+
+#include <cstring>
+#include <cerrno>
+#include <gio/gio.h>
+
+namespace treeflash {
+
+void throw_errno(std::string_view what, int err)
+{
+    throw Error(std::string(what) + ": " + std::strerror(err));
+}
+
+void throw_errno(std::string_view what)
+{
+    throw_errno(what, errno);
+}
+
+void throw_gerror(GError* err, std::string_view what)
+{
+    std::string message = err ? err->message : "unknown error";
+    bool cancelled = err && g_error_matches(err, G_IO_ERROR, G_IO_ERROR_CANCELLED);
+    if (err)
+        g_error_free(err);
+    if (cancelled)
+        throw Cancelled();
+    if (!what.empty())
+        message = std::string(what) + ": " + message;
+    throw Error(message);
+}
+
+} // namespace treeflash

@@ -1,0 +1,148 @@
+#include "common/fs.hpp"
+
+#include "common/error.hpp"
+
+#include <cerrno>
+#include <fcntl.h>
+#include <fstream>
+#include <sstream>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace treeflash::fs {
+
+std::vector<std::string> split_relative_path(std::string_view path, std::string_view what)
+{
+    if (!path.empty() && path.front() == '/')
+        throw Error(std::string(what) + ": absolute path '" + std::string(path) + "' refused");
+    std::vector<std::string> parts;
+    size_t pos = 0;
+    while (pos <= path.size()) {
+        size_t end = path.find('/', pos);
+        if (end == std::string_view::npos)
+            end = path.size();
+        std::string_view part = path.substr(pos, end - pos);
+        if (part == "..")
+            throw Error(std::string(what) + ": path '" + std::string(path) + "' contains '..'");
+        if (!part.empty() && part != ".")
+            parts.emplace_back(part);
+        pos = end + 1;
+    }
+    return parts;
+}
+
+UniqueFd open_beneath(int root_fd, std::string_view relpath, int flags)
+{
+    auto parts = split_relative_path(relpath, "open");
+    if (parts.empty()) {
+        UniqueFd fd(::openat(root_fd, ".", flags | O_CLOEXEC));
+        if (!fd)
+            throw_errno("open .");
+        return fd;
+    }
+    UniqueFd dir;
+    int current = root_fd;
+    std::string walked;
+    for (size_t i = 0; i < parts.size(); ++i) {
+        bool last = i + 1 == parts.size();
+        walked += (walked.empty() ? "" : "/") + parts[i];
+        int f = last ? (flags | O_NOFOLLOW) : (O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
+        UniqueFd next(::openat(current, parts[i].c_str(), f | O_CLOEXEC));
+        if (!next) {
+            int err = errno;
+            struct stat st {};
+            if ((err == ELOOP || err == ENOTDIR)
+                && ::fstatat(current, parts[i].c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0
+                && S_ISLNK(st.st_mode))
+                throw Error("open " + std::string(relpath) + ": " + walked + " is a symlink");
+            throw_errno("open " + std::string(relpath), err);
+        }
+        dir = std::move(next);
+        current = dir.get();
+    }
+    return dir;
+}
+
+UniqueFd open_directory(const std::filesystem::path& path)
+{
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!fd)
+        throw_errno("open directory " + path.string());
+    return fd;
+}
+
+std::string read_file(const std::filesystem::path& path)
+{
+    std::ifstream in(path, std::ios::binary);
+    if (!in)
+        throw_errno("read " + path.string());
+    std::ostringstream buffer;
+    buffer << in.rdbuf();
+    return buffer.str();
+}
+
+void write_file_atomic(const std::filesystem::path& path, std::string_view content)
+{
+    std::filesystem::path tmp = path;
+    tmp += ".tmp-" + std::to_string(::getpid());
+    {
+        UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+        if (!fd)
+            throw_errno("write " + tmp.string());
+        size_t done = 0;
+        while (done < content.size()) {
+            ssize_t n = ::write(fd.get(), content.data() + done, content.size() - done);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                int err = errno;
+                ::unlink(tmp.c_str());
+                throw_errno("write " + tmp.string(), err);
+            }
+            done += static_cast<size_t>(n);
+        }
+        if (::fsync(fd.get()) != 0) {
+            int err = errno;
+            ::unlink(tmp.c_str());
+            throw_errno("fsync " + tmp.string(), err);
+        }
+    }
+    if (::rename(tmp.c_str(), path.c_str()) != 0) {
+        int err = errno;
+        ::unlink(tmp.c_str());
+        throw_errno("rename to " + path.string(), err);
+    }
+}
+
+TempDir::TempDir(const std::filesystem::path& parent, std::string_view prefix)
+{
+    std::string templ = (parent / (std::string(prefix) + "XXXXXX")).string();
+    if (!::mkdtemp(templ.data()))
+        throw_errno("create temporary directory in " + parent.string());
+    m_path = templ;
+}
+
+TempDir::TempDir(TempDir&& other) noexcept : m_path(std::move(other.m_path))
+{
+    other.m_path.clear();
+}
+
+TempDir::~TempDir()
+{
+    remove();
+}
+
+void TempDir::remove()
+{
+    if (!m_path.empty())
+        remove_tree_quietly(m_path);
+    m_path.clear();
+}
+
+void remove_tree_quietly(const std::filesystem::path& path) noexcept
+{
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+}
+
+} // namespace treeflash::fs

@@ -1,0 +1,52 @@
+// File system helpers that never leave the tree they are given.
+#pragma once
+
+#include "common/fd.hpp"
+
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace treeflash::fs {
+
+// Splits "a/b//c/" into {"a","b","c"}; throws Error for an absolute path or a
+// ".." component, naming `what`.
+std::vector<std::string> split_relative_path(std::string_view path, std::string_view what);
+
+// Opens `relpath` below the directory `root_fd` without following any
+// symlink on the way, the last component included. A symlink anywhere in the
+// path is an error ("... is a symlink"), so a tree holding `etc -> /etc`
+// can never lead outside itself.
+UniqueFd open_beneath(int root_fd, std::string_view relpath, int flags);
+
+// Opens a directory the user named (symlinks followed: the user chose it).
+UniqueFd open_directory(const std::filesystem::path& path);
+
+std::string read_file(const std::filesystem::path& path);
+
+// Writes `content` to `path` through a temporary file and rename.
+void write_file_atomic(const std::filesystem::path& path, std::string_view content);
+
+// A directory created under `parent` (mkdtemp) and removed, with everything
+// in it, when the object goes away unless keep() was called.
+class TempDir {
+public:
+    TempDir(const std::filesystem::path& parent, std::string_view prefix);
+    TempDir(TempDir&& other) noexcept;
+    TempDir& operator=(TempDir&&) = delete;
+    TempDir(const TempDir&) = delete;
+    ~TempDir();
+
+    const std::filesystem::path& path() const { return m_path; }
+    void keep() { m_path.clear(); }
+    void remove();
+
+private:
+    std::filesystem::path m_path;
+};
+
+// Removes a tree without following symlinks; errors are ignored (cleanup path).
+void remove_tree_quietly(const std::filesystem::path& path) noexcept;
+
+} // namespace treeflash::fs

@@ -1,0 +1,50 @@
+// Owning smart pointers for the GLib/GObject handles treeflash uses.
+// Every C handle gets one alias here; no code calls *_unref by hand.
+#pragma once
+
+#include <gio/gio.h>
+#include <memory>
+#include <string>
+
+namespace treeflash::glib {
+
+struct ObjectUnref {
+    void operator()(gpointer p) const { g_object_unref(p); }
+};
+struct VariantUnref {
+    void operator()(GVariant* v) const { g_variant_unref(v); }
+};
+struct ErrorFree {
+    void operator()(GError* e) const { g_error_free(e); }
+};
+struct Free {
+    void operator()(gpointer p) const { g_free(p); }
+};
+struct ChecksumFree {
+    void operator()(GChecksum* c) const { g_checksum_free(c); }
+};
+struct VariantBuilderUnref {
+    void operator()(GVariantBuilder* b) const { g_variant_builder_unref(b); }
+};
+
+template <typename T>
+using Object = std::unique_ptr<T, ObjectUnref>;
+using Variant = std::unique_ptr<GVariant, VariantUnref>;
+using ErrorPtr = std::unique_ptr<GError, ErrorFree>;
+using CString = std::unique_ptr<char, Free>;
+using Bytes = std::unique_ptr<guchar, Free>;
+using Checksum = std::unique_ptr<GChecksum, ChecksumFree>;
+
+// Adopts a floating or full reference (g_variant_ref_sink).
+inline Variant adopt_variant(GVariant* v)
+{
+    return Variant(v ? g_variant_ref_sink(v) : nullptr);
+}
+
+inline std::string take_string(char* s)
+{
+    CString owned(s);
+    return owned ? std::string(owned.get()) : std::string();
+}
+
+} // namespace treeflash::glib
