@@ -121,6 +121,8 @@ void ensure_api_dirs(Tree& tree, NormalizeResult& result)
             tree.put(dir.name, Node::directory(dir.mode));
             continue;
         }
+        if (std::string_view(dir.name) == "tmp")
+            node->mode = dir.mode; // world-writable and sticky, whatever the input had
         if (!dir.keep_content && !node->children.empty()) {
             auto dropped = list_below(tree, dir.name);
             result.warnings.push_back("dropped " + std::to_string(dropped.size()) + " entries under /" + dir.name

@@ -1,0 +1,149 @@
+#include "common/process.hpp"
+
+#include "common/error.hpp"
+#include "common/fd.hpp"
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char** environ;
+
+namespace treeflash {
+
+namespace {
+
+struct Pipe {
+    UniqueFd read_end;
+    UniqueFd write_end;
+    Pipe()
+    {
+        int fds[2];
+        if (::pipe2(fds, O_CLOEXEC) != 0)
+            throw_errno("pipe");
+        read_end.reset(fds[0]);
+        write_end.reset(fds[1]);
+    }
+};
+
+class SpawnActions {
+public:
+    SpawnActions() { posix_spawn_file_actions_init(&m_actions); }
+    ~SpawnActions() { posix_spawn_file_actions_destroy(&m_actions); }
+    posix_spawn_file_actions_t* get() { return &m_actions; }
+
+private:
+    posix_spawn_file_actions_t m_actions;
+};
+
+} // namespace
+
+ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOptions& options)
+{
+    if (argv.empty())
+        throw Error("run: empty command");
+    Pipe out, err, in;
+    SpawnActions actions;
+    posix_spawn_file_actions_adddup2(actions.get(), in.read_end.get(), 0);
+    posix_spawn_file_actions_adddup2(actions.get(), out.write_end.get(), 1);
+    posix_spawn_file_actions_adddup2(actions.get(), err.write_end.get(), 2);
+
+    std::vector<char*> args;
+    for (const auto& arg : argv)
+        args.push_back(const_cast<char*>(arg.c_str()));
+    args.push_back(nullptr);
+    std::vector<std::string> env_storage;
+    for (char** e = environ; *e; ++e)
+        env_storage.emplace_back(*e);
+    env_storage.insert(env_storage.end(), options.extra_environment.begin(), options.extra_environment.end());
+    std::vector<char*> env;
+    for (auto& e : env_storage)
+        env.push_back(e.data());
+    env.push_back(nullptr);
+
+    // The child must not inherit the signal mask that keeps SIGINT for our
+    // own handler thread.
+    posix_spawnattr_t attr;
+    posix_spawnattr_init(&attr);
+    sigset_t empty;
+    sigemptyset(&empty);
+    posix_spawnattr_setsigmask(&attr, &empty);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+    pid_t pid = 0;
+    int rc = posix_spawnp(&pid, args[0], actions.get(), &attr, args.data(), env.data());
+    posix_spawnattr_destroy(&attr);
+    if (rc != 0)
+        throw_errno("run " + argv[0], rc);
+    in.read_end.reset();
+    out.write_end.reset();
+    err.write_end.reset();
+
+    ProcessResult result;
+    std::string input = options.input.value_or("");
+    size_t input_done = 0;
+    if (input.empty())
+        in.write_end.reset();
+    struct pollfd fds[3] = {{out.read_end.get(), POLLIN, 0}, {err.read_end.get(), POLLIN, 0},
+                            {in.write_end ? in.write_end.get() : -1, POLLOUT, 0}};
+    std::string* sinks[2] = {&result.out, &result.err};
+    int open_outputs = 2;
+    char buffer[65536];
+    while (open_outputs > 0 || fds[2].fd >= 0) {
+        if (::poll(fds, 3, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            throw_errno("poll");
+        }
+        for (int i = 0; i < 2; ++i) {
+            if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR)))
+                continue;
+            ssize_t n = ::read(fds[i].fd, buffer, sizeof buffer);
+            if (n > 0) {
+                sinks[i]->append(buffer, static_cast<size_t>(n));
+            } else if (n == 0 || errno != EINTR) {
+                fds[i].fd = -1;
+                --open_outputs;
+            }
+        }
+        if (fds[2].fd >= 0 && (fds[2].revents & (POLLOUT | POLLERR | POLLHUP))) {
+            ssize_t n = ::write(fds[2].fd, input.data() + input_done, input.size() - input_done);
+            if (n > 0)
+                input_done += static_cast<size_t>(n);
+            if (n < 0 || input_done == input.size()) {
+                in.write_end.reset();
+                fds[2].fd = -1;
+            }
+        }
+    }
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR)
+            throw_errno("wait for " + argv[0]);
+    if (WIFEXITED(status))
+        result.exit_code = WEXITSTATUS(status);
+    else if (WIFSIGNALED(status))
+        result.signal = WTERMSIG(status);
+    return result;
+}
+
+std::string run_checked(const std::vector<std::string>& argv, const ProcessOptions& options)
+{
+    ProcessResult result = run_process(argv, options);
+    if (!result.ok()) {
+        std::string message = result.err;
+        while (!message.empty() && (message.back() == '\n' || message.back() == ' '))
+            message.pop_back();
+        if (message.empty())
+            message = result.signal ? "killed by signal " + std::to_string(result.signal)
+                                    : "exited with status " + std::to_string(result.exit_code);
+        throw Error(argv[0] + ": " + message);
+    }
+    return result.out;
+}
+
+} // namespace treeflash

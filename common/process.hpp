@@ -1,0 +1,30 @@
+// Running an external program: argv only (never a shell string), output
+// captured, failures reported with the program's stderr.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace treeflash {
+
+struct ProcessResult {
+    int exit_code = -1; // -1 when killed by a signal
+    int signal = 0;
+    std::string out;
+    std::string err;
+    bool ok() const { return exit_code == 0; }
+};
+
+struct ProcessOptions {
+    std::optional<std::string> input;          // written to stdin, which is /dev/null otherwise
+    std::vector<std::string> extra_environment; // "KEY=VALUE" added to the caller's environment
+};
+
+// Runs argv[0] (looked up in PATH) and waits for it.
+ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOptions& options = {});
+
+// Runs argv and throws Error "argv[0]: <its stderr>" unless it exits 0.
+std::string run_checked(const std::vector<std::string>& argv, const ProcessOptions& options = {});
+
+} // namespace treeflash

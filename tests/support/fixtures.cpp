@@ -1,0 +1,227 @@
+#include "tests/support/fixtures.hpp"
+
+#include <archive.h>
+#include <archive_entry.h>
+#include <cstdlib>
+#include <fstream>
+#include <glib.h>
+#include <sstream>
+#include <stdexcept>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace treeflash::test {
+
+bool is_root()
+{
+    return ::geteuid() == 0;
+}
+
+Scratch::Scratch()
+{
+    const char* tmp = std::getenv("TMPDIR");
+    std::string templ = std::string(tmp && *tmp ? tmp : "/tmp") + "/treeflash-test-XXXXXX";
+    if (!::mkdtemp(templ.data()))
+        throw std::runtime_error("mkdtemp failed");
+    m_path = templ;
+}
+
+Scratch::~Scratch()
+{
+    std::error_code ec;
+    fs::remove_all(m_path, ec);
+}
+
+void write_file(const fs::path& path, const std::string& content, mode_t mode)
+{
+    fs::create_directories(path.parent_path());
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out << content;
+    out.close();
+    if (!out || ::chmod(path.c_str(), mode) != 0)
+        throw std::runtime_error("cannot write " + path.string());
+}
+
+std::string read_text(const fs::path& path)
+{
+    std::ifstream in(path, std::ios::binary);
+    std::ostringstream s;
+    s << in.rdbuf();
+    return s.str();
+}
+
+std::string sha256_hex(const std::string& data)
+{
+    gchar* hex = g_compute_checksum_for_data(G_CHECKSUM_SHA256, reinterpret_cast<const guchar*>(data.data()), data.size());
+    std::string out = hex;
+    g_free(hex);
+    return out;
+}
+
+void make_rootfs(const fs::path& dir)
+{
+    fs::create_directories(dir / "usr/bin");
+    fs::create_directories(dir / "usr/sbin");
+    fs::create_directories(dir / "usr/lib");
+    write_file(dir / "usr/bin/busybox", "#!fake busybox\n" + std::string(4096, 'b'), 04755);
+    fs::create_symlink("busybox", dir / "usr/bin/sh");
+    fs::create_symlink("../bin/busybox", dir / "usr/sbin/init");
+    fs::create_symlink("usr/bin", dir / "bin");
+    fs::create_symlink("usr/sbin", dir / "sbin");
+    fs::create_symlink("usr/lib", dir / "lib");
+    write_file(dir / "etc/inittab", "::sysinit:/etc/init.d/rcS\n");
+    write_file(dir / "etc/init.d/rcS", "#!/bin/sh\necho booted\n", 0755);
+    write_file(dir / "etc/hostname", "tcu\n");
+    fs::create_hard_link(dir / "usr/bin/busybox", dir / "usr/bin/busybox-hardlink");
+    fs::create_symlink("/usr/share/zoneinfo/UTC", dir / "etc/localtime"); // absolute, points inside the target
+    for (const char* d : {"dev", "proc", "sys", "tmp"})
+        fs::create_directories(dir / d);
+}
+
+FakeKernel make_kernel_files(const fs::path& dir, const std::string& flavour)
+{
+    FakeKernel k;
+    k.kernel_bytes = "ARM64 Image " + flavour + std::string(10000, 'k');
+    k.initramfs_bytes = "initramfs " + flavour + std::string(5000, 'i');
+    k.devicetree_bytes = "dtb " + flavour + std::string(2000, 'd');
+    k.kernel = dir / ("Image-" + flavour);
+    k.initramfs = dir / ("initramfs-" + flavour + ".img");
+    k.devicetree = dir / ("board-" + flavour + ".dtb");
+    write_file(k.kernel, k.kernel_bytes);
+    write_file(k.initramfs, k.initramfs_bytes);
+    write_file(k.devicetree, k.devicetree_bytes);
+    return k;
+}
+
+std::map<std::string, std::string> snapshot(const fs::path& dir)
+{
+    std::map<std::string, std::string> out;
+    for (auto it = fs::recursive_directory_iterator(dir, fs::directory_options::none); it != fs::recursive_directory_iterator(); ++it) {
+        struct stat st {};
+        ::lstat(it->path().c_str(), &st);
+        std::ostringstream line;
+        line << std::oct << st.st_mode << std::dec << " " << st.st_uid << ":" << st.st_gid << " " << st.st_size << " "
+             << st.st_nlink;
+        if (S_ISREG(st.st_mode))
+            line << " " << sha256_hex(read_text(it->path()));
+        if (S_ISLNK(st.st_mode))
+            line << " -> " << fs::read_symlink(it->path()).string();
+        out[it->path().lexically_relative(dir).string()] = line.str();
+    }
+    return out;
+}
+
+std::string host_etc_state()
+{
+    std::string state;
+    for (const auto& entry : fs::directory_iterator("/etc"))
+        state += entry.path().filename().string() + "\n";
+    struct stat st {};
+    ::stat("/etc", &st);
+    return state + std::to_string(st.st_mtim.tv_sec) + "." + std::to_string(st.st_mtim.tv_nsec);
+}
+
+void write_tarball(const fs::path& path, const std::vector<TarEntry>& entries)
+{
+    struct archive* a = archive_write_new();
+    archive_write_set_format_pax_restricted(a);
+    std::string name = path.string();
+    auto ends_with = [&](const std::string& suffix) {
+        return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+    };
+    if (ends_with(".gz"))
+        archive_write_add_filter_gzip(a);
+    else if (ends_with(".xz"))
+        archive_write_add_filter_xz(a);
+    else if (ends_with(".zst"))
+        archive_write_add_filter_zstd(a);
+    if (archive_write_open_filename(a, name.c_str()) != ARCHIVE_OK)
+        throw std::runtime_error("cannot write " + name);
+    for (const auto& e : entries) {
+        struct archive_entry* entry = archive_entry_new();
+        archive_entry_set_pathname(entry, e.path.c_str());
+        archive_entry_set_uid(entry, e.uid);
+        archive_entry_set_gid(entry, e.gid);
+        archive_entry_set_perm(entry, e.mode);
+        switch (e.type) {
+        case 'f':
+            archive_entry_set_filetype(entry, AE_IFREG);
+            archive_entry_set_size(entry, static_cast<la_int64_t>(e.content_or_target.size()));
+            break;
+        case 'd': archive_entry_set_filetype(entry, AE_IFDIR); break;
+        case 'l':
+            archive_entry_set_filetype(entry, AE_IFLNK);
+            archive_entry_set_symlink(entry, e.content_or_target.c_str());
+            break;
+        case 'h':
+            archive_entry_set_filetype(entry, AE_IFREG);
+            archive_entry_set_hardlink(entry, e.content_or_target.c_str());
+            break;
+        case 'c':
+            archive_entry_set_filetype(entry, AE_IFCHR);
+            archive_entry_set_rdevmajor(entry, 1);
+            archive_entry_set_rdevminor(entry, 3);
+            break;
+        case 'p': archive_entry_set_filetype(entry, AE_IFIFO); break;
+        }
+        archive_write_header(a, entry);
+        if (e.type == 'f')
+            archive_write_data(a, e.content_or_target.data(), e.content_or_target.size());
+        archive_entry_free(entry);
+    }
+    archive_write_close(a);
+    archive_write_free(a);
+}
+
+ProcessResult run_treeflash(const std::vector<std::string>& args, const std::vector<std::string>& env)
+{
+    std::vector<std::string> argv{TREEFLASH_BINARY};
+    argv.insert(argv.end(), args.begin(), args.end());
+    ProcessOptions options;
+    options.extra_environment = env;
+    return run_process(argv, options);
+}
+
+ProcessResult ostree(const fs::path& repo, const std::vector<std::string>& args)
+{
+    std::vector<std::string> argv{"ostree"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    argv.push_back("--repo=" + repo.string());
+    return run_process(argv);
+}
+
+std::string rev_parse(const fs::path& repo, const std::string& ref)
+{
+    auto result = ostree(repo, {"rev-parse", ref});
+    std::string out = result.out;
+    while (!out.empty() && out.back() == '\n')
+        out.pop_back();
+    return result.ok() ? out : "";
+}
+
+bool fsck_clean(const fs::path& repo)
+{
+    return ostree(repo, {"fsck"}).ok();
+}
+
+std::map<std::string, std::string> list_commit(const fs::path& repo, const std::string& ref)
+{
+    std::map<std::string, std::string> out;
+    auto result = ostree(repo, {"ls", "-R", "-C", ref});
+    std::istringstream in(result.out);
+    std::string line;
+    while (std::getline(in, line)) {
+        // "-00644 0 0     10 <csum> /usr/etc/group" or "l00777 0 0 0 <csum> /bin -> usr/bin"
+        auto slash = line.find(" /");
+        if (slash == std::string::npos)
+            continue;
+        std::string path = line.substr(slash + 1);
+        auto arrow = path.find(" -> ");
+        if (arrow != std::string::npos)
+            path = path.substr(0, arrow);
+        out[path] = line;
+    }
+    return out;
+}
+
+} // namespace treeflash::test

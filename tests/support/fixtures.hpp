@@ -1,0 +1,79 @@
+// Shared test fixtures: temporary trees, tiny rootfs and kernel builders,
+// tarball writers and a runner for real tools (ostree, gpg, treeflash).
+#pragma once
+
+#include "common/process.hpp"
+
+#include <filesystem>
+#include <map>
+#include <string>
+#include <sys/types.h>
+#include <vector>
+
+namespace treeflash::test {
+
+namespace fs = std::filesystem;
+
+bool is_root();
+
+// A directory under $TMPDIR (default /tmp), removed when the test ends.
+class Scratch {
+public:
+    Scratch();
+    ~Scratch();
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    const fs::path& path() const { return m_path; }
+    fs::path operator/(const std::string& name) const { return m_path / name; }
+
+private:
+    fs::path m_path;
+};
+
+void write_file(const fs::path& path, const std::string& content, mode_t mode = 0644);
+std::string read_text(const fs::path& path);
+std::string sha256_hex(const std::string& data);
+
+// A minimal usr-merged busybox-like rootfs: usr/bin/busybox (setuid),
+// bin -> usr/bin, etc/inittab, a hardlink, an absolute symlink.
+void make_rootfs(const fs::path& dir);
+
+struct FakeKernel {
+    fs::path kernel, initramfs, devicetree;
+    std::string kernel_bytes, initramfs_bytes, devicetree_bytes;
+};
+// Three small files standing in for Image, initramfs and a .dtb.
+FakeKernel make_kernel_files(const fs::path& dir, const std::string& flavour = "v1");
+
+// Every path below `dir` with its type, mode, owner, size and content hash:
+// equal snapshots mean nothing was changed.
+std::map<std::string, std::string> snapshot(const fs::path& dir);
+
+// The names directly in the host's /etc and its modification time: a test
+// that feeds `etc -> /etc` to the builder checks this did not change.
+std::string host_etc_state();
+
+// A tarball entry for write_tarball.
+struct TarEntry {
+    std::string path;
+    char type = 'f'; // f regular, d directory, l symlink, h hardlink, c character device, p FIFO
+    std::string content_or_target;
+    mode_t mode = 0644;
+    uid_t uid = 0;
+    gid_t gid = 0;
+};
+// Writes a ustar/pax tarball; compression from the extension (.gz .xz .zst).
+void write_tarball(const fs::path& path, const std::vector<TarEntry>& entries);
+
+// The treeflash executable under test.
+ProcessResult run_treeflash(const std::vector<std::string>& args, const std::vector<std::string>& env = {});
+// ostree CLI against a repo.
+ProcessResult ostree(const fs::path& repo, const std::vector<std::string>& args);
+// The ref's commit checksum, or "" when absent.
+std::string rev_parse(const fs::path& repo, const std::string& ref = "master");
+// `ostree fsck` passes.
+bool fsck_clean(const fs::path& repo);
+// `ostree ls -R -C` as a map path -> line.
+std::map<std::string, std::string> list_commit(const fs::path& repo, const std::string& ref = "master");
+
+} // namespace treeflash::test

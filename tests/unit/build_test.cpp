@@ -1,0 +1,422 @@
+// treeflash build end to end through the executable, checked with the
+// ostree CLI: what a release engineer would look at.
+#include "tests/support/fixtures.hpp"
+
+#include <chrono>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <thread>
+
+using namespace treeflash;
+using namespace treeflash::test;
+using nlohmann::json;
+
+extern char** environ;
+
+namespace {
+
+std::string first_line(const std::string& text)
+{
+    return text.substr(0, text.find('\n'));
+}
+
+struct Example {
+    Scratch tmp;
+    FakeKernel kernel;
+    fs::path rootfs, repo;
+    Example()
+    {
+        rootfs = tmp / "rootfs";
+        repo = tmp / "repo";
+        make_rootfs(rootfs);
+        kernel = make_kernel_files(tmp.path());
+    }
+    std::vector<std::string> args(const std::vector<std::string>& more = {}) const
+    {
+        std::vector<std::string> a{"build", "--rootfs", rootfs.string(), "--repo", repo.string(), "--kernel",
+                                   kernel.kernel.string(), "--devicetree", kernel.devicetree.string()};
+        a.insert(a.end(), more.begin(), more.end());
+        return a;
+    }
+};
+
+void fill_random(const fs::path& dir, int files, size_t size, unsigned seed)
+{
+    std::mt19937 rng(seed);
+    for (int i = 0; i < files; ++i) {
+        std::string data(size, '\0');
+        for (auto& c : data)
+            c = static_cast<char>(rng());
+        write_file(dir / ("usr/share/blob/" + std::to_string(i)), data);
+    }
+}
+
+// Starts treeflash without waiting; returns its pid.
+pid_t spawn_treeflash(const std::vector<std::string>& args)
+{
+    std::vector<std::string> argv{TREEFLASH_BINARY};
+    argv.insert(argv.end(), args.begin(), args.end());
+    std::vector<char*> raw;
+    for (auto& a : argv)
+        raw.push_back(a.data());
+    raw.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+    pid_t pid = 0;
+    REQUIRE(posix_spawn(&pid, raw[0], &actions, nullptr, raw.data(), environ) == 0);
+    posix_spawn_file_actions_destroy(&actions);
+    return pid;
+}
+
+int wait_exit(pid_t pid, int* signal = nullptr)
+{
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    if (signal)
+        *signal = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+bool has_partial_repo(const fs::path& dir)
+{
+    for (const auto& entry : fs::directory_iterator(dir))
+        if (entry.path().filename().string().find(".partial-") != std::string::npos)
+            return true;
+    return false;
+}
+
+bool has_import_scratch(const fs::path& repo)
+{
+    if (!fs::exists(repo / "tmp"))
+        return false;
+    for (const auto& entry : fs::directory_iterator(repo / "tmp"))
+        if (entry.path().filename().string().rfind("treeflash-import-", 0) == 0)
+            return true;
+    return false;
+}
+
+} // namespace
+
+TEST_SUITE("build") {
+
+TEST_CASE("a build commits the normalized tree and the repository shows what the how-to shows")
+{
+    Example ex;
+    auto before = snapshot(ex.rootfs);
+    auto result = run_treeflash(ex.args({"--subject", "image v1 (ls104x) rootfs", "--version", "1.0"}));
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    std::string commit = first_line(result.out);
+    CHECK(commit.size() == 64);
+    CHECK(result.out == commit + "\n");
+    CHECK(rev_parse(ex.repo) == commit);
+    CHECK(fsck_clean(ex.repo));
+    CHECK(snapshot(ex.rootfs) == before);
+    CHECK(read_text(ex.repo / "config").find("mode=archive") != std::string::npos);
+
+    auto log = ostree(ex.repo, {"log", "master"});
+    CHECK(log.out.find("image v1 (ls104x) rootfs") != std::string::npos);
+    CHECK(log.out.find("Version: 1.0") != std::string::npos);
+    auto summary = ostree(ex.repo, {"summary", "--view"});
+    CHECK(summary.out.find("* master") != std::string::npos);
+    CHECK(summary.out.find(commit) != std::string::npos);
+
+    auto files = list_commit(ex.repo);
+    CHECK(files.count("/usr/etc/inittab"));
+    CHECK_FALSE(files.count("/etc"));
+    CHECK(files.count("/usr/lib/os-release"));
+    CHECK(files["/ostree"].find("-> sysroot/ostree") != std::string::npos);
+    CHECK(files["/etc"].empty());
+    std::string csum = sha256_hex(ex.kernel.kernel_bytes + ex.kernel.devicetree_bytes);
+    CHECK(files.count("/usr/lib/ostree-boot/vmlinuz-" + csum));
+    CHECK(files["/usr/lib/ostree-boot/vmlinuz-" + csum].rfind("-00644", 0) == 0);
+    // setuid busybox survives, and the hardlink shares its content object.
+    CHECK(files["/usr/bin/busybox"].rfind("-04755 0 0", 0) == 0);
+    auto object_of = [&](const std::string& path) {
+        std::istringstream in(files[path]);
+        std::string mode, uid, gid, size, object;
+        in >> mode >> uid >> gid >> size >> object;
+        return object;
+    };
+    CHECK(object_of("/usr/bin/busybox") == object_of("/usr/bin/busybox-hardlink"));
+    CHECK(files["/etc"].empty());
+    CHECK(ostree(ex.repo, {"cat", "master", "/usr/etc/hostname"}).out == "tcu\n");
+}
+
+TEST_CASE("--json reports the commit, kernel and counts")
+{
+    Example ex;
+    write_file(ex.rootfs / "var/lib/app/state", "seed");
+    auto result = run_treeflash(ex.args({"--json"}));
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    json out = json::parse(result.out);
+    CHECK(out["commit"] == rev_parse(ex.repo));
+    CHECK(out["ref"] == "master");
+    CHECK(out["parent"].is_null());
+    CHECK(out["kernel_layout"] == "legacy");
+    CHECK(out["bootcsum"] == sha256_hex(ex.kernel.kernel_bytes + ex.kernel.devicetree_bytes));
+    CHECK(out["files"].get<int>() > 10);
+    CHECK(out["bytes"].get<int>() > 4096);
+    CHECK(out["created_repo"] == true);
+    bool var_warning = false;
+    for (const auto& w : out["warnings"])
+        var_warning |= w.get<std::string>().find("var/lib/app/state") != std::string::npos;
+    CHECK(var_warning);
+    CHECK(result.err.find("warning: ") != std::string::npos);
+}
+
+TEST_CASE("an unchanged rebuild adds no commit and writes no object; a change adds a child commit")
+{
+    Example ex;
+    auto first = run_treeflash(ex.args());
+    REQUIRE(first.ok());
+    auto again = run_treeflash(ex.args({"--json"}));
+    REQUIRE(again.ok());
+    json out = json::parse(again.out);
+    CHECK(out["commit"] == first_line(first.out));
+    CHECK(out["unchanged"] == true);
+    CHECK(out["objects_written"] == 0);
+
+    write_file(ex.rootfs / "etc/hostname", "tcu-2\n");
+    auto changed = run_treeflash(ex.args({"--json"}));
+    REQUIRE(changed.ok());
+    json next = json::parse(changed.out);
+    CHECK(next["commit"] != out["commit"]);
+    CHECK(next["parent"] == out["commit"]);
+    CHECK(next["objects_written"].get<int>() >= 1);
+    CHECK(next["objects_written"].get<int>() <= 2);
+    CHECK(rev_parse(ex.repo, "master^") == first_line(first.out));
+    CHECK(fsck_clean(ex.repo));
+}
+
+TEST_CASE("the same SOURCE_DATE_EPOCH gives the same commit in two repositories")
+{
+    Example ex;
+    auto a = run_treeflash({"build", "--rootfs", ex.rootfs.string(), "--repo", (ex.tmp / "a").string(), "--kernel",
+                        ex.kernel.kernel.string()},
+                       {"SOURCE_DATE_EPOCH=1700000000"});
+    auto b = run_treeflash({"build", "--rootfs", ex.rootfs.string(), "--repo", (ex.tmp / "b").string(), "--kernel",
+                        ex.kernel.kernel.string()},
+                       {"SOURCE_DATE_EPOCH=1700000000"});
+    auto c = run_treeflash({"build", "--rootfs", ex.rootfs.string(), "--repo", (ex.tmp / "c").string(), "--kernel",
+                        ex.kernel.kernel.string(), "--timestamp", "2023-11-14T22:13:20Z"});
+    REQUIRE((a.ok() && b.ok() && c.ok()));
+    CHECK(a.out == b.out);
+    CHECK(a.out == c.out); // 1700000000 is 2023-11-14T22:13:20Z
+    CHECK(ostree(ex.tmp / "a", {"log", "master"}).out.find("2023-11-14 22:13:20") != std::string::npos);
+}
+
+TEST_CASE("a tarball builds the same commit as the directory it was made from")
+{
+    if (!is_root()) {
+        MESSAGE("skipped: the directory's files must be owned by root to match the tarball");
+        return;
+    }
+    Example ex;
+    std::vector<TarEntry> entries;
+    for (auto it = fs::recursive_directory_iterator(ex.rootfs); it != fs::recursive_directory_iterator(); ++it) {
+        std::string rel = it->path().lexically_relative(ex.rootfs).string();
+        struct stat st {};
+        ::lstat(it->path().c_str(), &st);
+        if (S_ISDIR(st.st_mode))
+            entries.push_back({rel + "/", 'd', "", st.st_mode & 07777});
+        else if (S_ISLNK(st.st_mode))
+            entries.push_back({rel, 'l', fs::read_symlink(it->path()).string(), 0777});
+        else
+            entries.push_back({rel, 'f', read_text(it->path()), st.st_mode & 07777});
+    }
+    entries.insert(entries.begin(), {"./", 'd', "", 0755});
+    ::chmod(ex.rootfs.c_str(), 0755);
+    write_tarball(ex.tmp / "rootfs.tar.zst", entries);
+    auto dir = run_treeflash({"build", "--rootfs", ex.rootfs.string(), "--repo", (ex.tmp / "d").string(), "--kernel",
+                          ex.kernel.kernel.string(), "--timestamp", "1"});
+    auto tar = run_treeflash({"build", "--rootfs", (ex.tmp / "rootfs.tar.zst").string(), "--repo",
+                          (ex.tmp / "t").string(), "--kernel", ex.kernel.kernel.string(), "--timestamp", "1"});
+    REQUIRE_MESSAGE(dir.ok(), dir.err);
+    REQUIRE_MESSAGE(tar.ok(), tar.err);
+    CHECK(dir.out == tar.out);
+    CHECK_FALSE(has_import_scratch(ex.tmp / "t"));
+}
+
+TEST_CASE("GPG: the commit and the summary are signed with the given key")
+{
+    Example ex;
+    fs::path home = ex.tmp / "gnupg";
+    fs::create_directories(home);
+    fs::permissions(home, fs::perms::owner_all);
+    auto keygen = run_process({"gpg", "--homedir", home.string(), "--batch", "--passphrase", "", "--quick-gen-key",
+                               "treeflash test <test@example.invalid>", "ed25519", "sign", "never"});
+    REQUIRE_MESSAGE(keygen.ok(), keygen.err);
+    auto list = run_process({"gpg", "--homedir", home.string(), "--with-colons", "--list-secret-keys"});
+    std::string key;
+    std::istringstream lines(list.out);
+    for (std::string line; std::getline(lines, line);)
+        if (line.rfind("fpr:", 0) == 0 && key.empty())
+            key = line.substr(line.rfind(':', line.size() - 2) + 1, 40);
+    REQUIRE(key.size() == 40);
+
+    auto result = run_treeflash(ex.args({"--gpg-sign", key, "--gpg-homedir", home.string()}));
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    // Verify as a client would: with only the exported public key.
+    fs::create_directories(ex.tmp / "trusted");
+    auto exported = run_process({"gpg", "--homedir", home.string(), "--export", key});
+    write_file(ex.tmp / "trusted/release.gpg", exported.out);
+    auto shown = ostree(ex.repo, {"show", "--gpg-homedir=" + (ex.tmp / "trusted").string(), "master"});
+    CHECK_MESSAGE(shown.out.find("Good signature") != std::string::npos, shown.out);
+    CHECK(fs::exists(ex.repo / "summary.sig"));
+
+    // A key that does not exist fails the build before the branch moves.
+    write_file(ex.rootfs / "etc/hostname", "changed\n");
+    std::string before = rev_parse(ex.repo);
+    auto bad = run_treeflash(ex.args({"--gpg-sign", "0000000000000000DEADBEEF", "--gpg-homedir", home.string()}));
+    CHECK(bad.exit_code == 1);
+    CHECK(bad.err.find("build: commit: sign: key 0000000000000000DEADBEEF") != std::string::npos);
+    CHECK(rev_parse(ex.repo) == before);
+    CHECK(fsck_clean(ex.repo));
+    run_process({"gpgconf", "--homedir", home.string(), "--kill", "all"});
+}
+
+TEST_CASE("--static-delta makes a delta from the previous commit")
+{
+    Example ex;
+    auto first = run_treeflash(ex.args());
+    REQUIRE(first.ok());
+    write_file(ex.rootfs / "etc/hostname", "tcu-delta\n");
+    auto second = run_treeflash(ex.args({"--static-delta"}));
+    REQUIRE_MESSAGE(second.ok(), second.err);
+    auto deltas = ostree(ex.repo, {"static-delta", "list"});
+    CHECK(deltas.out.find(first_line(first.out) + "-" + first_line(second.out)) != std::string::npos);
+    CHECK(fsck_clean(ex.repo));
+}
+
+TEST_CASE("a failing build into a new repository leaves nothing behind")
+{
+    Example ex;
+    auto result = run_treeflash({"build", "--rootfs", ex.rootfs.string(), "--repo", ex.repo.string()});
+    CHECK(result.exit_code == 1);
+    CHECK(result.err.find("build: kernel: no kernel") != std::string::npos);
+    CHECK(std::count(result.err.begin(), result.err.end(), '\n') == 1);
+    CHECK_FALSE(fs::exists(ex.repo));
+    CHECK_FALSE(has_partial_repo(ex.tmp.path()));
+}
+
+TEST_CASE("a path that is not a repository is refused untouched")
+{
+    Example ex;
+    write_file(ex.repo / "precious.txt", "keep me");
+    auto result = run_treeflash(ex.args());
+    CHECK(result.exit_code == 1);
+    CHECK(result.err.find("is not an OSTree repository") != std::string::npos);
+    CHECK(read_text(ex.repo / "precious.txt") == "keep me");
+}
+
+TEST_CASE("SIGINT and SIGKILL during a build leave the branch where it was and fsck clean")
+{
+    Example ex;
+    REQUIRE(run_treeflash(ex.args()).ok());
+    std::string before = rev_parse(ex.repo);
+    fill_random(ex.rootfs, 200, 256 * 1024, 1);
+
+    pid_t pid = spawn_treeflash(ex.args({"--jobs", "1"}));
+    std::this_thread::sleep_for(std::chrono::milliseconds(400));
+    ::kill(pid, SIGINT);
+    int code = wait_exit(pid);
+    CHECK(code == 130);
+    CHECK(rev_parse(ex.repo) == before);
+    CHECK(fsck_clean(ex.repo));
+    CHECK_FALSE(has_import_scratch(ex.repo));
+
+    pid = spawn_treeflash(ex.args({"--jobs", "1"}));
+    std::this_thread::sleep_for(std::chrono::milliseconds(400));
+    ::kill(pid, SIGKILL);
+    int signal = 0;
+    wait_exit(pid, &signal);
+    CHECK(signal == SIGKILL);
+    CHECK(rev_parse(ex.repo) == before);
+    CHECK(fsck_clean(ex.repo));
+
+    // And the next build still works.
+    auto after = run_treeflash(ex.args());
+    CHECK(after.ok());
+    CHECK(rev_parse(ex.repo, "master^") == before);
+}
+
+TEST_CASE("SIGINT while creating a repository leaves no repository")
+{
+    Example ex;
+    fill_random(ex.rootfs, 200, 256 * 1024, 2);
+    pid_t pid = spawn_treeflash(ex.args({"--jobs", "1"}));
+    std::this_thread::sleep_for(std::chrono::milliseconds(400));
+    ::kill(pid, SIGINT);
+    CHECK(wait_exit(pid) == 130);
+    CHECK_FALSE(fs::exists(ex.repo));
+    CHECK_FALSE(has_partial_repo(ex.tmp.path()));
+}
+
+TEST_CASE("two builds into one repository at once are serialized into one history")
+{
+    Example ex;
+    REQUIRE(run_treeflash(ex.args()).ok());
+    fs::path other = ex.tmp / "rootfs2";
+    make_rootfs(other);
+    write_file(other / "etc/hostname", "other\n");
+    fill_random(ex.rootfs, 40, 256 * 1024, 3);
+    ProcessResult first, second;
+    std::thread a([&] { first = run_treeflash(ex.args()); });
+    std::thread b([&] {
+        second = run_treeflash({"build", "--rootfs", other.string(), "--repo", ex.repo.string(), "--kernel",
+                            ex.kernel.kernel.string()});
+    });
+    a.join();
+    b.join();
+    REQUIRE_MESSAGE(first.ok(), first.err);
+    REQUIRE_MESSAGE(second.ok(), second.err);
+    std::string c1 = first_line(first.out), c2 = first_line(second.out);
+    std::string head = rev_parse(ex.repo);
+    CHECK((head == c1 || head == c2));
+    std::string older = head == c1 ? c2 : c1;
+    CHECK(rev_parse(ex.repo, "master^") == older);
+    CHECK(fsck_clean(ex.repo));
+}
+
+}
+
+TEST_SUITE("cli") {
+
+TEST_CASE("help explains every option with an example")
+{
+    auto top = run_treeflash({"--help"});
+    CHECK(top.ok());
+    CHECK(top.out.find("build") != std::string::npos);
+    auto help = run_treeflash({"build", "--help"});
+    CHECK(help.ok());
+    for (const char* option : {"--rootfs", "--repo", "--branch", "--subject", "--body", "--version", "--kernel",
+                               "--initramfs", "--devicetree", "--kernel-layout", "--kver", "--os-release",
+                               "--timestamp", "--gpg-sign", "--gpg-homedir", "--static-delta", "--json"})
+        CHECK_MESSAGE(help.out.find(option) != std::string::npos, option);
+    CHECK(help.out.find("Examples:") != std::string::npos);
+}
+
+TEST_CASE("bad command lines exit 2 with one line")
+{
+    auto none = run_treeflash({});
+    CHECK(none.exit_code == 2);
+    auto unknown = run_treeflash({"frobnicate"});
+    CHECK(unknown.exit_code == 2);
+    CHECK(unknown.err == "treeflash: unknown command 'frobnicate' (see treeflash --help)\n");
+    auto missing = run_treeflash({"build", "--repo", "r"});
+    CHECK(missing.exit_code == 2);
+    CHECK(missing.err.find("--rootfs is required") != std::string::npos);
+    auto layout = run_treeflash({"build", "--rootfs", "x", "--repo", "r", "--kernel-layout", "uefi"});
+    CHECK(layout.exit_code == 2);
+    CHECK(layout.err.find("unknown kernel layout 'uefi'") != std::string::npos);
+}
+
+}

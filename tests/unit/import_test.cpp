@@ -1,0 +1,146 @@
+// Import and sanitize: directories and tarballs become a staging tree
+// without touching the input or anything outside it.
+#include "builder/stages.hpp"
+#include "common/error.hpp"
+#include "tests/support/fixtures.hpp"
+
+#include <doctest/doctest.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+using namespace treeflash;
+using namespace treeflash::builder;
+using namespace treeflash::test;
+
+namespace {
+
+void make_socket(const fs::path& path)
+{
+    int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un addr {};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path.c_str());
+    REQUIRE(::bind(fd, reinterpret_cast<struct sockaddr*>(&addr), sizeof addr) == 0);
+    ::close(fd);
+}
+
+} // namespace
+
+TEST_SUITE("import") {
+
+TEST_CASE("a directory import keeps modes, symlinks and hardlinks and never changes the input")
+{
+    Scratch tmp;
+    make_rootfs(tmp / "rootfs");
+    auto before = snapshot(tmp / "rootfs");
+    ImportResult imported = import_directory(tmp / "rootfs");
+    CHECK(snapshot(tmp / "rootfs") == before);
+
+    const Node* busybox = imported.tree.find("usr/bin/busybox");
+    REQUIRE(busybox);
+    CHECK(busybox->is_regular());
+    CHECK(busybox->mode == 04755);
+    const Node* bin = imported.tree.find("bin");
+    REQUIRE(bin);
+    CHECK(bin->is_symlink());
+    CHECK(bin->symlink_target == "usr/bin");
+    const Node* localtime = imported.tree.find("etc/localtime");
+    REQUIRE(localtime);
+    CHECK(localtime->symlink_target == "/usr/share/zoneinfo/UTC");
+    CHECK(imported.tree.read_all(*imported.tree.find("usr/bin/busybox-hardlink"))
+          == imported.tree.read_all(*busybox));
+}
+
+TEST_CASE("device nodes, FIFOs and sockets are dropped and listed")
+{
+    Scratch tmp;
+    make_rootfs(tmp / "rootfs");
+    REQUIRE(::mkfifo((tmp / "rootfs/dev/initctl").c_str(), 0600) == 0);
+    make_socket(tmp / "rootfs/tmp/sock");
+    bool have_device = is_root() && ::mknod((tmp / "rootfs/dev/null").c_str(), S_IFCHR | 0666, makedev(1, 3)) == 0;
+
+    ImportResult imported = import_directory(tmp / "rootfs");
+    CHECK_FALSE(imported.tree.find("dev/initctl"));
+    CHECK_FALSE(imported.tree.find("tmp/sock"));
+    auto warnings = sanitize_warnings(imported);
+    REQUIRE(warnings.size() == 1);
+    CHECK(warnings[0].find("dev/initctl (FIFO)") != std::string::npos);
+    CHECK(warnings[0].find("tmp/sock (socket)") != std::string::npos);
+    if (have_device) {
+        CHECK_FALSE(imported.tree.find("dev/null"));
+        CHECK(warnings[0].find("dev/null (character device)") != std::string::npos);
+    }
+}
+
+TEST_CASE("tarballs in every supported compression import with their ownership and modes")
+{
+    Scratch tmp;
+    std::vector<TarEntry> entries{
+        {"./", 'd', "", 0755},
+        {"./usr/", 'd', "", 0755},
+        {"./usr/bin/", 'd', "", 0755},
+        {"./usr/bin/busybox", 'f', "busybox bytes", 04755},
+        {"./usr/bin/sh", 'l', "busybox", 0777},
+        {"./usr/bin/hard", 'h', "./usr/bin/busybox", 04755},
+        {"./home/", 'd', "", 0755},
+        {"./home/user/", 'd', "", 0700, 1000, 1000},
+        {"./home/user/notes", 'f', "mine", 0600, 1000, 1000},
+        {"./dev/console", 'c', "", 0600},
+        {"./run/initctl", 'p', "", 0600},
+    };
+    for (const char* name : {"rootfs.tar", "rootfs.tar.gz", "rootfs.tar.xz", "rootfs.tar.zst"}) {
+        CAPTURE(name);
+        write_tarball(tmp / name, entries);
+        fs::create_directories(tmp / "scratch");
+        ImportResult imported = import_tarball(tmp / name, tmp / "scratch");
+        const Node* busybox = imported.tree.find("usr/bin/busybox");
+        REQUIRE(busybox);
+        CHECK(busybox->mode == 04755);
+        CHECK(imported.tree.read_all(*busybox) == "busybox bytes");
+        CHECK(imported.tree.read_all(*imported.tree.find("usr/bin/hard")) == "busybox bytes");
+        const Node* notes = imported.tree.find("home/user/notes");
+        REQUIRE(notes);
+        CHECK(notes->uid == 1000);
+        CHECK(notes->mode == 0600);
+        CHECK(imported.tree.find("home/user")->mode == 0700);
+        CHECK(imported.tree.find("usr/bin/sh")->symlink_target == "busybox");
+        CHECK(imported.dropped_special.size() == 2);
+        fs::remove_all(tmp / "scratch");
+    }
+}
+
+TEST_CASE("tarball entries with .. or absolute paths are refused")
+{
+    Scratch tmp;
+    fs::create_directories(tmp / "scratch");
+    write_tarball(tmp / "dotdot.tar", {{"usr/", 'd'}, {"usr/../../escape", 'f', "x"}});
+    CHECK_THROWS_WITH_AS(import_tarball(tmp / "dotdot.tar", tmp / "scratch"), doctest::Contains("contains '..'"), Error);
+    write_tarball(tmp / "absolute.tar", {{"/etc/passwd", 'f', "root::0:0::/:/bin/sh\n"}});
+    CHECK_THROWS_WITH_AS(import_tarball(tmp / "absolute.tar", tmp / "scratch"), doctest::Contains("absolute path"), Error);
+    write_tarball(tmp / "hardlink.tar", {{"a", 'h', "../../etc/shadow"}});
+    CHECK_THROWS_WITH_AS(import_tarball(tmp / "hardlink.tar", tmp / "scratch"), doctest::Contains("'..'"), Error);
+    CHECK(fs::is_empty(tmp / "scratch"));
+}
+
+TEST_CASE("a tarball cannot write through a symlink it created")
+{
+    Scratch tmp;
+    fs::create_directories(tmp / "scratch");
+    write_tarball(tmp / "evil.tar", {{"etc", 'l', "/etc"}, {"etc/evil.conf", 'f', "owned"}});
+    auto host_etc = host_etc_state();
+    CHECK_THROWS_WITH_AS(import_tarball(tmp / "evil.tar", tmp / "scratch"),
+                         doctest::Contains("refusing to write through symlink etc -> /etc"), Error);
+    CHECK_FALSE(fs::exists("/etc/evil.conf"));
+    CHECK(host_etc_state() == host_etc);
+}
+
+TEST_CASE("a missing input names itself")
+{
+    Scratch tmp;
+    CHECK_THROWS_WITH_AS(import_rootfs(tmp / "nope", tmp.path()), doctest::Contains("nope: no such file"), Error);
+}
+
+}

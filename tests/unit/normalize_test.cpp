@@ -1,0 +1,119 @@
+// Normalize: /etc -> /usr/etc, os-release, the directories OSTree needs.
+#include "builder/stages.hpp"
+#include "common/error.hpp"
+#include "tests/support/fixtures.hpp"
+
+#include <doctest/doctest.h>
+
+using namespace treeflash;
+using namespace treeflash::builder;
+using namespace treeflash::test;
+
+TEST_SUITE("normalize") {
+
+TEST_CASE("/etc moves to /usr/etc and OSTree's directories appear")
+{
+    Scratch tmp;
+    make_rootfs(tmp / "rootfs");
+    write_file(tmp / "rootfs/var/lib/seed", "x");
+    write_file(tmp / "rootfs/tmp/leftover", "x");
+    ImportResult imported = import_directory(tmp / "rootfs");
+    NormalizeResult result = normalize(imported.tree, {});
+    Tree& tree = imported.tree;
+    CHECK(result.moved_etc);
+    CHECK_FALSE(tree.find("etc"));
+    REQUIRE(tree.find("usr/etc/inittab"));
+    CHECK(tree.find("sysroot")->is_dir());
+    CHECK(tree.find("ostree")->symlink_target == "sysroot/ostree");
+    for (const char* dir : {"dev", "proc", "sys", "run", "tmp", "var", "boot"}) {
+        CAPTURE(dir);
+        REQUIRE(tree.find(dir));
+        CHECK(tree.find(dir)->is_dir());
+    }
+    CHECK(tree.find("tmp")->mode == 01777);
+    CHECK(tree.find("tmp")->children.empty());
+    CHECK(result.var_entries == std::vector<std::string>{"var/lib", "var/lib/seed"});
+    bool var_reported = false;
+    for (const auto& w : result.warnings)
+        var_reported |= w.find("var/lib/seed") != std::string::npos && w.find("first deployment") != std::string::npos;
+    CHECK(var_reported);
+}
+
+TEST_CASE("os-release is generated with the OS name and overrides")
+{
+    Scratch tmp;
+    make_rootfs(tmp / "rootfs");
+    ImportResult imported = import_directory(tmp / "rootfs");
+    NormalizeOptions options;
+    options.version = "1.2";
+    options.os_release = {{"PRETTY_NAME", "TCU gateway 1.2"}, {"HOME_URL", "http://example.invalid/"}};
+    normalize(imported.tree, options);
+    const Node* release = imported.tree.find("usr/lib/os-release");
+    REQUIRE(release);
+    std::string text = imported.tree.read_all(*release);
+    CHECK(text.find("ID=tcu\n") != std::string::npos);
+    CHECK(text.find("VERSION_ID=1.2\n") != std::string::npos);
+    CHECK(text.find("PRETTY_NAME=\"TCU gateway 1.2\"\n") != std::string::npos);
+    CHECK(text.find("HOME_URL=\"http://example.invalid/\"\n") != std::string::npos);
+}
+
+TEST_CASE("an existing os-release is kept")
+{
+    Scratch tmp;
+    make_rootfs(tmp / "rootfs");
+    write_file(tmp / "rootfs/usr/lib/os-release", "ID=custom\nPRETTY_NAME=\"Custom\"\n");
+    ImportResult imported = import_directory(tmp / "rootfs");
+    NormalizeResult result = normalize(imported.tree, {});
+    CHECK_FALSE(result.wrote_os_release);
+    CHECK(imported.tree.read_all(*imported.tree.find("usr/lib/os-release")) == "ID=custom\nPRETTY_NAME=\"Custom\"\n");
+}
+
+TEST_CASE("an already normalized rootfs is accepted")
+{
+    Scratch tmp;
+    make_rootfs(tmp / "rootfs");
+    fs::rename(tmp / "rootfs/etc", tmp / "rootfs/usr/etc");
+    ImportResult imported = import_directory(tmp / "rootfs");
+    NormalizeResult result = normalize(imported.tree, {});
+    CHECK_FALSE(result.moved_etc);
+    CHECK(imported.tree.find("usr/etc/inittab"));
+}
+
+TEST_CASE("both /etc and /usr/etc with content is an error naming both")
+{
+    Scratch tmp;
+    make_rootfs(tmp / "rootfs");
+    write_file(tmp / "rootfs/usr/etc/other", "x");
+    ImportResult imported = import_directory(tmp / "rootfs");
+    CHECK_THROWS_WITH_AS(normalize(imported.tree, {}), doctest::Contains("both /etc and /usr/etc"), Error);
+}
+
+TEST_CASE("an empty /etc beside /usr/etc is dropped")
+{
+    Scratch tmp;
+    make_rootfs(tmp / "rootfs");
+    fs::rename(tmp / "rootfs/etc", tmp / "rootfs/usr/etc");
+    fs::create_directories(tmp / "rootfs/etc");
+    ImportResult imported = import_directory(tmp / "rootfs");
+    normalize(imported.tree, {});
+    CHECK_FALSE(imported.tree.find("etc"));
+    CHECK(imported.tree.find("usr/etc/inittab"));
+}
+
+TEST_CASE("etc -> /etc and usr/etc -> /etc are refused and the host's /etc is untouched")
+{
+    auto host_before = host_etc_state();
+    for (const char* link : {"etc", "usr/etc"}) {
+        CAPTURE(link);
+        Scratch tmp;
+        make_rootfs(tmp / "rootfs");
+        fs::remove_all(tmp / "rootfs/etc");
+        fs::create_symlink("/etc", tmp / "rootfs" / link);
+        ImportResult imported = import_directory(tmp / "rootfs");
+        CHECK_THROWS_WITH_AS(normalize(imported.tree, {}), doctest::Contains((std::string("/") + link + " is a symlink (-> /etc)").c_str()),
+                             Error);
+    }
+    CHECK(host_etc_state() == host_before);
+}
+
+}
