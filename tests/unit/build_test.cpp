@@ -172,6 +172,7 @@ TEST_CASE("--json reports the commit, kernel and counts")
         var_warning |= w.get<std::string>().find("var/lib/app/state") != std::string::npos;
     CHECK(var_warning);
     CHECK(result.err.find("warning: ") != std::string::npos);
+    CHECK(fsck_clean(ex.repo));
 }
 
 TEST_CASE("an unchanged rebuild adds no commit and writes no object; a change adds a child commit")
@@ -213,6 +214,8 @@ TEST_CASE("the same SOURCE_DATE_EPOCH gives the same commit in two repositories"
     CHECK(a.out == b.out);
     CHECK(a.out == c.out); // 1700000000 is 2023-11-14T22:13:20Z
     CHECK(ostree(ex.tmp / "a", {"log", "master"}).out.find("2023-11-14 22:13:20") != std::string::npos);
+    for (const char* repo : {"a", "b", "c"})
+        CHECK(fsck_clean(ex.tmp / repo));
 }
 
 TEST_CASE("a tarball builds the same commit as the directory it was made from")
@@ -245,6 +248,8 @@ TEST_CASE("a tarball builds the same commit as the directory it was made from")
     REQUIRE_MESSAGE(tar.ok(), tar.err);
     CHECK(dir.out == tar.out);
     CHECK_FALSE(has_import_scratch(ex.tmp / "t"));
+    CHECK(fsck_clean(ex.tmp / "d"));
+    CHECK(fsck_clean(ex.tmp / "t"));
 }
 
 TEST_CASE("GPG: the commit and the summary are signed with the given key")
@@ -273,6 +278,7 @@ TEST_CASE("GPG: the commit and the summary are signed with the given key")
     auto shown = ostree(ex.repo, {"show", "--gpg-homedir=" + (ex.tmp / "trusted").string(), "master"});
     CHECK_MESSAGE(shown.out.find("Good signature") != std::string::npos, shown.out);
     CHECK(fs::exists(ex.repo / "summary.sig"));
+    CHECK(fsck_clean(ex.repo));
 
     // A key that does not exist fails the build before the branch moves.
     write_file(ex.rootfs / "etc/hostname", "changed\n");
