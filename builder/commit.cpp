@@ -288,10 +288,12 @@ bool same_as_parent(OstreeRepo* repo, const std::string& parent, OstreeRepoFile*
            && version_of(commit.get()) == options.version;
 }
 
-glib::Variant commit_metadata(const CommitOptions& options)
+glib::Variant commit_metadata(const CommitOptions& options, uint64_t content_bytes)
 {
     GVariantBuilder builder;
     g_variant_builder_init(&builder, G_VARIANT_TYPE_VARDICT);
+    // Lets the flasher size an image before pulling the tree.
+    g_variant_builder_add(&builder, "{sv}", "treeflash.content-bytes", g_variant_new_uint64(content_bytes));
     if (!options.version.empty())
         g_variant_builder_add(&builder, "{sv}", OSTREE_COMMIT_META_KEY_VERSION,
                               g_variant_new_string(options.version.c_str()));
@@ -358,7 +360,7 @@ CommitResult commit_tree(OstreeRepo* repo, Tree& tree, const CommitOptions& opti
 
     in_step("write commit", [&] {
         uint64_t timestamp = options.timestamp ? *options.timestamp : static_cast<uint64_t>(::time(nullptr));
-        glib::Variant metadata = commit_metadata(options);
+        glib::Variant metadata = commit_metadata(options, result.bytes);
         char* raw_commit = nullptr;
         if (!ostree_repo_write_commit_with_time(repo, result.parent.empty() ? nullptr : result.parent.c_str(),
                                                 options.subject.c_str(),

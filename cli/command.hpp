@@ -16,6 +16,8 @@ struct Command {
 };
 
 int run_build(const std::vector<std::string>& args, GCancellable* cancellable);
+int run_flash(const std::vector<std::string>& args, GCancellable* cancellable);
+int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable);
 
 // Thrown for bad command lines: printed with a hint to --help, exit 2.
 struct UsageError : std::runtime_error {

@@ -19,6 +19,8 @@ namespace {
 
 constexpr std::array commands{
     Command{"build", "turn a rootfs directory or tarball into a commit in an OSTree repository", run_build},
+    Command{"flash", "partition, format and deploy a commit onto a card or an image file", run_flash},
+    Command{"inspect", "show what is on a flashed card or image, without writing", run_inspect},
 };
 
 void print_usage(std::ostream& out)
@@ -32,7 +34,9 @@ void print_usage(std::ostream& out)
            "  -h, --help     show this help (or COMMAND --help for a command's options)\n"
            "  --version      print the version\n\n"
            "Example:\n"
-           "  treeflash build --rootfs rootfs/ --repo repo --kernel Image --devicetree board.dtb\n\n"
+           "  treeflash build --rootfs rootfs/ --repo repo --kernel Image --devicetree board.dtb\n"
+           "  treeflash flash --board ls104x --image card.img --repo repo\n"
+           "  treeflash inspect card.img\n\n"
            "Exit status: 0 success, 1 failure, 2 bad command line, 130 interrupted.\n";
 }
 

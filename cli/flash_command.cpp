@@ -1,0 +1,209 @@
+// treeflash flash: options -> flasher::FlashOptions -> flasher::flash -> report.
+#include "cli/command.hpp"
+#include "common/error.hpp"
+#include "flasher/flash.hpp"
+
+#include <boost/program_options.hpp>
+#include <iostream>
+#include <unistd.h>
+
+namespace po = boost::program_options;
+
+namespace treeflash::cli {
+
+namespace {
+
+const char* flash_usage = R"(Usage: treeflash flash --board NAME|DIR (--device /dev/sdX | --image FILE) --repo PATH|URL [OPTIONS]
+
+Partitions and formats the card as the board profile says, writes firmware
+blobs into their slots, creates the OSTree sysroot on the rootfs partition
+(init-fs, newroot/, mnt/, update, os-init), pulls REF from the repository,
+deploys it with the board's kernel arguments and writes the U-Boot boot
+script that loads the uEnv.txt OSTree keeps current. Needs root.
+
+A --device is checked first: never the disk holding /, never a mounted or
+busy disk, never a partition; a non-removable disk needs --force. Its model,
+serial, size and partitions are shown and you are asked before anything is
+written, unless --yes.
+
+Examples:
+  treeflash flash --board ls104x --device /dev/sdb --repo http://10.0.0.2:8000/ \
+      --gpg-import release.gpg --firmware rcw=bl2_sd.pbl --firmware fip=fip.bin
+  treeflash flash --board qemu-arm64 --image card.img --repo build/example/repo --json
+
+Options)";
+
+std::optional<uint64_t> parse_size(const std::string& text)
+{
+    if (text.empty())
+        return std::nullopt;
+    size_t used = 0;
+    double value = 0;
+    try {
+        value = std::stod(text, &used);
+    } catch (const std::exception&) {
+        throw UsageError("--size '" + text + "': a number with an optional K, M, G suffix (MiB steps)");
+    }
+    std::string suffix = text.substr(used);
+    uint64_t unit = 1;
+    if (suffix == "K" || suffix == "KiB")
+        unit = 1ull << 10;
+    else if (suffix == "M" || suffix == "MiB")
+        unit = 1ull << 20;
+    else if (suffix == "G" || suffix == "GiB")
+        unit = 1ull << 30;
+    else if (!suffix.empty())
+        throw UsageError("--size '" + text + "': unknown unit '" + suffix + "'");
+    uint64_t bytes = static_cast<uint64_t>(value * static_cast<double>(unit));
+    return (bytes + (1 << 20) - 1) / (1 << 20) * (1 << 20);
+}
+
+std::string mib(uint64_t bytes)
+{
+    return std::to_string(bytes / (1 << 20)) + " MiB";
+}
+
+bool ask_to_erase(const flasher::DiskInfo& disk, const flasher::PartitionLayout&)
+{
+    std::cerr << "About to erase " << disk.path << ":\n"
+              << "  model:  " << (disk.vendor.empty() ? "" : disk.vendor + " ") << (disk.model.empty() ? "unknown" : disk.model) << "\n"
+              << "  serial: " << (disk.serial.empty() ? "unknown" : disk.serial) << "\n"
+              << "  size:   " << mib(disk.size) << (disk.removable ? " (removable)" : " (NOT removable)") << "\n";
+    if (disk.partitions.empty())
+        std::cerr << "  partitions: none\n";
+    for (const auto& part : disk.partitions)
+        std::cerr << "  " << part.node << "  " << mib(part.size) << "  " << (part.fstype.empty() ? "-" : part.fstype)
+                  << (part.label.empty() ? "" : "  '" + part.label + "'") << "\n";
+    if (!::isatty(0))
+        throw UsageError("refusing to erase " + disk.path + " without confirmation: pass --yes");
+    std::cerr << "Type 'yes' to erase everything on " << disk.path << ": " << std::flush;
+    std::string answer;
+    std::getline(std::cin, answer);
+    return answer == "yes";
+}
+
+nlohmann::json to_json(const flasher::FlashResult& r)
+{
+    nlohmann::json partitions = nlohmann::json::array();
+    for (const auto& p : r.partitions)
+        partitions.push_back({{"number", p.number}, {"start", p.start}, {"size", p.size}, {"label", p.label},
+                              {"fstype", p.fstype}, {"role", p.role}});
+    return {
+        {"board", r.board},
+        {"target", r.target},
+        {"partition_table", r.partition_table},
+        {"partitions", partitions},
+        {"firmware", r.firmware},
+        {"os", r.deployment.os},
+        {"commit", r.deployment.commit},
+        {"version", r.deployment.version},
+        {"bootcsum", r.deployment.bootcsum},
+        {"ostree", r.deployment.ostree_path},
+        {"kernel_args", r.deployment.kernel_args},
+        {"bootargs", r.bootargs_line},
+        {"remote_url", r.remote_url},
+        {"gpg_verify", r.gpg_verify},
+        {"warnings", r.warnings},
+    };
+}
+
+void print_text(const flasher::FlashResult& r)
+{
+    std::cout << "board:      " << r.board << "\n"
+              << "target:     " << r.target << " (" << r.partition_table << ")\n";
+    for (const auto& p : r.partitions)
+        std::cout << "  p" << p.number << "  " << mib(p.start) << " +" << mib(p.size) << "  " << p.fstype << " '"
+                  << p.label << "'" << (p.role.empty() ? "" : "  " + p.role) << "\n";
+    for (const auto& f : r.firmware)
+        std::cout << "firmware:   " << f << "\n";
+    std::cout << "os:         " << r.deployment.os << "\n"
+              << "commit:     " << r.deployment.commit
+              << (r.deployment.version.empty() ? "" : " (version " + r.deployment.version + ")") << "\n"
+              << "bootcsum:   " << r.deployment.bootcsum << "\n"
+              << "ostree=     " << r.deployment.ostree_path << "\n"
+              << "origin:     " << r.remote_url << (r.gpg_verify ? " (GPG-verified)" : " (not GPG-verified)") << "\n"
+              << "U-Boot, if its environment is set by hand:\n  " << r.bootargs_line << "\n";
+}
+
+} // namespace
+
+int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
+{
+    flasher::FlashOptions options;
+    std::string device, image, size, gpg_import;
+    std::vector<std::string> firmware;
+    bool json = false, yes = false;
+
+    po::options_description desc(flash_usage);
+    desc.add_options()
+        ("help,h", "show this help")
+        ("board", po::value(&options.board)->value_name("NAME|DIR"),
+         "board profile: a name (ls104x, qemu-arm64) or a folder holding board.conf (required)")
+        ("device", po::value(&device)->value_name("/dev/sdX"), "the whole card to erase and write")
+        ("image", po::value(&image)->value_name("FILE"), "write an image file instead of a card")
+        ("size", po::value(&size)->value_name("SIZE"),
+         "image size, e.g. 2G or 512M (default: what the commit needs plus headroom)")
+        ("repo", po::value(&options.repo)->value_name("PATH|URL"),
+         "the repository to pull from: a local path or http://HOST:PORT/ (required)")
+        ("ref", po::value(&options.ref)->value_name("REF")->default_value("master"), "the branch to deploy")
+        ("os", po::value(&options.os)->value_name("NAME")->default_value("tcu"), "the OS name (ostree admin os-init)")
+        ("remote-url", po::value(&options.remote_url)->value_name("URL"),
+         "where the card's origin remote points for upgrades (default: the URL pulled from)")
+        ("gpg-import", po::value(&gpg_import)->value_name("KEYFILE"),
+         "trust this GPG public key for origin and verify the pull; without it gpg-verify is off")
+        ("karg", po::value(&options.kernel_args)->value_name("ARG")->composing(),
+         "an extra kernel argument, e.g. --karg quiet; repeatable")
+        ("firmware", po::value(&firmware)->value_name("NAME=FILE")->composing(),
+         "write FILE into the board's firmware slot NAME (ls104x: rcw, fip, uboot-env, fman, qe, phy); repeatable")
+        ("force", po::bool_switch(&options.force), "replace an existing --image; allow a non-removable --device")
+        ("yes,y", po::bool_switch(&yes), "do not ask before erasing --device")
+        ("json", po::bool_switch(&json), "print the result as JSON on stdout");
+
+    po::variables_map vm;
+    try {
+        po::store(po::command_line_parser(args).options(desc).run(), vm);
+        po::notify(vm);
+    } catch (const po::error& e) {
+        throw UsageError(e.what());
+    }
+    if (vm.count("help")) {
+        std::cout << desc << "\n";
+        return 0;
+    }
+    if (!vm.count("board"))
+        throw UsageError("--board is required");
+    if (options.repo.empty())
+        throw UsageError("--repo is required");
+    if (device.empty() == image.empty())
+        throw UsageError("name one target: --device or --image");
+    if (!size.empty() && image.empty())
+        throw UsageError("--size is for --image");
+    if (!device.empty())
+        options.device = device;
+    if (!image.empty())
+        options.image = image;
+    options.size = parse_size(size);
+    if (!gpg_import.empty())
+        options.gpg_import = gpg_import;
+    for (const auto& item : firmware) {
+        auto eq = item.find('=');
+        if (eq == 0 || eq == std::string::npos || eq + 1 == item.size())
+            throw UsageError("--firmware '" + item + "': expected NAME=FILE");
+        options.firmware[item.substr(0, eq)] = item.substr(eq + 1);
+    }
+    if (!yes)
+        options.confirm = ask_to_erase;
+    options.notice = print_notice;
+
+    flasher::FlashResult result =
+        in_step("flash " + (device.empty() ? image : device), [&] { return flasher::flash(options, cancellable); });
+    for (const auto& warning : result.warnings)
+        print_warning(warning);
+    if (json)
+        print_json(to_json(result));
+    else
+        print_text(result);
+    return 0;
+}
+
+} // namespace treeflash::cli

@@ -1,0 +1,127 @@
+// treeflash inspect: flasher::inspect -> text or JSON. Never writes.
+#include "cli/command.hpp"
+#include "common/error.hpp"
+#include "flasher/inspect.hpp"
+
+#include <boost/program_options.hpp>
+#include <iostream>
+
+namespace po = boost::program_options;
+
+namespace treeflash::cli {
+
+namespace {
+
+const char* inspect_usage = R"(Usage: treeflash inspect DEVICE|IMAGE [--json]
+
+Shows what is on a flashed card or image without writing to it: partition
+table, labels and file systems, the OSTree deployments (commit, version,
+serial, default and rollback), the origin URL, the bootargs in uEnv.txt and
+whether newroot/, mnt/ and the update marker are present. Images are
+attached read-only and file systems mounted ro,noload.
+
+Example:
+  treeflash inspect /dev/sdb
+  treeflash inspect build/example/ls104x.img --json
+
+Options)";
+
+std::string mib(uint64_t bytes)
+{
+    return std::to_string(bytes / (1 << 20)) + " MiB";
+}
+
+nlohmann::json deployment_json(const flasher::Deployment& d, const char* role)
+{
+    return {{"role", role},           {"os", d.os},
+            {"commit", d.commit},     {"version", d.version},
+            {"serial", d.deploy_serial}, {"bootcsum", d.bootcsum},
+            {"ostree", d.ostree_path}, {"origin", d.origin_refspec},
+            {"kernel_args", d.kernel_args}};
+}
+
+const char* role_of(size_t index)
+{
+    return index == 0 ? "default" : index == 1 ? "rollback" : "other";
+}
+
+} // namespace
+
+int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
+{
+    std::string target;
+    bool json = false;
+    po::options_description desc(inspect_usage);
+    desc.add_options()
+        ("help,h", "show this help")
+        ("target", po::value(&target)->value_name("DEVICE|IMAGE"), "the card or image to read")
+        ("json", po::bool_switch(&json), "print the result as JSON on stdout");
+    po::positional_options_description positional;
+    positional.add("target", 1);
+    po::variables_map vm;
+    try {
+        po::store(po::command_line_parser(args).options(desc).positional(positional).run(), vm);
+        po::notify(vm);
+    } catch (const po::error& e) {
+        throw UsageError(e.what());
+    }
+    if (vm.count("help")) {
+        std::cout << desc << "\n";
+        return 0;
+    }
+    if (target.empty())
+        throw UsageError("name a DEVICE or IMAGE");
+
+    flasher::InspectResult r = in_step("inspect " + target, [&] { return flasher::inspect(target, cancellable); });
+    if (json) {
+        nlohmann::json partitions = nlohmann::json::array();
+        for (const auto& p : r.partitions)
+            partitions.push_back({{"number", p.entry.number}, {"start", p.entry.start}, {"size", p.entry.size},
+                                  {"bootable", p.entry.bootable}, {"type", p.entry.type},
+                                  {"fstype", p.filesystem.type}, {"label", p.filesystem.label}});
+        nlohmann::json deployments = nlohmann::json::array();
+        for (size_t i = 0; i < r.deployments.size(); ++i)
+            deployments.push_back(deployment_json(r.deployments[i], role_of(i)));
+        print_json({{"target", r.target},
+                    {"size", r.size},
+                    {"partition_table", r.table.label},
+                    {"disk_id", r.table.id},
+                    {"partitions", partitions},
+                    {"sysroot_partition", r.sysroot_partition},
+                    {"deployments", deployments},
+                    {"origin_url", r.origin_url},
+                    {"origin_gpg_verify", r.origin_gpg_verify},
+                    {"uenv", r.uenv},
+                    {"update_marker", r.has_update_marker},
+                    {"newroot", r.has_newroot},
+                    {"mnt", r.has_mnt},
+                    {"boot_script", r.has_boot_script}});
+        return 0;
+    }
+    std::cout << r.target << ": " << mib(r.size) << ", " << (r.table.label.empty() ? "no partition table" : r.table.label)
+              << (r.table.id.empty() ? "" : " " + r.table.id) << "\n";
+    for (const auto& p : r.partitions)
+        std::cout << "  p" << p.entry.number << "  " << mib(p.entry.start) << " +" << mib(p.entry.size) << "  "
+                  << (p.filesystem.type.empty() ? "-" : p.filesystem.type)
+                  << (p.filesystem.label.empty() ? "" : " '" + p.filesystem.label + "'")
+                  << (p.entry.bootable ? "  bootable" : "") << "\n";
+    if (!r.sysroot_partition) {
+        std::cout << "no OSTree sysroot found\n";
+        return 0;
+    }
+    std::cout << "sysroot on p" << r.sysroot_partition << ": update marker " << (r.has_update_marker ? "yes" : "NO")
+              << ", newroot/ " << (r.has_newroot ? "yes" : "NO") << ", mnt/ " << (r.has_mnt ? "yes" : "NO")
+              << ", boot.scr " << (r.has_boot_script ? "yes" : "NO") << "\n";
+    std::cout << "origin: " << (r.origin_url.empty() ? "none" : r.origin_url)
+              << (r.origin_gpg_verify == "false" ? " (gpg-verify=false)" : "") << "\n";
+    for (size_t i = 0; i < r.deployments.size(); ++i) {
+        const auto& d = r.deployments[i];
+        std::cout << role_of(i) << ": " << d.os << " " << d.commit << "." << d.deploy_serial
+                  << (d.version.empty() ? "" : " version " + d.version) << "\n    ostree=" << d.ostree_path << "\n";
+    }
+    if (r.uenv.count("bootargs"))
+        std::cout << "uEnv.txt bootargs: " << r.uenv["bootargs"] << "\n";
+    return 0;
+}
+
+} // namespace treeflash::cli

@@ -1,0 +1,227 @@
+#include "flasher/board.hpp"
+
+#include "common/error.hpp"
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+namespace treeflash::flasher {
+
+namespace {
+
+std::string trim(const std::string& text)
+{
+    size_t begin = text.find_first_not_of(" \t\r");
+    if (begin == std::string::npos)
+        return "";
+    size_t end = text.find_last_not_of(" \t\r");
+    return text.substr(begin, end - begin + 1);
+}
+
+std::vector<std::string> words(const std::string& text)
+{
+    std::vector<std::string> out;
+    std::istringstream in(text);
+    for (std::string word; in >> word;)
+        out.push_back(word);
+    return out;
+}
+
+uint64_t parse_number(const std::string& text)
+{
+    size_t used = 0;
+    uint64_t value = 0;
+    try {
+        value = std::stoull(text, &used, 0);
+    } catch (const std::exception&) {
+        used = 0;
+    }
+    if (used == 0 || used != text.size())
+        throw Error("'" + text + "' is not a number");
+    return value;
+}
+
+unsigned parse_partition_number(const std::string& text)
+{
+    uint64_t n = parse_number(text);
+    if (n < 1 || n > 4)
+        throw Error("partition " + text + ": an MBR holds partitions 1 to 4");
+    return static_cast<unsigned>(n);
+}
+
+void apply_key(BoardProfile& board, const std::string& key, const std::string& value)
+{
+    auto starts = [&](const char* prefix) { return key.rfind(prefix, 0) == 0; };
+    if (key == "name")
+        board.name = value;
+    else if (key == "description")
+        board.description = value;
+    else if (key == "arch")
+        board.arch = value;
+    else if (key == "partition_table")
+        board.partition_table = board.dir / value;
+    else if (starts("partition.")) {
+        auto parts = words(value);
+        if (parts.empty() || parts.size() > 2)
+            throw Error("expected 'partition.N = LABEL [ext4]'");
+        PartitionRole role;
+        role.number = parse_partition_number(key.substr(10));
+        role.label = parts[0];
+        if (parts.size() == 2)
+            role.fstype = parts[1];
+        if (role.fstype != "ext4")
+            throw Error("filesystem '" + role.fstype + "': only ext4 is supported (U-Boot reads it, OSTree's /boot needs symlinks)");
+        if (role.label.size() > 16)
+            throw Error("label '" + role.label + "' is longer than ext4's 16 characters");
+        for (const auto& other : board.partitions)
+            if (other.number == role.number)
+                throw Error("partition " + std::to_string(role.number) + " is described twice");
+        board.partitions.push_back(role);
+    } else if (key == "boot_partition")
+        board.boot_partition = parse_partition_number(value);
+    else if (key == "rootfs_partition")
+        board.rootfs_partition = parse_partition_number(value);
+    else if (key == "mkfs.ext4")
+        board.mkfs_ext4_options = words(value);
+    else if (starts("firmware.")) {
+        auto parts = words(value);
+        if (parts.size() != 2)
+            throw Error("expected 'firmware.NAME = OFFSET MAX_SIZE'");
+        FirmwareSlot slot{key.substr(9), parse_number(parts[0]), parse_number(parts[1])};
+        if (slot.name.empty())
+            throw Error("firmware slot without a name");
+        if (slot.offset < 512)
+            throw Error("firmware slot " + slot.name + " overlaps the partition table (offset < 512)");
+        board.firmware.push_back(slot);
+    } else if (key == "kernel_args")
+        board.kernel_args = words(value);
+    else if (key == "boot_script")
+        board.boot_script = value;
+    else if (key == "uboot.devtype")
+        board.uboot_devtype = value;
+    else if (key == "uboot.devnum")
+        board.uboot_devnum = value;
+    else if (key == "uboot.fdt_fallback")
+        board.uboot_fdt_fallback = value;
+    else if (starts("uboot.default."))
+        board.uboot_defaults[key.substr(14)] = value;
+    else if (key == "initramfs.modules")
+        board.initramfs_modules = words(value);
+    else if (starts("initramfs.") || starts("qemu.") || key == "on_boot_failure")
+        board.extra[key] = value;
+    else
+        throw Error("unknown key '" + key + "'");
+}
+
+void check_complete(const BoardProfile& board)
+{
+    if (board.name.empty())
+        throw Error("no 'name'");
+    if (board.partition_table.empty())
+        throw Error("no 'partition_table'");
+    if (!std::filesystem::is_regular_file(board.partition_table))
+        throw Error("partition_table " + board.partition_table.string() + " does not exist");
+    if (!board.rootfs_partition)
+        throw Error("no 'rootfs_partition'");
+    if (!board.boot_partition)
+        throw Error("no 'boot_partition'");
+    board.partition(board.rootfs_partition);
+    board.partition(board.boot_partition);
+    if (board.boot_script.empty())
+        throw Error("no 'boot_script'");
+    if (board.uboot_devtype.empty())
+        throw Error("no 'uboot.devtype'");
+    // Firmware slots must not overlap each other.
+    for (size_t i = 0; i < board.firmware.size(); ++i)
+        for (size_t j = i + 1; j < board.firmware.size(); ++j) {
+            const auto& a = board.firmware[i];
+            const auto& b = board.firmware[j];
+            if (a.offset < b.offset + b.max_size && b.offset < a.offset + a.max_size)
+                throw Error("firmware slots " + a.name + " and " + b.name + " overlap");
+        }
+}
+
+} // namespace
+
+const PartitionRole& BoardProfile::partition(unsigned number) const
+{
+    for (const auto& role : partitions)
+        if (role.number == number)
+            return role;
+    throw Error("board " + name + " does not describe partition " + std::to_string(number));
+}
+
+const FirmwareSlot* BoardProfile::slot(const std::string& slot_name) const
+{
+    for (const auto& s : firmware)
+        if (s.name == slot_name)
+            return &s;
+    return nullptr;
+}
+
+std::vector<std::filesystem::path> board_search_path()
+{
+    std::vector<std::filesystem::path> dirs;
+    if (const char* env = std::getenv("TREEFLASH_BOARD_PATH"); env && *env) {
+        std::istringstream in(env);
+        for (std::string dir; std::getline(in, dir, ':');)
+            if (!dir.empty())
+                dirs.emplace_back(dir);
+    }
+    std::istringstream in(TREEFLASH_BOARD_DIRS);
+    for (std::string dir; std::getline(in, dir, ':');)
+        if (!dir.empty())
+            dirs.emplace_back(dir);
+    return dirs;
+}
+
+BoardProfile load_board(const std::string& name_or_dir)
+{
+    std::filesystem::path dir;
+    bool looks_like_path = name_or_dir.find('/') != std::string::npos || name_or_dir == "." || name_or_dir == "..";
+    if (looks_like_path) {
+        dir = name_or_dir;
+        if (!std::filesystem::is_directory(dir))
+            throw Error("board " + name_or_dir + ": no such directory");
+    } else {
+        std::string searched;
+        for (const auto& candidate : board_search_path()) {
+            searched += (searched.empty() ? "" : ", ") + candidate.string();
+            if (std::filesystem::is_regular_file(candidate / name_or_dir / "board.conf")) {
+                dir = candidate / name_or_dir;
+                break;
+            }
+        }
+        if (dir.empty())
+            throw Error("unknown board '" + name_or_dir + "' (looked in " + searched + "; --board DIR takes a folder)");
+    }
+    BoardProfile board;
+    board.dir = std::filesystem::absolute(dir);
+    std::filesystem::path conf = board.dir / "board.conf";
+    std::ifstream in(conf);
+    if (!in)
+        throw Error("board " + name_or_dir + ": cannot read " + conf.string());
+    std::string line;
+    for (int number = 1; std::getline(in, line); ++number) {
+        std::string text = trim(line);
+        if (text.empty() || text[0] == '#')
+            continue;
+        auto eq = text.find('=');
+        if (eq == std::string::npos)
+            throw Error(conf.string() + ":" + std::to_string(number) + ": expected KEY = VALUE");
+        try {
+            apply_key(board, trim(text.substr(0, eq)), trim(text.substr(eq + 1)));
+        } catch (const Error& e) {
+            throw Error(conf.string() + ":" + std::to_string(number) + ": " + e.what());
+        }
+    }
+    try {
+        check_complete(board);
+    } catch (const Error& e) {
+        throw Error(conf.string() + ": " + e.what());
+    }
+    return board;
+}
+
+} // namespace treeflash::flasher

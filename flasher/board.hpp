@@ -1,0 +1,56 @@
+// Board profiles: a folder of data (board.conf, an sfdisk script, an
+// optional boot script) describing how a card for one board is laid out.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace treeflash::flasher {
+
+struct FirmwareSlot {
+    std::string name;
+    uint64_t offset = 0;
+    uint64_t max_size = 0;
+};
+
+struct PartitionRole {
+    unsigned number = 0;
+    std::string label;
+    std::string fstype = "ext4";
+};
+
+struct BoardProfile {
+    std::filesystem::path dir;
+    std::string name;
+    std::string description;
+    std::string arch;
+    std::filesystem::path partition_table; // the sfdisk script
+    std::vector<PartitionRole> partitions;  // by number
+    unsigned boot_partition = 0;
+    unsigned rootfs_partition = 0;
+    std::vector<std::string> mkfs_ext4_options;
+    std::vector<FirmwareSlot> firmware;
+    std::vector<std::string> kernel_args;
+    std::string boot_script; // file in the board folder, else a template name
+    std::string uboot_devtype;
+    std::string uboot_devnum = "0";
+    std::string uboot_fdt_fallback;
+    std::map<std::string, std::string> uboot_defaults; // variables set when U-Boot lacks them
+    std::vector<std::string> initramfs_modules;
+    std::map<std::string, std::string> extra; // keys later features read
+
+    const PartitionRole& partition(unsigned number) const;
+    const FirmwareSlot* slot(const std::string& name) const;
+};
+
+// Loads a profile from a folder, or by name from the built-in boards. A
+// mistake is an Error naming the file and line ("board.conf:12: ...").
+BoardProfile load_board(const std::string& name_or_dir);
+
+// The folders searched for a board given by name.
+std::vector<std::filesystem::path> board_search_path();
+
+} // namespace treeflash::flasher

@@ -1,0 +1,26 @@
+// Raw firmware blobs written at the board's slots before the first partition.
+#pragma once
+
+#include "flasher/board.hpp"
+
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace treeflash::flasher {
+
+struct FirmwareBlob {
+    FirmwareSlot slot;
+    std::filesystem::path file;
+    uint64_t size = 0;
+};
+
+// Checks every NAME=FILE against the board: the slot exists, the file is
+// readable, fits its slot and ends before the first partition.
+std::vector<FirmwareBlob> plan_firmware(const BoardProfile& board, const std::map<std::string, std::string>& given,
+                                        uint64_t first_partition_offset);
+
+void write_firmware(int fd, const std::vector<FirmwareBlob>& blobs);
+
+} // namespace treeflash::flasher

@@ -1,0 +1,52 @@
+#include "flasher/format.hpp"
+
+#include "common/error.hpp"
+#include "common/fd.hpp"
+#include "common/process.hpp"
+#include "flasher/handles.hpp"
+
+#include <fcntl.h>
+
+namespace treeflash::flasher {
+
+void make_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options)
+{
+    std::vector<std::string> argv{"mkfs.ext4", "-F", "-q", "-L", label};
+    argv.insert(argv.end(), options.begin(), options.end());
+    argv.push_back(node);
+    run_checked(argv);
+}
+
+FilesystemInfo probe_filesystem(const std::string& path, uint64_t offset, uint64_t size)
+{
+    FilesystemInfo info;
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd)
+        throw_errno("open " + path);
+    BlkidProbe probe(blkid_new_probe());
+    if (!probe || blkid_probe_set_device(probe.get(), fd.get(), static_cast<blkid_loff_t>(offset),
+                                         static_cast<blkid_loff_t>(size)) != 0)
+        throw Error("blkid cannot probe " + path);
+    blkid_probe_enable_superblocks(probe.get(), 1);
+    blkid_probe_set_superblocks_flags(probe.get(), BLKID_SUBLKS_LABEL | BLKID_SUBLKS_TYPE | BLKID_SUBLKS_UUID);
+    if (blkid_do_safeprobe(probe.get()) != 0)
+        return info;
+    const char* value = nullptr;
+    if (blkid_probe_lookup_value(probe.get(), "TYPE", &value, nullptr) == 0)
+        info.type = value;
+    if (blkid_probe_lookup_value(probe.get(), "LABEL", &value, nullptr) == 0)
+        info.label = value;
+    if (blkid_probe_lookup_value(probe.get(), "UUID", &value, nullptr) == 0)
+        info.uuid = value;
+    return info;
+}
+
+void verify_filesystem(const std::string& node, const std::string& fstype, const std::string& label)
+{
+    FilesystemInfo found = probe_filesystem(node);
+    if (found.type != fstype || found.label != label)
+        throw Error(node + ": expected " + fstype + " labelled '" + label + "', found "
+                    + (found.type.empty() ? "no filesystem" : found.type + " labelled '" + found.label + "'"));
+}
+
+} // namespace treeflash::flasher

@@ -1,0 +1,24 @@
+// Filesystems on the new partitions, and checking them with libblkid.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace treeflash::flasher {
+
+struct FilesystemInfo {
+    std::string type;
+    std::string label;
+    std::string uuid;
+};
+
+// mkfs.ext4 with the board's options and the partition's label.
+void make_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options);
+
+// What libblkid finds on `path` (a partition node or image), at `offset`.
+FilesystemInfo probe_filesystem(const std::string& path, uint64_t offset = 0, uint64_t size = 0);
+
+// Throws unless `node` carries an `fstype` filesystem labelled `label`.
+void verify_filesystem(const std::string& node, const std::string& fstype, const std::string& label);
+
+} // namespace treeflash::flasher

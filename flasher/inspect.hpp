@@ -1,0 +1,41 @@
+// treeflash inspect: what is on a card or image, read without writing.
+#pragma once
+
+#include "flasher/format.hpp"
+#include "flasher/partition.hpp"
+#include "flasher/sysroot.hpp"
+
+#include <map>
+#include <string>
+#include <vector>
+
+typedef struct _GCancellable GCancellable;
+
+namespace treeflash::flasher {
+
+struct InspectedPartition {
+    PartitionEntry entry;
+    FilesystemInfo filesystem;
+};
+
+struct InspectResult {
+    std::string target;
+    uint64_t size = 0;
+    PartitionTable table;
+    std::vector<InspectedPartition> partitions;
+    int sysroot_partition = 0; // 0 when no partition holds an OSTree sysroot
+    std::vector<Deployment> deployments; // default first, then rollback
+    std::string origin_url;
+    std::string origin_gpg_verify;
+    std::map<std::string, std::string> uenv; // boot/loader/uEnv.txt
+    bool has_update_marker = false;
+    bool has_newroot = false;
+    bool has_mnt = false;
+    bool has_boot_script = false;
+};
+
+// Reads a device or image read-only: images are attached read-only, file
+// systems mounted with ro,noload so not even a journal is replayed.
+InspectResult inspect(const std::string& path, GCancellable* cancellable);
+
+} // namespace treeflash::flasher

@@ -1,0 +1,262 @@
+#include "flasher/partition.hpp"
+
+#include "common/error.hpp"
+#include "flasher/handles.hpp"
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <linux/blkpg.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <thread>
+
+namespace treeflash::flasher {
+
+namespace {
+
+struct FileClose {
+    void operator()(FILE* f) const { std::fclose(f); }
+};
+
+std::string fdisk_error(const std::string& what, int rc)
+{
+    return what + ": " + std::strerror(rc < 0 ? -rc : rc);
+}
+
+FdiskContext new_context()
+{
+    FdiskContext cxt(fdisk_new_context());
+    if (!cxt)
+        throw Error("fdisk_new_context failed");
+    return cxt;
+}
+
+// Reads the script line by line so that an error can name its line.
+FdiskScript read_script(struct fdisk_context* cxt, const std::filesystem::path& path,
+                        std::vector<int>* partition_lines = nullptr)
+{
+    std::unique_ptr<FILE, FileClose> file(std::fopen(path.c_str(), "re"));
+    if (!file)
+        throw_errno("read " + path.string());
+    FdiskScript script(fdisk_new_script(cxt));
+    if (!script)
+        throw Error("fdisk_new_script failed");
+    char buffer[4096];
+    size_t partitions_seen = 0;
+    for (int line = 1;; ++line) {
+        int rc = fdisk_script_read_line(script.get(), file.get(), buffer, sizeof buffer);
+        if (rc == 1)
+            break;
+        if (rc < 0)
+            throw Error(path.string() + ":" + std::to_string(line) + ": " + fdisk_error("cannot parse", rc));
+        struct fdisk_table* table = fdisk_script_get_table(script.get());
+        size_t now = table ? fdisk_table_get_nents(table) : 0;
+        if (now != partitions_seen && partition_lines)
+            partition_lines->push_back(line);
+        partitions_seen = now;
+    }
+    return script;
+}
+
+std::filesystem::path sysfs_of(dev_t devno)
+{
+    std::error_code ec;
+    auto link = std::filesystem::path("/sys/dev/block") / (std::to_string(major(devno)) + ":" + std::to_string(minor(devno)));
+    auto resolved = std::filesystem::canonical(link, ec);
+    return ec ? link : resolved;
+}
+
+void blkpg(int fd, int op, int number, uint64_t start, uint64_t length, const std::string& what)
+{
+    struct blkpg_partition part {};
+    part.pno = number;
+    part.start = static_cast<long long>(start);
+    part.length = static_cast<long long>(length);
+    struct blkpg_ioctl_arg arg {};
+    arg.op = op;
+    arg.datalen = sizeof part;
+    arg.data = &part;
+    if (::ioctl(fd, BLKPG, &arg) != 0)
+        throw_errno(what);
+}
+
+// Makes the kernel see the new table, as `partx -u` does: drop the
+// partitions it knows and add the new ones with BLKPG (BLKRRPART is not
+// reliable without udev, and is refused for some loop setups).
+void tell_kernel(int fd, const std::string& device_path, dev_t devno, struct fdisk_context* cxt)
+{
+    std::filesystem::path sys = sysfs_of(devno);
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(sys, ec)) {
+        std::ifstream partition_file(entry.path() / "partition");
+        int number = 0;
+        if (partition_file >> number)
+            blkpg(fd, BLKPG_DEL_PARTITION, number, 0, 0, "remove old partition " + std::to_string(number) + " from the kernel's view");
+    }
+    struct fdisk_table* raw = nullptr;
+    int rc = fdisk_get_partitions(cxt, &raw);
+    if (rc != 0)
+        throw Error(fdisk_error("list the new partitions", rc));
+    FdiskTable table(raw);
+    unsigned long sector = fdisk_get_sector_size(cxt);
+    for (size_t i = 0; i < fdisk_table_get_nents(table.get()); ++i) {
+        struct fdisk_partition* pa = fdisk_table_get_partition(table.get(), i);
+        int number = static_cast<int>(fdisk_partition_get_partno(pa)) + 1;
+        blkpg(fd, BLKPG_ADD_PARTITION, number, fdisk_partition_get_start(pa) * sector,
+              fdisk_partition_get_size(pa) * sector, "add partition " + std::to_string(number) + " to the kernel's view");
+        std::string node = partition_node(device_path, static_cast<unsigned>(number));
+        for (int waited = 0; ::access(node.c_str(), F_OK) != 0; ++waited) {
+            if (waited > 250)
+                throw Error(node + " did not appear");
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+    }
+}
+
+} // namespace
+
+uint64_t PartitionLayout::minimum_disk_bytes(uint64_t growing_bytes) const
+{
+    uint64_t end = 0;
+    for (const auto& p : partitions) {
+        uint64_t bytes = p.size ? p.size * sector_size : growing_bytes;
+        end = std::max(end, p.start * sector_size + bytes);
+    }
+    // Room for a GPT backup header, and alignment.
+    return (end + (1 << 20) - 1) / (1 << 20) * (1 << 20) + (label == "gpt" ? (1 << 20) : 0);
+}
+
+uint64_t PartitionLayout::first_partition_offset() const
+{
+    uint64_t first = UINT64_MAX;
+    for (const auto& p : partitions)
+        first = std::min(first, p.start * sector_size);
+    return first;
+}
+
+PartitionLayout read_partition_script(const std::filesystem::path& path)
+{
+    FdiskContext cxt = new_context();
+    std::vector<int> lines;
+    FdiskScript script = read_script(cxt.get(), path, &lines);
+    PartitionLayout layout;
+    const char* label = fdisk_script_get_header(script.get(), "label");
+    if (!label)
+        throw Error(path.string() + ": no 'label:' header (dos or gpt)");
+    layout.label = label;
+    if (layout.label != "dos" && layout.label != "gpt")
+        throw Error(path.string() + ": label '" + layout.label + "': dos or gpt");
+    const char* unit = fdisk_script_get_header(script.get(), "unit");
+    if (unit && std::string(unit) != "sectors")
+        throw Error(path.string() + ": unit '" + unit + "': only sectors");
+    struct fdisk_table* table = fdisk_script_get_table(script.get());
+    size_t count = table ? fdisk_table_get_nents(table) : 0;
+    if (count == 0)
+        throw Error(path.string() + ": no partitions");
+    for (size_t i = 0; i < count; ++i) {
+        struct fdisk_partition* pa = fdisk_table_get_partition(table, i);
+        std::string where = path.string() + ":" + std::to_string(i < lines.size() ? lines[i] : 0);
+        if (!fdisk_partition_has_start(pa))
+            throw Error(where + ": every partition needs an explicit start= (one without it may land before an earlier one)");
+        PartitionSpec spec;
+        spec.number = fdisk_partition_has_partno(pa) ? static_cast<unsigned>(fdisk_partition_get_partno(pa)) + 1
+                                                     : static_cast<unsigned>(i) + 1;
+        spec.start = fdisk_partition_get_start(pa);
+        spec.size = fdisk_partition_has_size(pa) ? fdisk_partition_get_size(pa) : 0;
+        if (!spec.size && i + 1 != count)
+            throw Error(where + ": only the last partition may omit size=");
+        spec.bootable = fdisk_partition_is_bootable(pa) == 1;
+        if (struct fdisk_parttype* type = fdisk_partition_get_type(pa)) {
+            const char* name = fdisk_parttype_get_string(type);
+            spec.type = name ? name : std::to_string(fdisk_parttype_get_code(type));
+            if (layout.label == "dos") {
+                char hex[8];
+                std::snprintf(hex, sizeof hex, "%x", fdisk_parttype_get_code(type));
+                spec.type = hex;
+            }
+        }
+        for (const auto& other : layout.partitions) {
+            uint64_t other_end = other.size ? other.start + other.size : UINT64_MAX;
+            uint64_t end = spec.size ? spec.start + spec.size : UINT64_MAX;
+            if (spec.start < other_end && other.start < end)
+                throw Error(where + ": overlaps partition " + std::to_string(other.number));
+        }
+        layout.partitions.push_back(spec);
+    }
+    return layout;
+}
+
+std::string partition_node(const std::string& disk, unsigned number)
+{
+    bool ends_with_digit = !disk.empty() && isdigit(static_cast<unsigned char>(disk.back()));
+    return disk + (ends_with_digit ? "p" : "") + std::to_string(number);
+}
+
+void write_partition_table(int fd, const std::string& device_path, const std::filesystem::path& script_path)
+{
+    FdiskContext cxt = new_context();
+    int rc = fdisk_assign_device_by_fd(cxt.get(), fd, device_path.c_str(), 0);
+    if (rc != 0)
+        throw Error(fdisk_error("fdisk_assign_device " + device_path, rc));
+    FdiskScript script = read_script(cxt.get(), script_path);
+    fdisk_enable_wipe(cxt.get(), 1);
+    if ((rc = fdisk_apply_script(cxt.get(), script.get())) != 0)
+        throw Error(fdisk_error("fdisk_apply_script " + script_path.string(), rc));
+    if ((rc = fdisk_write_disklabel(cxt.get())) != 0)
+        throw Error(fdisk_error("fdisk_write_disklabel", rc));
+    if (::fsync(fd) != 0)
+        throw_errno("fsync " + device_path);
+
+    struct stat st {};
+    if (::fstat(fd, &st) == 0 && S_ISBLK(st.st_mode))
+        tell_kernel(fd, device_path, st.st_rdev, cxt.get());
+    fdisk_deassign_device(cxt.get(), 1);
+}
+
+PartitionTable read_partition_table(const std::string& path)
+{
+    FdiskContext cxt = new_context();
+    int rc = fdisk_assign_device(cxt.get(), path.c_str(), 1);
+    if (rc != 0)
+        throw Error(fdisk_error("read partition table of " + path, rc));
+    PartitionTable table;
+    if (!fdisk_has_label(cxt.get()))
+        return table;
+    table.label = fdisk_label_get_name(fdisk_get_label(cxt.get(), nullptr));
+    char* id = nullptr;
+    if (fdisk_get_disklabel_id(cxt.get(), &id) == 0 && id) {
+        table.id = id;
+        free(id);
+    }
+    struct fdisk_table* raw = nullptr;
+    if ((rc = fdisk_get_partitions(cxt.get(), &raw)) != 0)
+        throw Error(fdisk_error("list partitions of " + path, rc));
+    FdiskTable entries(raw);
+    unsigned long sector = fdisk_get_sector_size(cxt.get());
+    for (size_t i = 0; i < fdisk_table_get_nents(entries.get()); ++i) {
+        struct fdisk_partition* pa = fdisk_table_get_partition(entries.get(), i);
+        PartitionEntry entry;
+        entry.number = static_cast<unsigned>(fdisk_partition_get_partno(pa)) + 1;
+        entry.start = fdisk_partition_get_start(pa) * sector;
+        entry.size = fdisk_partition_get_size(pa) * sector;
+        entry.bootable = fdisk_partition_is_bootable(pa) == 1;
+        if (struct fdisk_parttype* type = fdisk_partition_get_type(pa)) {
+            if (table.label == "dos") {
+                char hex[8];
+                std::snprintf(hex, sizeof hex, "%x", fdisk_parttype_get_code(type));
+                entry.type = hex;
+            } else if (const char* s = fdisk_parttype_get_string(type)) {
+                entry.type = s;
+            }
+        }
+        table.partitions.push_back(entry);
+    }
+    fdisk_deassign_device(cxt.get(), 1);
+    return table;
+}
+
+} // namespace treeflash::flasher

@@ -1,0 +1,27 @@
+// Where a flash pulls from: a repository path on this host or an HTTP URL.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+typedef struct _GCancellable GCancellable;
+
+namespace treeflash::flasher {
+
+struct Source {
+    std::string url;     // what libostree pulls from: file:///abs/path or http(s)://
+    bool is_local = false;
+    std::string ref;
+    std::string commit;
+    std::string version;
+    uint64_t content_bytes = 0; // 0 when the commit does not say
+};
+
+// Checks that `repo_or_url` is reachable and holds `ref`, and reads the
+// commit's metadata (for a URL, by pulling only the commit object into a
+// temporary repository). Nothing is written anywhere else.
+Source resolve_source(const std::string& repo_or_url, const std::string& ref, GCancellable* cancellable);
+
+bool is_url(const std::string& text);
+
+} // namespace treeflash::flasher

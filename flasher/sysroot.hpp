@@ -1,0 +1,47 @@
+// The OSTree sysroot on a mounted rootfs partition: what the how-to does
+// with `ostree admin init-fs`, `os-init`, `remote add`, `pull` and `deploy`.
+#pragma once
+
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+typedef struct _GCancellable GCancellable;
+
+namespace treeflash::flasher {
+
+struct SysrootOptions {
+    std::string os = "tcu";
+    std::string remote = "origin";
+    std::string remote_url;              // what the card's origin remote points at
+    std::string pull_url;                // where to pull from now (file:// or http://)
+    std::string ref = "master";
+    std::optional<std::filesystem::path> gpg_key; // imported into the remote; verification on
+    std::vector<std::string> kernel_args;
+};
+
+struct Deployment {
+    std::string os;
+    std::string commit;
+    std::string version;
+    std::string bootcsum;
+    int deploy_serial = 0;
+    int boot_serial = 0;
+    std::string origin_refspec;
+    std::string kernel_args; // the bootconfig "options" line, ostree= included
+    std::string ostree_path; // the ostree= argument
+    bool pinned = false;
+};
+
+// Lays out a fresh sysroot at `root` (init-fs, the initramfs's newroot/ and
+// mnt/, the `update` marker, os-init, OSTree's U-Boot loader files), adds
+// the remote, pulls the ref and deploys it. Returns the new deployment.
+Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOptions& options,
+                             const std::function<void(const std::string&)>& notice, GCancellable* cancellable);
+
+// The deployments of the sysroot at `root`, the default one first. Reads only.
+std::vector<Deployment> list_deployments(const std::filesystem::path& root, GCancellable* cancellable);
+
+} // namespace treeflash::flasher

@@ -1,0 +1,256 @@
+#include "flasher/target.hpp"
+
+#include "common/error.hpp"
+#include "flasher/handles.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <fcntl.h>
+#include <fstream>
+#include <linux/fs.h>
+#include <sys/file.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+namespace treeflash::flasher {
+
+namespace {
+
+std::string sysfs_read(const std::filesystem::path& path)
+{
+    std::ifstream in(path);
+    std::string value;
+    std::getline(in, value);
+    while (!value.empty() && (value.back() == ' ' || value.back() == '\n'))
+        value.pop_back();
+    return value;
+}
+
+std::filesystem::path sysfs_dir(dev_t devno)
+{
+    std::error_code ec;
+    auto link = std::filesystem::path("/sys/dev/block") / (std::to_string(major(devno)) + ":" + std::to_string(minor(devno)));
+    auto resolved = std::filesystem::canonical(link, ec);
+    return ec ? link : resolved;
+}
+
+dev_t whole_disk_of(dev_t devno)
+{
+    dev_t disk = 0;
+    if (blkid_devno_to_wholedisk(devno, nullptr, 0, &disk) != 0)
+        return devno;
+    return disk;
+}
+
+std::string size_text(uint64_t bytes)
+{
+    char text[32];
+    std::snprintf(text, sizeof text, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
+    return text;
+}
+
+void probe_filesystem(const std::string& node, ExistingPartition& part)
+{
+    BlkidProbe probe(blkid_new_probe_from_filename(node.c_str()));
+    if (!probe)
+        return;
+    blkid_probe_enable_superblocks(probe.get(), 1);
+    blkid_probe_set_superblocks_flags(probe.get(), BLKID_SUBLKS_LABEL | BLKID_SUBLKS_TYPE);
+    if (blkid_do_safeprobe(probe.get()) != 0)
+        return;
+    const char* value = nullptr;
+    if (blkid_probe_lookup_value(probe.get(), "TYPE", &value, nullptr) == 0)
+        part.fstype = value;
+    if (blkid_probe_lookup_value(probe.get(), "LABEL", &value, nullptr) == 0)
+        part.label = value;
+}
+
+} // namespace
+
+DiskInfo describe_disk(const std::string& path)
+{
+    DiskInfo info;
+    info.path = path;
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0)
+        throw_errno(path);
+    if (!S_ISBLK(st.st_mode))
+        throw Error(path + " is not a block device");
+    info.devno = st.st_rdev;
+    std::filesystem::path sys = sysfs_dir(info.devno);
+    info.is_partition = std::filesystem::exists(sys / "partition");
+    dev_t disk = whole_disk_of(info.devno);
+    if (char* name = blkid_devno_to_devname(disk)) {
+        info.whole_disk = name;
+        free(name);
+    }
+    std::filesystem::path disk_sys = sysfs_dir(disk);
+    info.removable = sysfs_read(disk_sys / "removable") == "1";
+    info.read_only = sysfs_read(sys / "ro") == "1";
+    info.vendor = sysfs_read(disk_sys / "device/vendor");
+    info.model = sysfs_read(disk_sys / "device/model");
+    if (info.model.empty())
+        info.model = sysfs_read(disk_sys / "device/name"); // mmc
+    info.serial = sysfs_read(disk_sys / "device/serial");
+    if (info.serial.empty())
+        info.serial = sysfs_read(disk_sys / "serial");
+    {
+        UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+        if (!fd)
+            throw_errno("open " + path);
+        if (::ioctl(fd.get(), BLKGETSIZE64, &info.size) != 0)
+            throw_errno("size of " + path);
+    }
+    for (const auto& entry : std::filesystem::directory_iterator(disk_sys)) {
+        if (!std::filesystem::exists(entry.path() / "partition"))
+            continue;
+        ExistingPartition part;
+        part.node = "/dev/" + entry.path().filename().string();
+        part.size = std::stoull(sysfs_read(entry.path() / "size").empty() ? "0" : sysfs_read(entry.path() / "size")) * 512;
+        probe_filesystem(part.node, part);
+        info.partitions.push_back(part);
+    }
+    std::sort(info.partitions.begin(), info.partitions.end(), [](const auto& a, const auto& b) { return a.node < b.node; });
+    std::error_code ec;
+    for (const auto& dir : {disk_sys / "holders", sys / "holders"})
+        if (std::filesystem::is_directory(dir, ec))
+            for (const auto& holder : std::filesystem::directory_iterator(dir))
+                info.holders.push_back(holder.path().filename().string());
+    for (const auto& part : info.partitions) {
+        auto part_sys = disk_sys / part.node.substr(5) / "holders";
+        if (std::filesystem::is_directory(part_sys, ec))
+            for (const auto& holder : std::filesystem::directory_iterator(part_sys))
+                info.holders.push_back(holder.path().filename().string() + " (on " + part.node + ")");
+    }
+
+    MntTable mounts(mnt_new_table_from_file("/proc/self/mountinfo"));
+    if (!mounts)
+        throw Error("cannot read /proc/self/mountinfo");
+    MntIter it(mnt_new_iter(MNT_ITER_FORWARD));
+    struct libmnt_fs* fs = nullptr;
+    while (mnt_table_next_fs(mounts.get(), it.get(), &fs) == 0) {
+        dev_t devno = mnt_fs_get_devno(fs);
+        const char* source = mnt_fs_get_source(fs);
+        bool on_disk = devno && (devno == disk || whole_disk_of(devno) == disk);
+        if (!on_disk && source && source[0] == '/') {
+            struct stat src {};
+            on_disk = ::stat(source, &src) == 0 && S_ISBLK(src.st_mode)
+                      && (src.st_rdev == disk || whole_disk_of(src.st_rdev) == disk);
+        }
+        if (!on_disk)
+            continue;
+        const char* target = mnt_fs_get_target(fs);
+        if (target && std::string(target) == "/")
+            info.holds_root = true;
+        info.mounted.push_back(std::string(source ? source : "?") + " on " + (target ? target : "?"));
+    }
+    std::ifstream swaps("/proc/swaps");
+    std::string line;
+    std::getline(swaps, line);
+    while (std::getline(swaps, line)) {
+        std::string swap = line.substr(0, line.find(' '));
+        struct stat sw {};
+        if (::stat(swap.c_str(), &sw) == 0 && S_ISBLK(sw.st_mode) && whole_disk_of(sw.st_rdev) == disk)
+            info.mounted.push_back(swap + " as swap");
+    }
+    return info;
+}
+
+void check_safe_to_write(const DiskInfo& disk, uint64_t minimum_bytes, bool force)
+{
+    if (disk.is_partition)
+        throw Error(disk.path + " is a partition; name the whole disk (" + disk.whole_disk + ")");
+    if (disk.holds_root)
+        throw Error(disk.path + " holds the running system's root file system");
+    if (!disk.mounted.empty())
+        throw Error(disk.path + " is in use: " + disk.mounted.front() + "; unmount it first");
+    if (!disk.holders.empty())
+        throw Error(disk.path + " is in use by " + disk.holders.front());
+    if (disk.read_only)
+        throw Error(disk.path + " is read-only (write-protect switch?)");
+    if (disk.size < minimum_bytes)
+        throw Error(disk.path + " is too small: " + size_text(disk.size) + ", the layout needs " + size_text(minimum_bytes));
+    if (!disk.removable && !force)
+        throw Error(disk.path + " is not a removable disk; pass --force if it really is the card to erase");
+}
+
+std::unique_ptr<Target> Target::create_image(const std::filesystem::path& image, uint64_t size, bool force)
+{
+    std::error_code ec;
+    if (std::filesystem::exists(std::filesystem::symlink_status(image, ec)) && !force)
+        throw Error(image.string() + " exists; pass --force to replace it");
+    if (std::filesystem::exists(image, ec) && !std::filesystem::is_regular_file(image, ec))
+        throw Error(image.string() + " exists and is not a regular file");
+    std::unique_ptr<Target> target(new Target());
+    std::filesystem::path dir = image.parent_path().empty() ? "." : image.parent_path();
+    std::string templ = (dir / ("." + image.filename().string() + ".partial-XXXXXX")).string();
+    UniqueFd fd(::mkostemp(templ.data(), O_CLOEXEC));
+    if (!fd)
+        throw_errno("create an image in " + dir.string());
+    target->m_partial = templ;
+    target->m_image = image;
+    if (::fchmod(fd.get(), 0644) != 0 || ::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) {
+        int err = errno;
+        ::unlink(templ.c_str());
+        throw_errno("size " + templ, err);
+    }
+    fd.reset();
+    try {
+        target->m_loop = std::make_unique<LoopDevice>(target->m_partial, false);
+    } catch (...) {
+        ::unlink(templ.c_str());
+        throw;
+    }
+    target->m_device = target->m_loop->path();
+    target->m_fd.reset(::dup(target->m_loop->fd()));
+    target->m_size = size;
+    return target;
+}
+
+std::unique_ptr<Target> Target::open_device(const std::string& path)
+{
+    std::unique_ptr<Target> target(new Target());
+    // O_EXCL fails while the kernel uses the disk (mounts, device mapper, md).
+    {
+        UniqueFd probe(::open(path.c_str(), O_RDWR | O_EXCL | O_CLOEXEC));
+        if (!probe)
+            throw_errno("open " + path + " exclusively");
+    }
+    target->m_fd.reset(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+    if (!target->m_fd)
+        throw_errno("open " + path);
+    // The lock udev and systemd-repart honour: no one else probes or writes meanwhile.
+    if (::flock(target->m_fd.get(), LOCK_EX | LOCK_NB) != 0)
+        throw_errno("lock " + path);
+    target->m_device = path;
+    if (::ioctl(target->m_fd.get(), BLKGETSIZE64, &target->m_size) != 0)
+        throw_errno("size of " + path);
+    return target;
+}
+
+void Target::commit()
+{
+    if (::fsync(m_fd.get()) != 0)
+        throw_errno("sync " + m_device);
+    if (!is_image()) {
+        m_committed = true;
+        return;
+    }
+    m_fd.reset();
+    m_loop.reset();
+    if (::rename(m_partial.c_str(), m_image.c_str()) != 0)
+        throw_errno("move the image into place at " + m_image.string());
+    m_committed = true;
+}
+
+Target::~Target()
+{
+    m_fd.reset();
+    m_loop.reset();
+    if (is_image() && !m_committed)
+        ::unlink(m_partial.c_str());
+}
+
+} // namespace treeflash::flasher
