@@ -117,8 +117,8 @@ int main(int argc, char** argv)
         std::cerr << "treeflash " << command->name << ": " << e.what() << " (see treeflash " << command->name
                   << " --help)\n";
         return 2;
-    } catch (const Cancelled&) {
-        std::cerr << "treeflash " << command->name << ": interrupted\n";
+    } catch (const Cancelled& e) {
+        std::cerr << "treeflash " << command->name << ": " << e.what() << "\n";
         return 130;
     } catch (const std::exception& e) {
         std::cerr << "treeflash " << command->name << ": " << e.what() << "\n";

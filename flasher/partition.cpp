@@ -35,28 +35,35 @@ FdiskContext new_context()
     return cxt;
 }
 
-// Reads the script line by line so that an error can name its line.
+// Feeds the script to libfdisk one line at a time, so that an error (and
+// each partition) can be traced to its line.
 FdiskScript read_script(struct fdisk_context* cxt, const std::filesystem::path& path,
                         std::vector<int>* partition_lines = nullptr)
 {
-    std::unique_ptr<FILE, FileClose> file(std::fopen(path.c_str(), "re"));
-    if (!file)
+    std::ifstream in(path);
+    if (!in)
         throw_errno("read " + path.string());
     FdiskScript script(fdisk_new_script(cxt));
     if (!script)
         throw Error("fdisk_new_script failed");
-    char buffer[4096];
     size_t partitions_seen = 0;
-    for (int line = 1;; ++line) {
-        int rc = fdisk_script_read_line(script.get(), file.get(), buffer, sizeof buffer);
-        if (rc == 1)
-            break;
+    std::string line;
+    char buffer[4096];
+    for (int number = 1; std::getline(in, line); ++number) {
+        size_t first = line.find_first_not_of(" \t");
+        if (first == std::string::npos || line[first] == '#')
+            continue;
+        line += "\n";
+        std::unique_ptr<FILE, FileClose> one(fmemopen(line.data(), line.size(), "r"));
+        if (!one)
+            throw_errno("fmemopen");
+        int rc = fdisk_script_read_line(script.get(), one.get(), buffer, sizeof buffer);
         if (rc < 0)
-            throw Error(path.string() + ":" + std::to_string(line) + ": " + fdisk_error("cannot parse", rc));
+            throw Error(path.string() + ":" + std::to_string(number) + ": " + fdisk_error("cannot parse", rc));
         struct fdisk_table* table = fdisk_script_get_table(script.get());
         size_t now = table ? fdisk_table_get_nents(table) : 0;
         if (now != partitions_seen && partition_lines)
-            partition_lines->push_back(line);
+            partition_lines->push_back(number);
         partitions_seen = now;
     }
     return script;

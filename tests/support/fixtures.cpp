@@ -23,6 +23,8 @@ Scratch::Scratch()
     std::string templ = std::string(tmp && *tmp ? tmp : "/tmp") + "/treeflash-test-XXXXXX";
     if (!::mkdtemp(templ.data()))
         throw std::runtime_error("mkdtemp failed");
+    // Readable by others: nginx workers serve repositories from here.
+    ::chmod(templ.c_str(), 0755);
     m_path = templ;
 }
 

@@ -1,0 +1,416 @@
+// treeflash flash and inspect on real image files, loop devices, mounts
+// and an nginx server on 127.0.0.1, checked with independent tools:
+// sfdisk, blkid, dumpe2fs, ostree admin status, mkimage, raw bytes.
+// Needs root; every test skips cleanly otherwise.
+#include "tests/support/system.hpp"
+
+#include <chrono>
+#include <csignal>
+#include <doctest/doctest.h>
+#include <fcntl.h>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <thread>
+#include <unistd.h>
+
+using namespace treeflash;
+using namespace treeflash::test;
+using nlohmann::json;
+
+extern char** environ;
+
+namespace {
+
+const bool not_root = !is_root();
+constexpr uint64_t MiB = 1 << 20;
+
+// Checks, when the test ends, that it left no loop device or mount behind.
+struct NoLeftovers {
+    std::set<std::string> before = system_leftovers();
+    ~NoLeftovers()
+    {
+        auto after = system_leftovers();
+        for (const auto& item : after)
+            CHECK_MESSAGE(before.count(item), "left behind: " << item);
+    }
+};
+
+std::string random_bytes(size_t size, unsigned seed)
+{
+    std::mt19937 rng(seed);
+    std::string data(size, '\0');
+    for (auto& c : data)
+        c = static_cast<char>(rng());
+    return data;
+}
+
+// mount(8) of one partition of an image, read-only, undone on scope exit.
+struct MountedPartition {
+    Scratch dir;
+    bool mounted = false;
+    MountedPartition(const fs::path& image, uint64_t offset, uint64_t size)
+    {
+        auto r = run_process({"mount", "-o", "ro,noload,loop,offset=" + std::to_string(offset) + ",sizelimit=" + std::to_string(size),
+                              image.string(), dir.path().string()});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+        mounted = true;
+    }
+    ~MountedPartition()
+    {
+        if (mounted)
+            run_process({"umount", dir.path().string()});
+    }
+    fs::path operator/(const std::string& name) const { return dir / name; }
+};
+
+// An attached loop device over a file, for --device tests.
+struct LoopGuard {
+    std::string device;
+    explicit LoopGuard(const fs::path& file)
+    {
+        auto r = run_process({"losetup", "-f", "-P", "--show", file.string()});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+        device = r.out.substr(0, r.out.find('\n'));
+        run_process({"partx", "-u", device});
+    }
+    ~LoopGuard() { run_process({"losetup", "-d", device}); }
+};
+
+std::string sha256_file(const fs::path& file)
+{
+    return sha256_hex(read_text(file));
+}
+
+struct Partition {
+    uint64_t start, size;
+};
+
+// Partition N of an image as sfdisk -d lists it.
+Partition sfdisk_partition(const std::string& dump, const fs::path& image, int number)
+{
+    std::string key = image.string() + std::to_string(number) + " : start=";
+    auto pos = dump.find(key);
+    REQUIRE_MESSAGE(pos != std::string::npos, dump);
+    uint64_t start = std::stoull(dump.substr(pos + key.size()));
+    auto size_pos = dump.find("size=", pos);
+    uint64_t size = std::stoull(dump.substr(size_pos + 5));
+    return {start * 512, size * 512};
+}
+
+int one_line_count(const std::string& text)
+{
+    return static_cast<int>(std::count(text.begin(), text.end(), '\n'));
+}
+
+} // namespace
+
+TEST_SUITE("flash") {
+
+TEST_CASE("ls104x image from a local repository, checked with independent tools" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    std::string commit = build_commit(tmp.path(), tmp / "repo", {"--version", "7"});
+    std::string rcw = random_bytes(4096, 1), fip = random_bytes(100000, 2), phy = random_bytes(70000, 3);
+    write_file(tmp / "rcw.pbl", rcw);
+    write_file(tmp / "fip.bin", fip);
+    write_file(tmp / "phy.bin", phy);
+    fs::path image = tmp / "card.img";
+    auto result = run_treeflash({"flash", "--board", "ls104x", "--image", image.string(), "--repo", (tmp / "repo").string(),
+                                 "--remote-url", "http://10.0.0.2:8000/", "--karg", "quiet", "--firmware",
+                                 "rcw=" + (tmp / "rcw.pbl").string(), "--firmware", "fip=" + (tmp / "fip.bin").string(),
+                                 "--firmware", "phy=" + (tmp / "phy.bin").string(), "--json"});
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    json out = json::parse(result.out);
+    CHECK(out["commit"] == commit);
+    CHECK(out["board"] == "ls104x");
+    CHECK(out["version"] == "7");
+
+    // Partition table: MBR, explicit starts, p1 bootable.
+    auto dump = run_process({"sfdisk", "-d", image.string()});
+    REQUIRE(dump.ok());
+    CHECK(dump.out.find("label: dos") != std::string::npos);
+    Partition p1 = sfdisk_partition(dump.out, image, 1), p2 = sfdisk_partition(dump.out, image, 2),
+              p3 = sfdisk_partition(dump.out, image, 3);
+    CHECK(p1.start == 64 * MiB);
+    CHECK(p2.start == 96 * MiB);
+    CHECK(p3.start == 160 * MiB);
+    CHECK(dump.out.find("start=      131072, size=       65536, type=83, bootable") != std::string::npos);
+
+    // Labels and file systems, then the ext4 features U-Boot needs.
+    const std::pair<Partition, const char*> labels[] = {{p1, "boot"}, {p2, "data"}, {p3, "rootfs"}};
+    for (const auto& [part, label] : labels) {
+        auto probe = run_process({"blkid", "-p", "-O", std::to_string(part.start), "-S", std::to_string(part.size),
+                                  "-o", "export", image.string()});
+        CHECK(probe.out.find("TYPE=ext4") != std::string::npos);
+        CHECK(probe.out.find(std::string("LABEL=") + label + "\n") != std::string::npos);
+    }
+    {
+        MountedPartition rootfs(image, p3.start, p3.size);
+        auto loopdev = run_process({"findmnt", "-n", "-o", "SOURCE", rootfs.dir.path().string()});
+        std::string dev = loopdev.out.substr(0, loopdev.out.find('\n'));
+        auto header = run_process({"dumpe2fs", "-h", dev});
+        CHECK(header.out.find("Block size:               4096") != std::string::npos);
+        CHECK(header.out.find(" 64bit") == std::string::npos);
+        CHECK(header.out.find("metadata_csum") == std::string::npos);
+
+        // The sysroot, as the how-to lays it out.
+        CHECK(fs::is_directory(rootfs / "newroot"));
+        CHECK(fs::is_directory(rootfs / "mnt"));
+        CHECK(fs::is_regular_file(rootfs / "update"));
+        CHECK(fs::read_symlink(rootfs / "boot/loader").string().rfind("loader.", 0) == 0);
+        auto status = run_process({"ostree", "admin", "status", "--sysroot=" + rootfs.dir.path().string()});
+        REQUIRE_MESSAGE(status.ok(), status.err);
+        CHECK(status.out.find("tcu " + commit + ".0") != std::string::npos);
+        CHECK(status.out.find("Version: 7") != std::string::npos);
+        CHECK(status.out.find("origin refspec: origin:master") != std::string::npos);
+        std::string config = read_text(rootfs / "ostree/repo/config");
+        CHECK(config.find("url=http://10.0.0.2:8000/") != std::string::npos);
+        CHECK(config.find("gpg-verify=false") != std::string::npos);
+        std::string uenv = read_text(rootfs / "boot/loader/uEnv.txt");
+        CHECK(uenv.find("ostree_root=/dev/mmcblk0p3") != std::string::npos);
+        CHECK(uenv.find("console=ttyS0,115200") != std::string::npos);
+        CHECK(uenv.find(" quiet") != std::string::npos);
+        CHECK(uenv.find("ostree=" + out["ostree"].get<std::string>()) != std::string::npos);
+        CHECK(out["bootargs"].get<std::string>().find("setenv bootargs \"console=ttyS0,115200") == 0);
+    }
+    {
+        MountedPartition boot(image, p1.start, p1.size);
+        auto listing = run_process({"mkimage", "-l", (boot / "boot.scr").string()});
+        CHECK(listing.out.find("Script") != std::string::npos);
+        std::string script = read_text(boot / "boot.cmd");
+        CHECK(script.find("/boot/loader/uEnv.txt") != std::string::npos);
+        CHECK(script.find("setenv ostree_part ${devnum}:3") != std::string::npos);
+        CHECK(script.find("setenv devtype mmc") != std::string::npos);
+    }
+    // Firmware bytes at their offsets.
+    CHECK(read_bytes(image, 0x1000, rcw.size()) == rcw);
+    CHECK(read_bytes(image, 0x100000, fip.size()) == fip);
+    CHECK(read_bytes(image, 0x980000, phy.size()) == phy);
+
+    // inspect reads the same back.
+    auto inspected = run_treeflash({"inspect", image.string(), "--json"});
+    REQUIRE_MESSAGE(inspected.ok(), inspected.err);
+    json info = json::parse(inspected.out);
+    CHECK(info["deployments"][0]["commit"] == commit);
+    CHECK(info["deployments"][0]["role"] == "default");
+    CHECK(info["origin_url"] == "http://10.0.0.2:8000/");
+    CHECK(info["update_marker"] == true);
+    CHECK(info["newroot"] == true);
+    CHECK(info["mnt"] == true);
+    CHECK(info["boot_script"] == true);
+    CHECK(info["partitions"][2]["label"] == "rootfs");
+    CHECK(info["uenv"]["bootargs"].get<std::string>().find(out["ostree"].get<std::string>()) != std::string::npos);
+}
+
+TEST_CASE("qemu-arm64 image pulled over HTTP from nginx, with a GPG-verified origin" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::path home = tmp / "gnupg";
+    fs::create_directories(home);
+    fs::permissions(home, fs::perms::owner_all);
+    REQUIRE(run_process({"gpg", "--homedir", home.string(), "--batch", "--passphrase", "", "--quick-gen-key",
+                         "release <release@example.invalid>", "ed25519", "sign", "never"}).ok());
+    auto fpr = run_process({"sh", "-c", "gpg --homedir " + home.string() + " --with-colons --list-secret-keys | awk -F: '/^fpr/{print $10; exit}'"});
+    std::string key = fpr.out.substr(0, 40);
+    write_file(tmp / "release.gpg", run_process({"gpg", "--homedir", home.string(), "--export", key}).out);
+    std::string commit = build_commit(tmp.path(), tmp / "repo", {"--gpg-sign", key, "--gpg-homedir", home.string()});
+    run_process({"gpgconf", "--homedir", home.string(), "--kill", "all"});
+
+    RepoServer server(tmp / "repo");
+    fs::path image = tmp / "qemu.img";
+    auto result = run_treeflash({"flash", "--board", "qemu-arm64", "--image", image.string(), "--repo", server.url(),
+                                 "--gpg-import", (tmp / "release.gpg").string(), "--json"});
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    json out = json::parse(result.out);
+    CHECK(out["commit"] == commit);
+    CHECK(out["remote_url"] == server.url());
+    CHECK(out["gpg_verify"] == true);
+    auto dump = run_process({"sfdisk", "-d", image.string()});
+    Partition p3 = sfdisk_partition(dump.out, image, 3);
+    MountedPartition rootfs(image, p3.start, p3.size);
+    std::string config = read_text(rootfs / "ostree/repo/config");
+    CHECK(config.find("url=" + server.url()) != std::string::npos);
+    CHECK(config.find("gpg-verify=true") != std::string::npos);
+    std::string uenv = read_text(rootfs / "boot/loader/uEnv.txt");
+    CHECK(uenv.find("console=ttyAMA0") != std::string::npos);
+    CHECK(uenv.find("ostree_root=LABEL=rootfs") != std::string::npos);
+
+    // An unsigned commit on the server: the card refuses it.
+    fs::remove_all(tmp / "repo");
+    build_commit(tmp.path(), tmp / "repo");
+    auto unsigned_pull = run_treeflash({"flash", "--board", "qemu-arm64", "--image", (tmp / "unsigned.img").string(),
+                                        "--repo", server.url(), "--gpg-import", (tmp / "release.gpg").string()});
+    CHECK(unsigned_pull.exit_code == 1);
+    CHECK(unsigned_pull.err.find("GPG") != std::string::npos);
+    CHECK(unsigned_pull.err.find("(no image was written)") != std::string::npos);
+    CHECK_FALSE(fs::exists(tmp / "unsigned.img"));
+}
+
+TEST_CASE("refusals: one clear line, nothing written, nothing left behind" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    build_commit(tmp.path(), tmp / "repo");
+    std::string repo = (tmp / "repo").string();
+    auto refuse = [&](const std::vector<std::string>& args, const std::string& expected, int max_lines = 2) {
+        std::vector<std::string> full{"flash"};
+        full.insert(full.end(), args.begin(), args.end());
+        auto r = run_treeflash(full);
+        CHECK_MESSAGE(r.exit_code != 0, expected);
+        CHECK_MESSAGE(r.err.find(expected) != std::string::npos, r.err);
+        CHECK_MESSAGE(one_line_count(r.err) <= max_lines, r.err); // the error (and at most one warning)
+        return r;
+    };
+
+    SUBCASE("a loop device with a mounted partition")
+    {
+        // A card that is in use: flash an image, attach it, mount p2.
+        fs::path image = tmp / "busy.img";
+        REQUIRE(run_treeflash({"flash", "--board", "ls104x", "--image", image.string(), "--repo", repo}).ok());
+        // p2 gets mounted (and so written by the kernel); everything else must stay as it was.
+        auto outside_p2 = [&] { return sha256_hex(read_bytes(image, 0, 96 * MiB)) + sha256_hex(read_bytes(image, 160 * MiB, 1 << 30)); };
+        std::string before = outside_p2();
+        {
+            LoopGuard loop(image);
+            Scratch mnt;
+            REQUIRE(run_process({"mount", loop.device + "p2", mnt.path().string()}).ok());
+            refuse({"--board", "ls104x", "--device", loop.device, "--repo", repo, "--force", "--yes"}, "is in use: " + loop.device + "p2 on");
+            refuse({"--board", "ls104x", "--device", loop.device + "p1", "--repo", repo, "--force", "--yes"},
+                   "is a partition; name the whole disk (" + loop.device + ")");
+            run_process({"umount", mnt.path().string()});
+        }
+        CHECK(outside_p2() == before);
+    }
+    SUBCASE("a device smaller than the layout")
+    {
+        write_file(tmp / "small.img", "");
+        fs::resize_file(tmp / "small.img", 100 * MiB);
+        LoopGuard loop(tmp / "small.img");
+        refuse({"--board", "ls104x", "--device", loop.device, "--repo", repo, "--force", "--yes"}, "is too small");
+        CHECK(read_bytes(tmp / "small.img", 0, 4096) == std::string(4096, '\0'));
+    }
+    SUBCASE("a non-removable disk without --force, and a device without --yes and no terminal")
+    {
+        write_file(tmp / "disk.img", "");
+        fs::resize_file(tmp / "disk.img", 600 * MiB);
+        LoopGuard loop(tmp / "disk.img");
+        refuse({"--board", "ls104x", "--device", loop.device, "--repo", repo, "--yes"}, "is not a removable disk; pass --force");
+        refuse({"--board", "ls104x", "--device", loop.device, "--repo", repo, "--force"}, "without confirmation: pass --yes", 8);
+        CHECK(read_bytes(tmp / "disk.img", 0, 1 << 20) == std::string(1 << 20, '\0'));
+    }
+    SUBCASE("the disk holding /")
+    {
+        auto source = run_process({"findmnt", "-n", "-o", "SOURCE", "/"});
+        std::string root_dev = source.out.substr(0, source.out.find('\n'));
+        auto disk = run_process({"lsblk", "-n", "-d", "-o", "PKNAME", root_dev});
+        std::string whole = disk.out.substr(0, disk.out.find('\n'));
+        std::string target = whole.empty() ? root_dev : "/dev/" + whole;
+        if (target.rfind("/dev/", 0) != 0 || !fs::exists(target)) {
+            MESSAGE("skipped: / is not on a block device here (" << root_dev << ")");
+            return;
+        }
+        refuse({"--board", "ls104x", "--device", target, "--repo", repo, "--force", "--yes"}, "holds the running system's root file system");
+    }
+    SUBCASE("boards: unknown, and one with a mistake")
+    {
+        refuse({"--board", "nosuchboard", "--image", (tmp / "x.img").string(), "--repo", repo}, "unknown board 'nosuchboard'");
+        fs::copy(fs::path(TREEFLASH_SOURCE_DIR) / "board/ls104x", tmp / "myboard");
+        std::string conf = read_text(tmp / "myboard/board.conf");
+        write_file(tmp / "myboard/board.conf", conf + "firmware.bad = 0x1000\n");
+        int line = one_line_count(conf) + 1;
+        refuse({"--board", (tmp / "myboard").string(), "--image", (tmp / "x.img").string(), "--repo", repo},
+               "board.conf:" + std::to_string(line) + ": expected 'firmware.NAME = OFFSET MAX_SIZE'");
+        write_file(tmp / "myboard/board.conf", conf);
+        write_file(tmp / "myboard/partitions.sfdisk", "label: dos\nunit: sectors\n\nstart=131072, size=65536, type=83\nsize=1000, type=83\nstart=327680, type=83\n");
+        refuse({"--board", (tmp / "myboard").string(), "--image", (tmp / "x.img").string(), "--repo", repo},
+               "partitions.sfdisk:5: every partition needs an explicit start=");
+        CHECK_FALSE(fs::exists(tmp / "x.img"));
+    }
+    SUBCASE("a ref the repository lacks, an unreachable URL, an existing image, a firmware blob too big")
+    {
+        refuse({"--board", "ls104x", "--image", (tmp / "x.img").string(), "--repo", repo, "--ref", "nope"},
+               "ref 'nope' is not in " + repo + " (refs: master)");
+        refuse({"--board", "ls104x", "--image", (tmp / "x.img").string(), "--repo", "http://127.0.0.1:9/"},
+               "source: fetch master from http://127.0.0.1:9/");
+        write_file(tmp / "exists.img", "precious");
+        refuse({"--board", "ls104x", "--image", (tmp / "exists.img").string(), "--repo", repo}, "exists; pass --force");
+        CHECK(read_text(tmp / "exists.img") == "precious");
+        write_file(tmp / "huge.pbl", std::string(0x100000, 'x'));
+        refuse({"--board", "ls104x", "--image", (tmp / "x.img").string(), "--repo", repo, "--firmware",
+                "rcw=" + (tmp / "huge.pbl").string()}, "slot rcw holds 1044480");
+        CHECK_FALSE(fs::exists(tmp / "x.img"));
+    }
+    SUBCASE("not root")
+    {
+        auto r = run_process({"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", TREEFLASH_BINARY, "flash",
+                              "--board", "ls104x", "--image", "/tmp/never.img", "--repo", repo});
+        CHECK(r.exit_code == 1);
+        CHECK(r.err.find("flash needs root") != std::string::npos);
+        CHECK_FALSE(fs::exists("/tmp/never.img"));
+    }
+}
+
+TEST_CASE("a failure after partitioning says what state the card is in and cleans up" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    std::string commit = build_commit(tmp.path(), tmp / "repo");
+    // The ref is on the server, the tree's objects are not.
+    for (const auto& entry : fs::recursive_directory_iterator(tmp / "repo/objects"))
+        if (entry.path().extension() == ".filez")
+            fs::remove(entry.path());
+    RepoServer server(tmp / "repo");
+    write_file(tmp / "card.img", "");
+    fs::resize_file(tmp / "card.img", 600 * MiB);
+    LoopGuard loop(tmp / "card.img");
+    auto r = run_treeflash({"flash", "--board", "ls104x", "--device", loop.device, "--repo", server.url(), "--force", "--yes"});
+    CHECK(r.exit_code == 1);
+    CHECK(r.err.find("sysroot: pull:") != std::string::npos);
+    CHECK(r.err.find("(the device is partitioned and formatted but holds no deployment; it will not boot)") != std::string::npos);
+    auto dump = run_process({"sfdisk", "-d", loop.device});
+    CHECK(dump.out.find("label: dos") != std::string::npos);
+}
+
+TEST_CASE("SIGINT during a flash unmounts, detaches and removes the partial image" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    make_rootfs(tmp / "rootfs");
+    for (int i = 0; i < 60; ++i)
+        write_file(tmp / ("rootfs/usr/share/blob/" + std::to_string(i)), random_bytes(1 << 20, static_cast<unsigned>(i)));
+    build_commit(tmp.path(), tmp / "repo");
+
+    fs::path image = tmp / "card.img";
+    std::string log = (tmp / "flash.log").string();
+    std::vector<std::string> argv{TREEFLASH_BINARY, "flash", "--board", "ls104x", "--image", image.string(), "--repo",
+                                  (tmp / "repo").string()};
+    std::vector<char*> raw;
+    for (auto& a : argv)
+        raw.push_back(a.data());
+    raw.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 2, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+    pid_t pid = 0;
+    REQUIRE(posix_spawn(&pid, raw[0], &actions, nullptr, raw.data(), environ) == 0);
+    posix_spawn_file_actions_destroy(&actions);
+    // Interrupt while it pulls: the rootfs partition is mounted then.
+    for (int i = 0; i < 500 && read_text(log).find("pulling") == std::string::npos; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    ::kill(pid, SIGINT);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 130);
+    CHECK(read_text(log).find("interrupted; no image was written") != std::string::npos);
+    CHECK_FALSE(fs::exists(image));
+    for (const auto& entry : fs::directory_iterator(tmp.path()))
+        CHECK_MESSAGE(entry.path().filename().string().find(".partial-") == std::string::npos, entry.path());
+}
+
+}
