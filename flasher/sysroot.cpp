@@ -161,6 +161,10 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
             throw_gerror(error);
     });
     OstreeRepo* repo = ostree_sysroot_repo(sysroot.get());
+    // A card being flashed is not a running system: one sync of the whole
+    // file system at the end (before success is reported) replaces an
+    // fsync per object.
+    ostree_repo_set_disable_fsync(repo, TRUE);
     in_step("loader", [&] {
         seed_uboot_loader(root);
         set_bootloader_uboot(repo);
