@@ -19,6 +19,7 @@ namespace {
 
 constexpr std::array commands{
     Command{"build", "turn a rootfs directory or tarball into a commit in an OSTree repository", run_build},
+    Command{"initramfs", "pack a board's initramfs (busybox, ostree-prepare-root, kernel modules)", run_initramfs},
     Command{"flash", "partition, format and deploy a commit onto a card or an image file", run_flash},
     Command{"inspect", "show what is on a flashed card or image, without writing", run_inspect},
 };

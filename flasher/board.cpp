@@ -108,8 +108,12 @@ void apply_key(BoardProfile& board, const std::string& key, const std::string& v
         board.uboot_defaults[key.substr(14)] = value;
     else if (key == "initramfs.modules")
         board.initramfs_modules = words(value);
-    else if (starts("initramfs.") || starts("qemu.") || key == "on_boot_failure")
-        board.extra[key] = value;
+    else if (key == "initramfs.on_failure") {
+        if (value != "shell" && value != "poweroff" && value != "reboot")
+            throw Error("initramfs.on_failure '" + value + "': shell, poweroff or reboot");
+        board.initramfs_on_failure = value;
+    } else if (key == "initramfs.root_wait")
+        board.initramfs_root_wait = static_cast<unsigned>(parse_number(value));
     else
         throw Error("unknown key '" + key + "'");
 }

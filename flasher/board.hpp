@@ -39,8 +39,9 @@ struct BoardProfile {
     std::string uboot_devnum = "0";
     std::string uboot_fdt_fallback;
     std::map<std::string, std::string> uboot_defaults; // variables set when U-Boot lacks them
-    std::vector<std::string> initramfs_modules;
-    std::map<std::string, std::string> extra; // keys later features read
+    std::vector<std::string> initramfs_modules; // loaded by the initramfs, dependencies first
+    std::string initramfs_on_failure = "shell"; // shell, poweroff or reboot
+    unsigned initramfs_root_wait = 10;          // seconds
 
     const PartitionRole& partition(unsigned number) const;
     const FirmwareSlot* slot(const std::string& name) const;
