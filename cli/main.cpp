@@ -21,6 +21,7 @@ constexpr std::array commands{
     Command{"build", "turn a rootfs directory or tarball into a commit in an OSTree repository", run_build},
     Command{"initramfs", "pack a board's initramfs (busybox, ostree-prepare-root, kernel modules)", run_initramfs},
     Command{"flash", "partition, format and deploy a commit onto a card or an image file", run_flash},
+    Command{"upgrade", "pull and deploy the newer commit on a flashed card or image, keeping a rollback", run_upgrade},
     Command{"inspect", "show what is on a flashed card or image, without writing", run_inspect},
 };
 
@@ -108,6 +109,11 @@ int main(int argc, char** argv)
         return 2;
     }
 
+    // libostree reports some things with g_print ("Freed objects: ..."):
+    // keep stdout for the command's own output.
+    g_set_print_handler([](const char* text) {
+        std::cerr << "treeflash: " << text << (text[0] && text[std::strlen(text) - 1] == '\n' ? "" : "\n");
+    });
     // Never freed: the signal thread may use it until the process exits.
     GCancellable* cancellable = g_cancellable_new();
     InterruptHandler interrupts(cancellable);

@@ -1,0 +1,89 @@
+// treeflash upgrade: flasher::upgrade on a card or image -> report.
+#include "cli/command.hpp"
+#include "common/error.hpp"
+#include "flasher/upgrade.hpp"
+
+#include <boost/program_options.hpp>
+#include <iostream>
+
+namespace po = boost::program_options;
+
+namespace treeflash::cli {
+
+namespace {
+
+const char* upgrade_usage = R"(Usage: treeflash upgrade DEVICE|IMAGE [--repo PATH|URL] [--ref REF] [--json]
+
+Does on a flashed card what `ostree admin upgrade` does on the board: pulls
+the newer commit of the default deployment's origin (over HTTP from the
+origin remote's URL unless --repo says otherwise; the remote's GPG settings
+apply), deploys it with local /etc changes merged and /var kept, keeps the
+previous deployment for rollback, and leaves uEnv.txt pointing at the new
+one. Needs root.
+
+Examples:
+  treeflash upgrade /dev/sdb
+  treeflash upgrade card.img --repo http://10.0.0.2:8000/ --ref stable
+
+Options)";
+
+nlohmann::json deployment_json(const flasher::Deployment& d)
+{
+    return {{"commit", d.commit}, {"version", d.version}, {"serial", d.deploy_serial},
+            {"bootcsum", d.bootcsum}, {"ostree", d.ostree_path}, {"origin", d.origin_refspec}};
+}
+
+} // namespace
+
+int run_upgrade(const std::vector<std::string>& args, GCancellable* cancellable)
+{
+    flasher::UpgradeOptions options;
+    std::string repo, ref;
+    bool json = false;
+    po::options_description desc(upgrade_usage);
+    desc.add_options()
+        ("help,h", "show this help")
+        ("target", po::value(&options.target)->value_name("DEVICE|IMAGE"), "the flashed card or image")
+        ("repo", po::value(&repo)->value_name("PATH|URL"), "pull from here instead of the origin remote's URL")
+        ("ref", po::value(&ref)->value_name("REF"), "switch to this ref of the same remote")
+        ("json", po::bool_switch(&json), "print the result as JSON on stdout");
+    po::positional_options_description positional;
+    positional.add("target", 1);
+    po::variables_map vm;
+    try {
+        po::store(po::command_line_parser(args).options(desc).positional(positional).run(), vm);
+        po::notify(vm);
+    } catch (const po::error& e) {
+        throw UsageError(e.what());
+    }
+    if (vm.count("help")) {
+        std::cout << desc << "\n";
+        return 0;
+    }
+    if (options.target.empty())
+        throw UsageError("name a DEVICE or IMAGE");
+    if (!repo.empty())
+        options.repo = repo;
+    if (!ref.empty())
+        options.ref = ref;
+    options.notice = print_notice;
+
+    flasher::UpgradeResult result =
+        in_step("upgrade " + options.target, [&] { return flasher::upgrade(options, cancellable); });
+    if (json) {
+        nlohmann::json deployments = nlohmann::json::array();
+        for (const auto& d : result.deployments)
+            deployments.push_back(deployment_json(d));
+        print_json({{"target", options.target}, {"changed", result.changed}, {"previous", deployment_json(result.previous)},
+                    {"current", deployment_json(result.current)}, {"deployments", deployments}});
+    } else if (!result.changed) {
+        std::cout << options.target << ": already at " << result.current.commit << "\n";
+    } else {
+        std::cout << options.target << ": upgraded " << result.previous.commit.substr(0, 12) << " -> "
+                  << result.current.commit << (result.current.version.empty() ? "" : " (version " + result.current.version + ")")
+                  << "\n  ostree=" << result.current.ostree_path << "\n  rollback: " << result.previous.commit << "\n";
+    }
+    return 0;
+}
+
+} // namespace treeflash::cli

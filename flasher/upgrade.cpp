@@ -1,0 +1,153 @@
+#include "flasher/upgrade.hpp"
+
+#include "common/error.hpp"
+#include "common/glib.hpp"
+#include "flasher/format.hpp"
+#include "flasher/loop.hpp"
+#include "flasher/mount.hpp"
+#include "flasher/partition.hpp"
+#include "flasher/source.hpp"
+#include "flasher/target.hpp"
+
+#include <ostree.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace treeflash::flasher {
+
+namespace {
+
+// The partition that holds the OSTree sysroot: the ext4 labelled rootfs.
+PartitionEntry find_rootfs(const std::string& target)
+{
+    PartitionTable table = read_partition_table(target);
+    for (const auto& entry : table.partitions) {
+        FilesystemInfo fs = probe_filesystem(target, entry.start, entry.size);
+        if (fs.type == "ext4" && fs.label == "rootfs")
+            return entry;
+    }
+    throw Error(target + ": no ext4 partition labelled 'rootfs' (is it a card treeflash flashed?)");
+}
+
+void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptions& options, UpgradeResult& result,
+                     GCancellable* cancellable);
+
+} // namespace
+
+UpgradeResult upgrade(const UpgradeOptions& options, GCancellable* cancellable)
+{
+    if (::geteuid() != 0)
+        throw Error("upgrade needs root: it attaches loop devices and mounts the card");
+    struct stat st {};
+    if (::stat(options.target.c_str(), &st) != 0)
+        throw_errno(options.target);
+    if (S_ISBLK(st.st_mode)) {
+        DiskInfo disk = describe_disk(options.target);
+        if (disk.is_partition)
+            throw Error(options.target + " is a partition; name the whole card (" + disk.whole_disk + ")");
+        if (!disk.mounted.empty())
+            throw Error(options.target + " is in use: " + disk.mounted.front() + "; unmount it first");
+    } else if (!S_ISREG(st.st_mode)) {
+        throw Error(options.target + " is neither a block device nor an image file");
+    }
+    if (options.repo && !is_url(*options.repo) && !std::filesystem::is_regular_file(std::filesystem::path(*options.repo) / "config"))
+        throw Error("repository " + *options.repo + ": not an OSTree repository");
+
+    UpgradeResult result;
+    PartitionEntry rootfs = in_step("find rootfs", [&] { return find_rootfs(options.target); });
+    result.partition = static_cast<int>(rootfs.number);
+    LoopDevice loop(options.target, false, rootfs.start, rootfs.size);
+    Mount mount(loop.path(), "ext4", "", std::filesystem::temp_directory_path());
+    // Every libostree handle on the mount is released before it is unmounted.
+    upgrade_sysroot(mount.path(), options, result, cancellable);
+    result.deployments = list_deployments(mount.path(), cancellable);
+    result.current = result.deployments.front();
+    in_step("sync", [&] { mount.unmount(); });
+    return result;
+}
+
+namespace {
+
+void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptions& options, UpgradeResult& result,
+                     GCancellable* cancellable)
+{
+    GError* error = nullptr;
+    glib::Object<GFile> root(g_file_new_for_path(mountpoint.c_str()));
+    glib::Object<OstreeSysroot> sysroot(ostree_sysroot_new(root.get()));
+    in_step("load sysroot", [&] {
+        if (!ostree_sysroot_load(sysroot.get(), cancellable, &error))
+            throw_gerror(error);
+        if (!ostree_sysroot_lock(sysroot.get(), &error))
+            throw_gerror(error, "lock");
+    });
+    struct Unlock {
+        OstreeSysroot* s;
+        ~Unlock() { ostree_sysroot_unlock(s); }
+    } unlock{sysroot.get()};
+
+    auto before = list_deployments(mountpoint, cancellable);
+    if (before.empty())
+        throw Error(options.target + ": the sysroot has no deployment to upgrade");
+    result.previous = before.front();
+    std::string os = result.previous.os;
+    glib::Object<OstreeDeployment> merge(ostree_sysroot_get_merge_deployment(sysroot.get(), os.c_str()));
+    if (!merge)
+        throw Error("no deployment of " + os + " to merge /etc from");
+
+    std::string refspec = result.previous.origin_refspec;
+    auto colon = refspec.find(':');
+    if (colon == std::string::npos)
+        throw Error("the deployment's origin '" + refspec + "' names no remote; treeflash upgrade needs remote:ref");
+    std::string remote = refspec.substr(0, colon);
+    std::string ref = options.ref.value_or(refspec.substr(colon + 1));
+    refspec = remote + ":" + ref;
+
+    std::optional<std::string> override_url;
+    if (options.repo)
+        override_url = is_url(*options.repo)
+                           ? *options.repo
+                           : "file://" + std::filesystem::absolute(*options.repo).lexically_normal().string();
+    OstreeRepo* repo = ostree_sysroot_repo(sysroot.get());
+    ostree_repo_set_disable_fsync(repo, TRUE); // the file system is synced on unmount
+    if (options.notice)
+        options.notice("pulling " + refspec + (override_url ? " from " + *override_url : ""));
+    in_step("pull", [&] {
+        GVariantBuilder builder;
+        g_variant_builder_init(&builder, G_VARIANT_TYPE_VARDICT);
+        const char* refs[] = {ref.c_str(), nullptr};
+        g_variant_builder_add(&builder, "{sv}", "refs", g_variant_new_strv(refs, -1));
+        if (override_url)
+            g_variant_builder_add(&builder, "{sv}", "override-url", g_variant_new_string(override_url->c_str()));
+        glib::Variant pull_options = glib::adopt_variant(g_variant_builder_end(&builder));
+        if (!ostree_repo_pull_with_options(repo, remote.c_str(), pull_options.get(), nullptr, cancellable, &error))
+            throw_gerror(error, refspec);
+    });
+    char* raw = nullptr;
+    if (!ostree_repo_resolve_rev(repo, refspec.c_str(), FALSE, &raw, &error))
+        throw_gerror(error, "resolve " + refspec);
+    std::string commit = glib::take_string(raw);
+
+    if (commit == result.previous.commit)
+        return;
+    if (options.notice)
+        options.notice("deploying " + commit.substr(0, 12) + " with /etc merged from the current deployment");
+    in_step("deploy", [&] {
+        GKeyFile* origin = ostree_sysroot_origin_new_from_refspec(sysroot.get(), refspec.c_str());
+        OstreeSysrootDeployTreeOpts deploy_options{}; // kernel arguments are inherited from the merge deployment
+        OstreeDeployment* raw_new = nullptr;
+        gboolean ok = ostree_sysroot_deploy_tree_with_options(sysroot.get(), os.c_str(), commit.c_str(), origin,
+                                                              merge.get(), &deploy_options, &raw_new, cancellable, &error);
+        g_key_file_unref(origin);
+        if (!ok)
+            throw_gerror(error);
+        glib::Object<OstreeDeployment> created(raw_new);
+        if (!ostree_sysroot_simple_write_deployment(sysroot.get(), os.c_str(), created.get(), merge.get(),
+                                                    OSTREE_SYSROOT_SIMPLE_WRITE_DEPLOYMENT_FLAGS_NONE, cancellable, &error))
+            throw_gerror(error, "write deployment");
+    });
+    result.changed = true;
+}
+
+} // namespace
+
+} // namespace treeflash::flasher

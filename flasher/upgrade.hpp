@@ -1,0 +1,35 @@
+// treeflash upgrade: `ostree admin upgrade` on a flashed card or image.
+#pragma once
+
+#include "flasher/sysroot.hpp"
+
+#include <functional>
+#include <optional>
+#include <string>
+
+typedef struct _GCancellable GCancellable;
+
+namespace treeflash::flasher {
+
+struct UpgradeOptions {
+    std::string target;              // a device or an image file
+    std::optional<std::string> repo; // pull from here (path or URL) instead of the origin's URL
+    std::optional<std::string> ref;  // switch to this ref on the same remote
+    std::function<void(const std::string&)> notice;
+};
+
+struct UpgradeResult {
+    int partition = 0;
+    Deployment previous;          // the default deployment before
+    Deployment current;           // the default deployment after
+    bool changed = false;         // false: already up to date
+    std::vector<Deployment> deployments; // after, default first
+};
+
+// Pulls the newer commit of the default deployment's origin (the remote's
+// URL and GPG settings apply), deploys it with /etc merged and /var kept,
+// keeps the previous deployment for rollback, and leaves the boot files
+// pointing at the new one.
+UpgradeResult upgrade(const UpgradeOptions& options, GCancellable* cancellable);
+
+} // namespace treeflash::flasher
