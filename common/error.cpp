@@ -24,6 +24,11 @@ void throw_gerror(GError* err, std::string_view what)
         g_error_free(err);
     if (cancelled)
         throw Cancelled();
+    // Errors are one line: multi-line GError texts are joined.
+    while (!message.empty() && message.back() == '\n')
+        message.pop_back();
+    for (size_t pos = 0; (pos = message.find('\n', pos)) != std::string::npos;)
+        message.replace(pos, 1, "; ");
     if (!what.empty())
         message = std::string(what) + ": " + message;
     throw Error(message);

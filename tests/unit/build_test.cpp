@@ -410,6 +410,17 @@ TEST_CASE("help explains every option with an example")
                                "--timestamp", "--gpg-sign", "--gpg-homedir", "--static-delta", "--json"})
         CHECK_MESSAGE(help.out.find(option) != std::string::npos, option);
     CHECK(help.out.find("Examples:") != std::string::npos);
+    for (const char* command : {"flash", "initramfs", "upgrade", "inspect"}) {
+        CAPTURE(command);
+        CHECK(top.out.find(command) != std::string::npos);
+        auto sub = run_treeflash({command, "--help"});
+        CHECK(sub.ok());
+        CHECK(sub.out.find("Example") != std::string::npos);
+    }
+    auto flash = run_treeflash({"flash", "--help"});
+    for (const char* option : {"--board", "--device", "--image", "--size", "--repo", "--ref", "--os", "--remote-url",
+                               "--gpg-import", "--karg", "--firmware", "--force", "--yes", "--json"})
+        CHECK_MESSAGE(flash.out.find(option) != std::string::npos, option);
 }
 
 TEST_CASE("bad command lines exit 2 with one line")

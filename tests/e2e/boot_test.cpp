@@ -1,0 +1,372 @@
+// End to end: images flashed by treeflash boot under qemu-system-aarch64
+// with U-Boot, and the console proves which deployment runs. Upgrades over
+// HTTP (ostree admin upgrade and treeflash upgrade), rollback through U-Boot's
+// environment, GPG-signed updates, and broken boot chains that must fail fast.
+// Needs root and the example packages (scripts/fetch-example).
+#include "tests/support/system.hpp"
+
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+#include <regex>
+
+using namespace treeflash;
+using namespace treeflash::test;
+using nlohmann::json;
+
+namespace {
+
+const bool not_root = !is_root();
+const fs::path example = TREEFLASH_E2E_EXAMPLE_DIR;
+const fs::path source_dir = TREEFLASH_SOURCE_DIR;
+
+std::string kver()
+{
+    std::string text = read_text(example / "kernel/kver");
+    return text.substr(0, text.find('\n'));
+}
+
+// The example rootfs, with an rcS that reports what the test checks and
+// powers off.
+void make_e2e_rootfs(const fs::path& dir, const std::string& version, const std::string& motd)
+{
+    fs::copy(example / "rootfs", dir, fs::copy_options::recursive | fs::copy_options::copy_symlinks);
+    write_file(dir / "etc/init.d/rcS", R"RCS(#!/bin/sh
+mount -t proc proc /proc 2>/dev/null
+mount -t sysfs sysfs /sys 2>/dev/null
+echo "E2E-CMDLINE: $(cat /proc/cmdline)"
+if touch /usr/e2e-probe 2>/dev/null; then echo "E2E-USR: writable"; else echo "E2E-USR: read-only"; fi
+if [ -e /run/ostree-booted ]; then echo "E2E-OSTREE-BOOTED: yes"; else echo "E2E-OSTREE-BOOTED: no"; fi
+echo "E2E-VERSION: $(/usr/bin/e2e-version)"
+echo "E2E-HOSTNAME: $(cat /etc/hostname)"
+echo "E2E-MOTD: $(cat /etc/motd)"
+echo "E2E-DONE"
+poweroff -f
+)RCS", 0755);
+    write_file(dir / "usr/bin/e2e-version", "#!/bin/sh\necho " + version + "\n", 0755);
+    write_file(dir / "etc/motd", motd + "\n");
+}
+
+fs::path initramfs_for(const fs::path& dir, const std::string& board, const std::vector<std::string>& extra = {})
+{
+    fs::path out = dir / ("initramfs-" + fs::path(board).filename().string() + ".img");
+    std::vector<std::string> args{"initramfs", "--board", board, "--busybox", (example / "rootfs/usr/bin/busybox").string(),
+                                  "--userland", (example / "prepare-root").string(), "--modules",
+                                  (example / "kernel/modules" / kver()).string(), "--output", out.string()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    args.push_back("--json");
+    auto r = run_treeflash(args);
+    REQUIRE_MESSAGE(r.ok(), r.err);
+    // Modules come after their dependencies; the loader and libc are in.
+    json info = json::parse(r.out);
+    auto position = [&](const std::string& name) {
+        const auto& modules = info["modules"];
+        for (size_t i = 0; i < modules.size(); ++i)
+            if (modules[i] == name)
+                return static_cast<int>(i);
+        return -1;
+    };
+    CHECK(position("ext4") > position("jbd2"));
+    CHECK(position("jbd2") >= 0);
+    std::string binaries = info["binaries"].dump();
+    CHECK(binaries.find("lib/ld-linux-aarch64.so.1") != std::string::npos);
+    CHECK(binaries.find("lib/libc.so.6") != std::string::npos);
+    return out;
+}
+
+std::string commit(const fs::path& rootfs, const fs::path& repo, const fs::path& initramfs, const std::string& version,
+                   const std::vector<std::string>& extra = {})
+{
+    std::vector<std::string> args{"build", "--rootfs", rootfs.string(), "--repo", repo.string(), "--kernel",
+                                  (example / "kernel/vmlinuz").string(), "--initramfs", initramfs.string(),
+                                  "--version", version};
+    args.insert(args.end(), extra.begin(), extra.end());
+    auto r = run_treeflash(args);
+    REQUIRE_MESSAGE(r.ok(), r.err);
+    return r.out.substr(0, 64);
+}
+
+struct Boot {
+    int status = -1;
+    std::string console;
+    std::string line(const std::string& key) const
+    {
+        auto pos = console.find(key + ": ");
+        if (pos == std::string::npos)
+            return "";
+        auto end = console.find_first_of("\r\n", pos);
+        return console.substr(pos + key.size() + 2, end - pos - key.size() - 2);
+    }
+};
+
+Boot boot(const fs::path& image, const std::vector<std::string>& extra = {})
+{
+    fs::path log = image;
+    log += ".console";
+    std::vector<std::string> argv{(source_dir / "scripts/qemu-boot").string(), image.string(), "--marker", "E2E-DONE",
+                                  "--timeout", "60", "--quiet", "--console", log.string()};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    auto r = run_process(argv);
+    Boot result;
+    result.status = r.exit_code;
+    result.console = read_text(log);
+    return result;
+}
+
+// The deployment directory of the default deployment on a mounted card.
+fs::path default_deployment(const fs::path& sysroot, const std::string& commit)
+{
+    for (const auto& entry : fs::directory_iterator(sysroot / "ostree/deploy/tcu/deploy"))
+        if (entry.is_directory() && entry.path().filename().string().rfind(commit, 0) == 0)
+            return entry.path();
+    FAIL("no deployment of " << commit);
+    return {};
+}
+
+// mount(8) of the rootfs partition (p3) of a qemu-arm64 image, read-write.
+struct MountedRootfs {
+    Scratch dir;
+    explicit MountedRootfs(const fs::path& image)
+    {
+        auto r = run_process({"mount", "-o", "loop,offset=" + std::to_string(160ull << 20), image.string(), dir.path().string()});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+    }
+    ~MountedRootfs() { run_process({"umount", dir.path().string()}); }
+};
+
+// The error itself is one line (after any progress notices).
+bool one_line(const std::string& err)
+{
+    std::istringstream in(err);
+    int errors = 0;
+    for (std::string line; std::getline(in, line);)
+        errors += line.rfind("treeflash upgrade:", 0) == 0;
+    return errors == 1 && err.find("treeflash upgrade:") != std::string::npos
+           && err.substr(err.find("treeflash upgrade:")).find('\n') == err.size() - err.find("treeflash upgrade:") - 1;
+}
+
+struct NoLeftovers {
+    std::set<std::string> before = system_leftovers();
+    ~NoLeftovers()
+    {
+        for (const auto& item : system_leftovers())
+            CHECK_MESSAGE(before.count(item), "left behind: " << item);
+    }
+};
+
+std::string gpg_key(const fs::path& home, const std::string& name)
+{
+    fs::create_directories(home);
+    fs::permissions(home, fs::perms::owner_all);
+    REQUIRE(run_process({"gpg", "--homedir", home.string(), "--batch", "--passphrase", "", "--quick-gen-key",
+                         name + " <" + name + "@example.invalid>", "ed25519", "sign", "never"}).ok());
+    auto list = run_process({"gpg", "--homedir", home.string(), "--with-colons", "--list-secret-keys"});
+    std::smatch m;
+    std::string out = list.out;
+    REQUIRE(std::regex_search(out, m, std::regex("fpr:+([0-9A-F]{40}):")));
+    return m[1];
+}
+
+} // namespace
+
+TEST_SUITE("e2e") {
+
+TEST_CASE("boot: the flashed deployment runs, with /usr read-only" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    make_e2e_rootfs(tmp / "rootfs", "v1", "motd v1");
+    std::string v1 = commit(tmp / "rootfs", tmp / "repo", initramfs_for(tmp.path(), "qemu-arm64"), "1");
+    RepoServer server(tmp / "repo");
+    auto flashed = run_treeflash({"flash", "--board", "qemu-arm64", "--image", (tmp / "disk.img").string(), "--repo",
+                                  server.url(), "--json"});
+    REQUIRE_MESSAGE(flashed.ok(), flashed.err);
+    json out = json::parse(flashed.out);
+    CHECK(out["commit"] == v1);
+
+    Boot b = boot(tmp / "disk.img");
+    REQUIRE_MESSAGE(b.status == 0, b.console);
+    std::string ostree_arg = "ostree=" + out["ostree"].get<std::string>();
+    CHECK(ostree_arg == "ostree=/ostree/boot.1/tcu/" + out["bootcsum"].get<std::string>() + "/0");
+    CHECK(b.line("E2E-CMDLINE").find(ostree_arg) != std::string::npos);
+    CHECK(b.line("E2E-USR") == "read-only");
+    CHECK(b.line("E2E-OSTREE-BOOTED") == "yes");
+    CHECK(b.line("E2E-VERSION") == "v1");
+}
+
+TEST_CASE("upgrade over HTTP with ostree admin and with treeflash, then rollback=1 boots the previous one" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::path initramfs = initramfs_for(tmp.path(), "qemu-arm64");
+    make_e2e_rootfs(tmp / "rootfs", "v1", "motd v1");
+    std::string v1 = commit(tmp / "rootfs", tmp / "repo", initramfs, "1");
+    RepoServer server(tmp / "repo");
+    fs::path image = tmp / "disk.img";
+    REQUIRE(run_treeflash({"flash", "--board", "qemu-arm64", "--image", image.string(), "--repo", server.url()}).ok());
+
+    // A local change on the card, then v2 changes the default /etc/motd and the program.
+    {
+        MountedRootfs card(image);
+        write_file(default_deployment(card.dir.path(), v1) / "etc/hostname", "locally-named\n");
+    }
+    write_file(tmp / "rootfs/usr/bin/e2e-version", "#!/bin/sh\necho v2\n", 0755);
+    write_file(tmp / "rootfs/etc/motd", "motd v2\n");
+    std::string v2 = commit(tmp / "rootfs", tmp / "repo", initramfs, "2");
+
+    // As the how-to does: ostree admin upgrade on the mounted card.
+    {
+        MountedRootfs card(image);
+        auto r = run_process({"ostree", "admin", "upgrade", "--sysroot=" + card.dir.path().string(), "--os=tcu"});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+    }
+    Boot b2 = boot(image);
+    REQUIRE_MESSAGE(b2.status == 0, b2.console);
+    CHECK(b2.line("E2E-VERSION") == "v2");
+    CHECK(b2.line("E2E-HOSTNAME") == "locally-named");
+    CHECK(b2.line("E2E-MOTD") == "motd v2");
+
+    // And with treeflash upgrade.
+    write_file(tmp / "rootfs/usr/bin/e2e-version", "#!/bin/sh\necho v3\n", 0755);
+    write_file(tmp / "rootfs/etc/motd", "motd v3\n");
+    std::string v3 = commit(tmp / "rootfs", tmp / "repo", initramfs, "3");
+    auto up = run_treeflash({"upgrade", image.string(), "--json"});
+    REQUIRE_MESSAGE(up.ok(), up.err);
+    json result = json::parse(up.out);
+    CHECK(result["current"]["commit"] == v3);
+    CHECK(result["previous"]["commit"] == v2);
+    Boot b3 = boot(image);
+    REQUIRE_MESSAGE(b3.status == 0, b3.console);
+    CHECK(b3.line("E2E-VERSION") == "v3");
+    CHECK(b3.line("E2E-HOSTNAME") == "locally-named");
+    CHECK(b3.line("E2E-MOTD") == "motd v3");
+    CHECK(b3.line("E2E-CMDLINE").find("ostree=" + result["current"]["ostree"].get<std::string>()) != std::string::npos);
+
+    // Rollback through U-Boot's environment (second flash bank).
+    Boot rolled = boot(image, {"--uboot-env", "rollback=1"});
+    REQUIRE_MESSAGE(rolled.status == 0, rolled.console);
+    CHECK(rolled.console.find("rollback=1, booting the previous deployment") != std::string::npos);
+    CHECK(rolled.line("E2E-VERSION") == "v2");
+    CHECK(result["deployments"][1]["commit"] == v2);
+    CHECK(rolled.line("E2E-CMDLINE").find("ostree=" + result["deployments"][1]["ostree"].get<std::string>()) != std::string::npos);
+}
+
+TEST_CASE("signed updates: the card takes its key's commits and refuses others" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    std::string key_a = gpg_key(tmp / "gpg-a", "release");
+    std::string key_b = gpg_key(tmp / "gpg-b", "intruder");
+    write_file(tmp / "release.gpg", run_process({"gpg", "--homedir", (tmp / "gpg-a").string(), "--export", key_a}).out);
+    auto sign_a = std::vector<std::string>{"--gpg-sign", key_a, "--gpg-homedir", (tmp / "gpg-a").string()};
+    auto sign_b = std::vector<std::string>{"--gpg-sign", key_b, "--gpg-homedir", (tmp / "gpg-b").string()};
+
+    fs::path initramfs = initramfs_for(tmp.path(), "qemu-arm64");
+    make_e2e_rootfs(tmp / "rootfs", "v1", "motd v1");
+    commit(tmp / "rootfs", tmp / "repo", initramfs, "1", sign_a);
+    RepoServer server(tmp / "repo");
+    fs::path image = tmp / "disk.img";
+    auto flashed = run_treeflash({"flash", "--board", "qemu-arm64", "--image", image.string(), "--repo", server.url(),
+                                  "--gpg-import", (tmp / "release.gpg").string()});
+    REQUIRE_MESSAGE(flashed.ok(), flashed.err);
+
+    write_file(tmp / "rootfs/usr/bin/e2e-version", "#!/bin/sh\necho v2\n", 0755);
+    std::string v2 = commit(tmp / "rootfs", tmp / "repo", initramfs, "2", sign_a);
+    auto good = run_treeflash({"upgrade", image.string()});
+    REQUIRE_MESSAGE(good.ok(), good.err);
+    CHECK_MESSAGE(good.out.find("upgraded") != std::string::npos, good.out << good.err);
+
+    write_file(tmp / "rootfs/usr/bin/e2e-version", "#!/bin/sh\necho v3\n", 0755);
+    commit(tmp / "rootfs", tmp / "repo", initramfs, "3", sign_b);
+    auto other_key = run_treeflash({"upgrade", image.string()});
+    CHECK(other_key.exit_code == 1);
+    CHECK_MESSAGE(other_key.err.find("public key not found") != std::string::npos, other_key.err);
+    CHECK(one_line(other_key.err));
+
+    write_file(tmp / "rootfs/usr/bin/e2e-version", "#!/bin/sh\necho v4\n", 0755);
+    commit(tmp / "rootfs", tmp / "repo", initramfs, "4");
+    auto unsigned_commit = run_treeflash({"upgrade", image.string()});
+    CHECK(unsigned_commit.exit_code == 1);
+    CHECK_MESSAGE(unsigned_commit.err.find("signatures found") != std::string::npos, unsigned_commit.err);
+
+    auto state = json::parse(run_treeflash({"inspect", image.string(), "--json"}).out);
+    CHECK(state["deployments"][0]["commit"] == v2);
+    Boot b = boot(image);
+    REQUIRE_MESSAGE(b.status == 0, b.console);
+    CHECK(b.line("E2E-VERSION") == "v2");
+    for (const char* home : {"gpg-a", "gpg-b"})
+        run_process({"gpgconf", "--homedir", (tmp / home).string(), "--kill", "all"});
+}
+
+TEST_CASE("a broken boot chain fails fast and the console says why" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    make_e2e_rootfs(tmp / "rootfs", "v1", "motd v1");
+    // A board whose initramfs lacks the disk driver, and one with a wrong root label.
+    fs::copy(source_dir / "board/qemu-arm64", tmp / "no-virtio", fs::copy_options::recursive);
+    std::string conf = read_text(tmp / "no-virtio/board.conf");
+    conf = std::regex_replace(conf, std::regex("initramfs.modules = .*"), "initramfs.modules = crc32c_generic ext4");
+    conf = std::regex_replace(conf, std::regex("initramfs.root_wait = .*"), "initramfs.root_wait = 3");
+    write_file(tmp / "no-virtio/board.conf", conf);
+    fs::copy(source_dir / "board/qemu-arm64", tmp / "bad-label", fs::copy_options::recursive);
+    conf = read_text(tmp / "bad-label/board.conf");
+    conf = std::regex_replace(conf, std::regex("ostree_root=LABEL=rootfs"), "ostree_root=LABEL=nosuchlabel");
+    conf = std::regex_replace(conf, std::regex("initramfs.root_wait = .*"), "initramfs.root_wait = 3");
+    write_file(tmp / "bad-label/board.conf", conf);
+
+    struct Case {
+        const char* board;
+        const char* expected;
+    };
+    for (const Case& c : {Case{"no-virtio", "FAILED at step 'wait for root': LABEL=rootfs did not appear within 3s"},
+                          Case{"bad-label", "FAILED at step 'wait for root': LABEL=nosuchlabel did not appear within 3s"}}) {
+        CAPTURE(c.board);
+        fs::path board = tmp / c.board;
+        fs::path repo = tmp / (std::string(c.board) + "-repo");
+        commit(tmp / "rootfs", repo, initramfs_for(tmp.path(), board.string()), "1");
+        fs::path image = tmp / (std::string(c.board) + ".img");
+        auto flashed = run_treeflash({"flash", "--board", board.string(), "--image", image.string(), "--repo", repo.string()});
+        REQUIRE_MESSAGE(flashed.ok(), flashed.err);
+        Boot b = boot(image);
+        CHECK(b.status == 1);
+        CHECK_MESSAGE(b.console.find(c.expected) != std::string::npos, b.console);
+        CHECK(b.console.find("treeflash-initramfs: powering off") != std::string::npos);
+    }
+}
+
+TEST_CASE("the example ls104x image matches its board profile" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::path initramfs = initramfs_for(tmp.path(), "ls104x");
+    auto built = run_treeflash({"build", "--rootfs", (example / "rootfs").string(), "--repo", (tmp / "repo").string(),
+                                "--kernel", (example / "kernel/vmlinuz").string(), "--initramfs", initramfs.string(),
+                                "--devicetree", (example / "kernel/fsl-ls1043a-rdb.dtb").string()});
+    REQUIRE_MESSAGE(built.ok(), built.err);
+    fs::path image = tmp / "ls104x.img";
+    auto flashed = run_treeflash({"flash", "--board", "ls104x", "--image", image.string(), "--repo", (tmp / "repo").string(), "--json"});
+    REQUIRE_MESSAGE(flashed.ok(), flashed.err);
+    json out = json::parse(flashed.out);
+    auto inspected = run_treeflash({"inspect", image.string(), "--json"});
+    REQUIRE_MESSAGE(inspected.ok(), inspected.err);
+    json info = json::parse(inspected.out);
+    CHECK(info["boot_script"] == true);
+    CHECK(info["update_marker"] == true);
+    std::string bootargs = info["uenv"]["bootargs"];
+    for (const char* arg : {"console=ttyS0,115200", "earlycon=uart8250,mmio,0x21c0500", "rootwait", "rootdelay=2",
+                            "ostree_root=/dev/mmcblk0p3"})
+        CHECK_MESSAGE(bootargs.find(arg) != std::string::npos, arg);
+    CHECK(bootargs.find("ostree=" + out["ostree"].get<std::string>()) != std::string::npos);
+    CHECK(bootargs.find("init=") == std::string::npos); // the initramfs runs ostree-prepare-root
+    CHECK(info["uenv"]["ramdisk_image"].get<std::string>().find("/initramfs") != std::string::npos);
+    CHECK(info["uenv"]["fdt_file"].get<std::string>().find("/devicetree") != std::string::npos);
+    CHECK(out["bootargs"] == "setenv bootargs \"" + bootargs + "\"");
+    // The boot script on p1 reads uEnv.txt from p3 of mmc 0.
+    auto mounted = run_process({"sh", "-c", "d=$(mktemp -d) && mount -o ro,loop,offset=67108864 " + image.string() +
+                                                " $d && cat $d/boot.cmd; umount $d; rmdir $d"});
+    CHECK(mounted.out.find("setenv devtype mmc") != std::string::npos);
+    CHECK(mounted.out.find("setenv ostree_part ${devnum}:3") != std::string::npos);
+    CHECK(mounted.out.find("if test -z \"${kernel_addr_r}\"; then setenv kernel_addr_r 0x81000000; fi") != std::string::npos);
+}
+
+}
