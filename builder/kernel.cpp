@@ -29,24 +29,9 @@ bool is_sha256_hex(std::string_view text)
 
 void hash_node(GChecksum* sum, const Tree& tree, const Node& file)
 {
-    if (file.source.origin == FileSource::Origin::Memory) {
-        g_checksum_update(sum, reinterpret_cast<const guchar*>(file.source.bytes.data()),
-                          static_cast<gssize>(file.source.bytes.size()));
-        return;
-    }
-    UniqueFd fd = tree.open_source(file.source);
-    std::vector<guchar> buffer(1 << 20);
-    for (;;) {
-        ssize_t n = ::read(fd.get(), buffer.data(), buffer.size());
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            throw_errno("read " + file.source.path);
-        }
-        if (n == 0)
-            break;
-        g_checksum_update(sum, buffer.data(), n);
-    }
+    tree.read_chunks(file, [&](const char* bytes, size_t size) {
+        g_checksum_update(sum, reinterpret_cast<const guchar*>(bytes), static_cast<gssize>(size));
+    });
 }
 
 // OSTree's bootcsum: sha256 over the kernel, the initramfs and the

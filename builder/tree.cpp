@@ -148,24 +148,31 @@ UniqueFd Tree::open_source(const FileSource& source) const
     throw Error("in-memory file has no descriptor");
 }
 
-std::string Tree::read_all(const Node& file) const
+void Tree::read_chunks(const Node& file, const std::function<void(const char*, size_t)>& sink) const
 {
-    if (file.source.origin == FileSource::Origin::Memory)
-        return file.source.bytes;
+    if (file.source.origin == FileSource::Origin::Memory) {
+        sink(file.source.bytes.data(), file.source.bytes.size());
+        return;
+    }
     UniqueFd fd = open_source(file.source);
-    std::string data;
-    char buffer[65536];
+    std::vector<char> buffer(1 << 20);
     for (;;) {
-        ssize_t n = ::read(fd.get(), buffer, sizeof buffer);
+        ssize_t n = ::read(fd.get(), buffer.data(), buffer.size());
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             throw_errno("read " + file.source.path);
         }
         if (n == 0)
-            break;
-        data.append(buffer, static_cast<size_t>(n));
+            return;
+        sink(buffer.data(), static_cast<size_t>(n));
     }
+}
+
+std::string Tree::read_all(const Node& file) const
+{
+    std::string data;
+    read_chunks(file, [&](const char* bytes, size_t size) { data.append(bytes, size); });
     return data;
 }
 

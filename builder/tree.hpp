@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -83,6 +84,8 @@ public:
     // Opens a regular file's bytes for reading; Memory sources have no fd and
     // are read through read_all().
     UniqueFd open_source(const FileSource& source) const;
+    // Streams a regular file's bytes to `sink` in chunks.
+    void read_chunks(const Node& file, const std::function<void(const char*, size_t)>& sink) const;
     std::string read_all(const Node& file) const;
 
     // Walks every node depth-first in name order; fn(path, node).

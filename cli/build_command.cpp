@@ -132,17 +132,8 @@ int run_build(const std::vector<std::string>& args, GCancellable* cancellable)
         ("jobs", po::value(&options.commit.jobs)->value_name("N"), "threads writing objects (default: one per CPU)")
         ("json", po::bool_switch(&json), "print the result as JSON on stdout");
 
-    po::variables_map vm;
-    try {
-        po::store(po::command_line_parser(args).options(desc).run(), vm);
-        po::notify(vm);
-    } catch (const po::error& e) {
-        throw UsageError(e.what());
-    }
-    if (vm.count("help")) {
-        std::cout << desc << "\n";
+    if (!parse_options(args, desc))
         return 0;
-    }
     if (rootfs.empty())
         throw UsageError("--rootfs is required");
     if (repo.empty())

@@ -1,6 +1,7 @@
 // What every subcommand file provides, and the helpers they share.
 #pragma once
 
+#include <boost/program_options.hpp>
 #include <gio/gio.h>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -25,6 +26,11 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
 struct UsageError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
+
+// Parses a subcommand's arguments (with "help" among the options). Returns
+// false after printing the help for --help; throws UsageError on mistakes.
+bool parse_options(const std::vector<std::string>& args, const boost::program_options::options_description& options,
+                   const boost::program_options::positional_options_description* positional = nullptr);
 
 void print_warning(const std::string& text);
 void print_notice(const std::string& text);

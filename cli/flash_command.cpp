@@ -130,6 +130,7 @@ void print_text(const flasher::FlashResult& r)
 int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
 {
     flasher::FlashOptions options;
+    options.board.clear(); // required on the command line
     std::string device, image, size, gpg_import;
     std::vector<std::string> firmware;
     bool json = false, yes = false;
@@ -159,18 +160,9 @@ int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
         ("yes,y", po::bool_switch(&yes), "do not ask before erasing --device")
         ("json", po::bool_switch(&json), "print the result as JSON on stdout");
 
-    po::variables_map vm;
-    try {
-        po::store(po::command_line_parser(args).options(desc).run(), vm);
-        po::notify(vm);
-    } catch (const po::error& e) {
-        throw UsageError(e.what());
-    }
-    if (vm.count("help")) {
-        std::cout << desc << "\n";
+    if (!parse_options(args, desc))
         return 0;
-    }
-    if (!vm.count("board"))
+    if (options.board.empty())
         throw UsageError("--board is required");
     if (options.repo.empty())
         throw UsageError("--repo is required");

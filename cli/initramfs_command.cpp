@@ -52,17 +52,8 @@ int run_initramfs(const std::vector<std::string>& args, GCancellable*)
          "what /init does after a failed step (default: the board's)")
         ("output", po::value(&output)->value_name("FILE"), "where to write the initramfs (required)")
         ("json", po::bool_switch(&json), "print the result as JSON on stdout");
-    po::variables_map vm;
-    try {
-        po::store(po::command_line_parser(args).options(desc).run(), vm);
-        po::notify(vm);
-    } catch (const po::error& e) {
-        throw UsageError(e.what());
-    }
-    if (vm.count("help")) {
-        std::cout << desc << "\n";
+    if (!parse_options(args, desc))
         return 0;
-    }
     for (const auto& [value, name] : {std::pair{&board_name, "--board"}, {&busybox, "--busybox"},
                                       {&userland, "--userland"}, {&output, "--output"}})
         if (value->empty())

@@ -58,17 +58,8 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
         ("json", po::bool_switch(&json), "print the result as JSON on stdout");
     po::positional_options_description positional;
     positional.add("target", 1);
-    po::variables_map vm;
-    try {
-        po::store(po::command_line_parser(args).options(desc).positional(positional).run(), vm);
-        po::notify(vm);
-    } catch (const po::error& e) {
-        throw UsageError(e.what());
-    }
-    if (vm.count("help")) {
-        std::cout << desc << "\n";
+    if (!parse_options(args, desc, &positional))
         return 0;
-    }
     if (target.empty())
         throw UsageError("name a DEVICE or IMAGE");
 

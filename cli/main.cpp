@@ -74,6 +74,28 @@ public:
 
 } // namespace
 
+bool parse_options(const std::vector<std::string>& args, const boost::program_options::options_description& options,
+                   const boost::program_options::positional_options_description* positional)
+{
+    namespace po = boost::program_options;
+    po::variables_map vm;
+    try {
+        po::command_line_parser parser(args);
+        parser.options(options);
+        if (positional)
+            parser.positional(*positional);
+        po::store(parser.run(), vm);
+        po::notify(vm);
+    } catch (const po::error& e) {
+        throw UsageError(e.what());
+    }
+    if (vm.count("help")) {
+        std::cout << options << "\n";
+        return false;
+    }
+    return true;
+}
+
 void print_warning(const std::string& text)
 {
     std::cerr << "treeflash: warning: " << text << "\n";

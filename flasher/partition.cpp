@@ -2,6 +2,7 @@
 
 #include "common/error.hpp"
 #include "flasher/handles.hpp"
+#include "flasher/target.hpp"
 
 #include <cerrno>
 #include <chrono>
@@ -69,14 +70,6 @@ FdiskScript read_script(struct fdisk_context* cxt, const std::filesystem::path& 
     return script;
 }
 
-std::filesystem::path sysfs_of(dev_t devno)
-{
-    std::error_code ec;
-    auto link = std::filesystem::path("/sys/dev/block") / (std::to_string(major(devno)) + ":" + std::to_string(minor(devno)));
-    auto resolved = std::filesystem::canonical(link, ec);
-    return ec ? link : resolved;
-}
-
 void blkpg(int fd, int op, int number, uint64_t start, uint64_t length, const std::string& what)
 {
     struct blkpg_partition part {};
@@ -96,7 +89,7 @@ void blkpg(int fd, int op, int number, uint64_t start, uint64_t length, const st
 // reliable without udev, and is refused for some loop setups).
 void tell_kernel(int fd, const std::string& device_path, dev_t devno, struct fdisk_context* cxt)
 {
-    std::filesystem::path sys = sysfs_of(devno);
+    std::filesystem::path sys = sysfs_block_dir(devno);
     std::error_code ec;
     for (const auto& entry : std::filesystem::directory_iterator(sys, ec)) {
         std::ifstream partition_file(entry.path() / "partition");

@@ -85,21 +85,6 @@ void add_remote(OstreeRepo* repo, const SysrootOptions& options, GCancellable* c
     }
 }
 
-void pull(OstreeRepo* repo, const SysrootOptions& options, GCancellable* cancellable)
-{
-    GVariantBuilder builder;
-    g_variant_builder_init(&builder, G_VARIANT_TYPE_VARDICT);
-    const char* refs[] = {options.ref.c_str(), nullptr};
-    g_variant_builder_add(&builder, "{sv}", "refs", g_variant_new_strv(refs, -1));
-    if (options.pull_url != options.remote_url)
-        g_variant_builder_add(&builder, "{sv}", "override-url", g_variant_new_string(options.pull_url.c_str()));
-    g_variant_builder_add(&builder, "{sv}", "n-network-retries", g_variant_new_uint32(2));
-    glib::Variant pull_options = glib::adopt_variant(g_variant_builder_end(&builder));
-    GError* error = nullptr;
-    if (!ostree_repo_pull_with_options(repo, options.remote.c_str(), pull_options.get(), nullptr, cancellable, &error))
-        throw_gerror(error, options.ref + " from " + options.pull_url);
-}
-
 std::string commit_version(OstreeRepo* repo, const char* commit)
 {
     GVariant* raw = nullptr;
@@ -172,7 +157,10 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
     in_step("remote", [&] { add_remote(repo, options, cancellable); });
     if (notice)
         notice("pulling " + options.ref + " from " + options.pull_url);
-    in_step("pull", [&] { pull(repo, options, cancellable); });
+    in_step("pull", [&] {
+        pull_ref(repo, options.remote, options.ref, options.pull_url == options.remote_url ? "" : options.pull_url,
+                 cancellable);
+    });
 
     if (notice)
         notice("deploying " + options.remote + ":" + options.ref + " as " + options.os);
@@ -219,6 +207,22 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
         g_ptr_array_unref(deployments);
         return result;
     });
+}
+
+void pull_ref(OstreeRepo* repo, const std::string& remote, const std::string& ref, const std::string& override_url,
+              GCancellable* cancellable)
+{
+    GVariantBuilder builder;
+    g_variant_builder_init(&builder, G_VARIANT_TYPE_VARDICT);
+    const char* refs[] = {ref.c_str(), nullptr};
+    g_variant_builder_add(&builder, "{sv}", "refs", g_variant_new_strv(refs, -1));
+    if (!override_url.empty())
+        g_variant_builder_add(&builder, "{sv}", "override-url", g_variant_new_string(override_url.c_str()));
+    g_variant_builder_add(&builder, "{sv}", "n-network-retries", g_variant_new_uint32(2));
+    glib::Variant pull_options = glib::adopt_variant(g_variant_builder_end(&builder));
+    GError* error = nullptr;
+    if (!ostree_repo_pull_with_options(repo, remote.c_str(), pull_options.get(), nullptr, cancellable, &error))
+        throw_gerror(error, remote + ":" + ref + (override_url.empty() ? "" : " from " + override_url));
 }
 
 std::vector<Deployment> list_deployments(const std::filesystem::path& root, GCancellable* cancellable)

@@ -9,6 +9,7 @@
 #include <vector>
 
 typedef struct _GCancellable GCancellable;
+typedef struct OstreeRepo OstreeRepo;
 
 namespace treeflash::flasher {
 
@@ -40,6 +41,11 @@ struct Deployment {
 // the remote, pulls the ref and deploys it. Returns the new deployment.
 Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOptions& options,
                              const std::function<void(const std::string&)>& notice, GCancellable* cancellable);
+
+// Pulls `ref` of `remote` into `repo`, from `override_url` when given
+// (the remote's GPG settings apply either way).
+void pull_ref(OstreeRepo* repo, const std::string& remote, const std::string& ref, const std::string& override_url,
+              GCancellable* cancellable);
 
 // The deployments of the sysroot at `root`, the default one first. Reads only.
 std::vector<Deployment> list_deployments(const std::filesystem::path& root, GCancellable* cancellable);

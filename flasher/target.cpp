@@ -28,14 +28,6 @@ std::string sysfs_read(const std::filesystem::path& path)
     return value;
 }
 
-std::filesystem::path sysfs_dir(dev_t devno)
-{
-    std::error_code ec;
-    auto link = std::filesystem::path("/sys/dev/block") / (std::to_string(major(devno)) + ":" + std::to_string(minor(devno)));
-    auto resolved = std::filesystem::canonical(link, ec);
-    return ec ? link : resolved;
-}
-
 dev_t whole_disk_of(dev_t devno)
 {
     dev_t disk = 0;
@@ -69,6 +61,14 @@ void probe_filesystem(const std::string& node, ExistingPartition& part)
 
 } // namespace
 
+std::filesystem::path sysfs_block_dir(dev_t devno)
+{
+    std::error_code ec;
+    auto link = std::filesystem::path("/sys/dev/block") / (std::to_string(major(devno)) + ":" + std::to_string(minor(devno)));
+    auto resolved = std::filesystem::canonical(link, ec);
+    return ec ? link : resolved;
+}
+
 DiskInfo describe_disk(const std::string& path)
 {
     DiskInfo info;
@@ -79,14 +79,14 @@ DiskInfo describe_disk(const std::string& path)
     if (!S_ISBLK(st.st_mode))
         throw Error(path + " is not a block device");
     info.devno = st.st_rdev;
-    std::filesystem::path sys = sysfs_dir(info.devno);
+    std::filesystem::path sys = sysfs_block_dir(info.devno);
     info.is_partition = std::filesystem::exists(sys / "partition");
     dev_t disk = whole_disk_of(info.devno);
     if (char* name = blkid_devno_to_devname(disk)) {
         info.whole_disk = name;
         free(name);
     }
-    std::filesystem::path disk_sys = sysfs_dir(disk);
+    std::filesystem::path disk_sys = sysfs_block_dir(disk);
     info.removable = sysfs_read(disk_sys / "removable") == "1";
     info.read_only = sysfs_read(sys / "ro") == "1";
     info.vendor = sysfs_read(disk_sys / "device/vendor");

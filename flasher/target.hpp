@@ -37,6 +37,9 @@ struct DiskInfo {
     bool holds_root = false;
 };
 
+// The sysfs directory of a block device (/sys/devices/.../block/sdb).
+std::filesystem::path sysfs_block_dir(dev_t devno);
+
 // Looks at a block device without writing (sysfs, libblkid, libmount).
 DiskInfo describe_disk(const std::string& path);
 

@@ -111,17 +111,7 @@ void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptio
     ostree_repo_set_disable_fsync(repo, TRUE); // the file system is synced on unmount
     if (options.notice)
         options.notice("pulling " + refspec + (override_url ? " from " + *override_url : ""));
-    in_step("pull", [&] {
-        GVariantBuilder builder;
-        g_variant_builder_init(&builder, G_VARIANT_TYPE_VARDICT);
-        const char* refs[] = {ref.c_str(), nullptr};
-        g_variant_builder_add(&builder, "{sv}", "refs", g_variant_new_strv(refs, -1));
-        if (override_url)
-            g_variant_builder_add(&builder, "{sv}", "override-url", g_variant_new_string(override_url->c_str()));
-        glib::Variant pull_options = glib::adopt_variant(g_variant_builder_end(&builder));
-        if (!ostree_repo_pull_with_options(repo, remote.c_str(), pull_options.get(), nullptr, cancellable, &error))
-            throw_gerror(error, refspec);
-    });
+    in_step("pull", [&] { pull_ref(repo, remote, ref, override_url.value_or(""), cancellable); });
     char* raw = nullptr;
     if (!ostree_repo_resolve_rev(repo, refspec.c_str(), FALSE, &raw, &error))
         throw_gerror(error, "resolve " + refspec);

@@ -386,27 +386,12 @@ TEST_CASE("SIGINT during a flash unmounts, detaches and removes the partial imag
 
     fs::path image = tmp / "card.img";
     std::string log = (tmp / "flash.log").string();
-    std::vector<std::string> argv{TREEFLASH_BINARY, "flash", "--board", "ls104x", "--image", image.string(), "--repo",
-                                  (tmp / "repo").string()};
-    std::vector<char*> raw;
-    for (auto& a : argv)
-        raw.push_back(a.data());
-    raw.push_back(nullptr);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 2, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
-    pid_t pid = 0;
-    REQUIRE(posix_spawn(&pid, raw[0], &actions, nullptr, raw.data(), environ) == 0);
-    posix_spawn_file_actions_destroy(&actions);
+    pid_t pid = spawn_treeflash({"flash", "--board", "ls104x", "--image", image.string(), "--repo", (tmp / "repo").string()}, log);
     // Interrupt while it pulls: the rootfs partition is mounted then.
     for (int i = 0; i < 500 && read_text(log).find("pulling") == std::string::npos; ++i)
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
     ::kill(pid, SIGINT);
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    CHECK(WIFEXITED(status));
-    CHECK(WEXITSTATUS(status) == 130);
+    CHECK(wait_exit(pid) == 130);
     CHECK(read_text(log).find("interrupted; no image was written") != std::string::npos);
     CHECK_FALSE(fs::exists(image));
     for (const auto& entry : fs::directory_iterator(tmp.path()))

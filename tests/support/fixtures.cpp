@@ -8,7 +8,12 @@
 #include <sstream>
 #include <stdexcept>
 #include <sys/stat.h>
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+extern char** environ;
 
 namespace treeflash::test {
 
@@ -182,6 +187,35 @@ ProcessResult run_treeflash(const std::vector<std::string>& args, const std::vec
     ProcessOptions options;
     options.extra_environment = env;
     return run_process(argv, options);
+}
+
+pid_t spawn_treeflash(const std::vector<std::string>& args, const std::string& stderr_file)
+{
+    std::vector<std::string> argv{TREEFLASH_BINARY};
+    argv.insert(argv.end(), args.begin(), args.end());
+    std::vector<char*> raw;
+    for (auto& a : argv)
+        raw.push_back(a.data());
+    raw.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&actions, 2, stderr_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    pid_t pid = 0;
+    int rc = posix_spawn(&pid, raw[0], &actions, nullptr, raw.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    if (rc != 0)
+        throw std::runtime_error("cannot start treeflash");
+    return pid;
+}
+
+int wait_exit(pid_t pid, int* signal)
+{
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    if (signal)
+        *signal = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
 ProcessResult ostree(const fs::path& repo, const std::vector<std::string>& args)

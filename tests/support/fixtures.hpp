@@ -67,6 +67,11 @@ void write_tarball(const fs::path& path, const std::vector<TarEntry>& entries);
 
 // The treeflash executable under test.
 ProcessResult run_treeflash(const std::vector<std::string>& args, const std::vector<std::string>& env = {});
+// Starts the treeflash executable without waiting; stderr goes to
+// `stderr_file` (or /dev/null). Returns the pid.
+pid_t spawn_treeflash(const std::vector<std::string>& args, const std::string& stderr_file = "/dev/null");
+// Waits for `pid`; returns its exit code (-1 when killed, `signal` set).
+int wait_exit(pid_t pid, int* signal = nullptr);
 // ostree CLI against a repo.
 ProcessResult ostree(const fs::path& repo, const std::vector<std::string>& args);
 // The ref's commit checksum, or "" when absent.

@@ -58,34 +58,6 @@ void fill_random(const fs::path& dir, int files, size_t size, unsigned seed)
     }
 }
 
-// Starts treeflash without waiting; returns its pid.
-pid_t spawn_treeflash(const std::vector<std::string>& args)
-{
-    std::vector<std::string> argv{TREEFLASH_BINARY};
-    argv.insert(argv.end(), args.begin(), args.end());
-    std::vector<char*> raw;
-    for (auto& a : argv)
-        raw.push_back(a.data());
-    raw.push_back(nullptr);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
-    posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
-    pid_t pid = 0;
-    REQUIRE(posix_spawn(&pid, raw[0], &actions, nullptr, raw.data(), environ) == 0);
-    posix_spawn_file_actions_destroy(&actions);
-    return pid;
-}
-
-int wait_exit(pid_t pid, int* signal = nullptr)
-{
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    if (signal)
-        *signal = WIFSIGNALED(status) ? WTERMSIG(status) : 0;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
 bool has_partial_repo(const fs::path& dir)
 {
     for (const auto& entry : fs::directory_iterator(dir))
