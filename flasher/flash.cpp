@@ -133,7 +133,7 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
             std::string node = partition_node(target->device(), role.number);
             notice("formatting " + node + " as ext4 '" + role.label + "'");
             in_step("format " + node, [&] {
-                make_ext4(node, role.label, board.mkfs_ext4_options);
+                make_ext4(node, role.label, board.mkfs_ext4_options, target->is_image());
                 verify_filesystem(node, role.fstype, role.label);
             });
         }

@@ -9,10 +9,15 @@
 
 namespace treeflash::flasher {
 
-void make_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options)
+void make_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options,
+               bool fresh_zeroed)
 {
     std::vector<std::string> argv{"mkfs.ext4", "-F", "-q", "-L", label};
     argv.insert(argv.end(), options.begin(), options.end());
+    if (fresh_zeroed) {
+        argv.push_back("-E");
+        argv.push_back("lazy_itable_init=1,lazy_journal_init=1,nodiscard");
+    }
     argv.push_back(node);
     run_checked(argv);
 }

@@ -12,8 +12,11 @@ struct FilesystemInfo {
     std::string uuid;
 };
 
-// mkfs.ext4 with the board's options and the partition's label.
-void make_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options);
+// mkfs.ext4 with the board's options and the partition's label. On a new
+// image file every block already reads as zero, so inode tables and the
+// journal need not be written out (`fresh_zeroed`); on a used card they must.
+void make_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options,
+               bool fresh_zeroed = false);
 
 // What libblkid finds on `path` (a partition node or image), at `offset`.
 FilesystemInfo probe_filesystem(const std::string& path, uint64_t offset = 0, uint64_t size = 0);

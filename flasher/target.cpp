@@ -236,6 +236,12 @@ void Target::commit()
     }
     m_fd.reset();
     m_loop.reset();
+    // The loop device wrote into the file's page cache: flush the file itself.
+    {
+        UniqueFd file(::open(m_partial.c_str(), O_RDONLY | O_CLOEXEC));
+        if (!file || ::fsync(file.get()) != 0)
+            throw_errno("sync " + m_partial.string());
+    }
     if (::rename(m_partial.c_str(), m_image.c_str()) != 0)
         throw_errno("move the image into place at " + m_image.string());
     m_committed = true;
