@@ -130,7 +130,6 @@ void print_text(const flasher::FlashResult& r)
 int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
 {
     flasher::FlashOptions options;
-    options.board.clear(); // required on the command line
     std::string device, image, size, gpg_import;
     std::vector<std::string> firmware;
     bool json = false, yes = false;

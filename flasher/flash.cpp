@@ -45,7 +45,7 @@ std::string state_after(Progress progress, bool image)
     return "";
 }
 
-std::string shell_quote_free(const std::string& args)
+std::string bootargs_command(const std::string& args)
 {
     return "setenv bootargs \"" + args + "\"";
 }
@@ -187,7 +187,7 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
             part.role = "boot";
         result.partitions.push_back(part);
     }
-    result.bootargs_line = shell_quote_free(result.deployment.kernel_args);
+    result.bootargs_line = bootargs_command(result.deployment.kernel_args);
     return result;
 }
 

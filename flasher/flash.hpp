@@ -18,7 +18,7 @@ typedef struct _GCancellable GCancellable;
 namespace treeflash::flasher {
 
 struct FlashOptions {
-    std::string board = "ls104x";
+    std::string board;            // a name or a folder
     std::optional<std::string> device;
     std::optional<std::filesystem::path> image;
     std::optional<uint64_t> size; // image size in bytes; default from the commit
