@@ -170,12 +170,7 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
         if (!ostree_repo_resolve_rev(repo, refspec.c_str(), FALSE, &raw_commit, &error))
             throw_gerror(error);
         std::string commit = glib::take_string(raw_commit);
-        if (!ostree_sysroot_lock(sysroot.get(), &error))
-            throw_gerror(error, "lock");
-        struct Unlock {
-            OstreeSysroot* s;
-            ~Unlock() { ostree_sysroot_unlock(s); }
-        } unlock{sysroot.get()};
+        SysrootLock lock(sysroot.get());
         GKeyFile* origin = ostree_sysroot_origin_new_from_refspec(sysroot.get(), refspec.c_str());
         std::vector<char*> kargs;
         for (const auto& arg : options.kernel_args)
@@ -207,6 +202,18 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
         g_ptr_array_unref(deployments);
         return result;
     });
+}
+
+SysrootLock::SysrootLock(OstreeSysroot* sysroot) : m_sysroot(sysroot)
+{
+    GError* error = nullptr;
+    if (!ostree_sysroot_lock(sysroot, &error))
+        throw_gerror(error, "lock the sysroot");
+}
+
+SysrootLock::~SysrootLock()
+{
+    ostree_sysroot_unlock(m_sysroot);
 }
 
 void pull_ref(OstreeRepo* repo, const std::string& remote, const std::string& ref, const std::string& override_url,

@@ -10,6 +10,7 @@
 
 typedef struct _GCancellable GCancellable;
 typedef struct OstreeRepo OstreeRepo;
+typedef struct OstreeSysroot OstreeSysroot;
 
 namespace treeflash::flasher {
 
@@ -41,6 +42,18 @@ struct Deployment {
 // the remote, pulls the ref and deploys it. Returns the new deployment.
 Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOptions& options,
                              const std::function<void(const std::string&)>& notice, GCancellable* cancellable);
+
+// Holds the sysroot lock (ostree_sysroot_lock) while it exists.
+class SysrootLock {
+public:
+    explicit SysrootLock(OstreeSysroot* sysroot);
+    SysrootLock(const SysrootLock&) = delete;
+    SysrootLock& operator=(const SysrootLock&) = delete;
+    ~SysrootLock();
+
+private:
+    OstreeSysroot* m_sysroot;
+};
 
 // Pulls `ref` of `remote` into `repo`, from `override_url` when given
 // (the remote's GPG settings apply either way).

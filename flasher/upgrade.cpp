@@ -77,13 +77,8 @@ void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptio
     in_step("load sysroot", [&] {
         if (!ostree_sysroot_load(sysroot.get(), cancellable, &error))
             throw_gerror(error);
-        if (!ostree_sysroot_lock(sysroot.get(), &error))
-            throw_gerror(error, "lock");
     });
-    struct Unlock {
-        OstreeSysroot* s;
-        ~Unlock() { ostree_sysroot_unlock(s); }
-    } unlock{sysroot.get()};
+    SysrootLock lock(sysroot.get());
 
     auto before = list_deployments(mountpoint, cancellable);
     if (before.empty())
