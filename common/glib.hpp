@@ -14,23 +14,16 @@ struct ObjectUnref {
 struct VariantUnref {
     void operator()(GVariant* v) const { g_variant_unref(v); }
 };
-struct ErrorFree {
-    void operator()(GError* e) const { g_error_free(e); }
-};
 struct Free {
     void operator()(gpointer p) const { g_free(p); }
 };
 struct ChecksumFree {
     void operator()(GChecksum* c) const { g_checksum_free(c); }
 };
-struct VariantBuilderUnref {
-    void operator()(GVariantBuilder* b) const { g_variant_builder_unref(b); }
-};
 
 template <typename T>
 using Object = std::unique_ptr<T, ObjectUnref>;
 using Variant = std::unique_ptr<GVariant, VariantUnref>;
-using ErrorPtr = std::unique_ptr<GError, ErrorFree>;
 using CString = std::unique_ptr<char, Free>;
 using Bytes = std::unique_ptr<guchar, Free>;
 using Checksum = std::unique_ptr<GChecksum, ChecksumFree>;

@@ -47,9 +47,9 @@ ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOpt
 {
     if (argv.empty())
         throw Error("run: empty command");
-    Pipe out, err, in;
+    Pipe out, err;
     SpawnActions actions;
-    posix_spawn_file_actions_adddup2(actions.get(), in.read_end.get(), 0);
+    posix_spawn_file_actions_addopen(actions.get(), 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_adddup2(actions.get(), out.write_end.get(), 1);
     posix_spawn_file_actions_adddup2(actions.get(), err.write_end.get(), 2);
 
@@ -79,22 +79,16 @@ ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOpt
     posix_spawnattr_destroy(&attr);
     if (rc != 0)
         throw_errno("run " + argv[0], rc);
-    in.read_end.reset();
     out.write_end.reset();
     err.write_end.reset();
 
     ProcessResult result;
-    std::string input = options.input.value_or("");
-    size_t input_done = 0;
-    if (input.empty())
-        in.write_end.reset();
-    struct pollfd fds[3] = {{out.read_end.get(), POLLIN, 0}, {err.read_end.get(), POLLIN, 0},
-                            {in.write_end ? in.write_end.get() : -1, POLLOUT, 0}};
+    struct pollfd fds[2] = {{out.read_end.get(), POLLIN, 0}, {err.read_end.get(), POLLIN, 0}};
     std::string* sinks[2] = {&result.out, &result.err};
     int open_outputs = 2;
     char buffer[65536];
-    while (open_outputs > 0 || fds[2].fd >= 0) {
-        if (::poll(fds, 3, -1) < 0) {
+    while (open_outputs > 0) {
+        if (::poll(fds, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
             throw_errno("poll");
@@ -108,15 +102,6 @@ ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOpt
             } else if (n == 0 || errno != EINTR) {
                 fds[i].fd = -1;
                 --open_outputs;
-            }
-        }
-        if (fds[2].fd >= 0 && (fds[2].revents & (POLLOUT | POLLERR | POLLHUP))) {
-            ssize_t n = ::write(fds[2].fd, input.data() + input_done, input.size() - input_done);
-            if (n > 0)
-                input_done += static_cast<size_t>(n);
-            if (n < 0 || input_done == input.size()) {
-                in.write_end.reset();
-                fds[2].fd = -1;
             }
         }
     }

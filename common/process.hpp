@@ -2,7 +2,6 @@
 // captured, failures reported with the program's stderr.
 #pragma once
 
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,11 +16,10 @@ struct ProcessResult {
 };
 
 struct ProcessOptions {
-    std::optional<std::string> input;          // written to stdin, which is /dev/null otherwise
     std::vector<std::string> extra_environment; // "KEY=VALUE" added to the caller's environment
 };
 
-// Runs argv[0] (looked up in PATH) and waits for it.
+// Runs argv[0] (looked up in PATH) with stdin from /dev/null and waits for it.
 ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOptions& options = {});
 
 // Runs argv and throws Error "argv[0]: <its stderr>" unless it exits 0.

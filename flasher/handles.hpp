@@ -17,9 +17,6 @@ struct FdiskScriptUnref {
 struct FdiskTableUnref {
     void operator()(struct fdisk_table* t) const { fdisk_unref_table(t); }
 };
-struct FdiskIterFree {
-    void operator()(struct fdisk_iter* i) const { fdisk_free_iter(i); }
-};
 struct BlkidProbeFree {
     void operator()(blkid_probe p) const { blkid_free_probe(p); } // blkid_probe is already a pointer
 };
@@ -36,7 +33,6 @@ struct MntIterFree {
 using FdiskContext = std::unique_ptr<struct fdisk_context, FdiskContextUnref>;
 using FdiskScript = std::unique_ptr<struct fdisk_script, FdiskScriptUnref>;
 using FdiskTable = std::unique_ptr<struct fdisk_table, FdiskTableUnref>;
-using FdiskIter = std::unique_ptr<struct fdisk_iter, FdiskIterFree>;
 using BlkidProbe = std::unique_ptr<std::remove_pointer_t<blkid_probe>, BlkidProbeFree>;
 using MntContext = std::unique_ptr<struct libmnt_context, MntContextFree>;
 using MntTable = std::unique_ptr<struct libmnt_table, MntTableUnref>;

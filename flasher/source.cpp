@@ -89,7 +89,6 @@ Source resolve_source(const std::string& repo_or_url, const std::string& ref, GC
         auto path = std::filesystem::absolute(repo_or_url, ec);
         if (!std::filesystem::is_regular_file(path / "config", ec))
             throw Error("repository " + repo_or_url + ": not an OSTree repository");
-        source.is_local = true;
         source.url = "file://" + path.lexically_normal().string();
         glib::Object<OstreeRepo> repo(ostree_repo_open_at(AT_FDCWD, path.c_str(), cancellable, &error));
         if (!repo)

@@ -10,7 +10,6 @@ namespace treeflash::flasher {
 
 struct Source {
     std::string url;     // what libostree pulls from: file:///abs/path or http(s)://
-    bool is_local = false;
     std::string ref;
     std::string commit;
     std::string version;

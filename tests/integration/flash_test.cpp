@@ -78,11 +78,6 @@ struct LoopGuard {
     ~LoopGuard() { run_process({"losetup", "-d", device}); }
 };
 
-std::string sha256_file(const fs::path& file)
-{
-    return sha256_hex(read_text(file));
-}
-
 struct Partition {
     uint64_t start, size;
 };
