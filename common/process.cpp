@@ -43,6 +43,22 @@ private:
 
 } // namespace
 
+std::vector<std::string> child_environment(const std::vector<std::string>& overrides)
+{
+    auto key_of = [](const std::string& entry) { return entry.substr(0, entry.find('=')); };
+    std::vector<std::string> env;
+    for (char** e = environ; *e; ++e) {
+        std::string entry(*e);
+        bool overridden = false;
+        for (const auto& o : overrides)
+            overridden |= key_of(o) == key_of(entry);
+        if (!overridden)
+            env.push_back(std::move(entry));
+    }
+    env.insert(env.end(), overrides.begin(), overrides.end());
+    return env;
+}
+
 ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOptions& options)
 {
     if (argv.empty())
@@ -57,10 +73,7 @@ ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOpt
     for (const auto& arg : argv)
         args.push_back(const_cast<char*>(arg.c_str()));
     args.push_back(nullptr);
-    std::vector<std::string> env_storage;
-    for (char** e = environ; *e; ++e)
-        env_storage.emplace_back(*e);
-    env_storage.insert(env_storage.end(), options.extra_environment.begin(), options.extra_environment.end());
+    std::vector<std::string> env_storage = child_environment(options.extra_environment);
     std::vector<char*> env;
     for (auto& e : env_storage)
         env.push_back(e.data());

@@ -16,8 +16,13 @@ struct ProcessResult {
 };
 
 struct ProcessOptions {
-    std::vector<std::string> extra_environment; // "KEY=VALUE" added to the caller's environment
+    // "KEY=VALUE": the child gets the caller's environment with each KEY set
+    // to VALUE (a KEY the caller already has is replaced, not repeated).
+    std::vector<std::string> extra_environment;
 };
+
+// The caller's environment with `overrides` ("KEY=VALUE") set.
+std::vector<std::string> child_environment(const std::vector<std::string>& overrides);
 
 // Runs argv[0] (looked up in PATH) with stdin from /dev/null and waits for it.
 ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOptions& options = {});

@@ -65,6 +65,17 @@ std::string sha256_hex(const std::string& data)
     return out;
 }
 
+std::string sha256sum_files(const std::vector<fs::path>& files)
+{
+    std::vector<std::string> argv{"sh", "-c", "cat \"$@\" | sha256sum", "sh"};
+    for (const auto& f : files)
+        argv.push_back(f.string());
+    ProcessResult r = run_process(argv);
+    if (!r.ok() || r.out.size() < 64)
+        throw std::runtime_error("sha256sum: " + r.err);
+    return r.out.substr(0, 64);
+}
+
 void make_rootfs(const fs::path& dir)
 {
     fs::create_directories(dir / "usr/bin");

@@ -33,6 +33,9 @@ private:
 void write_file(const fs::path& path, const std::string& content, mode_t mode = 0644);
 std::string read_text(const fs::path& path);
 std::string sha256_hex(const std::string& data);
+// sha256sum(1) of the files' contents concatenated: a value computed
+// without the project's code or GLib, to check checksums against.
+std::string sha256sum_files(const std::vector<fs::path>& files);
 
 // A minimal usr-merged busybox-like rootfs: usr/bin/busybox (setuid),
 // bin -> usr/bin, etc/inittab, a hardlink, an absolute symlink.

@@ -25,7 +25,7 @@ TEST_CASE("legacy layout: checksum-named regular files, even when given a symlin
     options.devicetrees = {k.devicetree};
     KernelResult result = place_kernel(imported.tree, options);
 
-    std::string csum = sha256_hex(k.kernel_bytes + k.initramfs_bytes + k.devicetree_bytes);
+    std::string csum = sha256sum_files({k.kernel, k.initramfs, k.devicetree});
     CHECK(result.bootcsum == csum);
     const Node* vmlinuz = imported.tree.find("usr/lib/ostree-boot/vmlinuz-" + csum);
     REQUIRE(vmlinuz);
@@ -49,7 +49,7 @@ TEST_CASE("modules layout: several devicetrees go to dtb/ and count in name orde
     options.layout = KernelLayout::Modules;
     options.kver = "6.1.0-test";
     KernelResult result = place_kernel(imported.tree, options);
-    CHECK(result.bootcsum == sha256_hex(k.kernel_bytes + k.initramfs_bytes + "first dtb" + k.devicetree_bytes));
+    CHECK(result.bootcsum == sha256sum_files({k.kernel, k.initramfs, tmp / "a-first.dtb", k.devicetree}));
     CHECK(imported.tree.find("usr/lib/modules/6.1.0-test/vmlinuz"));
     CHECK(imported.tree.find("usr/lib/modules/6.1.0-test/initramfs.img"));
     CHECK(imported.tree.find("usr/lib/modules/6.1.0-test/dtb/a-first.dtb"));
@@ -66,7 +66,8 @@ TEST_CASE("a kernel the rootfs already carries is accepted in either layout")
     KernelResult found = place_kernel(modules.tree, {});
     CHECK(found.from_rootfs);
     CHECK(found.layout == KernelLayout::Modules);
-    CHECK(found.bootcsum == sha256_hex("kerneldtb"));
+    CHECK(found.bootcsum == sha256sum_files({tmp / "modules/usr/lib/modules/6.1.0-x/vmlinuz",
+                                             tmp / "modules/usr/lib/modules/6.1.0-x/devicetree"}));
 
     make_rootfs(tmp / "legacy");
     std::string csum = sha256_hex("whatever");
