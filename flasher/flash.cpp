@@ -83,6 +83,7 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
         if (!found)
             throw Error("board: " + board.partition_table.string() + " has no partition " + std::to_string(role.number));
     }
+    std::string boot_script = in_step("boot script", [&] { return render_boot_script(board); });
     auto firmware = in_step("firmware", [&] { return plan_firmware(board, options.firmware, layout.first_partition_offset()); });
     Source source = in_step("source", [&] { return resolve_source(options.repo, options.ref, cancellable); });
     result.remote_url = options.remote_url.empty() ? source.url : options.remote_url;
@@ -158,7 +159,7 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
         {
             Mount boot(partition_node(target->device(), board.boot_partition), "ext4", "", mount_parent);
             in_step("boot script", [&] {
-                write_boot_script(board, boot.path());
+                write_boot_script(board, boot_script, boot.path());
                 boot.unmount();
             });
         }

@@ -7,6 +7,7 @@
 
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
+#include <algorithm>
 #include <regex>
 
 using namespace treeflash;
@@ -34,6 +35,7 @@ void make_e2e_rootfs(const fs::path& dir, const std::string& version, const std:
 mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
 echo "E2E-CMDLINE: $(cat /proc/cmdline)"
+echo "E2E-MODEL: $(cat /sys/firmware/devicetree/base/model)"
 if touch /usr/e2e-probe 2>/dev/null; then echo "E2E-USR: writable"; else echo "E2E-USR: read-only"; fi
 if [ -e /run/ostree-booted ]; then echo "E2E-OSTREE-BOOTED: yes"; else echo "E2E-OSTREE-BOOTED: no"; fi
 echo "E2E-VERSION: $(/usr/bin/e2e-version)"
@@ -46,12 +48,14 @@ poweroff -f
     write_file(dir / "etc/motd", motd + "\n");
 }
 
-fs::path initramfs_for(const fs::path& dir, const std::string& board, const std::vector<std::string>& extra = {})
+fs::path initramfs_for(const fs::path& dir, const std::string& board, const std::vector<std::string>& extra = {},
+                       const fs::path& modules = {})
 {
     fs::path out = dir / ("initramfs-" + fs::path(board).filename().string() + ".img");
     std::vector<std::string> args{"initramfs", "--board", board, "--busybox", (example / "rootfs/usr/bin/busybox").string(),
                                   "--userland", (example / "prepare-root").string(), "--modules",
-                                  (example / "kernel/modules" / kver()).string(), "--output", out.string()};
+                                  (modules.empty() ? example / "kernel/modules" / kver() : modules).string(),
+                                  "--output", out.string()};
     args.insert(args.end(), extra.begin(), extra.end());
     args.push_back("--json");
     auto r = run_treeflash(args);
@@ -83,6 +87,48 @@ std::string commit(const fs::path& rootfs, const fs::path& repo, const fs::path&
     auto r = run_treeflash(args);
     REQUIRE_MESSAGE(r.ok(), r.err);
     return r.out.substr(0, 64);
+}
+
+// QEMU's own devicetree for the virt machine with its model renamed, so the
+// console shows which devicetree the kernel got.
+fs::path marked_devicetree(const fs::path& dir, const std::string& name, const std::string& model)
+{
+    fs::path qemu = dir / "qemu-dumped.dtb";
+    if (!fs::exists(qemu)) {
+        auto r = run_process({(source_dir / "scripts/qemu-boot").string(), "--dump-dtb", qemu.string()});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+    }
+    auto dts = run_process({"dtc", "-q", "-I", "dtb", "-O", "dts", qemu.string()});
+    REQUIRE_MESSAGE(dts.ok(), dts.err);
+    std::string text = dts.out;
+    const std::string original = "model = \"linux,dummy-virt\";";
+    REQUIRE(text.find(original) != std::string::npos);
+    text.replace(text.find(original), original.size(), "model = \"" + model + "\";");
+    write_file(dir / (name + ".dts"), text);
+    fs::path out = dir / name;
+    auto r = run_process({"dtc", "-q", "-I", "dts", "-O", "dtb", "-o", out.string(), (dir / (name + ".dts")).string()});
+    REQUIRE_MESSAGE(r.ok(), r.err);
+    return out;
+}
+
+// A copy of the kernel's modules tree (symlinks) plus refused.ko: a real
+// module whose vermagic was changed, so the kernel refuses to load it.
+fs::path modules_with_refused_module(const fs::path& dir)
+{
+    fs::path modules = dir / "modules";
+    auto r = run_process({"cp", "-as", (example / "kernel/modules" / kver()).string() + "/.", modules.string()});
+    REQUIRE_MESSAGE(r.ok(), r.err);
+    fs::path crc16;
+    for (const auto& entry : fs::recursive_directory_iterator(modules / "kernel"))
+        if (entry.path().filename() == "crc16.ko")
+            crc16 = entry.path();
+    REQUIRE(!crc16.empty());
+    std::string bytes = read_text(crc16);
+    auto pos = bytes.find("vermagic=");
+    REQUIRE(pos != std::string::npos);
+    bytes[pos + 9] = 'X';
+    write_file(modules / "kernel/refused.ko", bytes);
+    return modules;
 }
 
 struct Boot {
@@ -191,6 +237,61 @@ TEST_CASE("boot: the flashed deployment runs, with /usr read-only" * doctest::sk
     CHECK(b.line("E2E-USR") == "read-only");
     CHECK(b.line("E2E-OSTREE-BOOTED") == "yes");
     CHECK(b.line("E2E-VERSION") == "v1");
+    // No devicetree in the commit: the kernel runs on QEMU's own.
+    CHECK(b.console.find("treeflash: no devicetree in the deployment") != std::string::npos);
+    CHECK(b.line("E2E-MODEL") == "linux,dummy-virt");
+}
+
+TEST_CASE("devicetrees from the commit boot on U-Boot's bare default environment: legacy, modules, several" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::path initramfs = initramfs_for(tmp.path(), "qemu-arm64");
+    make_e2e_rootfs(tmp / "rootfs", "v1", "motd v1");
+    fs::path board_dt = marked_devicetree(tmp.path(), "qemu-virt.dtb", "treeflash-e2e board devicetree");
+    fs::path other_dt = marked_devicetree(tmp.path(), "other.dtb", "treeflash-e2e other devicetree");
+    std::vector<std::string> modules_layout{"--kernel-layout", "modules", "--kver", kver()};
+
+    struct Variant {
+        std::string name;
+        std::vector<std::string> build_args;
+        std::string loaded; // the console line naming the devicetree U-Boot loaded
+    };
+    std::vector<Variant> variants{
+        {"legacy, one devicetree", {"--devicetree", board_dt.string()}, "/devicetree\n"},
+        {"modules, one devicetree", {"--devicetree", board_dt.string()}, "/devicetree-" + kver()},
+        {"modules, two devicetrees", {"--devicetree", board_dt.string(), "--devicetree", other_dt.string()}, "/dtb/qemu-virt.dtb"},
+    };
+    variants[1].build_args.insert(variants[1].build_args.end(), modules_layout.begin(), modules_layout.end());
+    variants[2].build_args.insert(variants[2].build_args.end(), modules_layout.begin(), modules_layout.end());
+
+    for (size_t i = 0; i < variants.size(); ++i) {
+        const Variant& v = variants[i];
+        CAPTURE(v.name);
+        fs::path repo = tmp / ("repo-" + std::to_string(i));
+        fs::path image = tmp / ("disk-" + std::to_string(i) + ".img");
+        commit(tmp / "rootfs", repo, initramfs, "1", v.build_args);
+        auto flashed = run_treeflash({"flash", "--board", "qemu-arm64", "--image", image.string(), "--repo", repo.string()});
+        REQUIRE_MESSAGE(flashed.ok(), flashed.err);
+
+        Boot b = boot(image); // no --uboot-env: U-Boot's bare default environment
+        REQUIRE_MESSAGE(b.status == 0, b.console);
+        auto loaded = b.console.find("treeflash: devicetree ");
+        REQUIRE_MESSAGE(loaded != std::string::npos, b.console);
+        std::string loaded_line = b.console.substr(loaded, b.console.find('\n', loaded) - loaded + 1);
+        loaded_line.erase(std::remove(loaded_line.begin(), loaded_line.end(), '\r'), loaded_line.end());
+        CHECK_MESSAGE(loaded_line.find(v.loaded) != std::string::npos, loaded_line);
+        CHECK(b.line("E2E-MODEL") == "treeflash-e2e board devicetree");
+        CHECK(b.line("E2E-VERSION") == "v1");
+
+        if (i == 2) {
+            // The environment's fdtfile picks another devicetree of the folder.
+            Boot other = boot(image, {"--uboot-env", "fdtfile=other.dtb"});
+            REQUIRE_MESSAGE(other.status == 0, other.console);
+            CHECK(other.console.find("/dtb/other.dtb") != std::string::npos);
+            CHECK(other.line("E2E-MODEL") == "treeflash-e2e other devicetree");
+        }
+    }
 }
 
 TEST_CASE("upgrade over HTTP with ostree admin and with treeflash, then rollback=1 boots the previous one" * doctest::skip(not_root))
@@ -331,6 +432,45 @@ TEST_CASE("a broken boot chain fails fast and the console says why" * doctest::s
         CHECK(b.status == 1);
         CHECK_MESSAGE(b.console.find(c.expected) != std::string::npos, b.console);
         CHECK(b.console.find("treeflash-initramfs: powering off") != std::string::npos);
+    }
+}
+
+TEST_CASE("a module the kernel refuses: the failed step is named, the shell gets the console, nothing panics" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    make_e2e_rootfs(tmp / "rootfs", "v1", "motd v1");
+    fs::path modules = modules_with_refused_module(tmp.path());
+    for (const char* on_failure : {"shell", "poweroff"}) {
+        CAPTURE(on_failure);
+        fs::path board = tmp / (std::string("refused-") + on_failure);
+        fs::copy(source_dir / "board/qemu-arm64", board, fs::copy_options::recursive);
+        std::string conf = read_text(board / "board.conf");
+        conf = std::regex_replace(conf, std::regex("initramfs.modules = "), "initramfs.modules = refused ");
+        conf = std::regex_replace(conf, std::regex("initramfs.on_failure = .*"), std::string("initramfs.on_failure = ") + on_failure);
+        write_file(board / "board.conf", conf);
+        fs::path repo = tmp / (std::string("repo-") + on_failure);
+        commit(tmp / "rootfs", repo, initramfs_for(tmp.path(), board.string(), {}, modules), "1");
+        fs::path image = tmp / (std::string(on_failure) + ".img");
+        auto flashed = run_treeflash({"flash", "--board", board.string(), "--image", image.string(), "--repo", repo.string()});
+        REQUIRE_MESSAGE(flashed.ok(), flashed.err);
+
+        Boot b = std::string(on_failure) == "shell"
+                     // A line typed at the emergency shell runs: it has the console.
+                     ? boot(image, {"--marker", "E2E-SHELL-42", "--type-after", "starting an emergency shell",
+                                    "echo E2E-SHELL-$((6*7))"})
+                     : boot(image);
+        CHECK_MESSAGE(b.console.find("FAILED at step 'load modules': insmod refused.ko failed") != std::string::npos, b.console);
+        CHECK(b.console.find("Kernel panic") == std::string::npos);
+        CHECK(b.console.find("Attempted to kill init") == std::string::npos);
+        if (std::string(on_failure) == "shell") {
+            CHECK_MESSAGE(b.status == 0, b.console);
+        } else {
+            CHECK(b.status == 1);
+            CHECK(b.console.find("treeflash-initramfs: powering off") != std::string::npos);
+            CHECK(b.console.find("reboot: Power down") != std::string::npos);
+            CHECK(b.console.find("emergency shell") == std::string::npos);
+        }
     }
 }
 
