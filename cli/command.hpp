@@ -32,6 +32,10 @@ struct UsageError : std::runtime_error {
 bool parse_options(const std::vector<std::string>& args, const boost::program_options::options_description& options,
                    const boost::program_options::positional_options_description* positional = nullptr);
 
+// A whole decimal number from `min` to `max` for `option`; UsageError otherwise
+// ("-1", "1e3", "99999999999999999999" and the like).
+uint64_t parse_count(const std::string& text, const std::string& option, uint64_t min, uint64_t max);
+
 void print_warning(const std::string& text);
 void print_notice(const std::string& text);
 void print_json(const nlohmann::json& value);

@@ -4,6 +4,7 @@
 #include "flasher/flash.hpp"
 
 #include <boost/program_options.hpp>
+#include <cctype>
 #include <iostream>
 #include <unistd.h>
 
@@ -29,32 +30,41 @@ written, unless --yes.
 Examples:
   treeflash flash --board ls104x --device /dev/sdb --repo http://10.0.0.2:8000/ \
       --gpg-import release.gpg --firmware rcw=bl2_sd.pbl --firmware fip=fip.bin
-  treeflash flash --board qemu-arm64 --image card.img --repo build/example/repo --json
+  treeflash flash --board qemu-arm64 --image card.img --repo build/example/repo --no-gpg-verify --json
 
 Options)";
 
+// "512M", "2G", "2048MiB", "1T": a whole number and a binary unit,
+// rounded up to MiB. Anything else (negative, zero, a fraction written as
+// "inf", an overflow) is refused.
 std::optional<uint64_t> parse_size(const std::string& text)
 {
     if (text.empty())
         return std::nullopt;
-    size_t used = 0;
-    double value = 0;
-    try {
-        value = std::stod(text, &used);
-    } catch (const std::exception&) {
-        throw UsageError("--size '" + text + "': a number with an optional K, M, G suffix (MiB steps)");
-    }
-    std::string suffix = text.substr(used);
-    uint64_t unit = 1;
-    if (suffix == "K" || suffix == "KiB")
-        unit = 1ull << 10;
-    else if (suffix == "M" || suffix == "MiB")
-        unit = 1ull << 20;
-    else if (suffix == "G" || suffix == "GiB")
-        unit = 1ull << 30;
-    else if (!suffix.empty())
-        throw UsageError("--size '" + text + "': unknown unit '" + suffix + "'");
-    uint64_t bytes = static_cast<uint64_t>(value * static_cast<double>(unit));
+    size_t digits = 0;
+    while (digits < text.size() && std::isdigit(static_cast<unsigned char>(text[digits])))
+        ++digits;
+    std::string usage = "--size '" + text + "': a whole number with a K, M, G or T suffix, e.g. 2G";
+    if (digits == 0 || digits > 15)
+        throw UsageError(usage);
+    uint64_t value = std::stoull(text.substr(0, digits));
+    std::string suffix = text.substr(digits);
+    uint64_t unit = 0;
+    for (const auto& [names, bytes] : {std::pair<std::vector<std::string>, uint64_t>{{"", "B"}, 1},
+                                       {{"K", "KiB"}, 1ull << 10},
+                                       {{"M", "MiB"}, 1ull << 20},
+                                       {{"G", "GiB"}, 1ull << 30},
+                                       {{"T", "TiB"}, 1ull << 40}})
+        for (const auto& name : names)
+            if (suffix == name)
+                unit = bytes;
+    if (!unit)
+        throw UsageError(usage);
+    if (value == 0)
+        throw UsageError("--size '" + text + "': must be more than zero");
+    if (value > (1ull << 50) / unit)
+        throw UsageError("--size '" + text + "': larger than any card");
+    uint64_t bytes = value * unit;
     return (bytes + (1 << 20) - 1) / (1 << 20) * (1 << 20);
 }
 
@@ -130,7 +140,7 @@ void print_text(const flasher::FlashResult& r)
 int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
 {
     flasher::FlashOptions options;
-    std::string device, image, size, gpg_import;
+    std::string device, image, size, gpg_import, network_timeout;
     std::vector<std::string> firmware;
     bool json = false, yes = false;
 
@@ -150,13 +160,18 @@ int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
         ("remote-url", po::value(&options.remote_url)->value_name("URL"),
          "where the card's origin remote points for upgrades (default: the URL pulled from)")
         ("gpg-import", po::value(&gpg_import)->value_name("KEYFILE"),
-         "trust this GPG public key for origin and verify the pull; without it gpg-verify is off")
+         "trust this GPG public key for origin and verify the pull (needed unless --no-gpg-verify)")
+        ("no-gpg-verify", po::bool_switch(&options.no_gpg_verify),
+         "let the card's origin take unsigned commits (gpg-verify=false)")
         ("karg", po::value(&options.kernel_args)->value_name("ARG")->composing(),
          "an extra kernel argument, e.g. --karg quiet; repeatable")
         ("firmware", po::value(&firmware)->value_name("NAME=FILE")->composing(),
          "write FILE into the board's firmware slot NAME (ls104x: rcw, fip, uboot-env, fman, qe, phy); repeatable")
-        ("force", po::bool_switch(&options.force), "replace an existing --image; allow a non-removable --device")
+        ("force", po::bool_switch(&options.force), "allow a --device that is not removable")
+        ("overwrite", po::bool_switch(&options.overwrite), "replace an existing --image")
         ("yes,y", po::bool_switch(&yes), "do not ask before erasing --device")
+        ("network-timeout", po::value(&network_timeout)->value_name("SECONDS"),
+         "give up a pull after this long without any data (default 30)")
         ("json", po::bool_switch(&json), "print the result as JSON on stdout");
 
     if (!parse_options(args, desc))
@@ -169,11 +184,17 @@ int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
         throw UsageError("name one target: --device or --image");
     if (!size.empty() && image.empty())
         throw UsageError("--size is for --image");
+    if (options.overwrite && image.empty())
+        throw UsageError("--overwrite is for --image (a --device is always erased, after confirmation)");
+    if (options.force && device.empty())
+        throw UsageError("--force is for --device; --overwrite replaces an existing --image");
     if (!device.empty())
         options.device = device;
     if (!image.empty())
         options.image = image;
     options.size = parse_size(size);
+    if (!network_timeout.empty())
+        options.network_timeout = static_cast<unsigned>(parse_count(network_timeout, "--network-timeout", 1, 86400));
     if (!gpg_import.empty())
         options.gpg_import = gpg_import;
     for (const auto& item : firmware) {

@@ -42,9 +42,12 @@ void print_usage(std::ostream& out)
            "Exit status: 0 success, 1 failure, 2 bad command line, 130 interrupted.\n";
 }
 
-// SIGINT and SIGTERM cancel the running command: libostree calls and the
-// pipeline's own loops watch the cancellable, and every resource is released
-// on the way out. A second signal ends the process at once.
+// SIGINT and SIGTERM cancel the running command: libostree calls, child
+// processes and the pipeline's own loops watch the cancellable, and every
+// resource is released on the way out. Further signals do not cut that
+// short (an exit then would leave mounts, loop devices and partial files):
+// they only say that cleanup is under way. Leftovers of a process killed
+// with SIGKILL are found and removed by the next run on the same target.
 class InterruptHandler {
 public:
     explicit InterruptHandler(GCancellable* cancellable)
@@ -62,9 +65,9 @@ public:
                 if (sigwait(&signals, &sig) != 0)
                     continue;
                 if (++count > 1) {
-                    const char message[] = "treeflash: interrupted again, exiting without cleanup\n";
+                    const char message[] = "treeflash: interrupted; cleaning up (unmounting, detaching, removing partial files)\n";
                     [[maybe_unused]] auto ignored = ::write(2, message, sizeof message - 1);
-                    _exit(130);
+                    continue;
                 }
                 g_cancellable_cancel(cancellable);
             }
@@ -94,6 +97,17 @@ bool parse_options(const std::vector<std::string>& args, const boost::program_op
         return false;
     }
     return true;
+}
+
+uint64_t parse_count(const std::string& text, const std::string& option, uint64_t min, uint64_t max)
+{
+    std::string range = std::to_string(min) + " to " + std::to_string(max);
+    if (text.empty() || text.size() > 19 || text.find_first_not_of("0123456789") != std::string::npos)
+        throw UsageError(option + " '" + text + "': a whole number from " + range);
+    uint64_t value = std::stoull(text);
+    if (value < min || value > max)
+        throw UsageError(option + " " + text + ": out of range (" + range + ")");
+    return value;
 }
 
 void print_warning(const std::string& text)

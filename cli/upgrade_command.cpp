@@ -38,7 +38,7 @@ nlohmann::json deployment_json(const flasher::Deployment& d)
 int run_upgrade(const std::vector<std::string>& args, GCancellable* cancellable)
 {
     flasher::UpgradeOptions options;
-    std::string repo, ref;
+    std::string repo, ref, network_timeout;
     bool json = false;
     po::options_description desc(upgrade_usage);
     desc.add_options()
@@ -46,6 +46,8 @@ int run_upgrade(const std::vector<std::string>& args, GCancellable* cancellable)
         ("target", po::value(&options.target)->value_name("DEVICE|IMAGE"), "the flashed card or image")
         ("repo", po::value(&repo)->value_name("PATH|URL"), "pull from here instead of the origin remote's URL")
         ("ref", po::value(&ref)->value_name("REF"), "switch to this ref of the same remote")
+        ("network-timeout", po::value(&network_timeout)->value_name("SECONDS"),
+         "give up the pull after this long without any data (default 30)")
         ("json", po::bool_switch(&json), "print the result as JSON on stdout");
     po::positional_options_description positional;
     positional.add("target", 1);
@@ -57,6 +59,8 @@ int run_upgrade(const std::vector<std::string>& args, GCancellable* cancellable)
         options.repo = repo;
     if (!ref.empty())
         options.ref = ref;
+    if (!network_timeout.empty())
+        options.network_timeout = static_cast<unsigned>(parse_count(network_timeout, "--network-timeout", 1, 86400));
     options.notice = print_notice;
 
     flasher::UpgradeResult result =

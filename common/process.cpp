@@ -4,6 +4,7 @@
 #include "common/fd.hpp"
 
 #include <cerrno>
+#include <gio/gio.h>
 #include <cstring>
 #include <fcntl.h>
 #include <poll.h>
@@ -96,15 +97,32 @@ ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOpt
     err.write_end.reset();
 
     ProcessResult result;
-    struct pollfd fds[2] = {{out.read_end.get(), POLLIN, 0}, {err.read_end.get(), POLLIN, 0}};
+    int cancel_fd = options.cancellable ? g_cancellable_get_fd(options.cancellable) : -1;
+    struct pollfd fds[3] = {{out.read_end.get(), POLLIN, 0}, {err.read_end.get(), POLLIN, 0}, {cancel_fd, POLLIN, 0}};
     std::string* sinks[2] = {&result.out, &result.err};
     int open_outputs = 2;
     char buffer[65536];
+    bool cancelled = false;
+    int timeout_ms = -1; // after SIGTERM: how long before SIGKILL
     while (open_outputs > 0) {
-        if (::poll(fds, 2, -1) < 0) {
+        int ready = ::poll(fds, 3, timeout_ms);
+        if (ready < 0) {
             if (errno == EINTR)
                 continue;
             throw_errno("poll");
+        }
+        if (ready == 0) {
+            // Not yet reaped, so the pid is still the child's.
+            ::kill(pid, SIGKILL);
+            timeout_ms = -1;
+            continue;
+        }
+        if (fds[2].fd >= 0 && (fds[2].revents & POLLIN)) {
+            // Stop the child, then go on reading until it has closed its outputs.
+            cancelled = true;
+            ::kill(pid, SIGTERM);
+            fds[2].fd = -1;
+            timeout_ms = 1000;
         }
         for (int i = 0; i < 2; ++i) {
             if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR)))
@@ -122,6 +140,10 @@ ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOpt
     while (::waitpid(pid, &status, 0) < 0)
         if (errno != EINTR)
             throw_errno("wait for " + argv[0]);
+    if (options.cancellable)
+        g_cancellable_release_fd(options.cancellable);
+    if (cancelled)
+        throw Cancelled();
     if (WIFEXITED(status))
         result.exit_code = WEXITSTATUS(status);
     else if (WIFSIGNALED(status))

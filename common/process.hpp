@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+typedef struct _GCancellable GCancellable;
+
 namespace treeflash {
 
 struct ProcessResult {
@@ -16,6 +18,9 @@ struct ProcessResult {
 };
 
 struct ProcessOptions {
+    // When cancelled, the child gets SIGTERM (SIGKILL a second later), is
+    // waited for, and run_process throws Cancelled.
+    GCancellable* cancellable = nullptr;
     // "KEY=VALUE": the child gets the caller's environment with each KEY set
     // to VALUE (a KEY the caller already has is replaced, not repeated).
     std::vector<std::string> extra_environment;

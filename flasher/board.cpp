@@ -1,8 +1,13 @@
 #include "flasher/board.hpp"
 
 #include "common/error.hpp"
+#include "common/validate.hpp"
 
+#include <algorithm>
+#include <cctype>
 #include <cstdlib>
+#include <map>
+#include <set>
 #include <fstream>
 #include <sstream>
 
@@ -30,6 +35,9 @@ std::vector<std::string> words(const std::string& text)
 
 uint64_t parse_number(const std::string& text)
 {
+    // stoull would take "-65536" and wrap it around.
+    if (text.empty() || !std::isdigit(static_cast<unsigned char>(text[0])))
+        throw Error("'" + text + "' is not a number");
     size_t used = 0;
     uint64_t value = 0;
     try {
@@ -50,6 +58,26 @@ unsigned parse_partition_number(const std::string& text)
     return static_cast<unsigned>(n);
 }
 
+// A file named by the board, which must stay inside the board folder: a
+// relative path without "..", whose real location (symlinks resolved) is
+// below the folder's.
+std::filesystem::path board_file(const BoardProfile& board, const std::string& key, const std::string& value)
+{
+    std::filesystem::path relative(value);
+    if (value.empty() || relative.is_absolute())
+        throw Error(key + " '" + value + "': name a file inside the board folder");
+    for (const auto& part : relative)
+        if (part == "..")
+            throw Error(key + " '" + value + "': name a file inside the board folder (no '..')");
+    std::error_code ec;
+    std::filesystem::path real = std::filesystem::weakly_canonical(board.dir / relative, ec);
+    std::filesystem::path dir = std::filesystem::weakly_canonical(board.dir, ec);
+    auto mismatch = std::mismatch(dir.begin(), dir.end(), real.begin(), real.end());
+    if (ec || mismatch.first != dir.end())
+        throw Error(key + " '" + value + "': leads outside the board folder");
+    return board.dir / relative;
+}
+
 void apply_key(BoardProfile& board, const std::string& key, const std::string& value)
 {
     auto starts = [&](const char* prefix) { return key.rfind(prefix, 0) == 0; };
@@ -60,7 +88,7 @@ void apply_key(BoardProfile& board, const std::string& key, const std::string& v
     else if (key == "arch")
         board.arch = value;
     else if (key == "partition_table")
-        board.partition_table = board.dir / value;
+        board.partition_table = board_file(board, key, value);
     else if (starts("partition.")) {
         auto parts = words(value);
         if (parts.empty() || parts.size() > 2)
@@ -82,8 +110,26 @@ void apply_key(BoardProfile& board, const std::string& key, const std::string& v
         board.boot_partition = parse_partition_number(value);
     else if (key == "rootfs_partition")
         board.rootfs_partition = parse_partition_number(value);
-    else if (key == "mkfs.ext4")
+    else if (key == "mkfs.ext4") {
+        // Only options that shape the file system: never one that copies
+        // host files in (-d), reads a list from a host file (-l) or sets
+        // what treeflash sets itself (-L).
+        static const std::set<std::string> with_value = {"-b", "-O", "-i", "-I", "-m", "-N", "-T", "-g", "-G", "-J", "-E", "-e", "-C"};
+        static const std::set<std::string> alone = {"-j", "-F", "-q", "-n"};
         board.mkfs_ext4_options = words(value);
+        const auto& opts = board.mkfs_ext4_options;
+        for (size_t i = 0; i < opts.size(); ++i) {
+            if (alone.count(opts[i]) && opts[i] != "-n")
+                continue;
+            if (!with_value.count(opts[i]))
+                throw Error("mkfs.ext4 option '" + opts[i] + "' is not allowed (allowed: -b -O -i -I -m -N -T -g -G -J -E -e -C -j)");
+            if (++i == opts.size())
+                throw Error("mkfs.ext4 option " + opts[i - 1] + " needs a value");
+            for (char c : opts[i])
+                if (!(std::isalnum(static_cast<unsigned char>(c)) || std::string("^,=_.-").find(c) != std::string::npos))
+                    throw Error("mkfs.ext4 " + opts[i - 1] + " '" + opts[i] + "': unexpected character '" + c + "'");
+        }
+    }
     else if (starts("firmware.")) {
         auto parts = words(value);
         if (parts.size() != 2)
@@ -93,27 +139,51 @@ void apply_key(BoardProfile& board, const std::string& key, const std::string& v
             throw Error("firmware slot without a name");
         if (slot.offset < 512)
             throw Error("firmware slot " + slot.name + " overlaps the partition table (offset < 512)");
+        if (slot.max_size == 0)
+            throw Error("firmware slot " + slot.name + " holds nothing (MAX_SIZE 0)");
+        if (slot.offset + slot.max_size < slot.offset)
+            throw Error("firmware slot " + slot.name + " ends past the largest disk");
         board.firmware.push_back(slot);
-    } else if (key == "kernel_args")
+    } else if (key == "kernel_args") {
         board.kernel_args = words(value);
-    else if (key == "boot_script")
+        for (const auto& arg : board.kernel_args)
+            validate::kernel_arg(arg, "kernel_args");
+    } else if (key == "boot_script") {
+        // A file of the board folder, or the name of a bundled template.
+        if (std::filesystem::path(value).is_absolute() || value.find("..") != std::string::npos)
+            throw Error("boot_script '" + value + "': name a file inside the board folder or a template");
+        if (std::filesystem::exists(std::filesystem::symlink_status(board.dir / value)))
+            board_file(board, key, value);
         board.boot_script = value;
-    else if (key == "uboot.devtype")
+    } else if (key == "uboot.devtype") {
+        validate::uboot_word(value, key);
         board.uboot_devtype = value;
-    else if (key == "uboot.devnum")
+    } else if (key == "uboot.devnum") {
+        validate::uboot_word(value, key);
         board.uboot_devnum = value;
-    else if (key == "uboot.fdt_fallback")
+    } else if (key == "uboot.fdt_fallback") {
+        validate::uboot_word(value, key);
         board.uboot_fdt_fallback = value;
-    else if (starts("uboot.default."))
-        board.uboot_defaults[key.substr(14)] = value;
+    } else if (starts("uboot.default.")) {
+        std::string name = key.substr(14);
+        validate::uboot_word(name, key);
+        if (name.find_first_of("${}:/") != std::string::npos)
+            throw Error("'" + name + "' is not a U-Boot variable name");
+        validate::uboot_word(value, key);
+        board.uboot_defaults[name] = value;
+    }
     else if (key == "initramfs.modules")
         board.initramfs_modules = words(value);
     else if (key == "initramfs.on_failure") {
         if (value != "shell" && value != "poweroff" && value != "reboot")
             throw Error("initramfs.on_failure '" + value + "': shell, poweroff or reboot");
         board.initramfs_on_failure = value;
-    } else if (key == "initramfs.root_wait")
-        board.initramfs_root_wait = static_cast<unsigned>(parse_number(value));
+    } else if (key == "initramfs.root_wait") {
+        uint64_t seconds = parse_number(value);
+        if (seconds < 1 || seconds > 3600)
+            throw Error("initramfs.root_wait " + value + ": 1 to 3600 seconds");
+        board.initramfs_root_wait = static_cast<unsigned>(seconds);
+    }
     else
         throw Error("unknown key '" + key + "'");
 }
@@ -132,6 +202,9 @@ void check_complete(const BoardProfile& board)
         throw Error("no 'boot_partition'");
     board.partition(board.rootfs_partition);
     board.partition(board.boot_partition);
+    if (board.boot_partition == board.rootfs_partition)
+        throw Error("boot_partition and rootfs_partition are both " + std::to_string(board.boot_partition)
+                    + ": formatting one would erase the other's files");
     if (board.boot_script.empty())
         throw Error("no 'boot_script'");
     if (board.uboot_devtype.empty())
@@ -207,6 +280,7 @@ BoardProfile load_board(const std::string& name_or_dir)
     if (!in)
         throw Error("board " + name_or_dir + ": cannot read " + conf.string());
     std::string line;
+    std::map<std::string, int> seen; // key -> line
     for (int number = 1; std::getline(in, line); ++number) {
         std::string text = trim(line);
         if (text.empty() || text[0] == '#')
@@ -214,8 +288,12 @@ BoardProfile load_board(const std::string& name_or_dir)
         auto eq = text.find('=');
         if (eq == std::string::npos)
             throw Error(conf.string() + ":" + std::to_string(number) + ": expected KEY = VALUE");
+        std::string key = trim(text.substr(0, eq));
+        if (auto [it, fresh] = seen.emplace(key, number); !fresh)
+            throw Error(conf.string() + ":" + std::to_string(number) + ": " + key + " is already set on line "
+                        + std::to_string(it->second));
         try {
-            apply_key(board, trim(text.substr(0, eq)), trim(text.substr(eq + 1)));
+            apply_key(board, key, trim(text.substr(eq + 1)));
         } catch (const Error& e) {
             throw Error(conf.string() + ":" + std::to_string(number) + ": " + e.what());
         }

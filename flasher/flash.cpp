@@ -1,13 +1,14 @@
 #include "flasher/flash.hpp"
 
 #include "common/error.hpp"
+#include "common/validate.hpp"
 #include "flasher/bootscript.hpp"
-#include "flasher/firmware.hpp"
 #include "flasher/format.hpp"
 #include "flasher/mount.hpp"
-#include "flasher/source.hpp"
 
 #include <gio/gio.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 namespace treeflash::flasher {
@@ -38,16 +39,48 @@ std::string state_after(Progress progress, bool image)
         return "no image was written";
     switch (progress) {
     case Progress::Untouched: return "nothing was written to the device";
-    case Progress::Partitioned: return "the device is partitioned but not formatted; it will not boot";
+    case Progress::Partitioned: return "the device's partition table was being written or is written, nothing formatted; it will not boot";
     case Progress::Formatted: return "the device is partitioned and formatted but holds no deployment; it will not boot";
     case Progress::Deployed: return "the device holds a deployment but no boot script; it will not boot";
     }
     return "";
 }
 
+// The line a board set up by hand takes: every argument was checked by
+// validate::kernel_arg, so none holds a quote.
 std::string bootargs_command(const std::string& args)
 {
     return "setenv bootargs \"" + args + "\"";
+}
+
+void check_gpg_key(const std::filesystem::path& key)
+{
+    struct stat st {};
+    if (::stat(key.c_str(), &st) != 0)
+        throw_errno("--gpg-import " + key.string());
+    if (!S_ISREG(st.st_mode))
+        throw Error("--gpg-import " + key.string() + ": not a file");
+    if (st.st_size == 0)
+        throw Error("--gpg-import " + key.string() + ": the file is empty");
+    if (::access(key.c_str(), R_OK) != 0)
+        throw_errno("--gpg-import " + key.string());
+}
+
+void check_options(const FlashOptions& options)
+{
+    validate::os_name(options.os, "--os");
+    validate::ref(options.ref, "--ref");
+    for (const auto& arg : options.kernel_args)
+        validate::kernel_arg(arg, "--karg");
+    if (!options.remote_url.empty())
+        validate::url(options.remote_url, "--remote-url");
+    if (options.gpg_import && options.no_gpg_verify)
+        throw Error("--gpg-import and --no-gpg-verify contradict each other");
+    if (options.gpg_import)
+        check_gpg_key(*options.gpg_import);
+    else if (!options.no_gpg_verify)
+        throw Error("no --gpg-import KEY: the card would accept unsigned updates; "
+                    "pass the release key, or --no-gpg-verify to allow that knowingly");
 }
 
 } // namespace
@@ -61,117 +94,118 @@ uint64_t default_image_size(const PartitionLayout& layout, uint64_t content_byte
     return (total + MiB - 1) / MiB * MiB;
 }
 
-FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
+FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
 {
-    if (::geteuid() != 0)
-        throw Error("flash needs root: it partitions block devices, attaches loop devices and mounts file systems");
     if (options.device.has_value() == options.image.has_value())
         throw Error("name exactly one target: --device or --image");
-    auto notice = [&](const std::string& text) {
-        if (options.notice)
-            options.notice(text);
-    };
+    check_options(options);
 
-    FlashResult result;
-    BoardProfile board = in_step("board", [&] { return load_board(options.board); });
-    result.board = board.name;
-    PartitionLayout layout = in_step("board", [&] { return read_partition_script(board.partition_table); });
-    for (const auto& role : board.partitions) {
+    FlashPlan plan;
+    plan.board = in_step("board", [&] { return load_board(options.board); });
+    plan.layout = in_step("board", [&] { return read_partition_script(plan.board.partition_table); });
+    for (const auto& role : plan.board.partitions) {
         bool found = false;
-        for (const auto& spec : layout.partitions)
+        for (const auto& spec : plan.layout.partitions)
             found |= spec.number == role.number;
         if (!found)
-            throw Error("board: " + board.partition_table.string() + " has no partition " + std::to_string(role.number));
+            throw Error("board: " + plan.board.partition_table.string() + " has no partition " + std::to_string(role.number));
     }
-    std::string boot_script = in_step("boot script", [&] { return render_boot_script(board); });
-    auto firmware = in_step("firmware", [&] { return plan_firmware(board, options.firmware, layout.first_partition_offset()); });
-    Source source = in_step("source", [&] { return resolve_source(options.repo, options.ref, cancellable); });
-    result.remote_url = options.remote_url.empty() ? source.url : options.remote_url;
-    result.gpg_verify = options.gpg_import.has_value();
-    if (!result.gpg_verify)
-        result.warnings.push_back("no --gpg-import key: the card's " + std::string("origin remote has gpg-verify=false"));
-    if (result.remote_url.rfind("file://", 0) == 0)
-        result.warnings.push_back("the card's origin remote points at " + result.remote_url
-                                  + "; pass --remote-url for upgrades over HTTP");
+    plan.boot_script = in_step("boot script", [&] { return render_boot_script(plan.board); });
+    plan.firmware = in_step("firmware", [&] {
+        return plan_firmware(plan.board, options.firmware, plan.layout.first_partition_offset());
+    });
+    plan.source = in_step("source", [&] { return resolve_source(options.repo, options.ref, options.network_timeout, cancellable); });
 
-    // Target: everything above only read; from here on the target is written.
-    std::unique_ptr<Target> target;
+    SysrootOptions& sysroot = plan.sysroot;
+    sysroot.os = options.os;
+    sysroot.remote_url = options.remote_url.empty() ? plan.source.url : options.remote_url;
+    sysroot.pull_url = plan.source.url;
+    sysroot.ref = options.ref;
+    sysroot.gpg_key = options.gpg_import;
+    sysroot.kernel_args = plan.board.kernel_args;
+    sysroot.kernel_args.insert(sysroot.kernel_args.end(), options.kernel_args.begin(), options.kernel_args.end());
+    sysroot.network_timeout = options.network_timeout;
+    if (sysroot.remote_url.rfind("file://", 0) == 0)
+        plan.warnings.push_back("the card's origin remote points at " + sysroot.remote_url
+                                + "; pass --remote-url for upgrades over HTTP");
+    if (!options.gpg_import)
+        plan.warnings.push_back("--no-gpg-verify: the card's origin remote takes unsigned commits");
+
     if (options.image) {
         uint64_t size = options.size.value_or(0);
         if (!size) {
-            if (!source.content_bytes)
+            if (!plan.source.content_bytes)
                 throw Error("image: the commit does not record its size; pass --size");
-            size = default_image_size(layout, source.content_bytes);
+            size = default_image_size(plan.layout, plan.source.content_bytes);
         }
-        uint64_t minimum = layout.minimum_disk_bytes(64 * MiB);
+        uint64_t minimum = plan.layout.minimum_disk_bytes(64 * MiB);
         if (size < minimum)
             throw Error("image: --size " + std::to_string(size / MiB) + " MiB is smaller than the layout needs ("
                         + std::to_string(minimum / MiB) + " MiB)");
-        target = in_step("image " + options.image->string(), [&] { return Target::create_image(*options.image, size, options.force); });
-        result.target = options.image->string();
+        if (plan.layout.label == "dos" && size > (2ull << 40) + plan.layout.first_partition_offset())
+            throw Error("image: --size " + std::to_string(size / MiB) + " MiB: an MBR (dos) table addresses 2 TiB at most");
+        std::filesystem::path dir = options.image->parent_path().empty() ? "." : options.image->parent_path();
+        struct statvfs vfs {};
+        if (::statvfs(dir.c_str(), &vfs) == 0 && size > static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize)
+            throw Error("image: " + std::to_string(size / MiB) + " MiB is more than the "
+                        + std::to_string(static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize / MiB) + " MiB free in "
+                        + dir.string());
+        plan.image_size = size;
     } else {
-        DiskInfo disk = in_step("device " + *options.device, [&] { return describe_disk(*options.device); });
-        uint64_t minimum = layout.minimum_disk_bytes(std::max<uint64_t>(64 * MiB, source.content_bytes * 2));
-        in_step("device " + *options.device, [&] { check_safe_to_write(disk, minimum, options.force); });
-        if (options.confirm && !options.confirm(disk, layout))
-            throw Cancelled("not confirmed; nothing was written");
-        target = in_step("device " + *options.device, [&] { return Target::open_device(*options.device); });
-        result.target = *options.device;
+        plan.disk = in_step("device " + *options.device, [&] { return describe_disk(*options.device); });
+        uint64_t minimum = plan.layout.minimum_disk_bytes(std::max<uint64_t>(64 * MiB, plan.source.content_bytes * 2));
+        in_step("device " + *options.device, [&] { check_safe_to_write(*plan.disk, minimum, options.force); });
     }
-    check_cancelled(cancellable);
+    return plan;
+}
 
-    Progress progress = Progress::Untouched;
-    try {
-        notice("partitioning " + target->device() + " (" + layout.label + ")");
-        in_step("partition", [&] { write_partition_table(target->fd(), target->device(), board.partition_table); });
-        progress = Progress::Partitioned;
-        in_step("firmware", [&] { write_firmware(target->fd(), firmware); });
-        for (const auto& blob : firmware)
-            result.firmware.push_back(blob.slot.name + " at " + hex(blob.slot.offset) + " (" + std::to_string(blob.size) + " bytes)");
+namespace {
 
-        for (const auto& role : board.partitions) {
-            check_cancelled(cancellable);
-            std::string node = partition_node(target->device(), role.number);
-            notice("formatting " + node + " as ext4 '" + role.label + "'");
-            in_step("format " + node, [&] {
-                make_ext4(node, role.label, board.mkfs_ext4_options, target->is_image());
-                verify_filesystem(node, role.fstype, role.label);
-            });
-        }
-        progress = Progress::Formatted;
+// The writes, on an open target, in the order that leaves the clearest state.
+void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Progress& progress,
+                const std::function<void(const std::string&)>& notice, GCancellable* cancellable)
+{
+    const BoardProfile& board = plan.board;
+    notice("partitioning " + target.device() + " (" + plan.layout.label + ")");
+    // From the first byte of the table on, the old contents are gone.
+    progress = Progress::Partitioned;
+    in_step("partition", [&] { write_partition_table(target.fd(), target.device(), board.partition_table); });
+    in_step("firmware", [&] { write_firmware(target.fd(), plan.firmware); });
+    in_step("partition", [&] { target.release_exclusive_claim(); });
+    for (const auto& blob : plan.firmware)
+        result.firmware.push_back(blob.slot.name + " at " + hex(blob.slot.offset) + " (" + std::to_string(blob.size) + " bytes)");
 
-        std::filesystem::path mount_parent = std::filesystem::temp_directory_path();
-        {
-            Mount rootfs(partition_node(target->device(), board.rootfs_partition), "ext4", "", mount_parent);
-            SysrootOptions sysroot;
-            sysroot.os = options.os;
-            sysroot.remote_url = result.remote_url;
-            sysroot.pull_url = source.url;
-            sysroot.ref = options.ref;
-            sysroot.gpg_key = options.gpg_import;
-            sysroot.kernel_args = board.kernel_args;
-            sysroot.kernel_args.insert(sysroot.kernel_args.end(), options.kernel_args.begin(), options.kernel_args.end());
-            result.deployment = in_step("sysroot", [&] { return provision_sysroot(rootfs.path(), sysroot, notice, cancellable); });
-            in_step("sysroot", [&] { rootfs.unmount(); });
-        }
-        progress = Progress::Deployed;
+    for (const auto& role : board.partitions) {
         check_cancelled(cancellable);
-        {
-            Mount boot(partition_node(target->device(), board.boot_partition), "ext4", "", mount_parent);
-            in_step("boot script", [&] {
-                write_boot_script(board, boot_script, boot.path());
-                boot.unmount();
-            });
-        }
-        in_step("sync", [&] { target->commit(); });
-    } catch (const Cancelled&) {
-        throw Cancelled("interrupted; " + state_after(progress, options.image.has_value()));
-    } catch (const Error& e) {
-        if (cancellable && g_cancellable_is_cancelled(cancellable))
-            throw Cancelled("interrupted; " + state_after(progress, options.image.has_value()));
-        throw Error(std::string(e.what()) + " (" + state_after(progress, options.image.has_value()) + ")");
+        std::string node = partition_node(target.device(), role.number);
+        notice("formatting " + node + " as ext4 '" + role.label + "'");
+        in_step("format " + node, [&] {
+            make_ext4(node, role.label, board.mkfs_ext4_options, target.is_image(), cancellable);
+            verify_filesystem(node, role.fstype, role.label);
+        });
     }
+    progress = Progress::Formatted;
 
+    std::filesystem::path mount_parent = std::filesystem::temp_directory_path();
+    {
+        Mount rootfs(partition_node(target.device(), board.rootfs_partition), "ext4", "", mount_parent);
+        result.deployment = in_step("sysroot", [&] { return provision_sysroot(rootfs.path(), plan.sysroot, notice, cancellable); });
+        in_step("sysroot", [&] { rootfs.unmount(); });
+    }
+    progress = Progress::Deployed;
+    check_cancelled(cancellable);
+    {
+        Mount boot(partition_node(target.device(), board.boot_partition), "ext4", "", mount_parent);
+        in_step("boot script", [&] {
+            write_boot_script(board, plan.boot_script, boot.path());
+            boot.unmount();
+        });
+    }
+    in_step("sync", [&] { target.commit(); });
+}
+
+void describe_partitions(const FlashPlan& plan, FlashResult& result)
+{
     PartitionTable table = read_partition_table(result.target);
     result.partition_table = table.label;
     for (const auto& entry : table.partitions) {
@@ -182,12 +216,60 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
         FilesystemInfo fs = probe_filesystem(result.target, entry.start, entry.size);
         part.fstype = fs.type;
         part.label = fs.label;
-        if (entry.number == board.rootfs_partition)
+        if (entry.number == plan.board.rootfs_partition)
             part.role = "rootfs";
-        else if (entry.number == board.boot_partition)
+        else if (entry.number == plan.board.boot_partition)
             part.role = "boot";
         result.partitions.push_back(part);
     }
+}
+
+} // namespace
+
+FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
+{
+    if (::geteuid() != 0)
+        throw Error("flash needs root: it partitions block devices, attaches loop devices and mounts file systems");
+    auto notice = [&](const std::string& text) {
+        if (options.notice)
+            options.notice(text);
+    };
+    FlashPlan plan = plan_flash(options, cancellable);
+
+    FlashResult result;
+    result.board = plan.board.name;
+    result.remote_url = plan.sysroot.remote_url;
+    result.gpg_verify = plan.sysroot.gpg_key.has_value();
+    result.warnings = plan.warnings;
+
+    // From here on the target is open; nothing is written before the
+    // confirmation, and a device is re-identified right before the first write.
+    std::unique_ptr<Target> target;
+    if (options.image) {
+        target = in_step("image " + options.image->string(),
+                         [&] { return Target::create_image(*options.image, plan.image_size, options.overwrite); });
+        result.target = options.image->string();
+    } else {
+        target = in_step("device " + *options.device, [&] { return Target::open_device(*plan.disk); });
+        if (options.confirm && !options.confirm(*plan.disk, plan.layout))
+            throw Cancelled("not confirmed; nothing was written");
+        in_step("device " + *options.device, [&] { target->verify_identity(*plan.disk); });
+        result.target = *options.device;
+    }
+    check_cancelled(cancellable);
+
+    Progress progress = Progress::Untouched;
+    try {
+        write_card(plan, *target, result, progress, notice, cancellable);
+    } catch (const Cancelled&) {
+        throw Cancelled("interrupted; " + state_after(progress, options.image.has_value()));
+    } catch (const Error& e) {
+        if (cancellable && g_cancellable_is_cancelled(cancellable))
+            throw Cancelled("interrupted; " + state_after(progress, options.image.has_value()));
+        throw Error(std::string(e.what()) + " (" + state_after(progress, options.image.has_value()) + ")");
+    }
+    target.reset();
+    describe_partitions(plan, result);
     result.bootargs_line = bootargs_command(result.deployment.kernel_args);
     return result;
 }

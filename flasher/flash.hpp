@@ -2,7 +2,9 @@
 #pragma once
 
 #include "flasher/board.hpp"
+#include "flasher/firmware.hpp"
 #include "flasher/partition.hpp"
+#include "flasher/source.hpp"
 #include "flasher/sysroot.hpp"
 #include "flasher/target.hpp"
 
@@ -29,7 +31,10 @@ struct FlashOptions {
     std::optional<std::filesystem::path> gpg_import;
     std::vector<std::string> kernel_args;
     std::map<std::string, std::string> firmware; // slot -> file
-    bool force = false;
+    bool force = false;          // allow a non-removable --device
+    bool overwrite = false;      // replace an existing --image
+    bool no_gpg_verify = false;  // the card's origin takes unsigned commits (needed without gpg_import)
+    unsigned network_timeout = 30; // seconds without progress before a pull fails
     // Asked before a device is erased; returning false stops without writing.
     std::function<bool(const DiskInfo&, const PartitionLayout&)> confirm;
     std::function<void(const std::string&)> notice;
@@ -57,6 +62,26 @@ struct FlashResult {
     std::vector<std::string> warnings;
 };
 
+// Everything flash decides before it writes: read and checked, nothing
+// written. write_flash consumes it.
+struct FlashPlan {
+    BoardProfile board;
+    PartitionLayout layout;
+    std::string boot_script;
+    std::vector<FirmwareBlob> firmware;
+    Source source;
+    SysrootOptions sysroot;
+    std::optional<DiskInfo> disk; // --device: the disk as checked
+    uint64_t image_size = 0;      // --image
+    std::vector<std::string> warnings;
+};
+
+// Reads the board, the partition script, the firmware files and the
+// source's ref, checks every option that becomes a path, a config line or
+// a kernel argument, and for a --device every safety rule. Writes nothing.
+FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable);
+
+// plan_flash, then (after confirmation for a device) the writes.
 FlashResult flash(const FlashOptions& options, GCancellable* cancellable);
 
 // The image size flash picks for a commit of `content_bytes`.

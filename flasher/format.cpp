@@ -10,7 +10,7 @@
 namespace treeflash::flasher {
 
 void make_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options,
-               bool fresh_zeroed)
+               bool fresh_zeroed, GCancellable* cancellable)
 {
     std::vector<std::string> argv{"mkfs.ext4", "-F", "-q", "-L", label};
     argv.insert(argv.end(), options.begin(), options.end());
@@ -19,7 +19,9 @@ void make_ext4(const std::string& node, const std::string& label, const std::vec
         argv.push_back("lazy_itable_init=1,lazy_journal_init=1,nodiscard");
     }
     argv.push_back(node);
-    run_checked(argv);
+    ProcessOptions process;
+    process.cancellable = cancellable;
+    run_checked(argv, process);
 }
 
 FilesystemInfo probe_filesystem(const std::string& path, uint64_t offset, uint64_t size)

@@ -4,6 +4,8 @@
 #include <string>
 #include <vector>
 
+typedef struct _GCancellable GCancellable;
+
 namespace treeflash::flasher {
 
 struct FilesystemInfo {
@@ -16,7 +18,7 @@ struct FilesystemInfo {
 // image file every block already reads as zero, so inode tables and the
 // journal need not be written out (`fresh_zeroed`); on a used card they must.
 void make_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options,
-               bool fresh_zeroed = false);
+               bool fresh_zeroed = false, GCancellable* cancellable = nullptr);
 
 // What libblkid finds on `path` (a partition node or image), at `offset`.
 FilesystemInfo probe_filesystem(const std::string& path, uint64_t offset = 0, uint64_t size = 0);

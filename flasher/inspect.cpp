@@ -6,7 +6,9 @@
 #include "flasher/mount.hpp"
 
 #include <fcntl.h>
-#include <fstream>
+#include <linux/openat2.h>
+#include <sstream>
+#include <sys/syscall.h>
 #include <glib.h>
 #include <linux/fs.h>
 #include <memory>
@@ -18,10 +20,52 @@ namespace treeflash::flasher {
 
 namespace {
 
-std::map<std::string, std::string> read_env_file(const std::filesystem::path& path)
+// Reads `relpath` below the card's mount `root` without following any
+// symlink (the mount is nosymfollow too): a card whose boot/loader points
+// at /etc gives nothing, never a host file. "" when absent or not a file.
+std::string read_on_card(const std::filesystem::path& root, const std::string& relpath)
+{
+    UniqueFd dir(::open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!dir)
+        return "";
+    struct open_how how {};
+    how.flags = O_RDONLY | O_CLOEXEC | O_NOFOLLOW;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV;
+    UniqueFd fd(static_cast<int>(::syscall(SYS_openat2, dir.get(), relpath.c_str(), &how, sizeof how)));
+    struct stat st {};
+    if (!fd || ::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > (1 << 20))
+        return "";
+    std::string data(static_cast<size_t>(st.st_size), '\0');
+    ssize_t n = ::read(fd.get(), data.data(), data.size());
+    data.resize(n > 0 ? static_cast<size_t>(n) : 0);
+    return data;
+}
+
+// The target of the symlink `relpath` on the card, "" when it is none.
+std::string read_link_on_card(const std::filesystem::path& root, const std::string& relpath)
+{
+    char target[256];
+    ssize_t n = ::readlinkat(AT_FDCWD, (root / relpath).c_str(), target, sizeof target - 1);
+    return n > 0 ? std::string(target, static_cast<size_t>(n)) : "";
+}
+
+// What kind of thing `relpath` is on the card, no symlink on the way (or
+// at its end) followed: 0 when there is nothing there that way.
+mode_t type_on_card(const std::filesystem::path& root, const std::string& relpath)
+{
+    UniqueFd dir(::open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    struct open_how how {};
+    how.flags = O_PATH | O_NOFOLLOW | O_CLOEXEC;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV;
+    UniqueFd fd(dir ? static_cast<int>(::syscall(SYS_openat2, dir.get(), relpath.c_str(), &how, sizeof how)) : -1);
+    struct stat st {};
+    return fd && ::fstat(fd.get(), &st) == 0 ? (st.st_mode & S_IFMT) : 0;
+}
+
+std::map<std::string, std::string> parse_env(const std::string& text)
 {
     std::map<std::string, std::string> values;
-    std::ifstream in(path);
+    std::istringstream in(text);
     for (std::string line; std::getline(in, line);) {
         auto eq = line.find('=');
         if (eq != std::string::npos && line[0] != '#')
@@ -30,10 +74,10 @@ std::map<std::string, std::string> read_env_file(const std::filesystem::path& pa
     return values;
 }
 
-void read_origin(const std::filesystem::path& repo_config, InspectResult& result)
+void read_origin(const std::string& repo_config, InspectResult& result)
 {
     GKeyFile* config = g_key_file_new();
-    if (g_key_file_load_from_file(config, repo_config.c_str(), G_KEY_FILE_NONE, nullptr)) {
+    if (g_key_file_load_from_data(config, repo_config.data(), repo_config.size(), G_KEY_FILE_NONE, nullptr)) {
         if (char* url = g_key_file_get_string(config, "remote \"origin\"", "url", nullptr)) {
             result.origin_url = url;
             g_free(url);
@@ -89,19 +133,30 @@ InspectResult inspect(const std::string& path, GCancellable* cancellable)
         // for images and cards, and never depends on partition nodes.
         std::string node = "p" + std::to_string(part.entry.number);
         LoopDevice loop(path, true, part.entry.start, part.entry.size);
-        Mount mount(loop.path(), "ext4", "ro,noload", parent);
-        std::error_code ec;
-        if (std::filesystem::exists(mount.path() / "boot.scr", ec) || std::filesystem::exists(mount.path() / "boot/boot.scr", ec))
+        // Read only, journal not replayed, nothing on the card executable or
+        // set-uid. Files are read without following the card's symlinks,
+        // and libostree lists deployments only when the sysroot's own links
+        // stay on the card.
+        Mount mount(loop.path(), "ext4", std::string("ro,noload,") + untrusted_mount_options, parent);
+        const auto& root = mount.path();
+        if (type_on_card(root, "boot.scr") == S_IFREG || type_on_card(root, "boot/boot.scr") == S_IFREG)
             result.has_boot_script = true;
-        if (!std::filesystem::is_directory(mount.path() / "ostree/repo", ec) || result.sysroot_partition)
+        if (type_on_card(root, "ostree/repo") != S_IFDIR || result.sysroot_partition)
             continue;
         result.sysroot_partition = static_cast<int>(part.entry.number);
-        result.has_update_marker = std::filesystem::exists(mount.path() / "update", ec);
-        result.has_newroot = std::filesystem::is_directory(mount.path() / "newroot", ec);
-        result.has_mnt = std::filesystem::is_directory(mount.path() / "mnt", ec);
-        result.uenv = read_env_file(mount.path() / "boot/loader/uEnv.txt");
-        read_origin(mount.path() / "ostree/repo/config", result);
-        result.deployments = in_step("sysroot on " + node, [&] { return list_deployments(mount.path(), cancellable); });
+        result.has_update_marker = type_on_card(root, "update") == S_IFREG;
+        result.has_newroot = type_on_card(root, "newroot") == S_IFDIR;
+        result.has_mnt = type_on_card(root, "mnt") == S_IFDIR;
+        result.deployments = in_step("sysroot on " + node, [&] {
+            check_sysroot_links(root);
+            return list_deployments(root, cancellable);
+        });
+        // boot/loader is a symlink OSTree flips between loader.0 and loader.1:
+        // resolved by hand, to a name inside boot/ only.
+        std::string loader = read_link_on_card(root, "boot/loader");
+        if (loader == "loader.0" || loader == "loader.1")
+            result.uenv = parse_env(read_on_card(root, "boot/" + loader + "/uEnv.txt"));
+        read_origin(read_on_card(root, "ostree/repo/config"), result);
     }
     return result;
 }

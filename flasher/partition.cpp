@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <linux/blkpg.h>
+#include <regex>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -54,6 +55,10 @@ FdiskScript read_script(struct fdisk_context* cxt, const std::filesystem::path& 
         size_t first = line.find_first_not_of(" \t");
         if (first == std::string::npos || line[first] == '#')
             continue;
+        // libfdisk would read "size=-65536" as a huge unsigned number.
+        static const std::regex negative(R"((^|[\s,])(start|size)\s*=\s*[-+])");
+        if (std::regex_search(line, negative))
+            throw Error(path.string() + ":" + std::to_string(number) + ": start= and size= take plain sector counts");
         line += "\n";
         std::unique_ptr<FILE, FileClose> one(fmemopen(line.data(), line.size(), "r"));
         if (!one)
@@ -70,45 +75,13 @@ FdiskScript read_script(struct fdisk_context* cxt, const std::filesystem::path& 
     return script;
 }
 
-void blkpg(int fd, int op, int number, uint64_t start, uint64_t length, const std::string& what)
+// Waits for the device nodes of the partitions in `table` (devtmpfs makes
+// them as soon as the kernel knows the partitions; there is no udev here).
+void wait_for_nodes(const std::string& device_path, struct fdisk_table* table)
 {
-    struct blkpg_partition part {};
-    part.pno = number;
-    part.start = static_cast<long long>(start);
-    part.length = static_cast<long long>(length);
-    struct blkpg_ioctl_arg arg {};
-    arg.op = op;
-    arg.datalen = sizeof part;
-    arg.data = &part;
-    if (::ioctl(fd, BLKPG, &arg) != 0)
-        throw_errno(what);
-}
-
-// Makes the kernel see the new table, as `partx -u` does: drop the
-// partitions it knows and add the new ones with BLKPG (BLKRRPART is not
-// reliable without udev, and is refused for some loop setups).
-void tell_kernel(int fd, const std::string& device_path, dev_t devno, struct fdisk_context* cxt)
-{
-    std::filesystem::path sys = sysfs_block_dir(devno);
-    std::error_code ec;
-    for (const auto& entry : std::filesystem::directory_iterator(sys, ec)) {
-        std::ifstream partition_file(entry.path() / "partition");
-        int number = 0;
-        if (partition_file >> number)
-            blkpg(fd, BLKPG_DEL_PARTITION, number, 0, 0, "remove old partition " + std::to_string(number) + " from the kernel's view");
-    }
-    struct fdisk_table* raw = nullptr;
-    int rc = fdisk_get_partitions(cxt, &raw);
-    if (rc != 0)
-        throw Error(fdisk_error("list the new partitions", rc));
-    FdiskTable table(raw);
-    unsigned long sector = fdisk_get_sector_size(cxt);
-    for (size_t i = 0; i < fdisk_table_get_nents(table.get()); ++i) {
-        struct fdisk_partition* pa = fdisk_table_get_partition(table.get(), i);
-        int number = static_cast<int>(fdisk_partition_get_partno(pa)) + 1;
-        blkpg(fd, BLKPG_ADD_PARTITION, number, fdisk_partition_get_start(pa) * sector,
-              fdisk_partition_get_size(pa) * sector, "add partition " + std::to_string(number) + " to the kernel's view");
-        std::string node = partition_node(device_path, static_cast<unsigned>(number));
+    for (size_t i = 0; table && i < fdisk_table_get_nents(table); ++i) {
+        struct fdisk_partition* pa = fdisk_table_get_partition(table, i);
+        std::string node = partition_node(device_path, static_cast<unsigned>(fdisk_partition_get_partno(pa)) + 1);
         for (int waited = 0; ::access(node.c_str(), F_OK) != 0; ++waited) {
             if (waited > 250)
                 throw Error(node + " did not appear");
@@ -169,6 +142,9 @@ PartitionLayout read_partition_script(const std::filesystem::path& path)
         spec.size = fdisk_partition_has_size(pa) ? fdisk_partition_get_size(pa) : 0;
         if (!spec.size && i + 1 != count)
             throw Error(where + ": only the last partition may omit size=");
+        // An MBR entry holds 32-bit sector numbers.
+        if (layout.label == "dos" && (spec.start >= (1ull << 32) || spec.start + spec.size > (1ull << 32)))
+            throw Error(where + ": an MBR partition must end within 2 TiB (2^32 sectors)");
         spec.bootable = fdisk_partition_is_bootable(pa) == 1;
         if (struct fdisk_parttype* type = fdisk_partition_get_type(pa)) {
             const char* name = fdisk_parttype_get_string(type);
@@ -192,8 +168,12 @@ PartitionLayout read_partition_script(const std::filesystem::path& path)
 
 std::string partition_node(const std::string& disk, unsigned number)
 {
-    bool ends_with_digit = !disk.empty() && isdigit(static_cast<unsigned char>(disk.back()));
-    return disk + (ends_with_digit ? "p" : "") + std::to_string(number);
+    // libfdisk knows the kernel's naming (sdb3, mmcblk0p3, loop0p3, ...);
+    // the disk must be named by its kernel name, not a /dev/disk/by-* link.
+    std::unique_ptr<char, decltype(&free)> name(fdisk_partname(disk.c_str(), number), free);
+    if (!name)
+        throw Error("no partition name for " + disk + " " + std::to_string(number));
+    return name.get();
 }
 
 void write_partition_table(int fd, const std::string& device_path, const std::filesystem::path& script_path)
@@ -203,6 +183,11 @@ void write_partition_table(int fd, const std::string& device_path, const std::fi
     if (rc != 0)
         throw Error(fdisk_error("fdisk_assign_device " + device_path, rc));
     FdiskScript script = read_script(cxt.get(), script_path);
+    // What the kernel should drop: the partitions of the old table, if any.
+    struct fdisk_table* old_raw = nullptr;
+    if (fdisk_has_label(cxt.get()) != 1 || fdisk_get_partitions(cxt.get(), &old_raw) != 0)
+        old_raw = fdisk_new_table();
+    FdiskTable old_table(old_raw);
     fdisk_enable_wipe(cxt.get(), 1);
     if ((rc = fdisk_apply_script(cxt.get(), script.get())) != 0)
         throw Error(fdisk_error("fdisk_apply_script " + script_path.string(), rc));
@@ -211,9 +196,18 @@ void write_partition_table(int fd, const std::string& device_path, const std::fi
     if (::fsync(fd) != 0)
         throw_errno("fsync " + device_path);
 
+    // The kernel's view, changed partition by partition (BLKPG, as partx
+    // does: a whole re-read is refused while any partition is open).
     struct stat st {};
-    if (::fstat(fd, &st) == 0 && S_ISBLK(st.st_mode))
-        tell_kernel(fd, device_path, st.st_rdev, cxt.get());
+    if (::fstat(fd, &st) == 0 && S_ISBLK(st.st_mode)) {
+        if ((rc = fdisk_reread_changes(cxt.get(), old_table.get())) != 0)
+            throw Error(fdisk_error("tell the kernel about the new partitions of " + device_path, rc));
+        struct fdisk_table* raw = nullptr;
+        if ((rc = fdisk_get_partitions(cxt.get(), &raw)) != 0)
+            throw Error(fdisk_error("list the new partitions", rc));
+        FdiskTable table(raw);
+        wait_for_nodes(device_path, table.get());
+    }
     fdisk_deassign_device(cxt.get(), 1);
 }
 

@@ -3,6 +3,7 @@
 #include "common/error.hpp"
 #include "common/fs.hpp"
 #include "common/glib.hpp"
+#include "flasher/pull.hpp"
 
 #include <fcntl.h>
 #include <filesystem>
@@ -79,7 +80,8 @@ bool is_url(const std::string& text)
     return text.rfind("http://", 0) == 0 || text.rfind("https://", 0) == 0 || text.rfind("file://", 0) == 0;
 }
 
-Source resolve_source(const std::string& repo_or_url, const std::string& ref, GCancellable* cancellable)
+Source resolve_source(const std::string& repo_or_url, const std::string& ref, unsigned network_timeout,
+                      GCancellable* cancellable)
 {
     Source source;
     source.ref = ref;
@@ -127,8 +129,8 @@ Source resolve_source(const std::string& repo_or_url, const std::string& ref, GC
     g_variant_builder_add(&pull, "{sv}", "flags", g_variant_new_int32(OSTREE_REPO_PULL_FLAGS_COMMIT_ONLY));
     g_variant_builder_add(&pull, "{sv}", "n-network-retries", g_variant_new_uint32(0));
     glib::Variant pull_options = glib::adopt_variant(g_variant_builder_end(&pull));
-    if (!ostree_repo_pull_with_options(repo.get(), "source", pull_options.get(), nullptr, cancellable, &error))
-        throw_gerror(error, "fetch " + ref + " from " + repo_or_url);
+    watched_pull(repo.get(), "source", pull_options.get(), "fetch " + ref + " from " + repo_or_url, network_timeout,
+                 cancellable);
     char* commit = nullptr;
     if (!ostree_repo_resolve_rev(repo.get(), ("source:" + ref).c_str(), FALSE, &commit, &error))
         throw_gerror(error, "resolve " + ref);

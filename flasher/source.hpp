@@ -18,8 +18,10 @@ struct Source {
 
 // Checks that `repo_or_url` is reachable and holds `ref`, and reads the
 // commit's metadata (for a URL, by pulling only the commit object into a
-// temporary repository). Nothing is written anywhere else.
-Source resolve_source(const std::string& repo_or_url, const std::string& ref, GCancellable* cancellable);
+// temporary repository, giving up after `network_timeout` seconds without
+// progress). Nothing is written anywhere else.
+Source resolve_source(const std::string& repo_or_url, const std::string& ref, unsigned network_timeout,
+                      GCancellable* cancellable);
 
 bool is_url(const std::string& text);
 

@@ -3,8 +3,10 @@
 #include "common/error.hpp"
 #include "common/fd.hpp"
 #include "common/glib.hpp"
+#include "flasher/pull.hpp"
 
 #include <fcntl.h>
+#include <functional>
 #include <ostree.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -159,7 +161,7 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
         notice("pulling " + options.ref + " from " + options.pull_url);
     in_step("pull", [&] {
         pull_ref(repo, options.remote, options.ref, options.pull_url == options.remote_url ? "" : options.pull_url,
-                 cancellable);
+                 options.network_timeout, cancellable);
     });
 
     if (notice)
@@ -204,6 +206,43 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
     });
 }
 
+void check_sysroot_links(const std::filesystem::path& root)
+{
+    namespace sfs = std::filesystem;
+    // Walks `rel` (relative to root) to `depth` levels, checking every symlink.
+    std::function<void(const sfs::path&, int)> walk = [&](const sfs::path& rel, int depth) {
+        std::error_code ec;
+        auto status = sfs::symlink_status(root / rel, ec);
+        if (ec)
+            return;
+        if (sfs::is_symlink(status)) {
+            sfs::path target = sfs::read_symlink(root / rel, ec);
+            sfs::path resolved = (rel.parent_path() / target).lexically_normal();
+            if (ec || target.is_absolute() || resolved.empty() || *resolved.begin() == "..")
+                throw Error("the card's " + rel.string() + " is a symlink to " + target.string()
+                            + ", outside its file system; refusing to use it");
+            return;
+        }
+        if (!sfs::is_directory(status) || depth == 0)
+            return;
+        for (const auto& entry : sfs::directory_iterator(root / rel, ec))
+            walk(rel / entry.path().filename(), depth - 1);
+    };
+    walk("boot", 3);                // boot/loader -> loader.N, boot/loader.N/entries/*, boot/ostree/...
+    walk("ostree", 2);              // ostree/repo, ostree/boot.N, ostree/deploy/OS
+    walk("ostree/repo", 1);         // config, refs, objects, tmp
+    walk("ostree/repo/refs", 3);
+    for (const char* boot : {"ostree/boot.0", "ostree/boot.1"})
+        for (int sub : {0, 1})
+            walk(std::string(boot) + "." + std::to_string(sub), 4); // OS/BOOTCSUM/SERIAL -> deployments
+    std::error_code ec;
+    for (const auto& os : std::filesystem::directory_iterator(root / "ostree/deploy", ec)) {
+        auto rel = std::filesystem::path("ostree/deploy") / os.path().filename();
+        walk(rel, 1);                 // OS/deploy, OS/var
+        walk(rel / "deploy", 1);      // CSUM.SERIAL and CSUM.SERIAL.origin
+    }
+}
+
 SysrootLock::SysrootLock(OstreeSysroot* sysroot) : m_sysroot(sysroot)
 {
     GError* error = nullptr;
@@ -217,7 +256,7 @@ SysrootLock::~SysrootLock()
 }
 
 void pull_ref(OstreeRepo* repo, const std::string& remote, const std::string& ref, const std::string& override_url,
-              GCancellable* cancellable)
+              unsigned network_timeout, GCancellable* cancellable)
 {
     GVariantBuilder builder;
     g_variant_builder_init(&builder, G_VARIANT_TYPE_VARDICT);
@@ -227,9 +266,8 @@ void pull_ref(OstreeRepo* repo, const std::string& remote, const std::string& re
         g_variant_builder_add(&builder, "{sv}", "override-url", g_variant_new_string(override_url.c_str()));
     g_variant_builder_add(&builder, "{sv}", "n-network-retries", g_variant_new_uint32(2));
     glib::Variant pull_options = glib::adopt_variant(g_variant_builder_end(&builder));
-    GError* error = nullptr;
-    if (!ostree_repo_pull_with_options(repo, remote.c_str(), pull_options.get(), nullptr, cancellable, &error))
-        throw_gerror(error, remote + ":" + ref + (override_url.empty() ? "" : " from " + override_url));
+    watched_pull(repo, remote, pull_options.get(), remote + ":" + ref + (override_url.empty() ? "" : " from " + override_url),
+                 network_timeout, cancellable);
 }
 
 std::vector<Deployment> list_deployments(const std::filesystem::path& root, GCancellable* cancellable)

@@ -22,6 +22,7 @@ struct SysrootOptions {
     std::string ref = "master";
     std::optional<std::filesystem::path> gpg_key; // imported into the remote; verification on
     std::vector<std::string> kernel_args;
+    unsigned network_timeout = 30;       // seconds without progress before a pull fails
 };
 
 struct Deployment {
@@ -56,9 +57,16 @@ private:
 };
 
 // Pulls `ref` of `remote` into `repo`, from `override_url` when given
-// (the remote's GPG settings apply either way).
+// (the remote's GPG settings apply either way), under watched_pull.
 void pull_ref(OstreeRepo* repo, const std::string& remote, const std::string& ref, const std::string& override_url,
-              GCancellable* cancellable);
+              unsigned network_timeout, GCancellable* cancellable);
+
+// Throws unless every symlink of the sysroot's own structure at `root`
+// (boot/, boot/loader*, ostree/boot.*, ostree/deploy/*, ostree/repo, but not
+// the deployments' contents) stays inside `root`. libostree follows those
+// links as root: on a hostile card one pointing at /etc would make it read
+// or write the host's files.
+void check_sysroot_links(const std::filesystem::path& root);
 
 // The deployments of the sysroot at `root`, the default one first. Reads only.
 std::vector<Deployment> list_deployments(const std::filesystem::path& root, GCancellable* cancellable);

@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <fcntl.h>
 #include <fstream>
+#include <stdio.h>
 #include <linux/fs.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
@@ -43,7 +44,7 @@ std::string size_text(uint64_t bytes)
     return text;
 }
 
-void probe_filesystem(const std::string& node, ExistingPartition& part)
+void probe_existing_partition(const std::string& node, ExistingPartition& part)
 {
     BlkidProbe probe(blkid_new_probe_from_filename(node.c_str()));
     if (!probe)
@@ -79,6 +80,12 @@ DiskInfo describe_disk(const std::string& path)
     if (!S_ISBLK(st.st_mode))
         throw Error(path + " is not a block device");
     info.devno = st.st_rdev;
+    if (char* name = blkid_devno_to_devname(info.devno)) {
+        info.kernel_path = name;
+        free(name);
+    } else {
+        info.kernel_path = std::filesystem::canonical(path).string();
+    }
     std::filesystem::path sys = sysfs_block_dir(info.devno);
     info.is_partition = std::filesystem::exists(sys / "partition");
     dev_t disk = whole_disk_of(info.devno);
@@ -89,6 +96,8 @@ DiskInfo describe_disk(const std::string& path)
     std::filesystem::path disk_sys = sysfs_block_dir(disk);
     info.removable = sysfs_read(disk_sys / "removable") == "1";
     info.read_only = sysfs_read(sys / "ro") == "1";
+    std::string diskseq = sysfs_read(disk_sys / "diskseq");
+    info.diskseq = diskseq.empty() ? 0 : std::stoull(diskseq);
     info.vendor = sysfs_read(disk_sys / "device/vendor");
     info.model = sysfs_read(disk_sys / "device/model");
     if (info.model.empty())
@@ -105,7 +114,7 @@ DiskInfo describe_disk(const std::string& path)
         ExistingPartition part;
         part.node = "/dev/" + entry.path().filename().string();
         part.size = std::stoull(sysfs_read(entry.path() / "size").empty() ? "0" : sysfs_read(entry.path() / "size")) * 512;
-        probe_filesystem(part.node, part);
+        probe_existing_partition(part.node, part);
         info.partitions.push_back(part);
     }
     std::sort(info.partitions.begin(), info.partitions.end(), [](const auto& a, const auto& b) { return a.node < b.node; });
@@ -142,14 +151,15 @@ DiskInfo describe_disk(const std::string& path)
             info.holds_root = true;
         info.mounted.push_back(std::string(source ? source : "?") + " on " + (target ? target : "?"));
     }
-    std::ifstream swaps("/proc/swaps");
-    std::string line;
-    std::getline(swaps, line);
-    while (std::getline(swaps, line)) {
-        std::string swap = line.substr(0, line.find(' '));
-        struct stat sw {};
-        if (::stat(swap.c_str(), &sw) == 0 && S_ISBLK(sw.st_mode) && whole_disk_of(sw.st_rdev) == disk)
-            info.mounted.push_back(swap + " as swap");
+    MntTable swaps(mnt_new_table());
+    if (swaps && mnt_table_parse_swaps(swaps.get(), nullptr) == 0) {
+        MntIter swap_it(mnt_new_iter(MNT_ITER_FORWARD));
+        while (mnt_table_next_fs(swaps.get(), swap_it.get(), &fs) == 0) {
+            const char* swap = mnt_fs_get_source(fs);
+            struct stat sw {};
+            if (swap && ::stat(swap, &sw) == 0 && S_ISBLK(sw.st_mode) && whole_disk_of(sw.st_rdev) == disk)
+                info.mounted.push_back(std::string(swap) + " as swap");
+        }
     }
     return info;
 }
@@ -172,12 +182,66 @@ void check_safe_to_write(const DiskInfo& disk, uint64_t minimum_bytes, bool forc
         throw Error(disk.path + " is not a removable disk; pass --force if it really is the card to erase");
 }
 
-std::unique_ptr<Target> Target::create_image(const std::filesystem::path& image, uint64_t size, bool force)
+std::vector<std::string> loop_devices_backed_by(const std::filesystem::path& file)
+{
+    std::vector<std::string> found;
+    struct stat want {};
+    if (::stat(file.c_str(), &want) != 0)
+        return found;
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator("/sys/block", ec)) {
+        std::string name = entry.path().filename().string();
+        if (name.rfind("loop", 0) != 0)
+            continue;
+        std::string backing = sysfs_read(entry.path() / "loop/backing_file");
+        struct stat st {};
+        if (!backing.empty() && ::stat(backing.c_str(), &st) == 0 && st.st_dev == want.st_dev && st.st_ino == want.st_ino)
+            found.push_back("/dev/" + name);
+    }
+    return found;
+}
+
+ExclusiveCard::ExclusiveCard(const std::string& path)
+{
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0)
+        throw_errno(path);
+    if (S_ISREG(st.st_mode)) {
+        m_image = true;
+        m_fd.reset(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+        if (!m_fd)
+            throw_errno("open " + path);
+        if (::flock(m_fd.get(), LOCK_EX | LOCK_NB) != 0) {
+            if (errno == EWOULDBLOCK)
+                throw Error(path + " is in use by another treeflash; try again when it has finished");
+            throw_errno("lock " + path);
+        }
+        auto loops = loop_devices_backed_by(path);
+        if (!loops.empty())
+            throw Error(path + " is attached to " + loops.front()
+                        + " (perhaps mounted); detach it first (losetup -d " + loops.front() + ")");
+        return;
+    }
+    if (!S_ISBLK(st.st_mode))
+        throw Error(path + " is neither a block device nor an image file");
+    DiskInfo disk = describe_disk(path);
+    if (disk.is_partition)
+        throw Error(path + " is a partition; name the whole card (" + disk.whole_disk + ")");
+    if (!disk.mounted.empty())
+        throw Error(path + " is in use: " + disk.mounted.front() + "; unmount it first");
+    if (!disk.holders.empty())
+        throw Error(path + " is in use by " + disk.holders.front());
+    m_fd.reset(::open(disk.kernel_path.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC));
+    if (!m_fd)
+        throw_errno("open " + path + " exclusively");
+}
+
+std::unique_ptr<Target> Target::create_image(const std::filesystem::path& image, uint64_t size, bool overwrite)
 {
     std::error_code ec;
-    if (std::filesystem::exists(std::filesystem::symlink_status(image, ec)) && !force)
-        throw Error(image.string() + " exists; pass --force to replace it");
-    if (std::filesystem::exists(image, ec) && !std::filesystem::is_regular_file(image, ec))
+    if (std::filesystem::exists(std::filesystem::symlink_status(image, ec)) && !overwrite)
+        throw Error(image.string() + " exists; pass --overwrite to replace it");
+    if (std::filesystem::exists(std::filesystem::symlink_status(image, ec)) && !std::filesystem::is_regular_file(std::filesystem::symlink_status(image, ec)))
         throw Error(image.string() + " exists and is not a regular file");
     std::unique_ptr<Target> target(new Target());
     std::filesystem::path dir = image.parent_path().empty() ? "." : image.parent_path();
@@ -187,6 +251,7 @@ std::unique_ptr<Target> Target::create_image(const std::filesystem::path& image,
         throw_errno("create an image in " + dir.string());
     target->m_partial = templ;
     target->m_image = image;
+    target->m_overwrite = overwrite;
     if (::fchmod(fd.get(), 0644) != 0 || ::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) {
         int err = errno;
         ::unlink(templ.c_str());
@@ -205,25 +270,54 @@ std::unique_ptr<Target> Target::create_image(const std::filesystem::path& image,
     return target;
 }
 
-std::unique_ptr<Target> Target::open_device(const std::string& path)
+std::unique_ptr<Target> Target::open_device(const DiskInfo& checked)
 {
     std::unique_ptr<Target> target(new Target());
-    // O_EXCL fails while the kernel uses the disk (mounts, device mapper, md).
-    {
-        UniqueFd probe(::open(path.c_str(), O_RDWR | O_EXCL | O_CLOEXEC));
-        if (!probe)
-            throw_errno("open " + path + " exclusively");
-    }
-    target->m_fd.reset(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+    // One descriptor from here to the last write: O_EXCL fails while the
+    // kernel uses the disk (mounts, device mapper, md) and keeps others out.
+    target->m_fd.reset(::open(checked.kernel_path.c_str(), O_RDWR | O_EXCL | O_CLOEXEC));
     if (!target->m_fd)
-        throw_errno("open " + path);
+        throw_errno("open " + checked.path + " exclusively");
     // The lock udev and systemd-repart honour: no one else probes or writes meanwhile.
     if (::flock(target->m_fd.get(), LOCK_EX | LOCK_NB) != 0)
-        throw_errno("lock " + path);
-    target->m_device = path;
+        throw_errno("lock " + checked.path);
+    target->m_device = checked.kernel_path;
     if (::ioctl(target->m_fd.get(), BLKGETSIZE64, &target->m_size) != 0)
-        throw_errno("size of " + path);
+        throw_errno("size of " + checked.path);
+    target->verify_identity(checked);
     return target;
+}
+
+void Target::release_exclusive_claim()
+{
+    if (is_image())
+        return;
+    std::string self = "/proc/self/fd/" + std::to_string(m_fd.get());
+    UniqueFd shared(::open(self.c_str(), O_RDWR | O_CLOEXEC));
+    if (!shared)
+        throw_errno("reopen " + m_device);
+    // The lock belongs to the open file description: move it to the new one.
+    ::flock(m_fd.get(), LOCK_UN);
+    if (::flock(shared.get(), LOCK_EX | LOCK_NB) != 0)
+        throw_errno("lock " + m_device);
+    m_fd = std::move(shared);
+}
+
+void Target::verify_identity(const DiskInfo& checked) const
+{
+    if (is_image())
+        return;
+    struct stat st {};
+    if (::fstat(m_fd.get(), &st) != 0)
+        throw_errno("stat " + checked.path);
+    std::string changed = checked.path + " changed since it was checked";
+    if (!S_ISBLK(st.st_mode) || st.st_rdev != checked.devno)
+        throw Error(changed + " (another device number); nothing was written");
+    if (m_size != checked.size)
+        throw Error(changed + " (another size: a different card?); nothing was written");
+    std::string seq = sysfs_read(sysfs_block_dir(checked.devno) / "diskseq");
+    if (checked.diskseq && !seq.empty() && std::stoull(seq) != checked.diskseq)
+        throw Error(changed + " (the card was replaced); nothing was written");
 }
 
 void Target::commit()
@@ -242,8 +336,14 @@ void Target::commit()
         if (!file || ::fsync(file.get()) != 0)
             throw_errno("sync " + m_partial.string());
     }
-    if (::rename(m_partial.c_str(), m_image.c_str()) != 0)
+    // Without --overwrite, never over a file that appeared while we worked
+    // (another flash to the same path, say).
+    unsigned flags = m_overwrite ? 0 : RENAME_NOREPLACE;
+    if (::renameat2(AT_FDCWD, m_partial.c_str(), AT_FDCWD, m_image.c_str(), flags) != 0) {
+        if (errno == EEXIST)
+            throw Error(m_image.string() + " appeared while the image was written; it was left alone (pass --overwrite to replace it)");
         throw_errno("move the image into place at " + m_image.string());
+    }
     m_committed = true;
 }
 

@@ -23,8 +23,10 @@ struct ExistingPartition {
 };
 
 struct DiskInfo {
-    std::string path;
+    std::string path;        // as the user named it (/dev/disk/by-id/... too)
+    std::string kernel_path; // the kernel's name for it (/dev/sdb)
     dev_t devno = 0;
+    uint64_t diskseq = 0;    // the kernel's disk sequence number, 0 when it has none
     bool is_partition = false;
     std::string whole_disk; // /dev/sdb for /dev/sdb1
     uint64_t size = 0;
@@ -43,6 +45,25 @@ std::filesystem::path sysfs_block_dir(dev_t devno);
 // Looks at a block device without writing (sysfs, libblkid, libmount).
 DiskInfo describe_disk(const std::string& path);
 
+// The loop devices (/dev/loopN) whose backing file is `file` (same inode).
+std::vector<std::string> loop_devices_backed_by(const std::filesystem::path& file);
+
+// An existing card or image opened for exclusive use by this process while
+// it lives: an image is flock()ed and refused when a loop device backs it
+// (it may be mounted elsewhere); a disk is opened O_EXCL and refused when
+// it is a partition, mounted, or held by another kernel user.
+class ExclusiveCard {
+public:
+    explicit ExclusiveCard(const std::string& path);
+    ExclusiveCard(const ExclusiveCard&) = delete;
+    ExclusiveCard& operator=(const ExclusiveCard&) = delete;
+    bool is_image() const { return m_image; }
+
+private:
+    UniqueFd m_fd;
+    bool m_image = false;
+};
+
 // Throws an Error naming the first rule `disk` breaks: a partition instead
 // of a disk, the disk holding /, anything mounted or held, read-only, too
 // small, or not removable without `force`.
@@ -51,12 +72,27 @@ void check_safe_to_write(const DiskInfo& disk, uint64_t minimum_bytes, bool forc
 // An open, exclusively locked block device to write to.
 class Target {
 public:
-    // A new image of `size` bytes written as FILE.partial-* beside `image`
-    // and attached to a loop device; commit() renames it to `image`, and the
-    // destructor removes it otherwise.
-    static std::unique_ptr<Target> create_image(const std::filesystem::path& image, uint64_t size, bool force);
-    // A checked disk (see check_safe_to_write), held with flock(LOCK_EX).
-    static std::unique_ptr<Target> open_device(const std::string& path);
+    // A new image of `size` bytes written as .FILE.partial-* beside `image`
+    // and attached to a loop device; commit() moves it to `image` (never over
+    // a file that appeared meanwhile, unless `overwrite`), and the destructor
+    // removes it otherwise.
+    static std::unique_ptr<Target> create_image(const std::filesystem::path& image, uint64_t size, bool overwrite);
+    // The checked disk (see check_safe_to_write), opened exclusively (O_EXCL:
+    // the kernel refuses mounts and other exclusive users while it is open)
+    // and held with flock(LOCK_EX). Throws when the device node now leads to
+    // another device than the one checked.
+    static std::unique_ptr<Target> open_device(const DiskInfo& checked);
+
+    // Throws unless the open device is still the one checked: same device
+    // number, size and disk sequence number. Called again right before the
+    // first write, after the user confirmed.
+    void verify_identity(const DiskInfo& checked) const;
+
+    // Gives up the exclusive claim on a device, keeping the same open device
+    // (reopened through this descriptor, so it cannot be another one) and
+    // the flock: the kernel lets mkfs and mount claim partitions only while
+    // no one claims the whole disk.
+    void release_exclusive_claim();
 
     ~Target();
     Target(const Target&) = delete;
@@ -78,6 +114,7 @@ private:
     std::filesystem::path m_image;
     std::filesystem::path m_partial;
     std::unique_ptr<LoopDevice> m_loop;
+    bool m_overwrite = false;
     bool m_committed = false;
 };
 

@@ -2,6 +2,7 @@
 
 #include "common/error.hpp"
 #include "common/glib.hpp"
+#include "common/validate.hpp"
 #include "flasher/format.hpp"
 #include "flasher/loop.hpp"
 #include "flasher/mount.hpp"
@@ -38,18 +39,12 @@ UpgradeResult upgrade(const UpgradeOptions& options, GCancellable* cancellable)
 {
     if (::geteuid() != 0)
         throw Error("upgrade needs root: it attaches loop devices and mounts the card");
-    struct stat st {};
-    if (::stat(options.target.c_str(), &st) != 0)
-        throw_errno(options.target);
-    if (S_ISBLK(st.st_mode)) {
-        DiskInfo disk = describe_disk(options.target);
-        if (disk.is_partition)
-            throw Error(options.target + " is a partition; name the whole card (" + disk.whole_disk + ")");
-        if (!disk.mounted.empty())
-            throw Error(options.target + " is in use: " + disk.mounted.front() + "; unmount it first");
-    } else if (!S_ISREG(st.st_mode)) {
-        throw Error(options.target + " is neither a block device nor an image file");
-    }
+    if (options.ref)
+        validate::ref(*options.ref, "--ref");
+    if (options.repo && is_url(*options.repo))
+        validate::url(*options.repo, "--repo");
+    // Held to the end: no other upgrade, flash or mount of this card meanwhile.
+    ExclusiveCard card(options.target);
     if (options.repo && !is_url(*options.repo) && !std::filesystem::is_regular_file(std::filesystem::path(*options.repo) / "config"))
         throw Error("repository " + *options.repo + ": not an OSTree repository");
 
@@ -57,7 +52,8 @@ UpgradeResult upgrade(const UpgradeOptions& options, GCancellable* cancellable)
     PartitionEntry rootfs = in_step("find rootfs", [&] { return find_rootfs(options.target); });
     result.partition = static_cast<int>(rootfs.number);
     LoopDevice loop(options.target, false, rootfs.start, rootfs.size);
-    Mount mount(loop.path(), "ext4", "", std::filesystem::temp_directory_path());
+    Mount mount(loop.path(), "ext4", untrusted_mount_options, std::filesystem::temp_directory_path());
+    in_step("sysroot", [&] { check_sysroot_links(mount.path()); });
     // Every libostree handle on the mount is released before it is unmounted.
     upgrade_sysroot(mount.path(), options, result, cancellable);
     result.deployments = list_deployments(mount.path(), cancellable);
@@ -106,7 +102,7 @@ void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptio
     ostree_repo_set_disable_fsync(repo, TRUE); // the file system is synced on unmount
     if (options.notice)
         options.notice("pulling " + refspec + (override_url ? " from " + *override_url : ""));
-    in_step("pull", [&] { pull_ref(repo, remote, ref, override_url.value_or(""), cancellable); });
+    in_step("pull", [&] { pull_ref(repo, remote, ref, override_url.value_or(""), options.network_timeout, cancellable); });
     char* raw = nullptr;
     if (!ostree_repo_resolve_rev(repo, refspec.c_str(), FALSE, &raw, &error))
         throw_gerror(error, "resolve " + refspec);

@@ -15,6 +15,7 @@ struct UpgradeOptions {
     std::string target;              // a device or an image file
     std::optional<std::string> repo; // pull from here (path or URL) instead of the origin's URL
     std::optional<std::string> ref;  // switch to this ref on the same remote
+    unsigned network_timeout = 30;   // seconds without progress before the pull fails
     std::function<void(const std::string&)> notice;
 };
 

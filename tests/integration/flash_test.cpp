@@ -42,16 +42,6 @@ const std::string& root_disk()
 }
 
 // Checks, when the test ends, that it left no loop device or mount behind.
-struct NoLeftovers {
-    std::set<std::string> before = system_leftovers();
-    ~NoLeftovers()
-    {
-        auto after = system_leftovers();
-        for (const auto& item : after)
-            CHECK_MESSAGE(before.count(item), "left behind: " << item);
-    }
-};
-
 std::string random_bytes(size_t size, unsigned seed)
 {
     std::mt19937 rng(seed);
@@ -60,38 +50,6 @@ std::string random_bytes(size_t size, unsigned seed)
         c = static_cast<char>(rng());
     return data;
 }
-
-// mount(8) of one partition of an image, read-only, undone on scope exit.
-struct MountedPartition {
-    Scratch dir;
-    bool mounted = false;
-    MountedPartition(const fs::path& image, uint64_t offset, uint64_t size)
-    {
-        auto r = run_process({"mount", "-o", "ro,noload,loop,offset=" + std::to_string(offset) + ",sizelimit=" + std::to_string(size),
-                              image.string(), dir.path().string()});
-        REQUIRE_MESSAGE(r.ok(), r.err);
-        mounted = true;
-    }
-    ~MountedPartition()
-    {
-        if (mounted)
-            run_process({"umount", dir.path().string()});
-    }
-    fs::path operator/(const std::string& name) const { return dir / name; }
-};
-
-// An attached loop device over a file, for --device tests.
-struct LoopGuard {
-    std::string device;
-    explicit LoopGuard(const fs::path& file)
-    {
-        auto r = run_process({"losetup", "-f", "-P", "--show", file.string()});
-        REQUIRE_MESSAGE(r.ok(), r.err);
-        device = r.out.substr(0, r.out.find('\n'));
-        run_process({"partx", "-u", device});
-    }
-    ~LoopGuard() { run_process({"losetup", "-d", device}); }
-};
 
 struct Partition {
     uint64_t start, size;
@@ -128,7 +86,7 @@ TEST_CASE("ls104x image from a local repository, checked with independent tools"
     write_file(tmp / "fip.bin", fip);
     write_file(tmp / "phy.bin", phy);
     fs::path image = tmp / "card.img";
-    auto result = run_treeflash({"flash", "--board", "ls104x", "--image", image.string(), "--repo", (tmp / "repo").string(),
+    auto result = run_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--image", image.string(), "--repo", (tmp / "repo").string(),
                                  "--remote-url", "http://10.0.0.2:8000/", "--karg", "quiet", "--firmware",
                                  "rcw=" + (tmp / "rcw.pbl").string(), "--firmware", "fip=" + (tmp / "fip.bin").string(),
                                  "--firmware", "phy=" + (tmp / "phy.bin").string(), "--json"});
@@ -267,7 +225,7 @@ TEST_CASE("refusals: one clear line, nothing written, nothing left behind" * doc
     build_commit(tmp.path(), tmp / "repo");
     std::string repo = (tmp / "repo").string();
     auto refuse = [&](const std::vector<std::string>& args, const std::string& expected, int max_lines = 2) {
-        std::vector<std::string> full{"flash"};
+        std::vector<std::string> full{"flash", "--no-gpg-verify"};
         full.insert(full.end(), args.begin(), args.end());
         auto r = run_treeflash(full);
         CHECK_MESSAGE(r.exit_code != 0, expected);
@@ -280,7 +238,7 @@ TEST_CASE("refusals: one clear line, nothing written, nothing left behind" * doc
     {
         // A card that is in use: flash an image, attach it, mount p2.
         fs::path image = tmp / "busy.img";
-        REQUIRE(run_treeflash({"flash", "--board", "ls104x", "--image", image.string(), "--repo", repo}).ok());
+        REQUIRE(run_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--image", image.string(), "--repo", repo}).ok());
         // p2 gets mounted (and so written by the kernel); everything else must stay as it was.
         auto outside_p2 = [&] { return sha256_hex(read_bytes(image, 0, 96 * MiB)) + sha256_hex(read_bytes(image, 160 * MiB, 1 << 30)); };
         std::string before = outside_p2();
@@ -334,7 +292,7 @@ TEST_CASE("refusals: one clear line, nothing written, nothing left behind" * doc
         refuse({"--board", "ls104x", "--image", (tmp / "x.img").string(), "--repo", "http://127.0.0.1:9/"},
                "source: fetch master from http://127.0.0.1:9/");
         write_file(tmp / "exists.img", "precious");
-        refuse({"--board", "ls104x", "--image", (tmp / "exists.img").string(), "--repo", repo}, "exists; pass --force");
+        refuse({"--board", "ls104x", "--image", (tmp / "exists.img").string(), "--repo", repo}, "exists; pass --overwrite");
         CHECK(read_text(tmp / "exists.img") == "precious");
         write_file(tmp / "huge.pbl", std::string(0x100000, 'x'));
         refuse({"--board", "ls104x", "--image", (tmp / "x.img").string(), "--repo", repo, "--firmware",
@@ -356,7 +314,7 @@ TEST_CASE("refusal: the disk holding /" * doctest::skip(not_root || root_disk().
     NoLeftovers guard;
     Scratch tmp;
     build_commit(tmp.path(), tmp / "repo");
-    auto r = run_treeflash({"flash", "--board", "ls104x", "--device", root_disk(), "--repo", (tmp / "repo").string(),
+    auto r = run_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--device", root_disk(), "--repo", (tmp / "repo").string(),
                             "--force", "--yes"});
     CHECK(r.exit_code == 1);
     CHECK_MESSAGE(r.err.find("holds the running system's root file system") != std::string::npos, r.err);
@@ -375,7 +333,7 @@ TEST_CASE("a failure after partitioning says what state the card is in and clean
     write_file(tmp / "card.img", "");
     fs::resize_file(tmp / "card.img", 600 * MiB);
     LoopGuard loop(tmp / "card.img");
-    auto r = run_treeflash({"flash", "--board", "ls104x", "--device", loop.device, "--repo", server.url(), "--force", "--yes"});
+    auto r = run_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--device", loop.device, "--repo", server.url(), "--force", "--yes"});
     CHECK(r.exit_code == 1);
     CHECK(r.err.find("sysroot: pull:") != std::string::npos);
     CHECK(r.err.find("(the device is partitioned and formatted but holds no deployment; it will not boot)") != std::string::npos);
@@ -394,7 +352,7 @@ TEST_CASE("SIGINT during a flash unmounts, detaches and removes the partial imag
 
     fs::path image = tmp / "card.img";
     std::string log = (tmp / "flash.log").string();
-    pid_t pid = spawn_treeflash({"flash", "--board", "ls104x", "--image", image.string(), "--repo", (tmp / "repo").string()}, log);
+    pid_t pid = spawn_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--image", image.string(), "--repo", (tmp / "repo").string()}, log);
     // Interrupt while it pulls: the rootfs partition is mounted then.
     for (int i = 0; i < 500 && read_text(log).find("pulling") == std::string::npos; ++i)
         std::this_thread::sleep_for(std::chrono::milliseconds(10));

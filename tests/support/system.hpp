@@ -4,6 +4,8 @@
 
 #include "tests/support/fixtures.hpp"
 
+#include <doctest/doctest.h>
+
 #include <set>
 #include <string>
 #include <sys/types.h>
@@ -12,6 +14,51 @@ namespace treeflash::test {
 
 // Loop devices attached and mounts below /tmp, /var/tmp and /work.
 std::set<std::string> system_leftovers();
+
+// Checks, when it goes out of scope, that the test left no loop device
+// or mount behind that was not there when it was made.
+struct NoLeftovers {
+    std::set<std::string> before = system_leftovers();
+    ~NoLeftovers()
+    {
+        for (const auto& item : system_leftovers())
+            CHECK_MESSAGE(before.count(item), "left behind: " << item);
+    }
+};
+
+// mount(8) of one partition of an image (read-only unless `writable`),
+// undone on scope exit.
+struct MountedPartition {
+    Scratch dir;
+    bool mounted = false;
+    MountedPartition(const fs::path& image, uint64_t offset, uint64_t size, bool writable = false)
+    {
+        std::string options = std::string(writable ? "rw" : "ro,noload") + ",loop,offset=" + std::to_string(offset)
+                              + ",sizelimit=" + std::to_string(size);
+        auto r = run_process({"mount", "-o", options, image.string(), dir.path().string()});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+        mounted = true;
+    }
+    ~MountedPartition()
+    {
+        if (mounted)
+            run_process({"umount", dir.path().string()});
+    }
+    fs::path operator/(const std::string& name) const { return dir / name; }
+};
+
+// An attached loop device over a file, for --device tests.
+struct LoopGuard {
+    std::string device;
+    explicit LoopGuard(const fs::path& file)
+    {
+        auto r = run_process({"losetup", "-f", "-P", "--show", file.string()});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+        device = r.out.substr(0, r.out.find('\n'));
+        run_process({"partx", "-u", device});
+    }
+    ~LoopGuard() { run_process({"losetup", "-d", device}); }
+};
 
 // nginx serving `repo` on 127.0.0.1 with the project's template; stopped
 // (and its files removed) by the destructor.

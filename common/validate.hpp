@@ -1,0 +1,35 @@
+// Checks for strings from the command line or a board file that become a
+// path, a config line, a kernel argument or a U-Boot script word. Each
+// throws an Error naming the option and what is wrong, so a bad value is
+// refused before anything is written.
+#pragma once
+
+#include <string_view>
+
+namespace treeflash::validate {
+
+// An OS name (ostree admin os-init): a single path component of letters,
+// digits, '.', '_', '-', not starting with '.' or '-', at most 64 bytes.
+void os_name(std::string_view name, std::string_view option);
+
+// An OSTree ref: components of [A-Za-z0-9._-] separated by '/', none empty,
+// none "." or "..", not starting with '-'.
+void ref(std::string_view ref, std::string_view option);
+
+// One kernel argument: printable ASCII, no space, no quote, backslash, '$'
+// or ';' (it lands in uEnv.txt, a U-Boot setenv line and /proc/cmdline).
+void kernel_arg(std::string_view arg, std::string_view option);
+
+// An http://, https:// or file:// URL without spaces or control characters
+// (it becomes a line of the repository's config).
+void url(std::string_view url, std::string_view option);
+
+// A value for a KEY=VALUE text file (os-release, a config line): no
+// newline or other control character.
+void single_line(std::string_view value, std::string_view option);
+
+// A word of a U-Boot script (an address, ${variable}, a device type):
+// letters, digits and "_.:/-${}" only.
+void uboot_word(std::string_view word, std::string_view option);
+
+} // namespace treeflash::validate

@@ -1,0 +1,191 @@
+// Bad input is refused before anything is written: option strings that
+// become paths, config lines or kernel arguments, hostile board files, and
+// sizes that make no sense. In-process and through the CLI, without root.
+#include "common/error.hpp"
+#include "common/validate.hpp"
+#include "flasher/board.hpp"
+#include "flasher/flash.hpp"
+#include "flasher/partition.hpp"
+#include "tests/support/fixtures.hpp"
+
+#include <doctest/doctest.h>
+#include <functional>
+#include <regex>
+#include <sys/statvfs.h>
+
+using namespace treeflash;
+using namespace treeflash::flasher;
+using namespace treeflash::test;
+
+namespace {
+
+const fs::path boards = fs::path(TREEFLASH_SOURCE_DIR) / "board";
+
+std::string error_of(const std::function<void()>& fn)
+{
+    try {
+        fn();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "";
+}
+
+// A copy of the qemu-arm64 board with `edit` applied to its board.conf.
+fs::path edited_board(const Scratch& tmp, const std::string& name, const std::function<std::string(std::string)>& edit)
+{
+    fs::path dir = tmp / name;
+    fs::copy(boards / "qemu-arm64", dir, fs::copy_options::recursive);
+    write_file(dir / "board.conf", edit(read_text(dir / "board.conf")));
+    return dir;
+}
+
+FlashOptions image_options(const fs::path& image)
+{
+    FlashOptions options;
+    options.board = (boards / "qemu-arm64").string();
+    options.image = image;
+    options.repo = "/nonexistent-repo";
+    options.no_gpg_verify = true;
+    return options;
+}
+
+} // namespace
+
+TEST_SUITE("safety") {
+
+TEST_CASE("option strings that would leave the card or add a line are refused before anything else")
+{
+    Scratch tmp;
+    struct Case {
+        std::function<void(FlashOptions&)> set;
+        std::string expected;
+    };
+    std::vector<Case> cases{
+        {[](FlashOptions& o) { o.os = "../../../../../../../../srv/escape"; }, "--os '../../../../../../../../srv/escape': an OS name holds only"},
+        {[](FlashOptions& o) { o.os = ".."; }, "--os '..'"},
+        {[](FlashOptions& o) { o.os = ""; }, "--os '': an OS name has 1 to 64 characters"},
+        {[](FlashOptions& o) { o.ref = "../../heads/x"; }, "--ref '../../heads/x'"},
+        {[](FlashOptions& o) { o.ref = "a//b"; }, "--ref 'a//b'"},
+        {[](FlashOptions& o) { o.kernel_args = {"quiet\ninit=/bin/sh"}; }, "--karg 'quiet?init=/bin/sh': a kernel argument is one word"},
+        {[](FlashOptions& o) { o.kernel_args = {"a=\"b\""}; }, "a kernel argument may not hold \""},
+        {[](FlashOptions& o) { o.kernel_args = {"x;reset"}; }, "a kernel argument may not hold ;"},
+        {[](FlashOptions& o) { o.remote_url = "http://host/\ngpg-verify=false"; }, "--remote-url 'http://host/?gpg-verify=false'"},
+        {[](FlashOptions& o) { o.remote_url = "ftp://host/"; }, "expected an http://, https:// or file:// URL"},
+        {[](FlashOptions& o) { o.no_gpg_verify = false; }, "no --gpg-import KEY: the card would accept unsigned updates"},
+        {[&](FlashOptions& o) { o.gpg_import = tmp / "missing.gpg"; o.no_gpg_verify = false; }, "missing.gpg: No such file"},
+        {[&](FlashOptions& o) { write_file(tmp / "empty.gpg", ""); o.gpg_import = tmp / "empty.gpg"; o.no_gpg_verify = false; },
+         "empty.gpg: the file is empty"},
+    };
+    for (const auto& c : cases) {
+        CAPTURE(c.expected);
+        FlashOptions options = image_options(tmp / "x.img");
+        c.set(options);
+        std::string message = error_of([&] { plan_flash(options, nullptr); });
+        CHECK_MESSAGE(message.find(c.expected) != std::string::npos, message);
+        CHECK_FALSE(fs::exists(tmp / "x.img"));
+    }
+    CHECK_FALSE(fs::exists("/srv/escape"));
+}
+
+TEST_CASE("os-release values and config lines hold one line")
+{
+    CHECK_THROWS_WITH_AS(validate::single_line("1.0\nID=evil", "--os-release VERSION_ID"),
+                         "--os-release VERSION_ID '1.0?ID=evil': a newline or control character would start another line", Error);
+    CHECK_NOTHROW(validate::single_line("TCU 1.0 \"stable\"", "x"));
+    CHECK_NOTHROW(validate::ref("tcu/ls104x/stable", "--ref"));
+    CHECK_NOTHROW(validate::os_name("tcu", "--os"));
+    CHECK_NOTHROW(validate::kernel_arg("console=ttyS0,115200", "--karg"));
+    CHECK_NOTHROW(validate::url("http://10.0.0.2:8000/repo", "--remote-url"));
+}
+
+TEST_CASE("a board file cannot name host files or hold contradictions")
+{
+    Scratch tmp;
+    struct Case {
+        std::string name;
+        std::function<std::string(std::string)> edit;
+        std::string expected;
+    };
+    auto replace = [](const std::string& from, const std::string& to) {
+        return [from, to](std::string conf) { return std::regex_replace(conf, std::regex(from), to); };
+    };
+    std::vector<Case> cases{
+        {"shadow", replace("boot_script = .*", "boot_script = ../../../../../../etc/shadow"), "boot_script '../../../../../../etc/shadow'"},
+        {"abs-table", replace("partition_table = .*", "partition_table = /etc/passwd"), "partition_table '/etc/passwd': name a file inside the board folder"},
+        {"dup", [](std::string c) { return c + "boot_partition = 2\n"; }, "boot_partition is already set on line"},
+        {"same", replace("boot_partition = 1", "boot_partition = 3"), "boot_partition and rootfs_partition are both 3"},
+        {"negative-fw", [](std::string c) { return c + "firmware.rcw = -4096 0x1000\n"; }, "'-4096' is not a number"},
+        {"karg", replace("kernel_args = .*", "kernel_args = console=ttyAMA0 x\"y"), "a kernel argument may not hold \""},
+        {"uboot", replace("uboot.devtype = .*", "uboot.devtype = virtio; reset"), "uboot.devtype 'virtio; reset': a U-Boot script word"},
+        {"default", [](std::string c) { return c + "uboot.default.foo = 1;reset\n"; }, "uboot.default.foo '1;reset'"},
+        {"mkfs", replace("mkfs.ext4 = .*", "mkfs.ext4 = -d /etc"), "mkfs.ext4 option '-d' is not allowed"},
+        {"wait", replace("initramfs.root_wait = .*", "initramfs.root_wait = 0"), "initramfs.root_wait 0: 1 to 3600 seconds"},
+    };
+    for (const auto& c : cases) {
+        CAPTURE(c.name);
+        fs::path dir = edited_board(tmp, c.name, c.edit);
+        std::string message = error_of([&] { load_board(dir.string()); });
+        CHECK_MESSAGE(message.find(c.expected) != std::string::npos, message);
+    }
+
+    // A symlink inside the board folder that leads out of it.
+    fs::path linked = edited_board(tmp, "link", replace("partition_table = .*", "partition_table = table"));
+    fs::create_symlink("/etc/passwd", linked / "table");
+    std::string message = error_of([&] { load_board(linked.string()); });
+    CHECK_MESSAGE(message.find("partition_table 'table': leads outside the board folder") != std::string::npos, message);
+}
+
+TEST_CASE("partition scripts with negative or out-of-range numbers are refused")
+{
+    Scratch tmp;
+    write_file(tmp / "neg.sfdisk", "label: dos\nunit: sectors\n\nstart=131072, size=-65536, type=83\n");
+    std::string message = error_of([&] { read_partition_script(tmp / "neg.sfdisk"); });
+    CHECK_MESSAGE(message.find("neg.sfdisk:4: start= and size= take plain sector counts") != std::string::npos, message);
+    write_file(tmp / "big.sfdisk", "label: dos\nunit: sectors\n\nstart=131072, size=4294967296, type=83\n");
+    message = error_of([&] { read_partition_script(tmp / "big.sfdisk"); });
+    CHECK_MESSAGE(message.find("an MBR partition must end within 2 TiB") != std::string::npos, message);
+}
+
+TEST_CASE("flash command line: sizes, and --force and --overwrite for what they each mean")
+{
+    for (const char* size : {"-5", "0", "18446744073709551615", "99999999999999999999", "inf", "nan", "1.5G", "2X", "G"}) {
+        CAPTURE(size);
+        auto r = run_treeflash({"flash", "--board", "qemu-arm64", "--image", "/nonexistent/x.img", "--repo", "r",
+                                "--no-gpg-verify", "--size", size});
+        CHECK(r.exit_code == 2);
+        CHECK_MESSAGE(r.err.find("--size '") != std::string::npos, r.err);
+    }
+    auto force = run_treeflash({"flash", "--board", "qemu-arm64", "--image", "x.img", "--repo", "r", "--force"});
+    CHECK(force.exit_code == 2);
+    CHECK(force.err.find("--force is for --device; --overwrite replaces an existing --image") != std::string::npos);
+    auto overwrite = run_treeflash({"flash", "--board", "qemu-arm64", "--device", "/dev/null", "--repo", "r", "--overwrite"});
+    CHECK(overwrite.exit_code == 2);
+    CHECK(overwrite.err.find("--overwrite is for --image") != std::string::npos);
+}
+
+TEST_CASE("an image larger than an MBR addresses or than the free space is refused")
+{
+    Scratch tmp;
+    FlashOptions options = image_options(tmp / "big.img");
+    options.repo = (tmp / "repo").string();
+    make_rootfs(tmp / "rootfs");
+    FakeKernel kernel = make_kernel_files(tmp.path());
+    auto built = run_treeflash({"build", "--rootfs", (tmp / "rootfs").string(), "--repo", options.repo, "--kernel",
+                                kernel.kernel.string()});
+    REQUIRE_MESSAGE(built.ok(), built.err);
+    options.size = 8000ull << 30;
+    std::string message = error_of([&] { plan_flash(options, nullptr); });
+    CHECK_MESSAGE(message.find("an MBR (dos) table addresses 2 TiB at most") != std::string::npos, message);
+    struct statvfs vfs {};
+    REQUIRE(::statvfs(tmp.path().c_str(), &vfs) == 0);
+    uint64_t free_bytes = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+    if (free_bytes < (1ull << 40)) {
+        options.size = (free_bytes + (1ull << 30)) / (1 << 20) * (1 << 20);
+        message = error_of([&] { plan_flash(options, nullptr); });
+        CHECK_MESSAGE(message.find("MiB free in") != std::string::npos, message);
+    }
+    CHECK_FALSE(fs::exists(tmp / "big.img"));
+}
+
+}
