@@ -4,6 +4,8 @@
 #include "common/error.hpp"
 #include "common/fs.hpp"
 
+#include <unistd.h>
+
 namespace treeflash::builder {
 
 namespace {
@@ -33,9 +35,20 @@ BuildResult build(const BuildOptions& options, GCancellable* cancellable, const 
     std::filesystem::create_directories(repo.scratch_parent());
     fs::TempDir scratch(repo.scratch_parent(), "treeflash-import-");
     ImportResult imported = in_step("import " + options.rootfs.string(),
-                                    [&] { return import_rootfs(options.rootfs, scratch.path()); });
+                                    [&] { return import_rootfs(options.rootfs, scratch.path(), cancellable); });
     append(result.warnings, sanitize_warnings(imported));
     check_not_cancelled(cancellable);
+
+    OwnerOptions owners = options.owners;
+    if (!owners.uid && !owners.gid && ::geteuid() != 0 && std::filesystem::is_directory(options.rootfs)) {
+        owners = {0, 0};
+        if (apply_owners(imported.tree, owners))
+            result.warnings.push_back("the rootfs directory's files belong to the user building it; they are committed "
+                                      "as owned by root (0:0). Pass --owner-uid/--owner-gid for other owners, or build "
+                                      "as root (or from a tarball) to keep the owners they have");
+    } else {
+        apply_owners(imported.tree, owners);
+    }
 
     Tree& tree = imported.tree;
     result.normalize = in_step("normalize", [&] { return normalize(tree, options.normalize); });

@@ -17,6 +17,10 @@ struct BuildOptions {
     NormalizeOptions normalize;
     KernelOptions kernel;
     CommitOptions commit; // an empty subject becomes "<os> [<version> ]rootfs"
+    // Owners for every entry. A directory read by a user other than root
+    // defaults to 0:0: its files belong to the user building it, not to
+    // whoever should own them on the device.
+    OwnerOptions owners;
 };
 
 struct BuildResult {

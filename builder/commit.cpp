@@ -78,9 +78,15 @@ glib::Object<GFileInfo> file_info_for(const Node& node)
     return info;
 }
 
-glib::Variant empty_xattrs()
+// A node's extended attributes as OSTree stores them: a(ayay), sorted by name.
+glib::Variant xattrs_of(const Node& node)
 {
-    return glib::adopt_variant(g_variant_new_array(G_VARIANT_TYPE("(ayay)"), nullptr, 0));
+    GVariantBuilder builder;
+    g_variant_builder_init(&builder, G_VARIANT_TYPE("a(ayay)"));
+    for (const auto& [name, value] : node.xattrs)
+        g_variant_builder_add(&builder, "(@ay@ay)", g_variant_new_bytestring(name.c_str()),
+                              g_variant_new_fixed_array(G_VARIANT_TYPE_BYTE, value.data(), value.size(), 1));
+    return glib::adopt_variant(g_variant_builder_end(&builder));
 }
 
 // The bytes of a regular file as a stream; fd-backed sources are read from
@@ -163,7 +169,6 @@ void write_contents(OstreeRepo* repo, Tree& tree, unsigned jobs, GCancellable* c
         result.bytes += node->size;
     }
 
-    glib::Variant xattrs = empty_xattrs();
     std::atomic<size_t> next{0};
     std::atomic<uint64_t> written{0};
     std::mutex failure_lock;
@@ -176,6 +181,7 @@ void write_contents(OstreeRepo* repo, Tree& tree, unsigned jobs, GCancellable* c
                 return;
             auto& [path, node] = work[index];
             try {
+                glib::Variant xattrs = xattrs_of(*node);
                 if (write_content_object(repo, tree, *node, xattrs.get(), cancellable))
                     ++written;
             } catch (const Cancelled&) {
@@ -211,12 +217,12 @@ public:
 
     const std::string& checksum_for(const Node& dir)
     {
-        auto key = std::make_tuple(dir.uid, dir.gid, dir.mode);
+        auto key = std::make_tuple(dir.uid, dir.gid, dir.mode, dir.xattrs);
         auto found = m_written.find(key);
         if (found != m_written.end())
             return found->second;
         auto info = file_info_for(dir);
-        glib::Variant xattrs = empty_xattrs();
+        glib::Variant xattrs = xattrs_of(dir);
         glib::Variant meta = glib::adopt_variant(ostree_create_directory_metadata(info.get(), xattrs.get()));
         guchar* raw = nullptr;
         GError* error = nullptr;
@@ -230,7 +236,7 @@ public:
 private:
     OstreeRepo* m_repo;
     GCancellable* m_cancellable;
-    std::map<std::tuple<uid_t, gid_t, mode_t>, std::string> m_written;
+    std::map<std::tuple<uid_t, gid_t, mode_t, std::vector<std::pair<std::string, std::string>>>, std::string> m_written;
 };
 
 void fill_mtree(OstreeMutableTree* mtree, const Node& dir, DirMetaWriter& dirmeta)

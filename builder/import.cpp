@@ -7,8 +7,12 @@
 #include <archive_entry.h>
 #include <cerrno>
 #include <dirent.h>
+#include <algorithm>
 #include <fcntl.h>
+#include <gio/gio.h>
+#include <sys/xattr.h>
 #include <memory>
+#include <set>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -40,7 +44,46 @@ struct DirCloser {
     void operator()(DIR* d) const { ::closedir(d); }
 };
 
-void import_dir_entries(int dirfd, dev_t root_dev, const std::string& relpath, Node& into, ImportResult& result)
+void check_cancelled(GCancellable* cancellable)
+{
+    if (cancellable && g_cancellable_is_cancelled(cancellable))
+        throw Cancelled();
+}
+
+// The extended attributes of the open file `fd`, sorted by name.
+void read_xattrs(int fd, const std::string& path, Node& node, ImportResult& result)
+{
+    std::string names(1024, '\0');
+    ssize_t n;
+    while ((n = ::flistxattr(fd, names.data(), names.size())) < 0 && errno == ERANGE)
+        names.resize(names.size() * 4);
+    if (n < 0) {
+        if (errno == ENOTSUP)
+            return;
+        throw_errno("list extended attributes of " + path);
+    }
+    for (size_t pos = 0; pos < static_cast<size_t>(n);) {
+        std::string name(names.c_str() + pos);
+        pos += name.size() + 1;
+        if (!keeps_xattr(name)) {
+            result.dropped_xattrs.push_back(path + " (" + name + ")");
+            continue;
+        }
+        ssize_t size = ::fgetxattr(fd, name.c_str(), nullptr, 0);
+        if (size < 0)
+            throw_errno("read extended attribute " + name + " of " + path);
+        std::string value(static_cast<size_t>(size), '\0');
+        size = ::fgetxattr(fd, name.c_str(), value.data(), value.size());
+        if (size < 0)
+            throw_errno("read extended attribute " + name + " of " + path);
+        value.resize(static_cast<size_t>(size));
+        node.xattrs.emplace_back(name, value);
+    }
+    std::sort(node.xattrs.begin(), node.xattrs.end());
+}
+
+void import_dir_entries(int dirfd, dev_t root_dev, const std::string& relpath, Node& into, ImportResult& result,
+                        GCancellable* cancellable)
 {
     int dupfd = ::fcntl(dirfd, F_DUPFD_CLOEXEC, 0);
     if (dupfd < 0)
@@ -61,6 +104,7 @@ void import_dir_entries(int dirfd, dev_t root_dev, const std::string& relpath, N
         std::string name = entry->d_name;
         if (name == "." || name == "..")
             continue;
+        check_cancelled(cancellable);
         std::string path = join(relpath, name);
         struct stat st {};
         if (::fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0)
@@ -78,7 +122,8 @@ void import_dir_entries(int dirfd, dev_t root_dev, const std::string& relpath, N
                 UniqueFd child(::openat(dirfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
                 if (!child)
                     throw_errno("open " + path);
-                import_dir_entries(child.get(), root_dev, path, *node, result);
+                read_xattrs(child.get(), path, *node, result);
+                import_dir_entries(child.get(), root_dev, path, *node, result, cancellable);
             }
         } else if (S_ISLNK(st.st_mode)) {
             node = Node::symlink(read_symlink_at(dirfd, name.c_str(), path), st.st_uid, st.st_gid);
@@ -91,6 +136,11 @@ void import_dir_entries(int dirfd, dev_t root_dev, const std::string& relpath, N
             node->size = static_cast<uint64_t>(st.st_size);
             node->source.origin = FileSource::Origin::InputTree;
             node->source.path = path;
+            // O_PATH would do for the attributes, but flistxattr needs a real open.
+            UniqueFd file(::openat(dirfd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC));
+            if (!file)
+                throw_errno("open " + path);
+            read_xattrs(file.get(), path, *node, result);
         }
         into.children.emplace(std::move(name), std::move(node));
     }
@@ -121,7 +171,12 @@ std::string tar_entry_path(const char* raw, std::string_view what)
 
 } // namespace
 
-ImportResult import_directory(const std::filesystem::path& dir)
+bool keeps_xattr(std::string_view name)
+{
+    return name != "security.selinux";
+}
+
+ImportResult import_directory(const std::filesystem::path& dir, GCancellable* cancellable)
 {
     ImportResult result;
     UniqueFd root = fs::open_directory(dir);
@@ -132,12 +187,44 @@ ImportResult import_directory(const std::filesystem::path& dir)
     top.mode = st.st_mode & 07777;
     top.uid = st.st_uid;
     top.gid = st.st_gid;
-    import_dir_entries(root.get(), st.st_dev, "", top, result);
+    read_xattrs(root.get(), ".", top, result);
+    import_dir_entries(root.get(), st.st_dev, "", top, result, cancellable);
     result.tree.set_input_root(std::move(root));
     return result;
 }
 
-ImportResult import_tarball(const std::filesystem::path& tarball, const std::filesystem::path& scratch_dir)
+// The entry's pax extended attributes (SCHILY.xattr.*), sorted by name.
+void tar_xattrs(struct archive_entry* entry, const std::string& path, Node& node, ImportResult& result)
+{
+    const char* name = nullptr;
+    const void* value = nullptr;
+    size_t size = 0;
+    archive_entry_xattr_reset(entry);
+    std::set<std::string> seen; // libarchive reports an attribute stored both as LIBARCHIVE.xattr and SCHILY.xattr twice
+    while (archive_entry_xattr_next(entry, &name, &value, &size) == ARCHIVE_OK) {
+        if (!seen.insert(name).second)
+            continue;
+        if (!keeps_xattr(name)) {
+            result.dropped_xattrs.push_back(path + " (" + name + ")");
+            continue;
+        }
+        node.xattrs.emplace_back(name, std::string(static_cast<const char*>(value), size));
+    }
+    std::sort(node.xattrs.begin(), node.xattrs.end());
+}
+
+// GNU tar refuses to replace a directory with anything else: so do we,
+// rather than silently dropping what the directory held.
+void refuse_replacing_directory(const Tree& tree, const std::string& path, const char* what)
+{
+    const Node* existing = tree.find(path);
+    if (existing && existing->is_dir())
+        throw Error("tarball entry " + path + ": a " + what + " after the directory " + path + " ("
+                    + std::to_string(existing->children.size()) + " entries) would replace it");
+}
+
+ImportResult import_tarball(const std::filesystem::path& tarball, const std::filesystem::path& scratch_dir,
+                            GCancellable* cancellable)
 {
     ImportResult result;
     UniqueFd scratch = fs::open_directory(scratch_dir);
@@ -157,6 +244,7 @@ ImportResult import_tarball(const std::filesystem::path& tarball, const std::fil
             break;
         if (rc != ARCHIVE_OK && rc != ARCHIVE_WARN)
             throw Error("read " + tarball.string() + ": " + archive_error(reader.get()));
+        check_cancelled(cancellable);
         std::string path = tar_entry_path(archive_entry_pathname(entry), "tarball entry");
         mode_t type = archive_entry_filetype(entry);
         uid_t uid = static_cast<uid_t>(archive_entry_uid(entry));
@@ -168,6 +256,7 @@ ImportResult import_tarball(const std::filesystem::path& tarball, const std::fil
             const Node* existing = result.tree.find(target);
             if (!existing || !existing->is_regular())
                 throw Error("tarball entry " + path + ": hardlink to " + target + ", which is not a regular file before it");
+            refuse_replacing_directory(result.tree, path, "hardlink");
             auto node = std::make_unique<Node>();
             node->kind = Node::Kind::Regular;
             node->uid = existing->uid;
@@ -175,8 +264,15 @@ ImportResult import_tarball(const std::filesystem::path& tarball, const std::fil
             node->mode = existing->mode;
             node->size = existing->size;
             node->source = existing->source;
+            node->xattrs = existing->xattrs;
             result.tree.put(path, std::move(node));
             continue;
+        }
+        if (type != AE_IFDIR && type != AE_IFLNK && type != AE_IFREG && !S_ISCHR(type) && !S_ISBLK(type)
+            && !S_ISFIFO(type) && !S_ISSOCK(type)) {
+            char octal[16];
+            std::snprintf(octal, sizeof octal, "0%o", static_cast<unsigned>(type));
+            throw Error("tarball entry " + path + ": unknown entry type " + octal + " (not a file, directory or symlink)");
         }
         if (!is_committable(type)) {
             result.dropped_special.push_back(path + " (" + special_kind_name(type) + ")");
@@ -197,13 +293,17 @@ ImportResult import_tarball(const std::filesystem::path& tarball, const std::fil
                 existing->mode = perm;
                 existing->uid = uid;
                 existing->gid = gid;
+                existing->xattrs.clear();
+                tar_xattrs(entry, path, *existing, result);
             } else {
-                result.tree.put(path, Node::directory(perm, uid, gid));
+                tar_xattrs(entry, path, result.tree.put(path, Node::directory(perm, uid, gid)), result);
             }
         } else if (type == AE_IFLNK) {
+            refuse_replacing_directory(result.tree, path, "symlink");
             const char* target = archive_entry_symlink(entry);
             result.tree.put(path, Node::symlink(target ? target : "", uid, gid));
         } else {
+            refuse_replacing_directory(result.tree, path, "regular file");
             std::string name = std::to_string(extracted++);
             // Place the node first: a path through a symlink fails before any byte is written.
             auto node = std::make_unique<Node>();
@@ -214,6 +314,7 @@ ImportResult import_tarball(const std::filesystem::path& tarball, const std::fil
             node->source.origin = FileSource::Origin::Scratch;
             node->source.path = name;
             Node& placed = result.tree.put(path, std::move(node));
+            tar_xattrs(entry, path, placed, result);
             UniqueFd out(::openat(scratch.get(), name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
             if (!out)
                 throw_errno("extract " + path);
@@ -229,16 +330,17 @@ ImportResult import_tarball(const std::filesystem::path& tarball, const std::fil
     return result;
 }
 
-ImportResult import_rootfs(const std::filesystem::path& input, const std::filesystem::path& scratch_dir)
+ImportResult import_rootfs(const std::filesystem::path& input, const std::filesystem::path& scratch_dir,
+                           GCancellable* cancellable)
 {
     std::error_code ec;
     auto status = std::filesystem::status(input, ec);
     if (ec || !std::filesystem::exists(status))
         throw Error(input.string() + ": no such file or directory");
     if (std::filesystem::is_directory(status))
-        return import_directory(input);
+        return import_directory(input, cancellable);
     if (std::filesystem::is_regular_file(status))
-        return import_tarball(input, scratch_dir);
+        return import_tarball(input, scratch_dir, cancellable);
     throw Error(input.string() + ": neither a directory nor a tarball");
 }
 

@@ -1,6 +1,7 @@
 #include "builder/stages.hpp"
 
 #include "common/error.hpp"
+#include "common/validate.hpp"
 #include "common/templates.hpp"
 
 #include <sstream>
@@ -90,21 +91,52 @@ std::string replace_all(std::string text, const std::string& from, const std::st
     return text;
 }
 
+// The os-release file at `path`, its symlinks followed inside the tree:
+// "" when absent; an error when a symlink leads out of the tree (OSTree
+// would read the build host's file at deploy time).
+std::string read_os_release(const Tree& tree, const std::string& path)
+{
+    const Node* node = tree.find(path);
+    if (!node)
+        return "";
+    if (node->is_symlink()) {
+        const Node* target = tree.resolve(path);
+        if (!target || !target->is_regular())
+            throw Error(path + " is a symlink to " + node->symlink_target
+                        + ", which is not a file in the rootfs; OSTree would read the deploying host's instead");
+        return tree.read_all(*target);
+    }
+    if (!node->is_regular())
+        throw Error(path + " is not a file");
+    return tree.read_all(*node);
+}
+
 void write_os_release(Tree& tree, const NormalizeOptions& options, NormalizeResult& result)
 {
-    const Node* lib_release = tree.find("usr/lib/os-release");
-    const Node* etc_release = tree.find("usr/etc/os-release");
-    if ((lib_release || etc_release) && options.os_release.empty())
-        return;
-    std::string existing;
-    std::string target = "usr/lib/os-release";
-    if (lib_release && lib_release->is_regular()) {
-        existing = tree.read_all(*lib_release);
-    } else if (etc_release && etc_release->is_regular()) {
-        existing = tree.read_all(*etc_release);
-        target = "usr/etc/os-release";
+    for (const auto& [key, value] : options.os_release) {
+        validate::single_line(key, "--os-release");
+        validate::single_line(value, "--os-release " + key);
+        if (key.empty() || key.find_first_of("= #") != std::string::npos)
+            throw Error("--os-release '" + key + "': not a KEY");
     }
-    tree.put(target, Node::memory_file(render_os_release(options, existing)));
+    validate::single_line(options.version, "--version");
+    std::string lib = read_os_release(tree, "usr/lib/os-release");
+    std::string etc = read_os_release(tree, "usr/etc/os-release");
+    bool lib_is_link = tree.find("usr/lib/os-release") && tree.find("usr/lib/os-release")->is_symlink();
+    bool etc_is_link = tree.find("usr/etc/os-release") && tree.find("usr/etc/os-release")->is_symlink();
+    bool have = !lib.empty() || !etc.empty();
+    // Nothing to change: an os-release of the rootfs's own, no link to replace.
+    if (have && options.os_release.empty() && options.version.empty() && !lib_is_link && !etc_is_link)
+        return;
+    NormalizeOptions effective = options;
+    if (have && !options.version.empty())
+        effective.os_release.emplace("VERSION_ID", options.version); // an explicit --os-release VERSION_ID= wins
+    // usr/lib/os-release is what OSTree reads first; it becomes a regular
+    // file, and a usr/etc/os-release link becomes one as well.
+    std::string rendered = render_os_release(effective, !lib.empty() ? lib : etc);
+    tree.put("usr/lib/os-release", Node::memory_file(rendered));
+    if (etc_is_link || (!etc.empty() && lib.empty()))
+        tree.put("usr/etc/os-release", Node::memory_file(rendered));
     result.wrote_os_release = true;
 }
 

@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <sys/file.h>
 #include <thread>
+#include <vector>
 
 namespace treeflash::builder {
 
@@ -29,6 +30,30 @@ void lock_exclusively(int fd, const std::filesystem::path& path, GCancellable* c
     }
 }
 
+// Removes what builds killed before they could clean up left: a new
+// repository never published, and import scratch space. Only called while
+// holding the lock every build of this path holds.
+void remove_leftovers(const std::filesystem::path& path, const BuildRepo::WaitNotice& notice)
+{
+    std::error_code ec;
+    std::filesystem::path parent = path.parent_path().empty() ? "." : path.parent_path();
+    std::string partial_prefix = "." + path.filename().string() + ".partial-";
+    std::vector<std::filesystem::path> stale;
+    for (const auto& entry : std::filesystem::directory_iterator(parent, ec))
+        if (entry.path().filename().string().rfind(partial_prefix, 0) == 0)
+            stale.push_back(entry.path());
+    for (const auto& entry : std::filesystem::directory_iterator(path / "tmp", ec))
+        if (entry.path().filename().string().rfind("treeflash-import-", 0) == 0)
+            stale.push_back(entry.path());
+    for (const auto& dir : stale) {
+        if (!std::filesystem::is_directory(std::filesystem::symlink_status(dir, ec)))
+            continue;
+        if (notice)
+            notice("removing " + dir.string() + ", left by an interrupted build");
+        fs::remove_tree_quietly(dir);
+    }
+}
+
 bool is_empty_directory(const std::filesystem::path& path)
 {
     std::error_code ec;
@@ -41,13 +66,23 @@ BuildRepo::BuildRepo(const std::filesystem::path& path, GCancellable* cancellabl
     : m_path(path)
 {
     std::error_code ec;
+    std::filesystem::path parent = path.parent_path().empty() ? "." : path.parent_path();
+    if (!std::filesystem::is_directory(parent, ec))
+        throw Error(path.string() + ": parent directory " + parent.string() + " does not exist");
+    std::filesystem::path lock_file = parent / ("." + path.filename().string() + ".lock");
+    m_path_lock.reset(::open(lock_file.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644));
     bool exists = std::filesystem::exists(std::filesystem::symlink_status(path, ec));
+    if (!m_path_lock && !(errno == EACCES && exists)) // a read-only parent: the repository's own lock must do
+        throw_errno("create the lock " + lock_file.string());
+    if (m_path_lock)
+        lock_exclusively(m_path_lock.get(), path, cancellable, on_wait);
+    // Another build may have created it while we waited.
+    exists = std::filesystem::exists(std::filesystem::symlink_status(path, ec));
+    if (m_path_lock)
+        remove_leftovers(path, on_wait);
     GError* error = nullptr;
     if (!exists || is_empty_directory(path)) {
         m_replace_empty_dir = exists;
-        std::filesystem::path parent = path.parent_path().empty() ? "." : path.parent_path();
-        if (!std::filesystem::is_directory(parent, ec))
-            throw Error(path.string() + ": parent directory " + parent.string() + " does not exist");
         m_new_repo.emplace(parent, "." + path.filename().string() + ".partial-");
         m_repo.reset(ostree_repo_create_at(AT_FDCWD, m_new_repo->path().c_str(), OSTREE_REPO_MODE_ARCHIVE, nullptr,
                                            cancellable, &error));

@@ -21,6 +21,11 @@ public:
     // waiting (and calling `on_wait` once) while another build holds it. A
     // missing path, or an empty directory, gets a new archive repository that
     // is built beside it and appears at `path` only through publish().
+    //
+    // The lock is a file beside the repository (.NAME.lock), so builds into
+    // a repository that does not exist yet take turns too; the second one
+    // then finds the repository the first one made. Holding it, the build
+    // removes what killed builds left (.NAME.partial-*, NAME/tmp/treeflash-import-*).
     BuildRepo(const std::filesystem::path& path, GCancellable* cancellable, const WaitNotice& on_wait = {});
     BuildRepo(const BuildRepo&) = delete;
     BuildRepo& operator=(const BuildRepo&) = delete;
@@ -37,7 +42,8 @@ private:
     std::filesystem::path m_path;
     std::optional<fs::TempDir> m_new_repo;
     bool m_replace_empty_dir = false;
-    UniqueFd m_lock;
+    UniqueFd m_path_lock; // .NAME.lock beside the repository
+    UniqueFd m_lock;      // the repository directory (what older builds locked)
     glib::Object<OstreeRepo> m_repo;
 };
 

@@ -2,6 +2,8 @@
 
 #include <sys/stat.h>
 
+#include <functional>
+
 namespace treeflash::builder {
 
 bool is_committable(mode_t st_mode)
@@ -34,7 +36,27 @@ std::vector<std::string> sanitize_warnings(const ImportResult& imported)
     }
     for (const auto& dir : imported.skipped_mounts)
         warnings.push_back("skipped the contents of " + dir + ": it is another file system mounted into the rootfs");
+    if (!imported.dropped_xattrs.empty())
+        warnings.push_back("dropped the build host's SELinux labels of " + std::to_string(imported.dropped_xattrs.size())
+                           + " entries (the device's policy labels its own files), e.g. " + imported.dropped_xattrs.front());
     return warnings;
+}
+
+size_t apply_owners(Tree& tree, const OwnerOptions& options)
+{
+    size_t changed = 0;
+    std::function<void(Node&)> visit = [&](Node& node) {
+        bool differs = (options.uid && node.uid != *options.uid) || (options.gid && node.gid != *options.gid);
+        if (options.uid)
+            node.uid = *options.uid;
+        if (options.gid)
+            node.gid = *options.gid;
+        changed += differs;
+        for (auto& [name, child] : node.children)
+            visit(*child);
+    };
+    visit(tree.root());
+    return changed;
 }
 
 } // namespace treeflash::builder

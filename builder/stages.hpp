@@ -22,19 +22,29 @@ struct ImportResult {
     Tree tree;
     std::vector<std::string> dropped_special; // "dev/null (character device)"
     std::vector<std::string> skipped_mounts;  // directories on another file system
+    std::vector<std::string> dropped_xattrs;  // "usr/bin/x (security.selinux)": the build host's labels
 };
 
+// Extended attributes an import keeps: all but security.selinux, whose
+// labels belong to the build host's policy, not the device's.
+bool keeps_xattr(std::string_view name);
+
 // A directory: nothing in it is opened for writing, no symlink is followed.
-ImportResult import_directory(const std::filesystem::path& dir);
+// Extended attributes of files and directories are kept. A cancelled
+// `cancellable` stops it within one directory entry.
+ImportResult import_directory(const std::filesystem::path& dir, GCancellable* cancellable = nullptr);
 
 // A .tar, .tar.gz, .tar.xz or .tar.zst read with libarchive. Regular files
 // are extracted into `scratch_dir` (which must outlive the Tree). Entries with
-// ".." or absolute paths, and entries that would be written through a
-// symlink, are refused.
-ImportResult import_tarball(const std::filesystem::path& tarball, const std::filesystem::path& scratch_dir);
+// ".." or absolute paths, entries that would be written through a symlink,
+// a non-directory entry over a directory (as GNU tar refuses) and entries of
+// unknown type are refused. Extended attributes (pax SCHILY.xattr) are kept.
+ImportResult import_tarball(const std::filesystem::path& tarball, const std::filesystem::path& scratch_dir,
+                            GCancellable* cancellable = nullptr);
 
 // Chooses between the two by looking at `input`.
-ImportResult import_rootfs(const std::filesystem::path& input, const std::filesystem::path& scratch_dir);
+ImportResult import_rootfs(const std::filesystem::path& input, const std::filesystem::path& scratch_dir,
+                           GCancellable* cancellable = nullptr);
 
 // ---- sanitize.cpp -------------------------------------------------------
 
@@ -46,6 +56,16 @@ std::string special_kind_name(mode_t st_mode);
 
 // One warning that lists every special file import dropped (empty when none).
 std::vector<std::string> sanitize_warnings(const ImportResult& imported);
+
+// Owners every entry of the commit gets, as `ostree commit --owner-uid/gid`.
+struct OwnerOptions {
+    std::optional<uid_t> uid;
+    std::optional<gid_t> gid;
+};
+
+// Sets the owners `options` names on every node of `tree`. Returns how many
+// nodes changed.
+size_t apply_owners(Tree& tree, const OwnerOptions& options);
 
 // ---- normalize.cpp ------------------------------------------------------
 

@@ -62,6 +62,71 @@ const Node* Tree::find(std::string_view path) const
     return node;
 }
 
+const Node* Tree::resolve(std::string_view path, std::string* resolved) const
+{
+    std::vector<std::string> pending;
+    auto push_front = [&](std::string_view text) {
+        std::vector<std::string> parts;
+        size_t start = 0;
+        while (start <= text.size()) {
+            size_t end = text.find('/', start);
+            std::string part(text.substr(start, end == std::string_view::npos ? std::string_view::npos : end - start));
+            if (!part.empty() && part != ".")
+                parts.push_back(part);
+            if (end == std::string_view::npos)
+                break;
+            start = end + 1;
+        }
+        pending.insert(pending.begin(), parts.begin(), parts.end());
+    };
+    push_front(path);
+    std::vector<const Node*> stack{m_root.get()};
+    std::vector<std::string> names;
+    int hops = 0;
+    while (!pending.empty()) {
+        std::string part = pending.front();
+        pending.erase(pending.begin());
+        if (part == "..") {
+            if (stack.size() > 1) {
+                stack.pop_back();
+                names.pop_back();
+            }
+            continue;
+        }
+        const Node* dir = stack.back();
+        if (!dir->is_dir())
+            return nullptr;
+        auto it = dir->children.find(part);
+        // /etc of the booted system is the commit's usr/etc.
+        if (it == dir->children.end() && stack.size() == 1 && part == "etc") {
+            push_front("usr/etc");
+            continue;
+        }
+        if (it == dir->children.end())
+            return nullptr;
+        const Node* node = it->second.get();
+        if (node->is_symlink()) {
+            if (++hops > 40)
+                return nullptr;
+            const std::string& target = node->symlink_target;
+            if (!target.empty() && target[0] == '/') {
+                stack.resize(1);
+                names.clear();
+            }
+            push_front(target);
+            continue;
+        }
+        stack.push_back(node);
+        names.push_back(part);
+    }
+    if (resolved) {
+        resolved->clear();
+        for (const auto& n : names)
+            *resolved += (resolved->empty() ? "" : "/") + n;
+    }
+    return stack.back();
+}
+
 static Node& parent_for_write(Node& root, const std::vector<std::string>& parts, std::string_view path)
 {
     Node* dir = &root;

@@ -42,6 +42,8 @@ struct Node {
     mode_t mode = 0755; // permission bits only (07777)
     uint64_t size = 0;  // regular files
     std::string symlink_target;
+    // Extended attributes (security.capability, ...), sorted by name.
+    std::vector<std::pair<std::string, std::string>> xattrs;
     FileSource source;                                 // regular files
     std::map<std::string, std::unique_ptr<Node>> children; // directories, sorted by name
     std::string checksum; // filled by the commit stage (content object)
@@ -66,6 +68,11 @@ public:
     Node* find(std::string_view path);
     const Node* find(std::string_view path) const;
 
+    // The node `path` leads to with every symlink followed inside the tree,
+    // as the booted system would (an absolute target starts at the tree's
+    // root, "/etc" is the tree's usr/etc, ".." stops at the root). nullptr
+    // when it leads nowhere in the tree or loops; `resolved` gets the path.
+    const Node* resolve(std::string_view path, std::string* resolved = nullptr) const;
     // Inserts `node` at `path`, creating missing parent directories (0755,
     // root). A symlink or a file in the parent chain is an error: nothing is
     // ever written through a symlink. An existing node at `path` is replaced.

@@ -34,20 +34,23 @@ Examples:
 
 Options)";
 
-uint64_t parse_timestamp(const std::string& text)
+// Seconds since the epoch ("1700000000", "@1700000000") or ISO 8601, up to
+// the year 9999. `option` names where the text came from.
+uint64_t parse_timestamp(const std::string& text, const std::string& option = "--timestamp")
 {
+    constexpr uint64_t year_9999_end = 253402300799;
     std::string digits = text.size() > 1 && text[0] == '@' ? text.substr(1) : text;
     if (!digits.empty() && digits.find_first_not_of("0123456789") == std::string::npos)
-        return std::stoull(digits);
+        return parse_count(digits, option, 0, year_9999_end);
     GTimeZone* utc = g_time_zone_new_utc();
     GDateTime* parsed = g_date_time_new_from_iso8601(text.c_str(), utc);
     g_time_zone_unref(utc);
     if (!parsed)
-        throw UsageError("--timestamp '" + text + "': use seconds since the epoch or ISO 8601 (2024-05-01T12:00:00Z)");
+        throw UsageError(option + " '" + text + "': use seconds since the epoch or ISO 8601 (2024-05-01T12:00:00Z)");
     gint64 seconds = g_date_time_to_unix(parsed);
     g_date_time_unref(parsed);
     if (seconds < 0)
-        throw UsageError("--timestamp '" + text + "' is before 1970");
+        throw UsageError(option + " '" + text + "' is before 1970");
     return static_cast<uint64_t>(seconds);
 }
 
@@ -93,7 +96,7 @@ nlohmann::json to_json(const builder::BuildResult& result)
 int run_build(const std::vector<std::string>& args, GCancellable* cancellable)
 {
     builder::BuildOptions options;
-    std::string rootfs, repo, layout = "legacy", timestamp, kernel, initramfs, gpg_key, gpg_home;
+    std::string rootfs, repo, layout = "legacy", timestamp, kernel, initramfs, gpg_key, gpg_home, owner_uid, owner_gid, jobs;
     std::vector<std::string> devicetrees, os_release;
     bool json = false, static_delta = false, force = false;
 
@@ -129,7 +132,10 @@ int run_build(const std::vector<std::string>& args, GCancellable* cancellable)
         ("gpg-homedir", po::value(&gpg_home)->value_name("DIR"), "GPG home directory holding the key")
         ("static-delta", po::bool_switch(&static_delta), "also generate a static delta from the previous commit")
         ("force-commit", po::bool_switch(&force), "commit even when nothing changed since the last commit")
-        ("jobs", po::value(&options.commit.jobs)->value_name("N"), "threads writing objects (default: one per CPU)")
+        ("owner-uid", po::value(&owner_uid)->value_name("UID"),
+         "commit every file as owned by this user id (default: the files' own; 0 for a directory read without root)")
+        ("owner-gid", po::value(&owner_gid)->value_name("GID"), "commit every file as owned by this group id")
+        ("jobs", po::value(&jobs)->value_name("N"), "threads writing objects, 1 to 256 (default: one per CPU)")
         ("json", po::bool_switch(&json), "print the result as JSON on stdout");
 
     if (!parse_options(args, desc))
@@ -161,10 +167,16 @@ int run_build(const std::vector<std::string>& args, GCancellable* cancellable)
     if (!timestamp.empty())
         options.commit.timestamp = parse_timestamp(timestamp);
     else if (const char* epoch = std::getenv("SOURCE_DATE_EPOCH"); epoch && *epoch)
-        options.commit.timestamp = parse_timestamp(epoch);
+        options.commit.timestamp = parse_timestamp(epoch, "SOURCE_DATE_EPOCH");
     if (!gpg_key.empty())
         options.commit.gpg = builder::GpgSigning{gpg_key, gpg_home};
     options.commit.static_delta = static_delta;
+    if (!owner_uid.empty())
+        options.owners.uid = static_cast<uid_t>(parse_count(owner_uid, "--owner-uid", 0, 0xfffffffe));
+    if (!owner_gid.empty())
+        options.owners.gid = static_cast<gid_t>(parse_count(owner_gid, "--owner-gid", 0, 0xfffffffe));
+    if (!jobs.empty())
+        options.commit.jobs = static_cast<unsigned>(parse_count(jobs, "--jobs", 1, 256));
     options.commit.force = force;
 
     builder::BuildResult result = in_step("build", [&] { return builder::build(options, cancellable, print_notice); });

@@ -142,7 +142,14 @@ std::string host_etc_state()
 void write_tarball(const fs::path& path, const std::vector<TarEntry>& entries)
 {
     struct archive* a = archive_write_new();
-    archive_write_set_format_pax_restricted(a);
+    bool any_xattrs = false;
+    for (const auto& e : entries)
+        any_xattrs |= !e.xattrs.empty();
+    // Restricted pax leaves extended attributes out.
+    if (any_xattrs)
+        archive_write_set_format_pax(a);
+    else
+        archive_write_set_format_pax_restricted(a);
     std::string name = path.string();
     auto ends_with = [&](const std::string& suffix) {
         return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -161,6 +168,8 @@ void write_tarball(const fs::path& path, const std::vector<TarEntry>& entries)
         archive_entry_set_uid(entry, e.uid);
         archive_entry_set_gid(entry, e.gid);
         archive_entry_set_perm(entry, e.mode);
+        for (const auto& [xname, value] : e.xattrs)
+            archive_entry_xattr_add_entry(entry, xname.c_str(), value.data(), value.size());
         switch (e.type) {
         case 'f':
             archive_entry_set_filetype(entry, AE_IFREG);

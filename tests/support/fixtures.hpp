@@ -64,6 +64,7 @@ struct TarEntry {
     mode_t mode = 0644;
     uid_t uid = 0;
     gid_t gid = 0;
+    std::map<std::string, std::string> xattrs; // written as pax SCHILY.xattr records
 };
 // Writes a ustar/pax tarball; compression from the extension (.gz .xz .zst).
 void write_tarball(const fs::path& path, const std::vector<TarEntry>& entries);

@@ -11,6 +11,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <thread>
 #include <unistd.h>
 
@@ -107,12 +108,12 @@ TEST_CASE("a build commits the normalized tree and the repository shows what the
     CHECK(files.count("/usr/lib/os-release"));
     CHECK(files["/ostree"].find("-> sysroot/ostree") != std::string::npos);
     CHECK(files["/etc"].empty());
-    std::string csum = sha256_hex(ex.kernel.kernel_bytes + ex.kernel.devicetree_bytes);
+    std::string csum = sha256sum_files({ex.kernel.kernel, ex.kernel.devicetree});
     CHECK(files.count("/usr/lib/ostree-boot/vmlinuz-" + csum));
     CHECK(files["/usr/lib/ostree-boot/vmlinuz-" + csum].rfind("-00644", 0) == 0);
-    // setuid busybox survives, and the hardlink shares its content object.
-    std::string owner = std::to_string(::getuid()) + " " + std::to_string(::getgid());
-    CHECK(files["/usr/bin/busybox"].rfind("-04755 " + owner + " ", 0) == 0);
+    // setuid busybox survives, owned by root whoever builds (a directory read
+    // without root is committed as root's), and the hardlink shares its content object.
+    CHECK(files["/usr/bin/busybox"].rfind("-04755 0 0 ", 0) == 0);
     auto object_of = [&](const std::string& path) {
         std::istringstream in(files[path]);
         std::string mode, uid, gid, size, object;
@@ -135,7 +136,7 @@ TEST_CASE("--json reports the commit, kernel and counts")
     CHECK(out["ref"] == "master");
     CHECK(out["parent"].is_null());
     CHECK(out["kernel_layout"] == "legacy");
-    CHECK(out["bootcsum"] == sha256_hex(ex.kernel.kernel_bytes + ex.kernel.devicetree_bytes));
+    CHECK(out["bootcsum"] == sha256sum_files({ex.kernel.kernel, ex.kernel.devicetree}));
     CHECK(out["files"].get<int>() > 10);
     CHECK(out["bytes"].get<int>() > 4096);
     CHECK(out["created_repo"] == true);
@@ -319,10 +320,107 @@ TEST_CASE("SIGINT and SIGKILL during a build leave the branch where it was and f
     CHECK(rev_parse(ex.repo) == before);
     CHECK(fsck_clean(ex.repo));
 
-    // And the next build still works.
+    // And the next build still works, and removes what the killed one left.
     auto after = run_treeflash(ex.args());
     CHECK(after.ok());
     CHECK(rev_parse(ex.repo, "master^") == before);
+    CHECK_FALSE(has_import_scratch(ex.repo));
+}
+
+TEST_CASE("SIGKILL while creating a repository: the next build removes the partial one")
+{
+    Example ex;
+    fill_random(ex.rootfs, 200, 256 * 1024, 4);
+    pid_t pid = spawn_treeflash(ex.args({"--jobs", "1"}));
+    std::this_thread::sleep_for(std::chrono::milliseconds(400));
+    ::kill(pid, SIGKILL);
+    wait_exit(pid);
+    REQUIRE(has_partial_repo(ex.tmp.path()));
+    auto next = run_treeflash(ex.args());
+    REQUIRE_MESSAGE(next.ok(), next.err);
+    CHECK(next.err.find("left by an interrupted build") != std::string::npos);
+    CHECK_FALSE(has_partial_repo(ex.tmp.path()));
+    CHECK(fsck_clean(ex.repo));
+}
+
+TEST_CASE("three builds into a repository that does not exist yet take turns")
+{
+    Example ex;
+    std::vector<fs::path> roots;
+    for (int i = 0; i < 3; ++i) {
+        roots.push_back(ex.tmp / ("rootfs" + std::to_string(i)));
+        make_rootfs(roots.back());
+        write_file(roots.back() / "etc/hostname", "host" + std::to_string(i) + "\n");
+    }
+    std::vector<ProcessResult> results(3);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 3; ++i)
+        threads.emplace_back([&, i] {
+            results[i] = run_treeflash({"build", "--rootfs", roots[i].string(), "--repo", ex.repo.string(), "--kernel",
+                                        ex.kernel.kernel.string()});
+        });
+    for (auto& t : threads)
+        t.join();
+    for (const auto& r : results)
+        CHECK_MESSAGE(r.ok(), r.err);
+    // One history of three commits.
+    auto log = ostree(ex.repo, {"log", "master"});
+    size_t commits = 0;
+    for (size_t pos = 0; (pos = log.out.find("commit ", pos)) != std::string::npos; ++pos)
+        ++commits;
+    CHECK(commits == 3);
+    CHECK_FALSE(has_partial_repo(ex.tmp.path()));
+    CHECK(fsck_clean(ex.repo));
+}
+
+TEST_CASE("owners: a directory read without root is committed as root's; --owner-uid/--owner-gid set them")
+{
+    Example ex;
+    // Run as an unprivileged user: a copy of the binary it can reach, a
+    // rootfs it owns, and a place to write the repository.
+    fs::path binary = ex.tmp / "treeflash";
+    fs::copy_file(TREEFLASH_BINARY, binary);
+    fs::permissions(binary, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec | fs::perms::others_read | fs::perms::others_exec);
+    fs::path out = ex.tmp / "out";
+    fs::create_directories(out);
+    fs::permissions(out, fs::perms::all);
+    uid_t user = is_root() ? 65534 : ::getuid();
+    if (is_root())
+        REQUIRE(run_process({"chown", "-R", "65534:65534", ex.rootfs.string()}).ok());
+    for (const fs::path& p : {ex.kernel.kernel})
+        fs::permissions(p, fs::perms::others_read, fs::perm_options::add);
+    auto as_user = [&](std::vector<std::string> args) {
+        std::vector<std::string> argv;
+        if (is_root())
+            argv = {"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"};
+        argv.push_back(binary.string());
+        argv.insert(argv.end(), args.begin(), args.end());
+        return run_process(argv);
+    };
+    auto built = as_user({"build", "--rootfs", ex.rootfs.string(), "--repo", (out / "repo").string(), "--kernel",
+                          ex.kernel.kernel.string()});
+    REQUIRE_MESSAGE(built.ok(), built.err);
+    CHECK(built.err.find("committed as owned by root (0:0)") != std::string::npos);
+    auto listing = list_commit(out / "repo");
+    REQUIRE(listing.count("/usr/bin/busybox"));
+    CHECK_MESSAGE(listing["/usr/bin/busybox"].find(" 0 0 ") != std::string::npos, listing["/usr/bin/busybox"]);
+    CHECK(listing["/usr/etc"].find(" 0 0 ") != std::string::npos);
+    CHECK(listing["/usr/bin/busybox"].find(std::to_string(user)) == std::string::npos);
+
+    auto owned = run_treeflash({"build", "--rootfs", ex.rootfs.string(), "--repo", (ex.tmp / "owned").string(), "--kernel",
+                                ex.kernel.kernel.string(), "--owner-uid", "1234", "--owner-gid", "5678"});
+    REQUIRE_MESSAGE(owned.ok(), owned.err);
+    CHECK(list_commit(ex.tmp / "owned")["/usr/bin/busybox"].find(" 1234 5678 ") != std::string::npos);
+}
+
+TEST_CASE("extended attributes reach the commit")
+{
+    Example ex;
+    REQUIRE(::setxattr((ex.rootfs / "usr/bin/busybox").c_str(), "user.treeflash-test", "cap", 3, 0) == 0);
+    REQUIRE(run_treeflash(ex.args()).ok());
+    auto shown = ostree(ex.repo, {"ls", "-X", "master", "/usr/bin/busybox"});
+    CHECK_MESSAGE(shown.out.find("user.treeflash-test") != std::string::npos, shown.out);
+    CHECK(fsck_clean(ex.repo));
 }
 
 TEST_CASE("SIGINT while creating a repository leaves no repository")
@@ -405,6 +503,17 @@ TEST_CASE("bad command lines exit 2 with one line")
     auto layout = run_treeflash({"build", "--rootfs", "x", "--repo", "r", "--kernel-layout", "uefi"});
     CHECK(layout.exit_code == 2);
     CHECK(layout.err.find("unknown kernel layout 'uefi'") != std::string::npos);
+    for (const char* jobs : {"-1", "0", "4294967296", "x"}) {
+        auto r = run_treeflash({"build", "--rootfs", "x", "--repo", "r", "--jobs", jobs});
+        CHECK(r.exit_code == 2);
+        CHECK_MESSAGE(r.err.find("--jobs") != std::string::npos, r.err);
+    }
+    auto stamp = run_treeflash({"build", "--rootfs", "x", "--repo", "r", "--timestamp", "99999999999999999999"});
+    CHECK(stamp.exit_code == 2);
+    CHECK_MESSAGE(stamp.err.find("--timestamp '99999999999999999999': a whole number from 0 to 253402300799") != std::string::npos, stamp.err);
+    auto epoch = run_treeflash({"build", "--rootfs", "x", "--repo", "r"}, {"SOURCE_DATE_EPOCH=999999999999"});
+    CHECK(epoch.exit_code == 2);
+    CHECK_MESSAGE(epoch.err.find("SOURCE_DATE_EPOCH 999999999999: out of range") != std::string::npos, epoch.err);
 }
 
 }

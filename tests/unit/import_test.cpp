@@ -5,6 +5,7 @@
 #include "tests/support/fixtures.hpp"
 
 #include <doctest/doctest.h>
+#include <sys/xattr.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -141,6 +142,45 @@ TEST_CASE("a missing input names itself")
 {
     Scratch tmp;
     CHECK_THROWS_WITH_AS(import_rootfs(tmp / "nope", tmp.path()), doctest::Contains("nope: no such file"), Error);
+}
+
+TEST_CASE("a tarball entry that would replace a directory is refused, as GNU tar does")
+{
+    Scratch tmp;
+    fs::create_directories(tmp / "scratch");
+    write_tarball(tmp / "file-over-dir.tar", {{"bin/", 'd'}, {"bin/busybox", 'f', "x"}, {"bin", 'f', "y"}});
+    CHECK_THROWS_WITH_AS(import_tarball(tmp / "file-over-dir.tar", tmp / "scratch"),
+                         "tarball entry bin: a regular file after the directory bin (1 entries) would replace it", Error);
+    write_tarball(tmp / "link-over-dir.tar", {{"lib/", 'd'}, {"lib/x", 'f', "x"}, {"lib", 'l', "usr/lib"}});
+    fs::create_directories(tmp / "scratch2");
+    CHECK_THROWS_WITH_AS(import_tarball(tmp / "link-over-dir.tar", tmp / "scratch2"),
+                         doctest::Contains("a symlink after the directory lib"), Error);
+}
+
+TEST_CASE("extended attributes are kept, from directories and tarballs; SELinux labels of the host are not")
+{
+    Scratch tmp;
+    make_rootfs(tmp / "rootfs");
+    std::string capability("\x01\x00\x00\x02\x00\x20\x00\x00", 8); // a capability blob, as bytes
+    REQUIRE(::setxattr((tmp / "rootfs/usr/bin/busybox").c_str(), "user.treeflash-test", capability.data(), capability.size(), 0) == 0);
+    REQUIRE(::setxattr((tmp / "rootfs/usr").c_str(), "user.dir-attr", "d", 1, 0) == 0);
+    ImportResult dir = import_directory(tmp / "rootfs");
+    const Node* busybox = dir.tree.find("usr/bin/busybox");
+    REQUIRE(busybox);
+    REQUIRE(busybox->xattrs.size() == 1);
+    CHECK(busybox->xattrs[0].first == "user.treeflash-test");
+    CHECK(busybox->xattrs[0].second == capability);
+    CHECK(dir.tree.find("usr")->xattrs == std::vector<std::pair<std::string, std::string>>{{"user.dir-attr", "d"}});
+
+    fs::create_directories(tmp / "scratch");
+    TarEntry ping{"usr/bin/ping", 'f', "ping", 0755};
+    ping.xattrs = {{"security.capability", capability}, {"security.selinux", "system_u:object_r:ping_exec_t:s0"}};
+    write_tarball(tmp / "caps.tar.zst", {{"usr/", 'd'}, {"usr/bin/", 'd'}, ping});
+    ImportResult tar = import_tarball(tmp / "caps.tar.zst", tmp / "scratch");
+    const Node* node = tar.tree.find("usr/bin/ping");
+    REQUIRE(node);
+    CHECK(node->xattrs == std::vector<std::pair<std::string, std::string>>{{"security.capability", capability}});
+    CHECK(tar.dropped_xattrs == std::vector<std::string>{"usr/bin/ping (security.selinux)"});
 }
 
 }

@@ -117,3 +117,53 @@ TEST_CASE("etc -> /etc and usr/etc -> /etc are refused and the host's /etc is un
 }
 
 }
+
+TEST_SUITE("normalize") {
+
+TEST_CASE("an os-release symlink is resolved inside the rootfs, never on the build host")
+{
+    Scratch tmp;
+    // Debian's way round: /etc/os-release -> ../usr/lib/os-release, and the
+    // other way, usr/lib/os-release -> /etc/os-release (absolute).
+    make_rootfs(tmp / "a");
+    write_file(tmp / "a/etc/os-release", "ID=mine\nNAME=\"Mine\"\n");
+    fs::create_directories(tmp / "a/usr/lib");
+    fs::create_symlink("/etc/os-release", tmp / "a/usr/lib/os-release");
+    ImportResult a = import_directory(tmp / "a");
+    NormalizeOptions options;
+    options.version = "2.5";
+    normalize(a.tree, options);
+    const Node* lib = a.tree.find("usr/lib/os-release");
+    REQUIRE(lib);
+    REQUIRE(lib->is_regular()); // OSTree reads this one: a file, not a link to the host's
+    std::string text = a.tree.read_all(*lib);
+    CHECK(text.find("ID=mine") != std::string::npos);
+    CHECK(text.find("VERSION_ID=2.5") != std::string::npos); // --version is not dropped
+    CHECK(text.find("debian") == std::string::npos);
+
+    // A link that leads out of the rootfs is an error, not the host's file.
+    make_rootfs(tmp / "b");
+    fs::create_directories(tmp / "b/usr/lib");
+    fs::create_symlink("/etc/nonexistent-os-release", tmp / "b/usr/lib/os-release");
+    ImportResult b = import_directory(tmp / "b");
+    CHECK_THROWS_WITH_AS(normalize(b.tree, {}),
+                         "os-release: usr/lib/os-release is a symlink to /etc/nonexistent-os-release, which is not a file "
+                         "in the rootfs; OSTree would read the deploying host's instead",
+                         Error);
+}
+
+TEST_CASE("--os-release and --version values stay on one line")
+{
+    Scratch tmp;
+    make_rootfs(tmp / "rootfs");
+    ImportResult imported = import_directory(tmp / "rootfs");
+    NormalizeOptions options;
+    options.os_release["VERSION_ID"] = "1\nID=evil";
+    CHECK_THROWS_WITH_AS(normalize(imported.tree, options),
+                         doctest::Contains("--os-release VERSION_ID '1?ID=evil': a newline or control character"), Error);
+    options.os_release.clear();
+    options.version = "1\nID=evil";
+    CHECK_THROWS_WITH_AS(normalize(imported.tree, options), doctest::Contains("--version '1?ID=evil'"), Error);
+}
+
+}
