@@ -2,6 +2,7 @@
 
 #include "builder/elf.hpp"
 #include "common/error.hpp"
+#include "common/text.hpp"
 #include "common/fd.hpp"
 #include "common/templates.hpp"
 
@@ -291,12 +292,6 @@ private:
     std::set<std::string> m_builtin;
 };
 
-void replace_all(std::string& text, const std::string& from, const std::string& to)
-{
-    for (size_t pos = 0; (pos = text.find(from, pos)) != std::string::npos; pos += to.size())
-        text.replace(pos, from.size(), to);
-}
-
 } // namespace
 
 InitramfsResult build_initramfs(const InitramfsOptions& options)
@@ -344,9 +339,9 @@ InitramfsResult build_initramfs(const InitramfsOptions& options)
     tree.file("etc/modules", module_list, 0644);
 
     std::string init(templates::get("initramfs/init"));
-    replace_all(init, "@BOARD@", options.board.empty() ? "(any)" : options.board);
-    replace_all(init, "@ON_FAILURE@", options.on_failure);
-    replace_all(init, "@ROOT_WAIT@", std::to_string(options.root_wait));
+    text::replace_all(init, "@BOARD@", options.board.empty() ? "(any)" : options.board);
+    text::replace_all(init, "@ON_FAILURE@", options.on_failure);
+    text::replace_all(init, "@ROOT_WAIT@", std::to_string(options.root_wait));
     tree.file("init", init, 0755);
 
     result.bytes = in_step("write " + options.output.string(), [&] { return tree.write(options.output); });

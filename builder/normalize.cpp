@@ -1,6 +1,7 @@
 #include "builder/stages.hpp"
 
 #include "common/error.hpp"
+#include "common/text.hpp"
 #include "common/validate.hpp"
 #include "common/templates.hpp"
 
@@ -82,13 +83,6 @@ std::string quote_value(const std::string& value)
         quoted += c;
     }
     return quoted + "\"";
-}
-
-std::string replace_all(std::string text, const std::string& from, const std::string& to)
-{
-    for (size_t pos = 0; (pos = text.find(from, pos)) != std::string::npos; pos += to.size())
-        text.replace(pos, from.size(), to);
-    return text;
 }
 
 // The os-release file at `path`, its symlinks followed inside the tree:
@@ -195,8 +189,8 @@ std::string render_os_release(const NormalizeOptions& options, const std::string
     std::string base = existing;
     if (base.empty()) {
         base = std::string(templates::get("os-release"));
-        base = replace_all(base, "@OS@", options.os_name);
-        base = replace_all(base, "@VERSION@", options.version);
+        text::replace_all(base, "@OS@", options.os_name);
+        text::replace_all(base, "@VERSION@", options.version);
     }
     // Parse KEY=VALUE lines, keep their order, apply the overrides.
     std::vector<std::pair<std::string, std::string>> entries;

@@ -42,13 +42,11 @@ uint64_t parse_timestamp(const std::string& text, const std::string& option = "-
     std::string digits = text.size() > 1 && text[0] == '@' ? text.substr(1) : text;
     if (!digits.empty() && digits.find_first_not_of("0123456789") == std::string::npos)
         return parse_count(digits, option, 0, year_9999_end);
-    GTimeZone* utc = g_time_zone_new_utc();
-    GDateTime* parsed = g_date_time_new_from_iso8601(text.c_str(), utc);
-    g_time_zone_unref(utc);
+    glib::TimeZone utc(g_time_zone_new_utc());
+    glib::DateTime parsed(g_date_time_new_from_iso8601(text.c_str(), utc.get()));
     if (!parsed)
         throw UsageError(option + " '" + text + "': use seconds since the epoch or ISO 8601 (2024-05-01T12:00:00Z)");
-    gint64 seconds = g_date_time_to_unix(parsed);
-    g_date_time_unref(parsed);
+    gint64 seconds = g_date_time_to_unix(parsed.get());
     if (seconds < 0)
         throw UsageError(option + " '" + text + "' is before 1970");
     return static_cast<uint64_t>(seconds);

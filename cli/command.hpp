@@ -1,6 +1,8 @@
 // What every subcommand file provides, and the helpers they share.
 #pragma once
 
+#include "flasher/sysroot.hpp"
+
 #include <boost/program_options.hpp>
 #include <gio/gio.h>
 #include <nlohmann/json.hpp>
@@ -35,6 +37,12 @@ bool parse_options(const std::vector<std::string>& args, const boost::program_op
 // A whole decimal number from `min` to `max` for `option`; UsageError otherwise
 // ("-1", "1e3", "99999999999999999999" and the like).
 uint64_t parse_count(const std::string& text, const std::string& option, uint64_t min, uint64_t max);
+
+// "512 MiB": sizes as every command prints them.
+std::string mib(uint64_t bytes);
+
+// A deployment as every command's --json shows it.
+nlohmann::json deployment_json(const flasher::Deployment& d);
 
 void print_warning(const std::string& text);
 void print_notice(const std::string& text);

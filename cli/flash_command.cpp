@@ -68,11 +68,6 @@ std::optional<uint64_t> parse_size(const std::string& text)
     return (bytes + (1 << 20) - 1) / (1 << 20) * (1 << 20);
 }
 
-std::string mib(uint64_t bytes)
-{
-    return std::to_string(bytes / (1 << 20)) + " MiB";
-}
-
 bool ask_to_erase(const flasher::DiskInfo& disk, const flasher::PartitionLayout&)
 {
     std::cerr << "About to erase " << disk.path << ":\n"

@@ -26,20 +26,6 @@ Example:
 
 Options)";
 
-std::string mib(uint64_t bytes)
-{
-    return std::to_string(bytes / (1 << 20)) + " MiB";
-}
-
-nlohmann::json deployment_json(const flasher::Deployment& d, const char* role)
-{
-    return {{"role", role},           {"os", d.os},
-            {"commit", d.commit},     {"version", d.version},
-            {"serial", d.deploy_serial}, {"bootcsum", d.bootcsum},
-            {"ostree", d.ostree_path}, {"origin", d.origin_refspec},
-            {"kernel_args", d.kernel_args}};
-}
-
 const char* role_of(size_t index)
 {
     return index == 0 ? "default" : index == 1 ? "rollback" : "other";
@@ -71,8 +57,11 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
                                   {"bootable", p.entry.bootable}, {"type", p.entry.type},
                                   {"fstype", p.filesystem.type}, {"label", p.filesystem.label}});
         nlohmann::json deployments = nlohmann::json::array();
-        for (size_t i = 0; i < r.deployments.size(); ++i)
-            deployments.push_back(deployment_json(r.deployments[i], role_of(i)));
+        for (size_t i = 0; i < r.deployments.size(); ++i) {
+            nlohmann::json d = deployment_json(r.deployments[i]);
+            d["role"] = role_of(i);
+            deployments.push_back(d);
+        }
         print_json({{"target", r.target},
                     {"size", r.size},
                     {"partition_table", r.table.label},

@@ -110,6 +110,23 @@ uint64_t parse_count(const std::string& text, const std::string& option, uint64_
     return value;
 }
 
+std::string mib(uint64_t bytes)
+{
+    return std::to_string(bytes / (1 << 20)) + " MiB";
+}
+
+nlohmann::json deployment_json(const flasher::Deployment& d)
+{
+    return {{"os", d.os},
+            {"commit", d.commit},
+            {"version", d.version},
+            {"serial", d.deploy_serial},
+            {"bootcsum", d.bootcsum},
+            {"ostree", d.ostree_path},
+            {"origin", d.origin_refspec},
+            {"kernel_args", d.kernel_args}};
+}
+
 void print_warning(const std::string& text)
 {
     std::cerr << "treeflash: warning: " << text << "\n";

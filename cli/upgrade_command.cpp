@@ -27,12 +27,6 @@ Examples:
 
 Options)";
 
-nlohmann::json deployment_json(const flasher::Deployment& d)
-{
-    return {{"commit", d.commit}, {"version", d.version}, {"serial", d.deploy_serial},
-            {"bootcsum", d.bootcsum}, {"ostree", d.ostree_path}, {"origin", d.origin_refspec}};
-}
-
 } // namespace
 
 int run_upgrade(const std::vector<std::string>& args, GCancellable* cancellable)

@@ -1,4 +1,5 @@
 #include "common/error.hpp"
+#include "common/glib.hpp"
 
 #include <cstring>
 #include <cerrno>
@@ -16,12 +17,12 @@ void throw_errno(std::string_view what)
     throw_errno(what, errno);
 }
 
-void throw_gerror(GError* err, std::string_view what)
+void throw_gerror(GError*& err, std::string_view what)
 {
-    std::string message = err ? err->message : "unknown error";
-    bool cancelled = err && g_error_matches(err, G_IO_ERROR, G_IO_ERROR_CANCELLED);
-    if (err)
-        g_error_free(err);
+    glib::ErrorPtr owned(std::exchange(err, nullptr));
+    std::string message = owned ? owned->message : "unknown error";
+    bool cancelled = owned && g_error_matches(owned.get(), G_IO_ERROR, G_IO_ERROR_CANCELLED);
+    owned.reset();
     if (cancelled)
         throw Cancelled();
     // Errors are one line: multi-line GError texts are joined.

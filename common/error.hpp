@@ -30,9 +30,10 @@ public:
 [[noreturn]] void throw_errno(std::string_view what, int err);
 [[noreturn]] void throw_errno(std::string_view what);
 
-// Takes ownership of err and throws it as Error ("what: message"), or as
-// Cancelled when it is G_IO_ERROR_CANCELLED.
-[[noreturn]] void throw_gerror(GError* err, std::string_view what = {});
+// Takes ownership of err, sets the caller's pointer to null (so a GError*
+// shared by several steps never dangles), and throws it as Error
+// ("what: message"), or as Cancelled when it is G_IO_ERROR_CANCELLED.
+[[noreturn]] void throw_gerror(GError*& err, std::string_view what = {});
 
 // Runs fn; an Error escaping it gets "step: " in front of its message.
 template <typename Fn>

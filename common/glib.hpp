@@ -21,8 +21,33 @@ struct ChecksumFree {
     void operator()(GChecksum* c) const { g_checksum_free(c); }
 };
 
+struct KeyFileUnref {
+    void operator()(GKeyFile* k) const { g_key_file_unref(k); }
+};
+struct PtrArrayUnref {
+    void operator()(GPtrArray* a) const { g_ptr_array_unref(a); }
+};
+struct HashTableUnref {
+    void operator()(GHashTable* h) const { g_hash_table_unref(h); }
+};
+struct TimeZoneUnref {
+    void operator()(GTimeZone* z) const { g_time_zone_unref(z); }
+};
+struct DateTimeUnref {
+    void operator()(GDateTime* d) const { g_date_time_unref(d); }
+};
+struct ErrorFree {
+    void operator()(GError* e) const { g_error_free(e); }
+};
+
 template <typename T>
 using Object = std::unique_ptr<T, ObjectUnref>;
+using KeyFile = std::unique_ptr<GKeyFile, KeyFileUnref>;
+using PtrArray = std::unique_ptr<GPtrArray, PtrArrayUnref>;
+using HashTable = std::unique_ptr<GHashTable, HashTableUnref>;
+using TimeZone = std::unique_ptr<GTimeZone, TimeZoneUnref>;
+using DateTime = std::unique_ptr<GDateTime, DateTimeUnref>;
+using ErrorPtr = std::unique_ptr<GError, ErrorFree>;
 using Variant = std::unique_ptr<GVariant, VariantUnref>;
 using CString = std::unique_ptr<char, Free>;
 using Bytes = std::unique_ptr<guchar, Free>;

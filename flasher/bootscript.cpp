@@ -1,6 +1,7 @@
 #include "flasher/bootscript.hpp"
 
 #include "common/error.hpp"
+#include "common/text.hpp"
 #include "common/fs.hpp"
 #include "common/process.hpp"
 #include "common/templates.hpp"
@@ -11,12 +12,6 @@
 namespace treeflash::flasher {
 
 namespace {
-
-void replace_all(std::string& text, const std::string& from, const std::string& to)
-{
-    for (size_t pos = 0; (pos = text.find(from, pos)) != std::string::npos; pos += to.size())
-        text.replace(pos, from.size(), to);
-}
 
 // Set by U-Boot itself (load sets filesize; a U-Boot with a control
 // devicetree sets fdtcontroladdr) or written by OSTree into uEnv.txt.
@@ -59,13 +54,13 @@ std::set<std::string> unset_boot_script_variables(const std::string& script)
 
 std::string render_boot_script(const BoardProfile& board)
 {
-    std::string text;
+    std::string script;
     std::filesystem::path own = board.dir / board.boot_script;
     if (std::filesystem::is_regular_file(own)) {
-        text = fs::read_file(own);
+        script = fs::read_file(own);
     } else {
         try {
-            text = std::string(templates::get(board.boot_script));
+            script = std::string(templates::get(board.boot_script));
         } catch (const std::out_of_range&) {
             throw Error("board " + board.name + ": boot_script " + board.boot_script
                         + " is neither in the board folder nor a template");
@@ -76,20 +71,20 @@ std::string render_boot_script(const BoardProfile& board)
         defaults += "if test -z \"${" + name + "}\"; then setenv " + name + " " + value + "; fi\n";
     if (!defaults.empty())
         defaults.pop_back();
-    replace_all(text, "@BOARD@", board.name);
-    replace_all(text, "@DEVTYPE@", board.uboot_devtype);
-    replace_all(text, "@DEVNUM@", board.uboot_devnum);
-    replace_all(text, "@ROOTFS_PART@", std::to_string(board.rootfs_partition));
-    replace_all(text, "@FDT_FALLBACK@", board.uboot_fdt_fallback.empty() ? "${fdtcontroladdr}" : board.uboot_fdt_fallback);
-    replace_all(text, "@DEFAULTS@", defaults);
+    text::replace_all(script, "@BOARD@", board.name);
+    text::replace_all(script, "@DEVTYPE@", board.uboot_devtype);
+    text::replace_all(script, "@DEVNUM@", board.uboot_devnum);
+    text::replace_all(script, "@ROOTFS_PART@", std::to_string(board.rootfs_partition));
+    text::replace_all(script, "@FDT_FALLBACK@", board.uboot_fdt_fallback.empty() ? "${fdtcontroladdr}" : board.uboot_fdt_fallback);
+    text::replace_all(script, "@DEFAULTS@", defaults);
 
     std::string missing;
-    for (const auto& name : unset_boot_script_variables(text))
+    for (const auto& name : unset_boot_script_variables(script))
         missing += (missing.empty() ? "" : ", ") + name;
     if (!missing.empty())
         throw Error("board " + board.name + ": the boot script uses U-Boot variables that an environment may lack ("
                     + missing + "); give each a uboot.default.NAME in board.conf");
-    return text;
+    return script;
 }
 
 void write_boot_script(const BoardProfile& board, const std::string& script, const std::filesystem::path& dir)

@@ -2,6 +2,7 @@
 
 #include "common/error.hpp"
 #include "common/fd.hpp"
+#include "common/glib.hpp"
 #include "flasher/loop.hpp"
 #include "flasher/mount.hpp"
 
@@ -76,18 +77,12 @@ std::map<std::string, std::string> parse_env(const std::string& text)
 
 void read_origin(const std::string& repo_config, InspectResult& result)
 {
-    GKeyFile* config = g_key_file_new();
-    if (g_key_file_load_from_data(config, repo_config.data(), repo_config.size(), G_KEY_FILE_NONE, nullptr)) {
-        if (char* url = g_key_file_get_string(config, "remote \"origin\"", "url", nullptr)) {
-            result.origin_url = url;
-            g_free(url);
-        }
-        if (char* verify = g_key_file_get_string(config, "remote \"origin\"", "gpg-verify", nullptr)) {
-            result.origin_gpg_verify = verify;
-            g_free(verify);
-        }
+    glib::KeyFile config(g_key_file_new());
+    if (g_key_file_load_from_data(config.get(), repo_config.data(), repo_config.size(), G_KEY_FILE_NONE, nullptr)) {
+        result.origin_url = glib::take_string(g_key_file_get_string(config.get(), "remote \"origin\"", "url", nullptr));
+        result.origin_gpg_verify =
+            glib::take_string(g_key_file_get_string(config.get(), "remote \"origin\"", "gpg-verify", nullptr));
     }
-    g_key_file_unref(config);
 }
 
 } // namespace

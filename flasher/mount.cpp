@@ -4,10 +4,8 @@
 #include "common/fd.hpp"
 #include "flasher/handles.hpp"
 
-#include <chrono>
 #include <fcntl.h>
 #include <sys/mount.h>
-#include <thread>
 #include <unistd.h>
 
 namespace treeflash::flasher {
@@ -56,15 +54,20 @@ void Mount::unmount()
         return;
     {
         UniqueFd fd(::open(m_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-        if (fd)
-            ::syncfs(fd.get());
+        if (fd && ::syncfs(fd.get()) != 0)
+            throw_errno("sync " + m_source);
     }
-    for (int attempt = 0;; ++attempt) {
-        if (::umount2(m_dir.c_str(), 0) == 0)
-            break;
-        if (errno != EBUSY || attempt >= 50)
-            throw_errno("unmount " + m_source);
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    MntContext cxt(mnt_new_context());
+    if (!cxt)
+        throw Error("mnt_new_context failed");
+    mnt_context_disable_helpers(cxt.get(), 1);
+    mnt_context_disable_mtab(cxt.get(), 1);
+    mnt_context_set_target(cxt.get(), m_dir.c_str());
+    int rc = mnt_context_umount(cxt.get());
+    if (rc != 0) {
+        char message[512] = "";
+        mnt_context_get_excode(cxt.get(), rc, message, sizeof message);
+        throw Error("unmount " + m_source + ": " + (message[0] ? message : "failed"));
     }
     m_mounted = false;
     remove_mount_point();

@@ -52,12 +52,10 @@ void seed_uboot_loader(const std::filesystem::path& root)
 
 void set_bootloader_uboot(OstreeRepo* repo)
 {
-    GKeyFile* config = ostree_repo_copy_config(repo);
-    g_key_file_set_string(config, "sysroot", "bootloader", "uboot");
+    glib::KeyFile config(ostree_repo_copy_config(repo));
+    g_key_file_set_string(config.get(), "sysroot", "bootloader", "uboot");
     GError* error = nullptr;
-    gboolean ok = ostree_repo_write_config(repo, config, &error);
-    g_key_file_unref(config);
-    if (!ok)
+    if (!ostree_repo_write_config(repo, config.get(), &error))
         throw_gerror(error, "write repository config");
 }
 
@@ -173,7 +171,7 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
             throw_gerror(error);
         std::string commit = glib::take_string(raw_commit);
         SysrootLock lock(sysroot.get());
-        GKeyFile* origin = ostree_sysroot_origin_new_from_refspec(sysroot.get(), refspec.c_str());
+        glib::KeyFile origin(ostree_sysroot_origin_new_from_refspec(sysroot.get(), refspec.c_str()));
         std::vector<char*> kargs;
         for (const auto& arg : options.kernel_args)
             kargs.push_back(const_cast<char*>(arg.c_str()));
@@ -181,10 +179,8 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
         OstreeSysrootDeployTreeOpts deploy_options{};
         deploy_options.override_kernel_argv = kargs.data();
         OstreeDeployment* raw = nullptr;
-        gboolean ok = ostree_sysroot_deploy_tree_with_options(sysroot.get(), options.os.c_str(), commit.c_str(), origin,
-                                                              nullptr, &deploy_options, &raw, cancellable, &error);
-        g_key_file_unref(origin);
-        if (!ok)
+        if (!ostree_sysroot_deploy_tree_with_options(sysroot.get(), options.os.c_str(), commit.c_str(), origin.get(),
+                                                     nullptr, &deploy_options, &raw, cancellable, &error))
             throw_gerror(error);
         glib::Object<OstreeDeployment> deployment(raw);
         if (!ostree_sysroot_simple_write_deployment(sysroot.get(), options.os.c_str(), deployment.get(), nullptr,
@@ -194,15 +190,10 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
         // Reload to read the bootconfig OSTree wrote (ostree= with its boot serial).
         if (!ostree_sysroot_load(sysroot.get(), cancellable, &error))
             throw_gerror(error, "reload");
-        GPtrArray* deployments = ostree_sysroot_get_deployments(sysroot.get());
-        if (!deployments || deployments->len == 0) {
-            if (deployments)
-                g_ptr_array_unref(deployments);
+        glib::PtrArray deployments(ostree_sysroot_get_deployments(sysroot.get()));
+        if (!deployments || deployments->len == 0)
             throw Error("no deployment after deploy");
-        }
-        Deployment result = describe(sysroot.get(), static_cast<OstreeDeployment*>(deployments->pdata[0]));
-        g_ptr_array_unref(deployments);
-        return result;
+        return describe(sysroot.get(), static_cast<OstreeDeployment*>(deployments->pdata[0]));
     });
 }
 
@@ -277,11 +268,9 @@ std::vector<Deployment> list_deployments(const std::filesystem::path& root, GCan
     if (!ostree_sysroot_load(sysroot.get(), cancellable, &error))
         throw_gerror(error, "load sysroot");
     std::vector<Deployment> out;
-    GPtrArray* deployments = ostree_sysroot_get_deployments(sysroot.get());
+    glib::PtrArray deployments(ostree_sysroot_get_deployments(sysroot.get()));
     for (guint i = 0; deployments && i < deployments->len; ++i)
         out.push_back(describe(sysroot.get(), static_cast<OstreeDeployment*>(deployments->pdata[i])));
-    if (deployments)
-        g_ptr_array_unref(deployments);
     return out;
 }
 

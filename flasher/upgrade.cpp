@@ -113,13 +113,11 @@ void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptio
     if (options.notice)
         options.notice("deploying " + commit.substr(0, 12) + " with /etc merged from the current deployment");
     in_step("deploy", [&] {
-        GKeyFile* origin = ostree_sysroot_origin_new_from_refspec(sysroot.get(), refspec.c_str());
+        glib::KeyFile origin(ostree_sysroot_origin_new_from_refspec(sysroot.get(), refspec.c_str()));
         OstreeSysrootDeployTreeOpts deploy_options{}; // kernel arguments are inherited from the merge deployment
         OstreeDeployment* raw_new = nullptr;
-        gboolean ok = ostree_sysroot_deploy_tree_with_options(sysroot.get(), os.c_str(), commit.c_str(), origin,
-                                                              merge.get(), &deploy_options, &raw_new, cancellable, &error);
-        g_key_file_unref(origin);
-        if (!ok)
+        if (!ostree_sysroot_deploy_tree_with_options(sysroot.get(), os.c_str(), commit.c_str(), origin.get(), merge.get(),
+                                                     &deploy_options, &raw_new, cancellable, &error))
             throw_gerror(error);
         glib::Object<OstreeDeployment> created(raw_new);
         if (!ostree_sysroot_simple_write_deployment(sysroot.get(), os.c_str(), created.get(), merge.get(),

@@ -1,5 +1,7 @@
 #include "tests/support/system.hpp"
 
+#include "common/text.hpp"
+
 #include <arpa/inet.h>
 #include <chrono>
 #include <csignal>
@@ -44,12 +46,6 @@ bool port_open(int port)
     return ok;
 }
 
-void replace_all(std::string& text, const std::string& from, const std::string& to)
-{
-    for (size_t pos = 0; (pos = text.find(from, pos)) != std::string::npos; pos += to.size())
-        text.replace(pos, from.size(), to);
-}
-
 } // namespace
 
 std::set<std::string> system_leftovers()
@@ -78,9 +74,9 @@ RepoServer::RepoServer(const fs::path& repo)
     ::chmod(m_run.path().c_str(), 0755);
     int port = free_port();
     std::string conf = read_text(fs::path(TREEFLASH_SOURCE_DIR) / "templates/nginx-repo.conf");
-    replace_all(conf, "@LISTEN@", "127.0.0.1:" + std::to_string(port));
-    replace_all(conf, "@REPO@", fs::absolute(repo).string());
-    replace_all(conf, "@RUNDIR@", m_run.path().string());
+    text::replace_all(conf, "@LISTEN@", "127.0.0.1:" + std::to_string(port));
+    text::replace_all(conf, "@REPO@", fs::absolute(repo).string());
+    text::replace_all(conf, "@RUNDIR@", m_run.path().string());
     write_file(m_run / "nginx.conf", conf);
     std::string conf_path = (m_run / "nginx.conf").string();
     std::vector<std::string> argv{"nginx", "-c", conf_path, "-g", "daemon off;"};
