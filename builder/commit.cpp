@@ -4,6 +4,7 @@
 #include "common/glib.hpp"
 
 #include <algorithm>
+#include <fcntl.h>
 #include <atomic>
 #include <functional>
 #include <ctime>
@@ -157,6 +158,7 @@ void write_contents(OstreeRepo* repo, Tree& tree, unsigned jobs, GCancellable* c
             work.emplace_back(path, &node);
             return;
         }
+        ++result.directories;
         for (auto& [name, child] : node.children)
             collect(path.empty() ? name : path + "/" + name, *child);
     };
@@ -294,12 +296,14 @@ bool same_as_parent(OstreeRepo* repo, const std::string& parent, OstreeRepoFile*
            && version_of(commit.get()) == options.version;
 }
 
-glib::Variant commit_metadata(const CommitOptions& options, uint64_t content_bytes)
+glib::Variant commit_metadata(const CommitOptions& options, const CommitResult& counts)
 {
     GVariantBuilder builder;
     g_variant_builder_init(&builder, G_VARIANT_TYPE_VARDICT);
-    // Lets the flasher size an image before pulling the tree.
-    g_variant_builder_add(&builder, "{sv}", "treeflash.content-bytes", g_variant_new_uint64(content_bytes));
+    // Lets the flasher size an image (blocks and inodes) before pulling the tree.
+    g_variant_builder_add(&builder, "{sv}", "treeflash.content-bytes", g_variant_new_uint64(counts.bytes));
+    g_variant_builder_add(&builder, "{sv}", "treeflash.content-entries",
+                          g_variant_new_uint64(counts.files + counts.directories));
     if (!options.version.empty())
         g_variant_builder_add(&builder, "{sv}", OSTREE_COMMIT_META_KEY_VERSION,
                               g_variant_new_string(options.version.c_str()));
@@ -330,6 +334,32 @@ void update_summary(OstreeRepo* repo, const std::optional<GpgSigning>& gpg, GCan
     }
 }
 
+// Signs `commit` with the key unless it already carries that key's signature.
+void sign_commit(OstreeRepo* repo, const std::string& commit, const GpgSigning& gpg, GCancellable* cancellable)
+{
+    GError* error = nullptr;
+    if (ostree_repo_sign_commit(repo, commit.c_str(), gpg.key_id.c_str(), gpg.homedir.empty() ? nullptr : gpg.homedir.c_str(),
+                                cancellable, &error))
+        return;
+    glib::ErrorPtr owned(error);
+    if (owned && std::string(owned->message).find("already signed") != std::string::npos)
+        return;
+    error = owned.release();
+    throw_gerror(error, "key " + gpg.key_id);
+}
+
+// A signed summary must not silently become unsigned: clients that verify
+// it would refuse every update.
+void check_summary_signing(OstreeRepo* repo, const CommitOptions& options)
+{
+    if (options.gpg)
+        return;
+    struct stat st {};
+    if (::fstatat(ostree_repo_get_dfd(repo), "summary.sig", &st, AT_SYMLINK_NOFOLLOW) == 0)
+        throw Error("the repository's summary is GPG-signed: pass --gpg-sign KEY (or remove summary.sig to publish "
+                    "an unsigned summary)");
+}
+
 } // namespace
 
 CommitResult commit_tree(OstreeRepo* repo, Tree& tree, const CommitOptions& options, GCancellable* cancellable)
@@ -340,6 +370,7 @@ CommitResult commit_tree(OstreeRepo* repo, Tree& tree, const CommitOptions& opti
     if (!ostree_repo_resolve_rev(repo, options.branch.c_str(), TRUE, &raw_parent, &error))
         throw_gerror(error, "resolve " + options.branch);
     result.parent = glib::take_string(raw_parent);
+    check_summary_signing(repo, options);
 
     Transaction transaction(repo, cancellable);
     in_step("write objects", [&] { write_contents(repo, tree, options.jobs, cancellable, result); });
@@ -360,13 +391,16 @@ CommitResult commit_tree(OstreeRepo* repo, Tree& tree, const CommitOptions& opti
         transaction.commit(cancellable);
         result.commit = result.parent;
         result.unchanged = true;
+        // The existing commit gets the signature this build was asked for.
+        if (options.gpg)
+            in_step("sign", [&] { sign_commit(repo, result.commit, *options.gpg, cancellable); });
         in_step("summary", [&] { update_summary(repo, options.gpg, cancellable); });
         return result;
     }
 
     in_step("write commit", [&] {
         uint64_t timestamp = options.timestamp ? *options.timestamp : static_cast<uint64_t>(::time(nullptr));
-        glib::Variant metadata = commit_metadata(options, result.bytes);
+        glib::Variant metadata = commit_metadata(options, result);
         char* raw_commit = nullptr;
         if (!ostree_repo_write_commit_with_time(repo, result.parent.empty() ? nullptr : result.parent.c_str(),
                                                 options.subject.c_str(),
@@ -378,14 +412,8 @@ CommitResult commit_tree(OstreeRepo* repo, Tree& tree, const CommitOptions& opti
         transaction.commit(cancellable);
     });
 
-    if (options.gpg) {
-        in_step("sign", [&] {
-            if (!ostree_repo_sign_commit(repo, result.commit.c_str(), options.gpg->key_id.c_str(),
-                                         options.gpg->homedir.empty() ? nullptr : options.gpg->homedir.c_str(),
-                                         cancellable, &error))
-                throw_gerror(error, "key " + options.gpg->key_id);
-        });
-    }
+    if (options.gpg)
+        in_step("sign", [&] { sign_commit(repo, result.commit, *options.gpg, cancellable); });
     if (options.static_delta) {
         if (result.parent.empty())
             result.warnings.push_back("no static delta: " + options.branch + " had no previous commit");

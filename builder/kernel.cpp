@@ -57,6 +57,8 @@ std::unique_ptr<Node> host_file_node(const std::filesystem::path& given, const c
         throw Error(std::string(what) + " " + given.string() + ": not a regular file");
     if (::access(resolved.c_str(), R_OK) != 0)
         throw_errno(std::string(what) + " " + given.string());
+    if (st.st_size == 0)
+        throw Error(std::string(what) + " " + given.string() + " is empty");
     auto node = std::make_unique<Node>();
     node->kind = Node::Kind::Regular;
     node->mode = 0644;

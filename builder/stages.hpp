@@ -138,6 +138,7 @@ struct CommitResult {
     std::string parent;
     bool unchanged = false; // the parent already was this tree: no new commit
     uint64_t files = 0;     // regular files and symlinks
+    uint64_t directories = 0;
     uint64_t bytes = 0;     // bytes of regular files
     uint64_t objects_written = 0;
     std::vector<std::string> warnings;

@@ -30,6 +30,8 @@ std::vector<FirmwareBlob> plan_firmware(const BoardProfile& board, const std::ma
         if (!S_ISREG(st.st_mode))
             throw Error("firmware " + name + " " + file + ": not a regular file");
         uint64_t size = static_cast<uint64_t>(st.st_size);
+        if (size == 0)
+            throw Error("firmware " + name + " " + file + " is empty");
         if (size > slot->max_size)
             throw Error("firmware " + name + " " + file + " is " + std::to_string(size) + " bytes; slot " + name
                         + " holds " + std::to_string(slot->max_size));

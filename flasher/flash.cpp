@@ -83,16 +83,76 @@ void check_options(const FlashOptions& options)
                     "pass the release key, or --no-gpg-verify to allow that knowingly");
 }
 
+// A full file system under an image shows up as I/O errors inside it
+// ("Write error", "syncfs: Input/output error"): say what really happened.
+std::string full_disk_hint(const FlashOptions& options)
+{
+    if (!options.image)
+        return "";
+    std::filesystem::path dir = options.image->parent_path().empty() ? "." : options.image->parent_path();
+    struct statvfs vfs {};
+    if (::statvfs(dir.c_str(), &vfs) != 0 || static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize >= MiB)
+        return "";
+    return "; no space left on device: the file system holding " + dir.string() + " is full";
+}
+
 } // namespace
 
-uint64_t default_image_size(const PartitionLayout& layout, uint64_t content_bytes)
+RootfsNeeds rootfs_needs(uint64_t content_bytes, uint64_t content_entries)
 {
-    // Room for the commit twice (an upgrade keeps both until the old one is
-    // pruned), the kernel copies in /boot, and ext4's own overhead.
-    uint64_t rootfs = std::max<uint64_t>(256 * MiB, content_bytes * 2 + 128 * MiB);
+    constexpr uint64_t block = 4096;
+    RootfsNeeds needs;
+    // Kernel copies in /boot, the journal and ext4's metadata: 64 MiB.
+    needs.bytes = content_bytes + content_entries * block + 64 * MiB;
+    needs.inodes = content_entries * 2 + 8192;
+    return needs;
+}
+
+uint64_t default_image_size(const PartitionLayout& layout, uint64_t content_bytes, uint64_t content_entries)
+{
+    uint64_t rootfs = std::max<uint64_t>(256 * MiB, 2 * rootfs_needs(content_bytes, content_entries).bytes);
     uint64_t total = layout.minimum_disk_bytes(rootfs);
     return (total + MiB - 1) / MiB * MiB;
 }
+
+namespace {
+
+// The bytes partition `number` gets on a disk of `disk_bytes`.
+uint64_t partition_bytes(const PartitionLayout& layout, unsigned number, uint64_t disk_bytes)
+{
+    for (const auto& p : layout.partitions)
+        if (p.number == number) {
+            uint64_t start = p.start * PartitionLayout::sector_size;
+            if (p.size)
+                return p.size * PartitionLayout::sector_size;
+            return disk_bytes > start + MiB ? disk_bytes - start - MiB : 0; // the end keeps a MiB (GPT backup, alignment)
+        }
+    return 0;
+}
+
+// Refuses a target whose rootfs partition cannot hold one deployment, and
+// asks mkfs for enough inodes when a commit of many small files needs more
+// than its default of one per 16 KiB.
+void check_rootfs_room(FlashPlan& plan, uint64_t disk_bytes)
+{
+    RootfsNeeds needs = rootfs_needs(plan.source.content_bytes, plan.source.content_entries);
+    uint64_t rootfs = partition_bytes(plan.layout, plan.board.rootfs_partition, disk_bytes);
+    if (rootfs < needs.bytes)
+        throw Error("the rootfs partition would get " + std::to_string(rootfs / MiB) + " MiB; the commit needs about "
+                    + std::to_string(needs.bytes / MiB) + " MiB (" + std::to_string(plan.source.content_entries)
+                    + " entries, " + std::to_string(plan.source.content_bytes / MiB) + " MiB of files)");
+    bool board_sets_inodes = false;
+    for (const auto& option : plan.board.mkfs_ext4_options)
+        board_sets_inodes |= option == "-N" || option == "-i" || option == "-T";
+    if (!board_sets_inodes && needs.inodes * 16384 > rootfs) {
+        plan.rootfs_inodes = std::min<uint64_t>(needs.inodes * 2, rootfs / 4096); // room for an upgrade too
+        if (plan.rootfs_inodes < needs.inodes)
+            throw Error("the rootfs partition would get " + std::to_string(rootfs / MiB) + " MiB; the commit's "
+                        + std::to_string(plan.source.content_entries) + " entries need more inodes than fit");
+    }
+}
+
+} // namespace
 
 FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
 {
@@ -136,7 +196,7 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
         if (!size) {
             if (!plan.source.content_bytes)
                 throw Error("image: the commit does not record its size; pass --size");
-            size = default_image_size(plan.layout, plan.source.content_bytes);
+            size = default_image_size(plan.layout, plan.source.content_bytes, plan.source.content_entries);
         }
         uint64_t minimum = plan.layout.minimum_disk_bytes(64 * MiB);
         if (size < minimum)
@@ -151,10 +211,15 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
                         + std::to_string(static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize / MiB) + " MiB free in "
                         + dir.string());
         plan.image_size = size;
+        in_step("image", [&] { check_rootfs_room(plan, size); });
     } else {
         plan.disk = in_step("device " + *options.device, [&] { return describe_disk(*options.device); });
-        uint64_t minimum = plan.layout.minimum_disk_bytes(std::max<uint64_t>(64 * MiB, plan.source.content_bytes * 2));
-        in_step("device " + *options.device, [&] { check_safe_to_write(*plan.disk, minimum, options.force); });
+        uint64_t minimum = plan.layout.minimum_disk_bytes(
+            rootfs_needs(plan.source.content_bytes, plan.source.content_entries).bytes);
+        in_step("device " + *options.device, [&] {
+            check_safe_to_write(*plan.disk, minimum, options.force);
+            check_rootfs_room(plan, plan.disk->size);
+        });
     }
     return plan;
 }
@@ -180,7 +245,12 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
         std::string node = partition_node(target.device(), role.number);
         notice("formatting " + node + " as ext4 '" + role.label + "'");
         in_step("format " + node, [&] {
-            make_ext4(node, role.label, board.mkfs_ext4_options, target.is_image(), cancellable);
+            std::vector<std::string> mkfs_options = board.mkfs_ext4_options;
+            if (role.number == board.rootfs_partition && plan.rootfs_inodes) {
+                mkfs_options.push_back("-N");
+                mkfs_options.push_back(std::to_string(plan.rootfs_inodes));
+            }
+            make_ext4(node, role.label, mkfs_options, target.is_image(), cancellable);
             verify_filesystem(node, role.fstype, role.label);
         });
     }
@@ -246,8 +316,12 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
     // confirmation, and a device is re-identified right before the first write.
     std::unique_ptr<Target> target;
     if (options.image) {
-        target = in_step("image " + options.image->string(),
-                         [&] { return Target::create_image(*options.image, plan.image_size, options.overwrite); });
+        std::vector<std::string> reclaimed;
+        target = in_step("image " + options.image->string(), [&] {
+            return Target::create_image(*options.image, plan.image_size, options.overwrite, &reclaimed);
+        });
+        for (const auto& note : reclaimed)
+            notice(note);
         result.target = options.image->string();
     } else {
         target = in_step("device " + *options.device, [&] { return Target::open_device(*plan.disk); });
@@ -266,7 +340,7 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
     } catch (const Error& e) {
         if (cancellable && g_cancellable_is_cancelled(cancellable))
             throw Cancelled("interrupted; " + state_after(progress, options.image.has_value()));
-        throw Error(std::string(e.what()) + " (" + state_after(progress, options.image.has_value()) + ")");
+        throw Error(std::string(e.what()) + full_disk_hint(options) + " (" + state_after(progress, options.image.has_value()) + ")");
     }
     target.reset();
     describe_partitions(plan, result);

@@ -73,6 +73,7 @@ struct FlashPlan {
     SysrootOptions sysroot;
     std::optional<DiskInfo> disk; // --device: the disk as checked
     uint64_t image_size = 0;      // --image
+    uint64_t rootfs_inodes = 0;   // mkfs -N for the rootfs partition; 0: mkfs's default is enough
     std::vector<std::string> warnings;
 };
 
@@ -84,7 +85,17 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable);
 // plan_flash, then (after confirmation for a device) the writes.
 FlashResult flash(const FlashOptions& options, GCancellable* cancellable);
 
-// The image size flash picks for a commit of `content_bytes`.
-uint64_t default_image_size(const PartitionLayout& layout, uint64_t content_bytes);
+// What one deployment of a commit takes on the rootfs partition: its bytes,
+// a block for every entry, and room for OSTree's own files; and the inodes
+// (an object per file, a directory in the repository and in the deployment).
+struct RootfsNeeds {
+    uint64_t bytes = 0;
+    uint64_t inodes = 0;
+};
+RootfsNeeds rootfs_needs(uint64_t content_bytes, uint64_t content_entries);
+
+// The image size flash picks: room for two deployments (an upgrade keeps
+// both until the old one is pruned).
+uint64_t default_image_size(const PartitionLayout& layout, uint64_t content_bytes, uint64_t content_entries);
 
 } // namespace treeflash::flasher

@@ -11,6 +11,7 @@
 #include <ostree.h>
 #include <poll.h>
 #include <string>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -76,10 +77,16 @@ void watched_pull(OstreeRepo* repo, const std::string& remote, GVariant* options
     if (::pipe2(fds, O_CLOEXEC) != 0)
         throw_errno("pipe");
     UniqueFd read_end(fds[0]), write_end(fds[1]);
+    pid_t parent = ::getpid();
     pid_t pid = ::fork();
     if (pid < 0)
         throw_errno("fork");
     if (pid == 0) {
+        // Dies with its parent: a treeflash killed with SIGKILL must not
+        // leave a pull running on (and holding) the card.
+        ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (::getppid() != parent)
+            ::_exit(1);
         read_end.reset();
         run_child(repo, remote, options, write_end.get());
     }

@@ -24,38 +24,45 @@ void read_commit(OstreeRepo* repo, Source& source)
     const char* version = nullptr;
     if (g_variant_lookup(metadata.get(), OSTREE_COMMIT_META_KEY_VERSION, "&s", &version))
         source.version = version;
-    guint64 bytes = 0;
+    guint64 bytes = 0, entries = 0;
     if (g_variant_lookup(metadata.get(), "treeflash.content-bytes", "t", &bytes))
         source.content_bytes = bytes;
+    if (g_variant_lookup(metadata.get(), "treeflash.content-entries", "t", &entries))
+        source.content_entries = entries;
 }
 
-// For commits that do not record their size: the sum of the file objects.
-uint64_t measure_commit(OstreeRepo* repo, const std::string& commit, GCancellable* cancellable)
+// For commits that do not record their size: the sum of the file objects,
+// and how many file and directory objects there are (a lower bound of the
+// entries: equal files share an object).
+void measure_commit(OstreeRepo* repo, Source& source, GCancellable* cancellable)
 {
+    const std::string& commit = source.commit;
     GHashTable* reachable = nullptr;
     GError* error = nullptr;
     if (!ostree_repo_traverse_commit(repo, commit.c_str(), 0, &reachable, cancellable, &error))
         throw_gerror(error, "walk commit " + commit);
-    uint64_t total = 0;
+    uint64_t total = 0, entries = 0;
     GHashTableIter it;
     gpointer key = nullptr;
+    glib::HashTable owned(reachable);
     g_hash_table_iter_init(&it, reachable);
     while (g_hash_table_iter_next(&it, &key, nullptr)) {
         const char* checksum = nullptr;
         OstreeObjectType type;
         ostree_object_name_deserialize(static_cast<GVariant*>(key), &checksum, &type);
+        if (type == OSTREE_OBJECT_TYPE_DIR_TREE)
+            ++entries;
         if (type != OSTREE_OBJECT_TYPE_FILE)
             continue;
-        GFileInfo* info = nullptr;
-        if (!ostree_repo_load_file(repo, checksum, nullptr, &info, nullptr, cancellable, &error)) {
-            g_hash_table_unref(reachable);
+        ++entries;
+        GFileInfo* raw_info = nullptr;
+        if (!ostree_repo_load_file(repo, checksum, nullptr, &raw_info, nullptr, cancellable, &error))
             throw_gerror(error, "read object " + std::string(checksum));
-        }
-        total += static_cast<uint64_t>(g_file_info_get_size(info));
-        g_object_unref(info);
+        glib::Object<GFileInfo> info(raw_info);
+        total += static_cast<uint64_t>(g_file_info_get_size(info.get()));
     }
-    g_hash_table_unref(reachable);
-    return total;
+    source.content_bytes = total;
+    source.content_entries = entries;
 }
 
 std::string list_refs(OstreeRepo* repo)
@@ -63,12 +70,12 @@ std::string list_refs(OstreeRepo* repo)
     GHashTable* refs = nullptr;
     std::string names;
     if (ostree_repo_list_refs(repo, nullptr, &refs, nullptr, nullptr)) {
+        glib::HashTable owned(refs);
         GHashTableIter it;
         gpointer key = nullptr;
         g_hash_table_iter_init(&it, refs);
         while (g_hash_table_iter_next(&it, &key, nullptr))
             names += (names.empty() ? "" : ", ") + std::string(static_cast<const char*>(key));
-        g_hash_table_unref(refs);
     }
     return names.empty() ? "none" : names;
 }
@@ -102,8 +109,8 @@ Source resolve_source(const std::string& repo_or_url, const std::string& ref, un
             throw Error("ref '" + ref + "' is not in " + repo_or_url + " (refs: " + list_refs(repo.get()) + ")");
         source.commit = glib::take_string(commit);
         read_commit(repo.get(), source);
-        if (!source.content_bytes)
-            source.content_bytes = measure_commit(repo.get(), source.commit, cancellable);
+        if (!source.content_bytes || !source.content_entries)
+            measure_commit(repo.get(), source, cancellable);
         return source;
     }
 

@@ -13,7 +13,8 @@ struct Source {
     std::string ref;
     std::string commit;
     std::string version;
-    uint64_t content_bytes = 0; // 0 when the commit does not say
+    uint64_t content_bytes = 0;   // bytes of its files
+    uint64_t content_entries = 0; // files, symlinks and directories
 };
 
 // Checks that `repo_or_url` is reachable and holds `ref`, and reads the

@@ -236,7 +236,48 @@ ExclusiveCard::ExclusiveCard(const std::string& path)
         throw_errno("open " + path + " exclusively");
 }
 
-std::unique_ptr<Target> Target::create_image(const std::filesystem::path& image, uint64_t size, bool overwrite)
+namespace {
+
+// Removes `partial` when no flash holds its lock any more: first the
+// treeflash mounts of its loop device's partitions (the loop device, set to
+// autoclear, then goes by itself), then the file. Anything else using it is
+// left alone and reported.
+void reclaim_partial(const std::filesystem::path& partial, std::vector<std::string>& reclaimed)
+{
+    UniqueFd fd(::open(partial.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+    if (!fd || ::flock(fd.get(), LOCK_EX | LOCK_NB) != 0)
+        return; // gone, or a live flash holds it
+    std::string ours = (std::filesystem::temp_directory_path() / "treeflash-mnt-").string();
+    bool blocked = false;
+    for (const auto& loop : loop_devices_backed_by(partial)) {
+        struct stat loop_st {};
+        if (::stat(loop.c_str(), &loop_st) != 0)
+            continue;
+        MntTable mounts(mnt_new_table_from_file("/proc/self/mountinfo"));
+        MntIter it(mnt_new_iter(MNT_ITER_BACKWARD));
+        struct libmnt_fs* fs = nullptr;
+        while (mounts && mnt_table_next_fs(mounts.get(), it.get(), &fs) == 0) {
+            dev_t devno = mnt_fs_get_devno(fs);
+            if (!devno || whole_disk_of(devno) != loop_st.st_rdev)
+                continue;
+            std::string target = mnt_fs_get_target(fs) ? mnt_fs_get_target(fs) : "";
+            if (target.rfind(ours, 0) == 0 && ::umount2(target.c_str(), 0) == 0) {
+                ::rmdir(target.c_str());
+                reclaimed.push_back("unmounted " + target + " (" + loop + ")");
+            } else {
+                blocked = true;
+                reclaimed.push_back(partial.string() + " is still in use by the mount at " + target + "; left alone");
+            }
+        }
+    }
+    if (!blocked && ::unlink(partial.c_str()) == 0)
+        reclaimed.push_back("removed " + partial.string() + ", left by an interrupted flash");
+}
+
+} // namespace
+
+std::unique_ptr<Target> Target::create_image(const std::filesystem::path& image, uint64_t size, bool overwrite,
+                                             std::vector<std::string>* reclaimed)
 {
     std::error_code ec;
     if (std::filesystem::exists(std::filesystem::symlink_status(image, ec)) && !overwrite)
@@ -245,10 +286,20 @@ std::unique_ptr<Target> Target::create_image(const std::filesystem::path& image,
         throw Error(image.string() + " exists and is not a regular file");
     std::unique_ptr<Target> target(new Target());
     std::filesystem::path dir = image.parent_path().empty() ? "." : image.parent_path();
-    std::string templ = (dir / ("." + image.filename().string() + ".partial-XXXXXX")).string();
+    std::string prefix = "." + image.filename().string() + ".partial-";
+    std::vector<std::string> notes;
+    for (const auto& entry : std::filesystem::directory_iterator(dir, ec))
+        if (entry.path().filename().string().rfind(prefix, 0) == 0)
+            reclaim_partial(entry.path(), notes);
+    if (reclaimed)
+        reclaimed->insert(reclaimed->end(), notes.begin(), notes.end());
+    std::string templ = (dir / (prefix + "XXXXXX")).string();
     UniqueFd fd(::mkostemp(templ.data(), O_CLOEXEC));
     if (!fd)
         throw_errno("create an image in " + dir.string());
+    // Held while this process lives: a later flash knows the file is not stale.
+    target->m_partial_lock.reset(::fcntl(fd.get(), F_DUPFD_CLOEXEC, 0));
+    ::flock(target->m_partial_lock.get(), LOCK_EX | LOCK_NB);
     target->m_partial = templ;
     target->m_image = image;
     target->m_overwrite = overwrite;

@@ -76,7 +76,11 @@ public:
     // and attached to a loop device; commit() moves it to `image` (never over
     // a file that appeared meanwhile, unless `overwrite`), and the destructor
     // removes it otherwise.
-    static std::unique_ptr<Target> create_image(const std::filesystem::path& image, uint64_t size, bool overwrite);
+    // Partial images of flashes that were killed (no live process holds
+    // their lock) are removed first, with the loop devices and treeflash
+    // mounts still using them; what was removed is added to `reclaimed`.
+    static std::unique_ptr<Target> create_image(const std::filesystem::path& image, uint64_t size, bool overwrite,
+                                                std::vector<std::string>* reclaimed = nullptr);
     // The checked disk (see check_safe_to_write), opened exclusively (O_EXCL:
     // the kernel refuses mounts and other exclusive users while it is open)
     // and held with flock(LOCK_EX). Throws when the device node now leads to
@@ -113,6 +117,7 @@ private:
     uint64_t m_size = 0;
     std::filesystem::path m_image;
     std::filesystem::path m_partial;
+    UniqueFd m_partial_lock; // flock()ed while this process works on the partial image
     std::unique_ptr<LoopDevice> m_loop;
     bool m_overwrite = false;
     bool m_committed = false;

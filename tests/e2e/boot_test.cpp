@@ -374,6 +374,8 @@ TEST_CASE("signed updates: the card takes its key's commits and refuses others" 
     CHECK_MESSAGE(other_key.err.find("public key not found") != std::string::npos, other_key.err);
     CHECK(one_line(other_key.err));
 
+    // An unsigned commit: its publisher has to drop the summary signature on purpose.
+    fs::remove(tmp / "repo/summary.sig");
     write_file(tmp / "rootfs/usr/bin/e2e-version", "#!/bin/sh\necho v4\n", 0755);
     commit(tmp / "rootfs", tmp / "repo", initramfs, "4");
     auto unsigned_commit = run_treeflash({"upgrade", image.string()});

@@ -6,6 +6,7 @@
 #include "flasher/target.hpp"
 #include "tests/support/system.hpp"
 
+#include <atomic>
 #include <chrono>
 #include <doctest/doctest.h>
 #include <fcntl.h>
@@ -197,6 +198,79 @@ TEST_CASE("inspect never reads host files through the card's symlinks" * doctest
     auto r = run_treeflash({"inspect", image.string(), "--json"});
     CHECK_MESSAGE(r.out.find("HOST-SECRET") == std::string::npos, r.out);
     CHECK(r.err.find("HOST-SECRET") == std::string::npos);
+}
+
+TEST_CASE("a file system that fills up under an image is named as such" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    make_rootfs(tmp / "rootfs");
+    std::string blob(150 << 20, '\0');
+    for (size_t i = 0; i < blob.size(); ++i)
+        blob[i] = static_cast<char>((i * 2654435761u) >> 13);
+    write_file(tmp / "rootfs/usr/share/blob", blob);
+    build_commit(tmp.path(), tmp / "repo");
+    fs::create_directories(tmp / "small");
+    REQUIRE(run_process({"mount", "-t", "tmpfs", "-o", "size=600M", "tmpfs", (tmp / "small").string()}).ok());
+    struct Unmount {
+        fs::path dir;
+        ~Unmount() { run_process({"umount", dir.string()}); }
+    } unmount{tmp / "small"};
+    fs::path image = tmp / "small/card.img";
+    std::string log = (tmp / "flash.log").string();
+    // While the flash runs, something else takes every MiB that is free.
+    UniqueFd filler(::open((tmp / "small/filler").c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644));
+    REQUIRE(filler);
+    pid_t pid = spawn_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(), "--size",
+                                 "590M", "--repo", (tmp / "repo").string()},
+                                log);
+    std::atomic<bool> done{false};
+    std::thread grab([&] {
+        off_t offset = 0;
+        while (!done) {
+            // Start once the image exists, so the flash passes its own free-space check.
+            bool started = false;
+            for (const auto& entry : fs::directory_iterator(tmp / "small"))
+                started |= entry.path().filename().string().find(".partial-") != std::string::npos;
+            if (started && ::fallocate(filler.get(), 0, offset, 1 << 20) == 0)
+                offset += 1 << 20;
+        }
+    });
+    int code = wait_exit(pid);
+    done = true;
+    grab.join();
+    CHECK(code == 1);
+    std::string err = read_text(log);
+    CHECK_MESSAGE(err.find("no space left on device") != std::string::npos, err);
+    CHECK_FALSE(fs::exists(image));
+}
+
+TEST_CASE("a commit of many small files fits the default image size" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    make_rootfs(tmp / "rootfs");
+    for (int d = 0; d < 300; ++d)
+        for (int f = 0; f < 100; ++f)
+            write_file(tmp / ("rootfs/usr/share/many/" + std::to_string(d) + "/" + std::to_string(f)),
+                       std::to_string(d) + "/" + std::to_string(f) + "\n");
+    build_commit(tmp.path(), tmp / "repo");
+    fs::path image = tmp / "card.img";
+    auto r = flash_image(tmp / "repo", image, {"--json"});
+    REQUIRE_MESSAGE(r.ok(), r.err);
+    auto info = run_treeflash({"inspect", image.string(), "--json"});
+    REQUIRE_MESSAGE(info.ok(), info.err);
+    CHECK(json::parse(info.out)["deployments"].size() == 1);
+    // Room for an upgrade: a second deployment of as many entries needs inodes and blocks too.
+    auto [offset, size] = rootfs_extent(image);
+    auto dump = run_process({"dumpe2fs", "-h", image.string() + "?offset=" + std::to_string(offset)});
+    auto count = [&](const std::string& key) {
+        auto pos = dump.out.find(key + ":");
+        REQUIRE(pos != std::string::npos);
+        return std::stoull(dump.out.substr(dump.out.find_first_not_of(' ', pos + key.size() + 1)));
+    };
+    CHECK(count("Free inodes") > 30000);
+    CHECK(count("Free blocks") * 4096 > 30000ull * 4096);
 }
 
 }

@@ -258,7 +258,66 @@ TEST_CASE("GPG: the commit and the summary are signed with the given key")
     CHECK(bad.err.find("build: commit: sign: key 0000000000000000DEADBEEF") != std::string::npos);
     CHECK(rev_parse(ex.repo) == before);
     CHECK(fsck_clean(ex.repo));
+
+    // An unsigned rebuild of a repository whose summary is signed is refused
+    // (clients that verify it would refuse every update)...
+    auto unsigned_build = run_treeflash(ex.args());
+    CHECK(unsigned_build.exit_code == 1);
+    CHECK_MESSAGE(unsigned_build.err.find("the repository's summary is GPG-signed: pass --gpg-sign KEY") != std::string::npos,
+                  unsigned_build.err);
+    CHECK(fs::exists(ex.repo / "summary.sig"));
+
+    // ...and an unchanged rebuild with --gpg-sign signs the commit it keeps.
+    Example other;
+    REQUIRE(run_treeflash(other.args()).ok()); // unsigned
+    std::string kept = rev_parse(other.repo);
+    auto signed_again = run_treeflash(other.args({"--gpg-sign", key, "--gpg-homedir", home.string()}));
+    REQUIRE_MESSAGE(signed_again.ok(), signed_again.err);
+    CHECK(rev_parse(other.repo) == kept);
+    auto verified = ostree(other.repo, {"show", "--gpg-homedir=" + (ex.tmp / "trusted").string(), "master"});
+    CHECK_MESSAGE(verified.out.find("Good signature") != std::string::npos, verified.out);
+    // Signing it again is not an error.
+    CHECK(run_treeflash(other.args({"--gpg-sign", key, "--gpg-homedir", home.string()})).ok());
     run_process({"gpgconf", "--homedir", home.string(), "--kill", "all"});
+}
+
+TEST_CASE("an empty kernel, initramfs or devicetree is refused")
+{
+    Example ex;
+    write_file(ex.tmp / "empty", "");
+    for (const char* option : {"--kernel", "--initramfs", "--devicetree"}) {
+        CAPTURE(option);
+        std::vector<std::string> args{"build", "--rootfs", ex.rootfs.string(), "--repo", ex.repo.string()};
+        if (std::string(option) != "--kernel")
+            args.insert(args.end(), {"--kernel", ex.kernel.kernel.string()});
+        args.insert(args.end(), {option, (ex.tmp / "empty").string()});
+        auto r = run_treeflash(args);
+        CHECK(r.exit_code == 1);
+        CHECK_MESSAGE(r.err.find((ex.tmp / "empty").string() + " is empty") != std::string::npos, r.err);
+    }
+    CHECK_FALSE(fs::exists(ex.repo));
+}
+
+TEST_CASE("SIGINT during the import of a large tarball stops it at once")
+{
+    Example ex;
+    std::vector<TarEntry> entries;
+    for (int d = 0; d < 400; ++d) {
+        entries.push_back({"usr/share/many/" + std::to_string(d) + "/", 'd'});
+        for (int f = 0; f < 250; ++f)
+            entries.push_back({"usr/share/many/" + std::to_string(d) + "/" + std::to_string(f), 'f', "x"});
+    }
+    write_tarball(ex.tmp / "big.tar", entries);
+    pid_t pid = spawn_treeflash({"build", "--rootfs", (ex.tmp / "big.tar").string(), "--repo", ex.repo.string(), "--kernel",
+                                 ex.kernel.kernel.string()});
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    auto sent = std::chrono::steady_clock::now();
+    ::kill(pid, SIGINT);
+    CHECK(wait_exit(pid) == 130);
+    // 100k entries take seconds to import; stopping takes one entry.
+    CHECK(std::chrono::steady_clock::now() - sent < std::chrono::seconds(2));
+    CHECK_FALSE(fs::exists(ex.repo));
+    CHECK_FALSE(has_partial_repo(ex.tmp.path()));
 }
 
 TEST_CASE("--static-delta makes a delta from the previous commit")

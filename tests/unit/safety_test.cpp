@@ -2,6 +2,7 @@
 // become paths, config lines or kernel arguments, hostile board files, and
 // sizes that make no sense. In-process and through the CLI, without root.
 #include "common/error.hpp"
+#include "common/glib.hpp"
 #include "common/validate.hpp"
 #include "flasher/board.hpp"
 #include "flasher/flash.hpp"
@@ -9,7 +10,13 @@
 #include "tests/support/fixtures.hpp"
 
 #include <doctest/doctest.h>
+#include <arpa/inet.h>
+#include <chrono>
 #include <functional>
+#include <gio/gio.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <thread>
 #include <regex>
 #include <sys/statvfs.h>
 
@@ -76,6 +83,12 @@ TEST_CASE("option strings that would leave the card or add a line are refused be
         {[&](FlashOptions& o) { o.gpg_import = tmp / "missing.gpg"; o.no_gpg_verify = false; }, "missing.gpg: No such file"},
         {[&](FlashOptions& o) { write_file(tmp / "empty.gpg", ""); o.gpg_import = tmp / "empty.gpg"; o.no_gpg_verify = false; },
          "empty.gpg: the file is empty"},
+        {[&](FlashOptions& o) {
+             o.board = (boards / "ls104x").string();
+             write_file(tmp / "empty.pbl", "");
+             o.firmware["rcw"] = (tmp / "empty.pbl").string();
+         },
+         "empty.pbl is empty"},
     };
     for (const auto& c : cases) {
         CAPTURE(c.expected);
@@ -186,6 +199,43 @@ TEST_CASE("an image larger than an MBR addresses or than the free space is refus
         CHECK_MESSAGE(message.find("MiB free in") != std::string::npos, message);
     }
     CHECK_FALSE(fs::exists(tmp / "big.img"));
+}
+
+TEST_CASE("a server that accepts and never answers: the pull gives up, and a cancel stops it at once")
+{
+    // A listener on 127.0.0.1 that takes connections and says nothing.
+    int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(listener >= 0);
+    UniqueFd owned(listener);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    REQUIRE(::listen(listener, 16) == 0);
+    socklen_t len = sizeof addr;
+    REQUIRE(::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len) == 0);
+    std::string url = "http://127.0.0.1:" + std::to_string(ntohs(addr.sin_port)) + "/";
+
+    Scratch tmp;
+    FlashOptions options = image_options(tmp / "x.img");
+    options.repo = url;
+    options.network_timeout = 2;
+    auto start = std::chrono::steady_clock::now();
+    std::string message = error_of([&] { plan_flash(options, nullptr); });
+    CHECK_MESSAGE(message.find("nothing arrived for 2 s") != std::string::npos, message);
+    CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(15));
+
+    options.network_timeout = 600;
+    glib::Object<GCancellable> cancellable(g_cancellable_new());
+    std::thread canceller([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(500));
+        g_cancellable_cancel(cancellable.get());
+    });
+    start = std::chrono::steady_clock::now();
+    CHECK_THROWS_AS(plan_flash(options, cancellable.get()), Cancelled);
+    CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(5));
+    canceller.join();
+    CHECK_FALSE(fs::exists(tmp / "x.img"));
 }
 
 }
