@@ -1,4 +1,5 @@
 #include "builder/stages.hpp"
+#include "builder/tarscan.hpp"
 
 #include "common/error.hpp"
 #include "common/fs.hpp"
@@ -213,6 +214,27 @@ void tar_xattrs(struct archive_entry* entry, const std::string& path, Node& node
     std::sort(node.xattrs.begin(), node.xattrs.end());
 }
 
+// The decompressed bytes of a tarball, handed to the tar reader and shown to
+// the header scanner on the way.
+struct TarStream {
+    ArchiveReader raw;
+    TarHeaderScanner scanner;
+    char buffer[1 << 16];
+
+    static la_ssize_t read(struct archive* tar, void* self, const void** out)
+    {
+        auto* stream = static_cast<TarStream*>(self);
+        la_ssize_t n = archive_read_data(stream->raw.get(), stream->buffer, sizeof stream->buffer);
+        if (n < 0) {
+            archive_set_error(tar, archive_errno(stream->raw.get()), "%s", archive_error(stream->raw.get()).c_str());
+            return -1;
+        }
+        stream->scanner.feed(stream->buffer, static_cast<size_t>(n));
+        *out = stream->buffer;
+        return n;
+    }
+};
+
 // GNU tar refuses to replace a directory with anything else: so do we,
 // rather than silently dropping what the directory held.
 void refuse_replacing_directory(const Tree& tree, const std::string& path, const char* what)
@@ -228,13 +250,23 @@ ImportResult import_tarball(const std::filesystem::path& tarball, const std::fil
 {
     ImportResult result;
     UniqueFd scratch = fs::open_directory(scratch_dir);
+    // Two readers: one undoes the compression, the other reads tar from its
+    // output, which the header scanner sees on the way.
+    TarStream stream;
+    stream.raw.reset(archive_read_new());
     ArchiveReader reader(archive_read_new());
-    if (!reader)
+    if (!stream.raw || !reader)
         throw Error("archive_read_new failed");
-    archive_read_support_filter_all(reader.get());
+    archive_read_support_filter_all(stream.raw.get());
+    archive_read_support_format_raw(stream.raw.get());
+    if (archive_read_open_filename(stream.raw.get(), tarball.c_str(), 1 << 16) != ARCHIVE_OK)
+        throw Error("open " + tarball.string() + ": " + archive_error(stream.raw.get()));
+    struct archive_entry* raw_entry = nullptr;
+    if (archive_read_next_header(stream.raw.get(), &raw_entry) != ARCHIVE_OK)
+        throw Error("read " + tarball.string() + ": " + archive_error(stream.raw.get()));
     archive_read_support_format_tar(reader.get());
-    if (archive_read_open_filename(reader.get(), tarball.c_str(), 1 << 16) != ARCHIVE_OK)
-        throw Error("open " + tarball.string() + ": " + archive_error(reader.get()));
+    if (archive_read_open(reader.get(), &stream, nullptr, TarStream::read, nullptr) != ARCHIVE_OK)
+        throw Error("read " + tarball.string() + ": " + archive_error(reader.get()));
 
     uint64_t extracted = 0;
     struct archive_entry* entry = nullptr;
@@ -246,6 +278,8 @@ ImportResult import_tarball(const std::filesystem::path& tarball, const std::fil
             throw Error("read " + tarball.string() + ": " + archive_error(reader.get()));
         check_cancelled(cancellable);
         std::string path = tar_entry_path(archive_entry_pathname(entry), "tarball entry");
+        if (auto raw_type = stream.scanner.next_entry_type(); raw_type && !known_tar_type(*raw_type))
+            result.unknown_types.push_back(path + " (type '" + std::string(1, *raw_type) + "')");
         mode_t type = archive_entry_filetype(entry);
         uid_t uid = static_cast<uid_t>(archive_entry_uid(entry));
         gid_t gid = static_cast<gid_t>(archive_entry_gid(entry));

@@ -36,6 +36,13 @@ std::vector<std::string> sanitize_warnings(const ImportResult& imported)
     }
     for (const auto& dir : imported.skipped_mounts)
         warnings.push_back("skipped the contents of " + dir + ": it is another file system mounted into the rootfs");
+    if (!imported.unknown_types.empty()) {
+        std::string list;
+        for (const auto& entry : imported.unknown_types)
+            list += (list.empty() ? "" : ", ") + entry;
+        warnings.push_back("read " + std::to_string(imported.unknown_types.size())
+                           + " tarball entries of unknown type as regular files (as GNU tar does): " + list);
+    }
     if (!imported.dropped_xattrs.empty())
         warnings.push_back("dropped the build host's SELinux labels of " + std::to_string(imported.dropped_xattrs.size())
                            + " entries (the device's policy labels its own files), e.g. " + imported.dropped_xattrs.front());

@@ -23,6 +23,7 @@ struct ImportResult {
     std::vector<std::string> dropped_special; // "dev/null (character device)"
     std::vector<std::string> skipped_mounts;  // directories on another file system
     std::vector<std::string> dropped_xattrs;  // "usr/bin/x (security.selinux)": the build host's labels
+    std::vector<std::string> unknown_types;   // tar entries of a type libarchive read as regular files
 };
 
 // Extended attributes an import keeps: all but security.selinux, whose
@@ -37,8 +38,10 @@ ImportResult import_directory(const std::filesystem::path& dir, GCancellable* ca
 // A .tar, .tar.gz, .tar.xz or .tar.zst read with libarchive. Regular files
 // are extracted into `scratch_dir` (which must outlive the Tree). Entries with
 // ".." or absolute paths, entries that would be written through a symlink,
-// a non-directory entry over a directory (as GNU tar refuses) and entries of
-// unknown type are refused. Extended attributes (pax SCHILY.xattr) are kept.
+// and a non-directory entry over a directory (as GNU tar refuses) are
+// refused. Entries of a type tar does not define become regular files, as
+// POSIX says, and are listed in unknown_types. Extended attributes (pax
+// SCHILY.xattr) are kept.
 ImportResult import_tarball(const std::filesystem::path& tarball, const std::filesystem::path& scratch_dir,
                             GCancellable* cancellable = nullptr);
 

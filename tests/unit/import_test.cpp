@@ -184,3 +184,67 @@ TEST_CASE("extended attributes are kept, from directories and tarballs; SELinux 
 }
 
 }
+
+namespace {
+
+// One ustar header block of type flag `type`, with its checksum.
+std::string ustar_header(const std::string& name, char type, size_t size)
+{
+    std::string block(512, '\0');
+    auto put = [&](size_t at, const std::string& text) { block.replace(at, text.size(), text); };
+    auto octal = [](uint64_t value, int width) {
+        char text[32];
+        std::snprintf(text, sizeof text, "%0*llo", width - 1, static_cast<unsigned long long>(value));
+        return std::string(text);
+    };
+    put(0, name);
+    put(100, octal(0644, 8));
+    put(108, octal(0, 8));
+    put(116, octal(0, 8));
+    put(124, octal(size, 12));
+    put(136, octal(0, 12));
+    block[156] = type;
+    put(257, std::string("ustar\0", 6));
+    put(263, "00");
+    put(148, std::string(8, ' '));
+    unsigned sum = 0;
+    for (unsigned char c : block)
+        sum += c;
+    put(148, octal(sum, 7) + std::string(1, '\0'));
+    return block;
+}
+
+std::string padded(std::string data)
+{
+    data.resize((data.size() + 511) / 512 * 512, '\0');
+    return data;
+}
+
+} // namespace
+
+TEST_SUITE("import") {
+
+TEST_CASE("tarball entries of a type tar does not define are named in a warning")
+{
+    Scratch tmp;
+    std::string tar = ustar_header("usr/", '5', 0) + ustar_header("usr/weird", 'Z', 700) + padded(std::string(700, 'a'))
+                      + ustar_header("usr/plain", '0', 3) + padded("abc") + std::string(1024, '\0');
+    write_file(tmp / "odd.tar", tar);
+    fs::create_directories(tmp / "scratch");
+    ImportResult imported = import_tarball(tmp / "odd.tar", tmp / "scratch");
+    CHECK(imported.unknown_types == std::vector<std::string>{"usr/weird (type 'Z')"});
+    REQUIRE(imported.tree.find("usr/plain"));
+    CHECK(imported.tree.read_all(*imported.tree.find("usr/plain")) == "abc");
+    auto warnings = sanitize_warnings(imported);
+    REQUIRE(warnings.size() == 1);
+    CHECK(warnings[0].find("usr/weird (type 'Z')") != std::string::npos);
+
+    // Tarballs libarchive writes (pax, with extended attributes and long
+    // names) give no such warning.
+    std::string long_name = "usr/" + std::string(150, 'n');
+    write_tarball(tmp / "fine.tar.gz", {{"usr/", 'd'}, {long_name, 'f', "x"}, {"usr/l", 'l', "x"}, {"usr/h", 'h', long_name}});
+    fs::create_directories(tmp / "scratch2");
+    CHECK(import_tarball(tmp / "fine.tar.gz", tmp / "scratch2").unknown_types.empty());
+}
+
+}
