@@ -94,7 +94,9 @@ std::string read_os_release(const Tree& tree, const std::string& path)
     if (!node)
         return "";
     if (node->is_symlink()) {
-        const Node* target = tree.resolve(path);
+        // A link in usr/etc is resolved from where the booted system sees it: /etc.
+        std::string booted = path.rfind("usr/etc/", 0) == 0 ? path.substr(4) : path;
+        const Node* target = tree.resolve(booted);
         if (!target || !target->is_regular())
             throw Error(path + " is a symlink to " + node->symlink_target
                         + ", which is not a file in the rootfs; OSTree would read the deploying host's instead");
@@ -116,21 +118,29 @@ void write_os_release(Tree& tree, const NormalizeOptions& options, NormalizeResu
     validate::single_line(options.version, "--version");
     std::string lib = read_os_release(tree, "usr/lib/os-release");
     std::string etc = read_os_release(tree, "usr/etc/os-release");
-    bool lib_is_link = tree.find("usr/lib/os-release") && tree.find("usr/lib/os-release")->is_symlink();
-    bool etc_is_link = tree.find("usr/etc/os-release") && tree.find("usr/etc/os-release")->is_symlink();
+    // OSTree opens these inside the deployment, where an absolute link leads
+    // to the deploying host: such a link becomes a file. Relative links
+    // (Debian's /etc/os-release -> ../usr/lib/os-release) stay as they are.
+    auto absolute_link = [&](const char* path) {
+        const Node* node = tree.find(path);
+        return node && node->is_symlink() && !node->symlink_target.empty() && node->symlink_target[0] == '/';
+    };
+    bool lib_absolute = absolute_link("usr/lib/os-release");
+    bool etc_absolute = absolute_link("usr/etc/os-release");
     bool have = !lib.empty() || !etc.empty();
-    // Nothing to change: an os-release of the rootfs's own, no link to replace.
-    if (have && options.os_release.empty() && options.version.empty() && !lib_is_link && !etc_is_link)
-        return;
+    bool rewrite = !have || !options.os_release.empty() || !options.version.empty();
+    if (!rewrite && !lib_absolute && !etc_absolute)
+        return; // the rootfs's own os-release, untouched
     NormalizeOptions effective = options;
     if (have && !options.version.empty())
         effective.os_release.emplace("VERSION_ID", options.version); // an explicit --os-release VERSION_ID= wins
-    // usr/lib/os-release is what OSTree reads first; it becomes a regular
-    // file, and a usr/etc/os-release link becomes one as well.
-    std::string rendered = render_os_release(effective, !lib.empty() ? lib : etc);
-    tree.put("usr/lib/os-release", Node::memory_file(rendered));
-    if (etc_is_link || (!etc.empty() && lib.empty()))
-        tree.put("usr/etc/os-release", Node::memory_file(rendered));
+    std::string text = rewrite ? render_os_release(effective, !lib.empty() ? lib : etc) : (!lib.empty() ? lib : etc);
+    // usr/lib/os-release is what OSTree reads first.
+    if (rewrite || lib_absolute)
+        tree.put("usr/lib/os-release", Node::memory_file(text));
+    const Node* etc_node = tree.find("usr/etc/os-release");
+    if (etc_absolute || (rewrite && etc_node && etc_node->is_regular()))
+        tree.put("usr/etc/os-release", Node::memory_file(text));
     result.wrote_os_release = true;
 }
 

@@ -97,9 +97,14 @@ const Node* Tree::resolve(std::string_view path, std::string* resolved) const
         if (!dir->is_dir())
             return nullptr;
         auto it = dir->children.find(part);
-        // /etc of the booted system is the commit's usr/etc.
+        // /etc of the booted system is the commit's usr/etc, and ".." from
+        // it leads back to /.
         if (it == dir->children.end() && stack.size() == 1 && part == "etc") {
-            push_front("usr/etc");
+            const Node* usr_etc = find("usr/etc");
+            if (!usr_etc || !usr_etc->is_dir())
+                return nullptr;
+            stack.push_back(usr_etc);
+            names.push_back("usr/etc");
             continue;
         }
         if (it == dir->children.end())

@@ -153,6 +153,19 @@ TEST_CASE("a device named through a link whose name ends in a digit" * doctest::
     auto info = run_treeflash({"inspect", loop.device, "--json"});
     REQUIRE_MESSAGE(info.ok(), info.err);
     CHECK(json::parse(info.out)["deployments"].size() == 1);
+    // upgrade holds the device exclusively and works on it through the same name.
+    auto upgraded = run_treeflash({"upgrade", (tmp / "usb-Card_Reader-0:0").string(), "--json"});
+    REQUIRE_MESSAGE(upgraded.ok(), upgraded.err);
+    CHECK(json::parse(upgraded.out)["changed"] == false);
+    // And refuses it while one of its partitions is mounted.
+    {
+        Scratch mnt;
+        REQUIRE(run_process({"mount", "-o", "ro", loop.device + "p2", mnt.path().string()}).ok());
+        auto busy = run_treeflash({"upgrade", loop.device});
+        run_process({"umount", mnt.path().string()});
+        CHECK(busy.exit_code == 1);
+        CHECK_MESSAGE(busy.err.find("is in use: " + loop.device + "p2 on") != std::string::npos, busy.err);
+    }
 }
 
 TEST_CASE("a device that is not the one checked is not written" * doctest::skip(not_root))

@@ -1,11 +1,13 @@
 // Shared pieces: child process environments and the templates compiled
 // into the binary.
+#include "common/error.hpp"
 #include "common/process.hpp"
 #include "common/templates.hpp"
 #include "tests/support/fixtures.hpp"
 
 #include <cstdlib>
 #include <doctest/doctest.h>
+#include <gio/gio.h>
 
 using namespace treeflash;
 using namespace treeflash::test;
@@ -38,6 +40,37 @@ TEST_CASE("the binary carries the current text of every file under templates/")
     }
     CHECK(count >= 3);
     CHECK_THROWS_AS(templates::get("no/such/template"), std::out_of_range);
+}
+
+TEST_CASE("throw_gerror takes the GError and clears the caller's pointer")
+{
+    GError* error = g_error_new_literal(G_IO_ERROR, G_IO_ERROR_FAILED, "it broke\non two lines");
+    CHECK_THROWS_WITH_AS(throw_gerror(error, "step"), "step: it broke; on two lines", Error);
+    CHECK(error == nullptr); // a later step sharing it cannot reuse a freed error
+    error = g_error_new_literal(G_IO_ERROR, G_IO_ERROR_CANCELLED, "cancelled");
+    CHECK_THROWS_AS(throw_gerror(error), Cancelled);
+    CHECK(error == nullptr);
+}
+
+TEST_CASE("no code releases a GLib handle by hand: common/glib.hpp owns them all")
+{
+    fs::path top = TREEFLASH_SOURCE_DIR;
+    std::vector<std::string> found;
+    for (const char* dir : {"builder", "flasher", "cli", "common"})
+        for (const auto& entry : fs::recursive_directory_iterator(top / dir)) {
+            if (entry.path().filename() == "glib.hpp" || !entry.is_regular_file())
+                continue;
+            std::string text = read_text(entry.path());
+            for (const char* call : {"_unref(", "g_free(", "g_error_free("})
+                if (text.find(call) != std::string::npos)
+                    found.push_back(entry.path().lexically_relative(top).string() + " calls " + call);
+        }
+    CHECK_MESSAGE(found.empty(), [&] {
+        std::string all;
+        for (const auto& f : found)
+            all += f + "\n";
+        return all;
+    }());
 }
 
 }

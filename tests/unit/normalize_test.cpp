@@ -141,6 +141,21 @@ TEST_CASE("an os-release symlink is resolved inside the rootfs, never on the bui
     CHECK(text.find("VERSION_ID=2.5") != std::string::npos); // --version is not dropped
     CHECK(text.find("debian") == std::string::npos);
 
+    // Debian's own layout, /etc/os-release -> ../usr/lib/os-release: the
+    // link stays, the file is untouched unless --version asks for a change.
+    make_rootfs(tmp / "debian");
+    fs::create_directories(tmp / "debian/usr/lib");
+    write_file(tmp / "debian/usr/lib/os-release", "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nVERSION_ID=\"12\"\n");
+    fs::create_symlink("../usr/lib/os-release", tmp / "debian/etc/os-release");
+    ImportResult debian = import_directory(tmp / "debian");
+    normalize(debian.tree, {});
+    CHECK(debian.tree.find("usr/etc/os-release")->symlink_target == "../usr/lib/os-release");
+    CHECK(debian.tree.read_all(*debian.tree.find("usr/lib/os-release")) == read_text(tmp / "debian/usr/lib/os-release"));
+    ImportResult versioned = import_directory(tmp / "debian");
+    normalize(versioned.tree, options);
+    CHECK(versioned.tree.find("usr/etc/os-release")->is_symlink());
+    CHECK(versioned.tree.read_all(*versioned.tree.find("usr/lib/os-release")).find("VERSION_ID=2.5") != std::string::npos);
+
     // A link that leads out of the rootfs is an error, not the host's file.
     make_rootfs(tmp / "b");
     fs::create_directories(tmp / "b/usr/lib");
