@@ -108,6 +108,7 @@ nlohmann::json to_json(const flasher::FlashResult& r)
         {"bootargs", r.bootargs_line},
         {"remote_url", r.remote_url},
         {"gpg_verify", r.gpg_verify},
+        {"bmap", r.bmap},
         {"warnings", r.warnings},
     };
 }
@@ -128,6 +129,8 @@ void print_text(const flasher::FlashResult& r)
               << "ostree=     " << r.deployment.ostree_path << "\n"
               << "origin:     " << r.remote_url << (r.gpg_verify ? " (GPG-verified)" : " (not GPG-verified)") << "\n"
               << "U-Boot, if its environment is set by hand:\n  " << r.bootargs_line << "\n";
+    if (!r.bmap.empty())
+        std::cout << "bmap:       " << r.bmap << "\n";
 }
 
 } // namespace

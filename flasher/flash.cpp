@@ -2,6 +2,7 @@
 
 #include "common/error.hpp"
 #include "common/validate.hpp"
+#include "flasher/bmap.hpp"
 #include "flasher/bootscript.hpp"
 #include "flasher/format.hpp"
 #include "flasher/mount.hpp"
@@ -343,6 +344,13 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
         throw Error(std::string(e.what()) + full_disk_hint(options) + " (" + state_after(progress, options.image.has_value()) + ")");
     }
     target.reset();
+    if (options.image) {
+        // The block map, made from the raw image (before anyone compresses it).
+        std::filesystem::path bmap = *options.image;
+        bmap += ".bmap";
+        in_step("bmap", [&] { write_bmap(*options.image, bmap, cancellable); });
+        result.bmap = bmap.string();
+    }
     describe_partitions(plan, result);
     result.bootargs_line = bootargs_command(result.deployment.kernel_args);
     return result;

@@ -59,6 +59,7 @@ struct FlashResult {
     bool gpg_verify = false;
     Deployment deployment;
     std::string bootargs_line; // setenv bootargs "..." for boards set up by hand
+    std::string bmap;          // --image: the block map written beside it (IMAGE.bmap)
     std::vector<std::string> warnings;
 };
 

@@ -91,6 +91,14 @@ TEST_CASE("ls104x image from a local repository, checked with independent tools"
                                  "rcw=" + (tmp / "rcw.pbl").string(), "--firmware", "fip=" + (tmp / "fip.bin").string(),
                                  "--firmware", "phy=" + (tmp / "phy.bin").string(), "--json"});
     REQUIRE_MESSAGE(result.ok(), result.err);
+
+    // The block map beside it: bmaptool copies the image with it (checking
+    // every range), and the copy is the image byte for byte.
+    fs::path bmap = image.string() + ".bmap";
+    CHECK(json::parse(result.out)["bmap"] == bmap.string());
+    auto copied = run_process({"bmaptool", "copy", "--bmap", bmap.string(), image.string(), (tmp / "copy.img").string()});
+    CHECK_MESSAGE(copied.ok(), copied.err);
+    CHECK(run_process({"cmp", image.string(), (tmp / "copy.img").string()}).ok());
     json out = json::parse(result.out);
     CHECK(out["commit"] == commit);
     CHECK(out["board"] == "ls104x");

@@ -536,7 +536,7 @@ TEST_CASE("help explains every option with an example")
                                "--timestamp", "--gpg-sign", "--gpg-homedir", "--static-delta", "--json"})
         CHECK_MESSAGE(help.out.find(option) != std::string::npos, option);
     CHECK(help.out.find("Examples:") != std::string::npos);
-    for (const char* command : {"flash", "initramfs", "upgrade", "inspect"}) {
+    for (const char* command : {"flash", "initramfs", "upgrade", "inspect", "bmap"}) {
         CAPTURE(command);
         CHECK(top.out.find(command) != std::string::npos);
         auto sub = run_treeflash({command, "--help"});

@@ -1,0 +1,89 @@
+// Block maps: the same ranges and checksums as bmap-tools makes, and files
+// bmaptool copies from (it checks every range and the file's own checksum).
+#include "flasher/bmap.hpp"
+#include "tests/support/fixtures.hpp"
+
+#include <doctest/doctest.h>
+#include <fcntl.h>
+#include <regex>
+#include <unistd.h>
+
+using namespace treeflash;
+using namespace treeflash::test;
+
+namespace {
+
+// Data at `offset` in a sparse file.
+void put(const fs::path& file, uint64_t offset, const std::string& data)
+{
+    int fd = ::open(file.c_str(), O_WRONLY | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    REQUIRE(::pwrite(fd, data.data(), data.size(), static_cast<off_t>(offset)) == static_cast<ssize_t>(data.size()));
+    ::close(fd);
+}
+
+// What a bmap says, whoever wrote it: the numbers and "first-last sha256" lines.
+std::string essentials(const std::string& xml)
+{
+    std::string out;
+    static const std::regex field(R"(<(ImageSize|BlockSize|BlocksCount|MappedBlocksCount|ChecksumType)>\s*(\S+)\s*<)");
+    for (std::sregex_iterator it(xml.begin(), xml.end(), field), end; it != end; ++it)
+        out += (*it)[1].str() + "=" + (*it)[2].str() + "\n";
+    static const std::regex range(R"xx(<Range chksum="([0-9a-f]+)">\s*([0-9]+)(-([0-9]+))?\s*</Range>)xx");
+    for (std::sregex_iterator it(xml.begin(), xml.end(), range), end; it != end; ++it)
+        out += (*it)[2].str() + "-" + ((*it)[4].matched ? (*it)[4].str() : (*it)[2].str()) + " " + (*it)[1].str() + "\n";
+    return out;
+}
+
+} // namespace
+
+TEST_SUITE("bmap") {
+
+TEST_CASE("treeflash bmap maps what bmaptool create maps, and bmaptool copy accepts it")
+{
+    Scratch tmp;
+    fs::path image = tmp / "card.img";
+    write_file(image, "");
+    fs::resize_file(image, (64 << 20) + 1000); // not a whole number of blocks
+    put(image, 0, std::string(512, 'm'));                       // a partition table
+    put(image, 4096 * 3 + 100, std::string(10000, 'a'));        // across block boundaries
+    put(image, 20 << 20, std::string(3 << 20, 'b'));            // a large extent
+    put(image, (64 << 20) + 10, std::string(900, 'z'));         // the partial last block
+
+    auto ours = run_treeflash({"bmap", image.string(), "-o", (tmp / "ours.bmap").string(), "--json"});
+    REQUIRE_MESSAGE(ours.ok(), ours.err);
+    auto theirs = run_process({"bmaptool", "create", "-o", (tmp / "theirs.bmap").string(), image.string()});
+    REQUIRE_MESSAGE(theirs.ok(), theirs.err);
+    std::string mine = essentials(read_text(tmp / "ours.bmap"));
+    CHECK(mine.find("ImageSize=67109864") != std::string::npos);
+    CHECK(mine == essentials(read_text(tmp / "theirs.bmap")));
+
+    // bmaptool writes from it, checking each range and the bmap's own checksum.
+    fs::path copy = tmp / "copy.img";
+    auto copied = run_process({"bmaptool", "copy", "--bmap", (tmp / "ours.bmap").string(), image.string(), copy.string()});
+    REQUIRE_MESSAGE(copied.ok(), copied.err);
+    CHECK(run_process({"cmp", image.string(), copy.string()}).ok());
+
+    // A bmap edited after it was made fails bmaptool's own check.
+    std::string edited = read_text(tmp / "ours.bmap");
+    edited.replace(edited.find("<BlockMap>"), 10, "<BlockMap> ");
+    write_file(tmp / "edited.bmap", edited);
+    auto refused = run_process({"bmaptool", "copy", "--bmap", (tmp / "edited.bmap").string(), image.string(),
+                                (tmp / "copy2.img").string()});
+    CHECK_FALSE(refused.ok());
+}
+
+TEST_CASE("an image without data maps to nothing; a missing one is named")
+{
+    Scratch tmp;
+    write_file(tmp / "empty.img", "");
+    fs::resize_file(tmp / "empty.img", 8 << 20);
+    flasher::Bmap map = flasher::map_image(tmp / "empty.img");
+    CHECK(map.mapped_blocks == 0);
+    CHECK(map.blocks_count == 2048);
+    auto missing = run_treeflash({"bmap", (tmp / "nope.img").string()});
+    CHECK(missing.exit_code == 1);
+    CHECK(missing.err.find("nope.img") != std::string::npos);
+}
+
+}
