@@ -118,8 +118,6 @@ void TarHeaderScanner::header(const unsigned char* block)
         m_pax.clear();
         m_pax_left = size;
         m_pax_padding = round_up(size) - size;
-        if (!m_pax_left)
-            m_skip = 0;
         return;
     case 'g': // pax global header
     case 'L': // GNU long name

@@ -84,15 +84,30 @@ void check_options(const FlashOptions& options)
                     "pass the release key, or --no-gpg-verify to allow that knowingly");
 }
 
+// The directory an image is written in.
+std::filesystem::path image_dir(const std::filesystem::path& image)
+{
+    return image.parent_path().empty() ? "." : image.parent_path();
+}
+
+// Bytes free for an unprivileged writer in `dir`; nothing when unknown.
+std::optional<uint64_t> free_bytes(const std::filesystem::path& dir)
+{
+    struct statvfs vfs {};
+    if (::statvfs(dir.c_str(), &vfs) != 0)
+        return std::nullopt;
+    return static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+}
+
 // A full file system under an image shows up as I/O errors inside it
 // ("Write error", "syncfs: Input/output error"): say what really happened.
 std::string full_disk_hint(const FlashOptions& options)
 {
     if (!options.image)
         return "";
-    std::filesystem::path dir = options.image->parent_path().empty() ? "." : options.image->parent_path();
-    struct statvfs vfs {};
-    if (::statvfs(dir.c_str(), &vfs) != 0 || static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize >= MiB)
+    std::filesystem::path dir = image_dir(*options.image);
+    auto free = free_bytes(dir);
+    if (!free || *free >= MiB)
         return "";
     return "; no space left on device: the file system holding " + dir.string() + " is full";
 }
@@ -205,12 +220,10 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
                         + std::to_string(minimum / MiB) + " MiB)");
         if (plan.layout.label == "dos" && size > (2ull << 40) + plan.layout.first_partition_offset())
             throw Error("image: --size " + std::to_string(size / MiB) + " MiB: an MBR (dos) table addresses 2 TiB at most");
-        std::filesystem::path dir = options.image->parent_path().empty() ? "." : options.image->parent_path();
-        struct statvfs vfs {};
-        if (::statvfs(dir.c_str(), &vfs) == 0 && size > static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize)
-            throw Error("image: " + std::to_string(size / MiB) + " MiB is more than the "
-                        + std::to_string(static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize / MiB) + " MiB free in "
-                        + dir.string());
+        std::filesystem::path dir = image_dir(*options.image);
+        if (auto free = free_bytes(dir); free && size > *free)
+            throw Error("image: " + std::to_string(size / MiB) + " MiB is more than the " + std::to_string(*free / MiB)
+                        + " MiB free in " + dir.string());
         plan.image_size = size;
         in_step("image", [&] { check_rootfs_room(plan, size); });
     } else {

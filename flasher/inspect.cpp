@@ -2,14 +2,13 @@
 
 #include "common/error.hpp"
 #include "common/fd.hpp"
+#include "common/fs.hpp"
 #include "common/glib.hpp"
 #include "flasher/loop.hpp"
 #include "flasher/mount.hpp"
 
 #include <fcntl.h>
-#include <linux/openat2.h>
 #include <sstream>
-#include <sys/syscall.h>
 #include <glib.h>
 #include <linux/fs.h>
 #include <memory>
@@ -21,18 +20,23 @@ namespace treeflash::flasher {
 
 namespace {
 
-// Reads `relpath` below the card's mount `root` without following any
-// symlink (the mount is nosymfollow too): a card whose boot/loader points
-// at /etc gives nothing, never a host file. "" when absent or not a file.
+// Opens `relpath` below the card's mount `root` without following any
+// symlink on the way (fs::open_beneath): a card whose boot/loader points at
+// /etc gives nothing, never a host file. An empty fd when there is nothing
+// there that way.
+UniqueFd open_on_card(const std::filesystem::path& root, const std::string& relpath, int flags)
+{
+    try {
+        return fs::open_beneath(fs::open_directory(root).get(), relpath, flags);
+    } catch (const Error&) {
+        return UniqueFd();
+    }
+}
+
+// The file `relpath` on the card; "" when absent, not a file or over 1 MiB.
 std::string read_on_card(const std::filesystem::path& root, const std::string& relpath)
 {
-    UniqueFd dir(::open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    if (!dir)
-        return "";
-    struct open_how how {};
-    how.flags = O_RDONLY | O_CLOEXEC | O_NOFOLLOW;
-    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV;
-    UniqueFd fd(static_cast<int>(::syscall(SYS_openat2, dir.get(), relpath.c_str(), &how, sizeof how)));
+    UniqueFd fd = open_on_card(root, relpath, O_RDONLY);
     struct stat st {};
     if (!fd || ::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > (1 << 20))
         return "";
@@ -54,11 +58,7 @@ std::string read_link_on_card(const std::filesystem::path& root, const std::stri
 // at its end) followed: 0 when there is nothing there that way.
 mode_t type_on_card(const std::filesystem::path& root, const std::string& relpath)
 {
-    UniqueFd dir(::open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    struct open_how how {};
-    how.flags = O_PATH | O_NOFOLLOW | O_CLOEXEC;
-    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV;
-    UniqueFd fd(dir ? static_cast<int>(::syscall(SYS_openat2, dir.get(), relpath.c_str(), &how, sizeof how)) : -1);
+    UniqueFd fd = open_on_card(root, relpath, O_PATH);
     struct stat st {};
     return fd && ::fstat(fd.get(), &st) == 0 ? (st.st_mode & S_IFMT) : 0;
 }

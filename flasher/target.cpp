@@ -44,6 +44,37 @@ std::string size_text(uint64_t bytes)
     return text;
 }
 
+struct DiskMount {
+    std::string source;
+    std::string target;
+};
+
+// The mounts of `disk` or one of its partitions, oldest first, by device
+// number or, for sources the kernel names by path, by what the path is.
+std::vector<DiskMount> mounts_on(dev_t disk)
+{
+    MntTable mounts(mnt_new_table_from_file("/proc/self/mountinfo"));
+    if (!mounts)
+        throw Error("cannot read /proc/self/mountinfo");
+    MntIter it(mnt_new_iter(MNT_ITER_FORWARD));
+    struct libmnt_fs* fs = nullptr;
+    std::vector<DiskMount> found;
+    while (mnt_table_next_fs(mounts.get(), it.get(), &fs) == 0) {
+        dev_t devno = mnt_fs_get_devno(fs);
+        const char* source = mnt_fs_get_source(fs);
+        bool on_disk = devno && (devno == disk || whole_disk_of(devno) == disk);
+        if (!on_disk && source && source[0] == '/') {
+            struct stat src {};
+            on_disk = ::stat(source, &src) == 0 && S_ISBLK(src.st_mode)
+                      && (src.st_rdev == disk || whole_disk_of(src.st_rdev) == disk);
+        }
+        const char* target = mnt_fs_get_target(fs);
+        if (on_disk)
+            found.push_back({source ? source : "?", target ? target : "?"});
+    }
+    return found;
+}
+
 void probe_existing_partition(const std::string& node, ExistingPartition& part)
 {
     BlkidProbe probe(blkid_new_probe_from_filename(node.c_str()));
@@ -130,27 +161,12 @@ DiskInfo describe_disk(const std::string& path)
                 info.holders.push_back(holder.path().filename().string() + " (on " + part.node + ")");
     }
 
-    MntTable mounts(mnt_new_table_from_file("/proc/self/mountinfo"));
-    if (!mounts)
-        throw Error("cannot read /proc/self/mountinfo");
-    MntIter it(mnt_new_iter(MNT_ITER_FORWARD));
-    struct libmnt_fs* fs = nullptr;
-    while (mnt_table_next_fs(mounts.get(), it.get(), &fs) == 0) {
-        dev_t devno = mnt_fs_get_devno(fs);
-        const char* source = mnt_fs_get_source(fs);
-        bool on_disk = devno && (devno == disk || whole_disk_of(devno) == disk);
-        if (!on_disk && source && source[0] == '/') {
-            struct stat src {};
-            on_disk = ::stat(source, &src) == 0 && S_ISBLK(src.st_mode)
-                      && (src.st_rdev == disk || whole_disk_of(src.st_rdev) == disk);
-        }
-        if (!on_disk)
-            continue;
-        const char* target = mnt_fs_get_target(fs);
-        if (target && std::string(target) == "/")
+    for (const auto& mount : mounts_on(disk)) {
+        if (mount.target == "/")
             info.holds_root = true;
-        info.mounted.push_back(std::string(source ? source : "?") + " on " + (target ? target : "?"));
+        info.mounted.push_back(mount.source + " on " + mount.target);
     }
+    struct libmnt_fs* fs = nullptr;
     MntTable swaps(mnt_new_table());
     if (swaps && mnt_table_parse_swaps(swaps.get(), nullptr) == 0) {
         MntIter swap_it(mnt_new_iter(MNT_ITER_FORWARD));
@@ -253,14 +269,10 @@ void reclaim_partial(const std::filesystem::path& partial, std::vector<std::stri
         struct stat loop_st {};
         if (::stat(loop.c_str(), &loop_st) != 0)
             continue;
-        MntTable mounts(mnt_new_table_from_file("/proc/self/mountinfo"));
-        MntIter it(mnt_new_iter(MNT_ITER_BACKWARD));
-        struct libmnt_fs* fs = nullptr;
-        while (mounts && mnt_table_next_fs(mounts.get(), it.get(), &fs) == 0) {
-            dev_t devno = mnt_fs_get_devno(fs);
-            if (!devno || whole_disk_of(devno) != loop_st.st_rdev)
-                continue;
-            std::string target = mnt_fs_get_target(fs) ? mnt_fs_get_target(fs) : "";
+        auto mounts = mounts_on(loop_st.st_rdev);
+        // Newest first: one stacked on another comes off before it.
+        for (auto it = mounts.rbegin(); it != mounts.rend(); ++it) {
+            const std::string& target = it->target;
             if (target.rfind(ours, 0) == 0 && ::umount2(target.c_str(), 0) == 0) {
                 ::rmdir(target.c_str());
                 reclaimed.push_back("unmounted " + target + " (" + loop + ")");

@@ -51,6 +51,23 @@ std::string random_bytes(size_t size, unsigned seed)
     return data;
 }
 
+// Commits 60 MiB of random files in `tmp` and starts an ls104x flash of
+// them into `image`, logging to `log`; returns once it pulls (the rootfs
+// partition is mounted then).
+pid_t flash_until_pulling(const Scratch& tmp, const fs::path& image, const std::string& log)
+{
+    make_rootfs(tmp / "rootfs");
+    for (int i = 0; i < 60; ++i)
+        write_file(tmp / ("rootfs/usr/share/blob/" + std::to_string(i)), random_bytes(1 << 20, static_cast<unsigned>(i)));
+    build_commit(tmp.path(), tmp / "repo");
+    pid_t pid = spawn_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--image", image.string(), "--repo",
+                                 (tmp / "repo").string()},
+                                log);
+    for (int i = 0; i < 500 && read_text(log).find("pulling") == std::string::npos; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    return pid;
+}
+
 struct Partition {
     uint64_t start, size;
 };
@@ -353,17 +370,9 @@ TEST_CASE("SIGINT during a flash unmounts, detaches and removes the partial imag
 {
     NoLeftovers guard;
     Scratch tmp;
-    make_rootfs(tmp / "rootfs");
-    for (int i = 0; i < 60; ++i)
-        write_file(tmp / ("rootfs/usr/share/blob/" + std::to_string(i)), random_bytes(1 << 20, static_cast<unsigned>(i)));
-    build_commit(tmp.path(), tmp / "repo");
-
     fs::path image = tmp / "card.img";
     std::string log = (tmp / "flash.log").string();
-    pid_t pid = spawn_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--image", image.string(), "--repo", (tmp / "repo").string()}, log);
-    // Interrupt while it pulls: the rootfs partition is mounted then.
-    for (int i = 0; i < 500 && read_text(log).find("pulling") == std::string::npos; ++i)
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    pid_t pid = flash_until_pulling(tmp, image, log);
     // Twice, as an impatient user does: the second must not cut the cleanup short.
     ::kill(pid, SIGINT);
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -371,40 +380,26 @@ TEST_CASE("SIGINT during a flash unmounts, detaches and removes the partial imag
     CHECK(wait_exit(pid) == 130);
     CHECK(read_text(log).find("interrupted; no image was written") != std::string::npos);
     CHECK_FALSE(fs::exists(image));
-    for (const auto& entry : fs::directory_iterator(tmp.path()))
-        CHECK_MESSAGE(entry.path().filename().string().find(".partial-") == std::string::npos, entry.path());
+    CHECK_FALSE(has_partial(tmp.path()));
 }
 
 TEST_CASE("a flash killed with SIGKILL: the next flash to the same image removes what it left" * doctest::skip(not_root))
 {
     NoLeftovers guard;
     Scratch tmp;
-    make_rootfs(tmp / "rootfs");
-    for (int i = 0; i < 60; ++i)
-        write_file(tmp / ("rootfs/usr/share/blob/" + std::to_string(i)), random_bytes(1 << 20, static_cast<unsigned>(i)));
-    build_commit(tmp.path(), tmp / "repo");
     fs::path image = tmp / "card.img";
-    std::string log = (tmp / "flash.log").string();
-    pid_t pid = spawn_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--image", image.string(), "--repo",
-                                 (tmp / "repo").string()},
-                                log);
-    for (int i = 0; i < 500 && read_text(log).find("pulling") == std::string::npos; ++i)
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    pid_t pid = flash_until_pulling(tmp, image, (tmp / "flash.log").string());
     ::kill(pid, SIGKILL);
     wait_exit(pid);
     // It left a partial image, still attached and mounted.
-    bool partial = false;
-    for (const auto& entry : fs::directory_iterator(tmp.path()))
-        partial |= entry.path().filename().string().find(".partial-") != std::string::npos;
-    CHECK(partial);
+    CHECK(has_partial(tmp.path()));
 
     auto again = run_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--image", image.string(), "--repo",
                                 (tmp / "repo").string()});
     REQUIRE_MESSAGE(again.ok(), again.err);
     CHECK_MESSAGE(again.err.find("left by an interrupted flash") != std::string::npos, again.err);
     CHECK(again.err.find("unmounted ") != std::string::npos);
-    for (const auto& entry : fs::directory_iterator(tmp.path()))
-        CHECK_MESSAGE(entry.path().filename().string().find(".partial-") == std::string::npos, entry.path());
+    CHECK_FALSE(has_partial(tmp.path()));
 }
 
 }

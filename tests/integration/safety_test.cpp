@@ -55,21 +55,16 @@ TEST_CASE("an image that appears while flashing is left alone" * doctest::skip(n
                                  (tmp / "repo").string()},
                                 (tmp / "flash.log").string());
     // Once the partial image exists, someone else puts a file at the path.
-    bool partial = false;
-    for (int i = 0; i < 500 && !partial; ++i) {
-        for (const auto& entry : fs::directory_iterator(tmp.path()))
-            partial |= entry.path().filename().string().rfind(".card.img.partial-", 0) == 0;
+    for (int i = 0; i < 500 && !has_partial(tmp.path()); ++i)
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    REQUIRE(partial);
+    REQUIRE(has_partial(tmp.path()));
     write_file(image, "precious");
     CHECK(wait_exit(pid) == 1);
     CHECK(read_text(image) == "precious");
     CHECK_MESSAGE(read_text(tmp / "flash.log").find("appeared while the image was written; it was left alone")
                       != std::string::npos,
                   read_text(tmp / "flash.log"));
-    for (const auto& entry : fs::directory_iterator(tmp.path()))
-        CHECK_MESSAGE(entry.path().filename().string().find(".partial-") == std::string::npos, entry.path());
+    CHECK_FALSE(has_partial(tmp.path()));
     // With --overwrite the user asked for it.
     auto replaced = flash_image(tmp / "repo", image, {"--overwrite"});
     CHECK_MESSAGE(replaced.ok(), replaced.err);
@@ -96,7 +91,6 @@ TEST_CASE("upgrade refuses an image that is attached, mounted or being upgraded"
     fs::path image = tmp / "card.img";
     REQUIRE(flash_image(tmp / "repo", image).ok());
     auto [offset, size] = rootfs_extent(image);
-    std::string before = sha256_hex(read_text(image));
     {
         // Mounted elsewhere, through its own loop device.
         MountedPartition mounted(image, offset, size, true);
@@ -242,10 +236,7 @@ TEST_CASE("a file system that fills up under an image is named as such" * doctes
         off_t offset = 0;
         while (!done) {
             // Start once the image exists, so the flash passes its own free-space check.
-            bool started = false;
-            for (const auto& entry : fs::directory_iterator(tmp / "small"))
-                started |= entry.path().filename().string().find(".partial-") != std::string::npos;
-            if (started && ::fallocate(filler.get(), 0, offset, 1 << 20) == 0)
+            if (has_partial(tmp / "small") && ::fallocate(filler.get(), 0, offset, 1 << 20) == 0)
                 offset += 1 << 20;
         }
     });

@@ -76,6 +76,14 @@ std::string sha256sum_files(const std::vector<fs::path>& files)
     return r.out.substr(0, 64);
 }
 
+bool has_partial(const fs::path& dir)
+{
+    for (const auto& entry : fs::directory_iterator(dir))
+        if (entry.path().filename().string().find(".partial-") != std::string::npos)
+            return true;
+    return false;
+}
+
 void make_rootfs(const fs::path& dir)
 {
     fs::create_directories(dir / "usr/bin");

@@ -69,6 +69,10 @@ struct TarEntry {
 // Writes a ustar/pax tarball; compression from the extension (.gz .xz .zst).
 void write_tarball(const fs::path& path, const std::vector<TarEntry>& entries);
 
+// Whether `dir` holds a partial file or repository treeflash works on
+// (".NAME.partial-*").
+bool has_partial(const fs::path& dir);
+
 // The treeflash executable under test.
 ProcessResult run_treeflash(const std::vector<std::string>& args, const std::vector<std::string>& env = {});
 // Starts the treeflash executable without waiting; stderr goes to

@@ -59,14 +59,6 @@ void fill_random(const fs::path& dir, int files, size_t size, unsigned seed)
     }
 }
 
-bool has_partial_repo(const fs::path& dir)
-{
-    for (const auto& entry : fs::directory_iterator(dir))
-        if (entry.path().filename().string().find(".partial-") != std::string::npos)
-            return true;
-    return false;
-}
-
 bool has_import_scratch(const fs::path& repo)
 {
     if (!fs::exists(repo / "tmp"))
@@ -317,7 +309,7 @@ TEST_CASE("SIGINT during the import of a large tarball stops it at once")
     // 100k entries take seconds to import; stopping takes one entry.
     CHECK(std::chrono::steady_clock::now() - sent < std::chrono::seconds(2));
     CHECK_FALSE(fs::exists(ex.repo));
-    CHECK_FALSE(has_partial_repo(ex.tmp.path()));
+    CHECK_FALSE(has_partial(ex.tmp.path()));
 }
 
 TEST_CASE("--static-delta makes a delta from the previous commit")
@@ -341,7 +333,7 @@ TEST_CASE("a failing build into a new repository leaves nothing behind")
     CHECK(result.err.find("build: kernel: no kernel") != std::string::npos);
     CHECK(std::count(result.err.begin(), result.err.end(), '\n') == 1);
     CHECK_FALSE(fs::exists(ex.repo));
-    CHECK_FALSE(has_partial_repo(ex.tmp.path()));
+    CHECK_FALSE(has_partial(ex.tmp.path()));
 }
 
 TEST_CASE("a path that is not a repository is refused untouched")
@@ -394,11 +386,11 @@ TEST_CASE("SIGKILL while creating a repository: the next build removes the parti
     std::this_thread::sleep_for(std::chrono::milliseconds(400));
     ::kill(pid, SIGKILL);
     wait_exit(pid);
-    REQUIRE(has_partial_repo(ex.tmp.path()));
+    REQUIRE(has_partial(ex.tmp.path()));
     auto next = run_treeflash(ex.args());
     REQUIRE_MESSAGE(next.ok(), next.err);
     CHECK(next.err.find("left by an interrupted build") != std::string::npos);
-    CHECK_FALSE(has_partial_repo(ex.tmp.path()));
+    CHECK_FALSE(has_partial(ex.tmp.path()));
     CHECK(fsck_clean(ex.repo));
 }
 
@@ -428,7 +420,7 @@ TEST_CASE("three builds into a repository that does not exist yet take turns")
     for (size_t pos = 0; (pos = log.out.find("commit ", pos)) != std::string::npos; ++pos)
         ++commits;
     CHECK(commits == 3);
-    CHECK_FALSE(has_partial_repo(ex.tmp.path()));
+    CHECK_FALSE(has_partial(ex.tmp.path()));
     CHECK(fsck_clean(ex.repo));
 }
 
@@ -491,7 +483,7 @@ TEST_CASE("SIGINT while creating a repository leaves no repository")
     ::kill(pid, SIGINT);
     CHECK(wait_exit(pid) == 130);
     CHECK_FALSE(fs::exists(ex.repo));
-    CHECK_FALSE(has_partial_repo(ex.tmp.path()));
+    CHECK_FALSE(has_partial(ex.tmp.path()));
 }
 
 TEST_CASE("two builds into one repository at once are serialized into one history")
