@@ -23,6 +23,7 @@ constexpr std::array commands{
     Command{"flash", "partition, format and deploy a commit onto a card or an image file", run_flash},
     Command{"upgrade", "pull and deploy the newer commit on a flashed card or image, keeping a rollback", run_upgrade},
     Command{"inspect", "show what is on a flashed card or image, without writing", run_inspect},
+    Command{"write", "write one image to many cards at once, verified by reading them back", run_write},
     Command{"bmap", "write the block map (bmap 2.0) of an image: its data blocks and their checksums", run_bmap},
 };
 

@@ -4,12 +4,13 @@
 #include "common/fd.hpp"
 #include "common/fs.hpp"
 #include "common/glib.hpp"
+#include "common/sha256.hpp"
 #include "common/text.hpp"
 
 #include <cerrno>
 #include <fcntl.h>
 #include <memory>
-#include <openssl/evp.h>
+#include <optional>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -38,17 +39,9 @@ std::vector<std::pair<uint64_t, uint64_t>> data_extents(int fd, uint64_t size, c
     return extents;
 }
 
-struct DigestFree {
-    void operator()(EVP_MD_CTX* c) const { EVP_MD_CTX_free(c); }
-};
-
-// OpenSSL's sha256 (SHA extensions where the CPU has them): a flash hashes
-// every byte it wrote, and GLib's portable sha256 is several times slower.
 std::string range_sha256(int fd, uint64_t from, uint64_t to, const std::string& what, GCancellable* cancellable)
 {
-    std::unique_ptr<EVP_MD_CTX, DigestFree> sum(EVP_MD_CTX_new());
-    if (!sum || EVP_DigestInit_ex(sum.get(), EVP_sha256(), nullptr) != 1)
-        throw Error("sha256: cannot start a digest");
+    Sha256 sum;
     std::string buffer(1 << 20, '\0');
     for (uint64_t pos = from; pos < to;) {
         if (cancellable && g_cancellable_is_cancelled(cancellable))
@@ -59,27 +52,55 @@ std::string range_sha256(int fd, uint64_t from, uint64_t to, const std::string& 
             continue;
         if (n <= 0)
             throw_errno("read " + what);
-        EVP_DigestUpdate(sum.get(), buffer.data(), static_cast<size_t>(n));
+        sum.update(buffer.data(), static_cast<size_t>(n));
         pos += static_cast<uint64_t>(n);
     }
-    unsigned char digest[EVP_MAX_MD_SIZE];
-    unsigned length = 0;
-    EVP_DigestFinal_ex(sum.get(), digest, &length);
-    static const char hex[] = "0123456789abcdef";
-    std::string text;
-    for (unsigned i = 0; i < length; ++i) {
-        text += hex[digest[i] >> 4];
-        text += hex[digest[i] & 15];
-    }
-    return text;
+    return sum.hex();
 }
 
-std::string sha256_of(const std::string& text)
-{
-    return glib::take_string(g_compute_checksum_for_string(G_CHECKSUM_SHA256, text.data(), static_cast<gssize>(text.size())));
-}
 
 } // namespace
+
+std::pair<uint64_t, uint64_t> Bmap::bytes(const BmapRange& range) const
+{
+    return {range.first * block_size, std::min((range.last + 1) * block_size, image_size)};
+}
+
+uint64_t Bmap::mapped_bytes() const
+{
+    uint64_t total = 0;
+    for (const auto& range : ranges) {
+        auto [from, to] = bytes(range);
+        total += to - from;
+    }
+    return total;
+}
+
+std::string sha256_of_range(int fd, uint64_t from, uint64_t to, const std::string& what, GCancellable* cancellable)
+{
+    return range_sha256(fd, from, to, what, cancellable);
+}
+
+Bmap map_open_image(int fd, uint64_t size, const std::string& what, GCancellable* cancellable)
+{
+    Bmap map;
+    map.image_size = size;
+    const uint64_t bs = map.block_size;
+    map.blocks_count = (map.image_size + bs - 1) / bs;
+    for (const auto& [from, to] : data_extents(fd, map.image_size, what)) {
+        uint64_t first = from / bs, last = (std::min(to, map.image_size) - 1) / bs;
+        if (!map.ranges.empty() && first <= map.ranges.back().last + 1)
+            map.ranges.back().last = std::max(map.ranges.back().last, last);
+        else
+            map.ranges.push_back({first, last, ""});
+    }
+    for (auto& range : map.ranges) {
+        auto [from, to] = map.bytes(range);
+        range.sha256 = range_sha256(fd, from, to, what, cancellable);
+        map.mapped_blocks += range.last - range.first + 1;
+    }
+    return map;
+}
 
 Bmap map_image(const std::filesystem::path& image, GCancellable* cancellable)
 {
@@ -91,23 +112,150 @@ Bmap map_image(const std::filesystem::path& image, GCancellable* cancellable)
         throw_errno("stat " + image.string());
     if (!S_ISREG(st.st_mode))
         throw Error(image.string() + " is not an image file");
+    return map_open_image(fd.get(), static_cast<uint64_t>(st.st_size), image.string(), cancellable);
+}
+
+namespace {
+
+// The text between <tag> and </tag>, trimmed; nullopt when absent.
+std::optional<std::string> element(const std::string& xml, const std::string& tag)
+{
+    auto open = xml.find("<" + tag + ">");
+    if (open == std::string::npos)
+        return std::nullopt;
+    open += tag.size() + 2;
+    auto close = xml.find("</" + tag + ">", open);
+    if (close == std::string::npos)
+        return std::nullopt;
+    std::string value = xml.substr(open, close - open);
+    auto first = value.find_first_not_of(" \t\r\n");
+    auto last = value.find_last_not_of(" \t\r\n");
+    return first == std::string::npos ? std::string() : value.substr(first, last - first + 1);
+}
+
+uint64_t number(const std::string& text, const std::string& what)
+{
+    if (text.empty() || text.size() > 19 || text.find_first_not_of("0123456789") != std::string::npos)
+        throw Error(what + ": '" + text + "' is not a block count");
+    return std::stoull(text);
+}
+
+bool is_sha256(const std::string& text)
+{
+    return text.size() == 64 && text.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
+} // namespace
+
+Bmap parse_bmap(const std::string& xml, const std::string& what)
+{
+    // The fields come from the text without its comments: bmaptool's name them in prose.
+    std::string stripped;
+    for (size_t at = 0;;) {
+        auto open = xml.find("<!--", at);
+        stripped += xml.substr(at, open == std::string::npos ? std::string::npos : open - at);
+        if (open == std::string::npos)
+            break;
+        auto close = xml.find("-->", open + 4);
+        if (close == std::string::npos)
+            throw Error(what + ": a comment is not closed");
+        at = close + 3;
+    }
+    auto version_at = stripped.find("<bmap version=\"");
+    if (version_at == std::string::npos)
+        throw Error(what + " is not a bmap file (no <bmap version=...>)");
+    std::string version = stripped.substr(version_at + 15, stripped.find('"', version_at + 15) - (version_at + 15));
+    if (version.rfind("2.", 0) != 0)
+        throw Error(what + ": bmap version " + version
+                    + " is not supported (its checksums are not sha256); make a new one with treeflash bmap or bmaptool create");
+    auto field = [&](const std::string& tag) {
+        auto value = element(stripped, tag);
+        if (!value)
+            throw Error(what + ": no <" + tag + ">");
+        return *value;
+    };
+    if (field("ChecksumType") != "sha256")
+        throw Error(what + ": checksum type '" + field("ChecksumType") + "' is not supported (only sha256)");
+
+    // The file's own checksum: taken with its value replaced by zeros.
+    std::string checksum = field("BmapFileChecksum");
+    if (!is_sha256(checksum))
+        throw Error(what + ": BmapFileChecksum is not a sha256");
+    std::string zeroed = xml;
+    text::replace_all(zeroed, checksum, std::string(64, '0'));
+    if (sha256_hex(zeroed) != checksum)
+        throw Error(what + " is damaged: its BmapFileChecksum does not match its content");
+
     Bmap map;
-    map.image_size = static_cast<uint64_t>(st.st_size);
-    const uint64_t bs = map.block_size;
-    map.blocks_count = (map.image_size + bs - 1) / bs;
-    for (const auto& [from, to] : data_extents(fd.get(), map.image_size, image.string())) {
-        uint64_t first = from / bs, last = (std::min(to, map.image_size) - 1) / bs;
-        if (!map.ranges.empty() && first <= map.ranges.back().last + 1)
-            map.ranges.back().last = std::max(map.ranges.back().last, last);
-        else
-            map.ranges.push_back({first, last, ""});
-    }
-    for (auto& range : map.ranges) {
-        uint64_t to = std::min((range.last + 1) * bs, map.image_size);
-        range.sha256 = range_sha256(fd.get(), range.first * bs, to, image.string(), cancellable);
+    map.image_size = number(field("ImageSize"), what + " ImageSize");
+    uint64_t block_size = number(field("BlockSize"), what + " BlockSize");
+    if (block_size < 512 || block_size > (1 << 20) || (block_size & (block_size - 1)))
+        throw Error(what + ": block size " + std::to_string(block_size) + " is not a power of two from 512 to 1 MiB");
+    map.block_size = static_cast<uint32_t>(block_size);
+    map.blocks_count = number(field("BlocksCount"), what + " BlocksCount");
+    if (map.blocks_count != (map.image_size + block_size - 1) / block_size)
+        throw Error(what + ": BlocksCount does not match ImageSize");
+    uint64_t declared_mapped = number(field("MappedBlocksCount"), what + " MappedBlocksCount");
+
+    std::string block_map = field("BlockMap");
+    size_t pos = 0;
+    for (;;) {
+        auto open = block_map.find("<Range", pos);
+        if (open == std::string::npos)
+            break;
+        auto tag_end = block_map.find('>', open);
+        auto close = block_map.find("</Range>", open);
+        if (tag_end == std::string::npos || close == std::string::npos || close < tag_end)
+            throw Error(what + ": a <Range> is not closed");
+        std::string attributes = block_map.substr(open + 6, tag_end - open - 6);
+        auto chksum = attributes.find("chksum=\"");
+        if (chksum == std::string::npos)
+            throw Error(what + ": a <Range> has no chksum");
+        std::string sum = attributes.substr(chksum + 8, attributes.find('"', chksum + 8) - (chksum + 8));
+        if (!is_sha256(sum))
+            throw Error(what + ": a <Range> chksum is not a sha256");
+        std::string span = block_map.substr(tag_end + 1, close - tag_end - 1);
+        auto first_char = span.find_first_not_of(" \t\r\n");
+        auto last_char = span.find_last_not_of(" \t\r\n");
+        span = first_char == std::string::npos ? "" : span.substr(first_char, last_char - first_char + 1);
+        auto dash = span.find('-');
+        BmapRange range;
+        range.first = number(span.substr(0, dash), what + " range");
+        range.last = dash == std::string::npos ? range.first : number(span.substr(dash + 1), what + " range");
+        range.sha256 = sum;
+        if (range.last < range.first || range.last >= map.blocks_count)
+            throw Error(what + ": range " + span + " lies outside the image's " + std::to_string(map.blocks_count) + " blocks");
+        if (!map.ranges.empty() && range.first <= map.ranges.back().last)
+            throw Error(what + ": range " + span + " overlaps or precedes the one before it");
         map.mapped_blocks += range.last - range.first + 1;
+        map.ranges.push_back(range);
+        pos = close + 8;
     }
+    if (map.mapped_blocks != declared_mapped)
+        throw Error(what + ": MappedBlocksCount says " + std::to_string(declared_mapped) + " but the ranges hold "
+                    + std::to_string(map.mapped_blocks));
     return map;
+}
+
+Bmap read_bmap(const std::filesystem::path& file)
+{
+    struct stat st {};
+    if (::stat(file.c_str(), &st) != 0)
+        throw_errno("bmap " + file.string());
+    if (!S_ISREG(st.st_mode) || st.st_size > (64 << 20))
+        throw Error(file.string() + " is not a bmap file");
+    return parse_bmap(fs::read_file(file), file.string());
+}
+
+void check_image_against_bmap(int fd, const Bmap& map, const std::string& what, GCancellable* cancellable)
+{
+    for (const auto& range : map.ranges) {
+        auto [from, to] = map.bytes(range);
+        if (range_sha256(fd, from, to, what, cancellable) != range.sha256)
+            throw Error(what + " does not match its bmap: blocks " + std::to_string(range.first) + "-"
+                        + std::to_string(range.last) + " (bytes " + std::to_string(from) + "-" + std::to_string(to - 1)
+                        + ") have another checksum; nothing was written");
+    }
 }
 
 std::string bmap_xml(const Bmap& map)
@@ -134,7 +282,7 @@ std::string bmap_xml(const Bmap& map)
     // The file's own checksum is taken with the field all zeros.
     std::string zeroed = xml;
     text::replace_all(zeroed, "@CHECKSUM@", std::string(64, '0'));
-    text::replace_all(xml, "@CHECKSUM@", sha256_of(zeroed));
+    text::replace_all(xml, "@CHECKSUM@", sha256_hex(zeroed));
     return xml;
 }
 

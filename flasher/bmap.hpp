@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <utility>
 #include <vector>
 
 typedef struct _GCancellable GCancellable;
@@ -25,10 +26,31 @@ struct Bmap {
     uint64_t blocks_count = 0;
     uint64_t mapped_blocks = 0;
     std::vector<BmapRange> ranges;
+
+    // The bytes of `range`: [first, second), cut at the end of the image.
+    std::pair<uint64_t, uint64_t> bytes(const BmapRange& range) const;
+    uint64_t mapped_bytes() const;
 };
 
 // Maps the data of `image`: ranges of blocks that hold data, merged, hashed.
 Bmap map_image(const std::filesystem::path& image, GCancellable* cancellable = nullptr);
+
+// Maps the data of the open image `fd` of `size` bytes (see map_image).
+Bmap map_open_image(int fd, uint64_t size, const std::string& what, GCancellable* cancellable = nullptr);
+
+// The sha256 of bytes [from, to) of `fd`, read with pread.
+std::string sha256_of_range(int fd, uint64_t from, uint64_t to, const std::string& what,
+                            GCancellable* cancellable = nullptr);
+
+// Reads a bmap file, ours or one bmaptool made (version 2.x, sha256), and
+// checks it: its own checksum, block numbers in order and inside the
+// image, counts that add up. Throws an Error naming the file otherwise.
+Bmap read_bmap(const std::filesystem::path& file);
+Bmap parse_bmap(const std::string& xml, const std::string& what);
+
+// Throws unless every range of `map` has its checksum in the image `fd`
+// (read from byte 0), naming the first range that differs.
+void check_image_against_bmap(int fd, const Bmap& map, const std::string& what, GCancellable* cancellable = nullptr);
 
 // The bmap 2.0 XML for `map`, with its BmapFileChecksum (the sha256 of the
 // text with that field all zeros), as bmaptool writes and checks it.

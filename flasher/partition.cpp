@@ -253,4 +253,111 @@ PartitionTable read_partition_table(const std::string& path)
     return table;
 }
 
+void show_new_partitions(int fd, const std::string& device_path)
+{
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISBLK(st.st_mode))
+        return;
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(sysfs_block_dir(st.st_rdev), ec)) {
+        std::ifstream number_file(entry.path() / "partition");
+        int number = 0;
+        if (!(number_file >> number) || number <= 0)
+            continue;
+        struct blkpg_partition part {};
+        part.pno = number;
+        struct blkpg_ioctl_arg arg {};
+        arg.op = BLKPG_DEL_PARTITION;
+        arg.datalen = sizeof part;
+        arg.data = &part;
+        if (::ioctl(fd, BLKPG, &arg) != 0 && errno != ENXIO)
+            throw_errno("drop the old partition " + std::to_string(number) + " of " + device_path);
+    }
+    FdiskContext cxt = new_context();
+    int rc = fdisk_assign_device_by_fd(cxt.get(), fd, device_path.c_str(), 1);
+    if (rc != 0)
+        throw Error(fdisk_error("read the new partition table of " + device_path, rc));
+    if (fdisk_has_label(cxt.get()) != 1)
+        return;
+    struct fdisk_table* raw = nullptr;
+    if ((rc = fdisk_get_partitions(cxt.get(), &raw)) != 0)
+        throw Error(fdisk_error("list the new partitions of " + device_path, rc));
+    FdiskTable table(raw);
+    unsigned long sector = fdisk_get_sector_size(cxt.get());
+    for (size_t i = 0; i < fdisk_table_get_nents(table.get()); ++i) {
+        struct fdisk_partition* pa = fdisk_table_get_partition(table.get(), i);
+        struct blkpg_partition part {};
+        part.pno = static_cast<int>(fdisk_partition_get_partno(pa)) + 1;
+        part.start = static_cast<long long>(fdisk_partition_get_start(pa) * sector);
+        part.length = static_cast<long long>(fdisk_partition_get_size(pa) * sector);
+        struct blkpg_ioctl_arg arg {};
+        arg.op = BLKPG_ADD_PARTITION;
+        arg.datalen = sizeof part;
+        arg.data = &part;
+        if (::ioctl(fd, BLKPG, &arg) != 0)
+            throw_errno("show the new partition " + std::to_string(part.pno) + " of " + device_path);
+    }
+    wait_for_nodes(device_path, table.get());
+    fdisk_deassign_device(cxt.get(), 1);
+}
+
+PartitionEntry extend_last_partition(int fd, const std::string& device_path)
+{
+    FdiskContext cxt = new_context();
+    int rc = fdisk_assign_device_by_fd(cxt.get(), fd, device_path.c_str(), 0);
+    if (rc != 0)
+        throw Error(fdisk_error("fdisk_assign_device " + device_path, rc));
+    if (fdisk_has_label(cxt.get()) != 1)
+        throw Error(device_path + " has no partition table to grow");
+    struct fdisk_table* raw = nullptr;
+    if ((rc = fdisk_get_partitions(cxt.get(), &raw)) != 0)
+        throw Error(fdisk_error("list partitions of " + device_path, rc));
+    FdiskTable old_table(raw);
+    struct fdisk_partition* last = nullptr;
+    for (size_t i = 0; i < fdisk_table_get_nents(old_table.get()); ++i) {
+        struct fdisk_partition* pa = fdisk_table_get_partition(old_table.get(), i);
+        if (!last || fdisk_partition_get_end(pa) > fdisk_partition_get_end(last))
+            last = pa;
+    }
+    if (!last)
+        throw Error(device_path + " has no partitions to grow");
+    if (fdisk_partition_is_nested(last) || fdisk_partition_is_container(last))
+        throw Error(device_path + ": the last partition is a logical or extended one; only a primary one grows");
+    size_t partno = fdisk_partition_get_partno(last);
+
+    struct fdisk_partition* change = fdisk_new_partition();
+    fdisk_partition_end_follow_default(change, 1);
+    rc = fdisk_set_partition(cxt.get(), partno, change);
+    fdisk_unref_partition(change);
+    if (rc != 0)
+        throw Error(fdisk_error("grow partition " + std::to_string(partno + 1) + " of " + device_path, rc));
+    if ((rc = fdisk_write_disklabel(cxt.get())) != 0)
+        throw Error(fdisk_error("fdisk_write_disklabel", rc));
+    if (::fsync(fd) != 0)
+        throw_errno("fsync " + device_path);
+
+    struct fdisk_table* new_raw = nullptr;
+    if ((rc = fdisk_get_partitions(cxt.get(), &new_raw)) != 0)
+        throw Error(fdisk_error("list the grown partitions", rc));
+    FdiskTable table(new_raw);
+    struct stat st {};
+    if (::fstat(fd, &st) == 0 && S_ISBLK(st.st_mode)) {
+        if ((rc = fdisk_reread_changes(cxt.get(), old_table.get())) != 0)
+            throw Error(fdisk_error("tell the kernel about the grown partition of " + device_path, rc));
+        wait_for_nodes(device_path, table.get());
+    }
+    PartitionEntry entry;
+    unsigned long sector = fdisk_get_sector_size(cxt.get());
+    for (size_t i = 0; i < fdisk_table_get_nents(table.get()); ++i) {
+        struct fdisk_partition* pa = fdisk_table_get_partition(table.get(), i);
+        if (fdisk_partition_get_partno(pa) != partno)
+            continue;
+        entry.number = static_cast<unsigned>(partno) + 1;
+        entry.start = fdisk_partition_get_start(pa) * sector;
+        entry.size = fdisk_partition_get_size(pa) * sector;
+    }
+    fdisk_deassign_device(cxt.get(), 1);
+    return entry;
+}
+
 } // namespace treeflash::flasher

@@ -56,4 +56,16 @@ struct PartitionTable {
 // Reads the partition table of a disk or image file without writing.
 PartitionTable read_partition_table(const std::string& path);
 
+// Makes the kernel show the partitions of the table now on the open disk
+// `fd` (after an image was written over it): the old ones are dropped and
+// the new ones added (BLKPG, as partx -u does; a re-read is not always
+// honoured), then waits for their nodes. Nothing for an image file.
+void show_new_partitions(int fd, const std::string& device_path);
+
+// Extends the partition that ends last on the open disk `fd` to the end of
+// the free space after it (on GPT the backup table moves to the disk's
+// end), tells the kernel and waits for its node. Returns the new entry.
+// Throws when the last partition is a logical or extended one.
+PartitionEntry extend_last_partition(int fd, const std::string& device_path);
+
 } // namespace treeflash::flasher

@@ -1,5 +1,6 @@
 // Block maps: the same ranges and checksums as bmap-tools makes, and files
 // bmaptool copies from (it checks every range and the file's own checksum).
+#include "common/error.hpp"
 #include "flasher/bmap.hpp"
 #include "tests/support/fixtures.hpp"
 
@@ -84,6 +85,55 @@ TEST_CASE("an image without data maps to nothing; a missing one is named")
     auto missing = run_treeflash({"bmap", (tmp / "nope.img").string()});
     CHECK(missing.exit_code == 1);
     CHECK(missing.err.find("nope.img") != std::string::npos);
+}
+
+TEST_CASE("bmaps bmaptool made are read as bmaptool reads them; damaged or foreign ones are refused")
+{
+    Scratch tmp;
+    fs::path image = tmp / "card.img";
+    write_file(image, "");
+    fs::resize_file(image, 32 << 20);
+    put(image, 0, std::string(512, 'm'));
+    put(image, 5 << 20, std::string(300000, 'd'));
+    put(image, (31 << 20) + 7, "tail");
+    auto made = run_process({"bmaptool", "create", "-o", (tmp / "theirs.bmap").string(), image.string()});
+    REQUIRE_MESSAGE(made.ok(), made.err);
+
+    // Theirs names every field in its comments too; the values come from the elements.
+    flasher::Bmap map = flasher::read_bmap(tmp / "theirs.bmap");
+    CHECK(map.image_size == (32u << 20));
+    CHECK(map.blocks_count == 8192);
+    std::string listed;
+    for (const auto& r : map.ranges)
+        listed += std::to_string(r.first) + "-" + std::to_string(r.last) + " " + r.sha256 + "\n";
+    std::string theirs = essentials(read_text(tmp / "theirs.bmap"));
+    CHECK(theirs.substr(theirs.find("ChecksumType=sha256\n") + 20) == listed);
+    {
+        int fd = ::open(image.c_str(), O_RDONLY | O_CLOEXEC);
+        CHECK_NOTHROW(flasher::check_image_against_bmap(fd, map, "card.img"));
+        ::close(fd);
+    }
+
+    // The image changed after its bmap was made: the range is named.
+    put(image, (5 << 20) + 10, "X");
+    {
+        int fd = ::open(image.c_str(), O_RDONLY | O_CLOEXEC);
+        CHECK_THROWS_WITH_AS(flasher::check_image_against_bmap(fd, map, "card.img"),
+                             doctest::Contains("bytes 5242880-"), Error);
+        ::close(fd);
+    }
+
+    std::string text = read_text(tmp / "theirs.bmap");
+    auto refused = [&](std::string edited, const std::string& why) {
+        write_file(tmp / "edited.bmap", edited);
+        CHECK_THROWS_WITH_AS(flasher::read_bmap(tmp / "edited.bmap"), doctest::Contains(why.c_str()), Error);
+    };
+    // One block number changed by hand: the file's own checksum no longer holds.
+    std::string edited = text;
+    edited.replace(edited.find("<ImageSize> "), 13, "<ImageSize> 9");
+    refused(edited, "damaged");
+    refused(std::string("<?xml version=\"1.0\" ?>\n<bmap version=\"1.4\">\n</bmap>\n"), "version 1.4");
+    refused("not xml at all", "not a bmap file");
 }
 
 }
