@@ -325,10 +325,22 @@ PartitionEntry extend_last_partition(int fd, const std::string& device_path)
         throw Error(device_path + ": the last partition is a logical or extended one; only a primary one grows");
     size_t partno = fdisk_partition_get_partno(last);
 
-    struct fdisk_partition* change = fdisk_new_partition();
-    fdisk_partition_end_follow_default(change, 1);
-    rc = fdisk_set_partition(cxt.get(), partno, change);
-    fdisk_unref_partition(change);
+    // "size=+", as sfdisk -N reads it: enlarge to all the free space after
+    // it. libfdisk offers that resize only through a script line.
+    FdiskScript script(fdisk_new_script(cxt.get()));
+    if (!script)
+        throw Error("fdisk_new_script failed");
+    std::string line = "size=+\n";
+    char buffer[256];
+    std::unique_ptr<FILE, FileClose> one(fmemopen(line.data(), line.size(), "r"));
+    if (!one)
+        throw_errno("fmemopen");
+    if ((rc = fdisk_script_read_line(script.get(), one.get(), buffer, sizeof buffer)) < 0)
+        throw Error(fdisk_error("prepare the resize", rc));
+    struct fdisk_table* template_table = fdisk_script_get_table(script.get());
+    if (!template_table || fdisk_table_get_nents(template_table) != 1)
+        throw Error("prepare the resize: libfdisk read no partition");
+    rc = fdisk_set_partition(cxt.get(), partno, fdisk_table_get_partition(template_table, 0));
     if (rc != 0)
         throw Error(fdisk_error("grow partition " + std::to_string(partno + 1) + " of " + device_path, rc));
     if ((rc = fdisk_write_disklabel(cxt.get())) != 0)
