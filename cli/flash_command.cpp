@@ -31,6 +31,8 @@ Examples:
   treeflash flash --board ls104x --device /dev/sdb --repo http://10.0.0.2:8000/ \
       --gpg-import release.gpg --firmware rcw=bl2_sd.pbl --firmware fip=fip.bin
   treeflash flash --board qemu-arm64 --image card.img --repo build/example/repo --no-gpg-verify --json
+  treeflash flash --board ls104x --image card.img --repo repo --no-gpg-verify --compress zst
+      # card.img, card.img.bmap, card.img.zst and SHA256SUMS: publish the last three
 
 Options)";
 
@@ -109,6 +111,8 @@ nlohmann::json to_json(const flasher::FlashResult& r)
         {"remote_url", r.remote_url},
         {"gpg_verify", r.gpg_verify},
         {"bmap", r.bmap},
+        {"compressed", r.compressed},
+        {"sha256sums", r.sums},
         {"warnings", r.warnings},
     };
 }
@@ -131,6 +135,9 @@ void print_text(const flasher::FlashResult& r)
               << "U-Boot, if its environment is set by hand:\n  " << r.bootargs_line << "\n";
     if (!r.bmap.empty())
         std::cout << "bmap:       " << r.bmap << "\n";
+    if (!r.compressed.empty())
+        std::cout << "compressed: " << r.compressed << "\n"
+                  << "sums:       " << r.sums << "\n";
 }
 
 } // namespace
@@ -166,7 +173,9 @@ int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
         ("firmware", po::value(&firmware)->value_name("NAME=FILE")->composing(),
          "write FILE into the board's firmware slot NAME (ls104x: rcw, fip, uboot-env, fman, qe, phy); repeatable")
         ("force", po::bool_switch(&options.force), "allow a --device that is not removable")
-        ("overwrite", po::bool_switch(&options.overwrite), "replace an existing --image")
+        ("overwrite", po::bool_switch(&options.overwrite), "replace an existing --image (and its compressed form)")
+        ("compress", po::value(&options.compress)->value_name("zst|xz|gz"),
+         "--image: also leave IMAGE.zst (or .xz, .gz) and a SHA256SUMS for it and IMAGE.bmap, ready to publish")
         ("yes,y", po::bool_switch(&yes), "do not ask before erasing --device")
         ("network-timeout", po::value(&network_timeout)->value_name("SECONDS"),
          "give up a pull after this long without any data (default 30)")

@@ -3,6 +3,7 @@
 #include "common/error.hpp"
 #include "common/validate.hpp"
 #include "flasher/bmap.hpp"
+#include "flasher/publish.hpp"
 #include "flasher/bootscript.hpp"
 #include "flasher/format.hpp"
 #include "flasher/mount.hpp"
@@ -175,6 +176,16 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
     if (options.device.has_value() == options.image.has_value())
         throw Error("name exactly one target: --device or --image");
     check_options(options);
+    if (!options.compress.empty()) {
+        if (!options.image)
+            throw Error("--compress is for --image");
+        check_compression_name(options.compress);
+        std::filesystem::path compressed = *options.image;
+        compressed += "." + options.compress;
+        std::error_code ec;
+        if (std::filesystem::exists(std::filesystem::symlink_status(compressed, ec)) && !options.overwrite)
+            throw Error(compressed.string() + " exists; pass --overwrite to replace it");
+    }
 
     FlashPlan plan;
     plan.board = in_step("board", [&] { return load_board(options.board); });
@@ -363,6 +374,13 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
         bmap += ".bmap";
         in_step("bmap", [&] { write_bmap(*options.image, bmap, cancellable); });
         result.bmap = bmap.string();
+        if (!options.compress.empty()) {
+            auto compressed = in_step("compress", [&] {
+                return compress_image(*options.image, options.compress, options.overwrite, cancellable);
+            });
+            result.compressed = compressed.string();
+            result.sums = in_step("SHA256SUMS", [&] { return update_sha256sums({compressed, bmap}, cancellable); }).string();
+        }
     }
     describe_partitions(plan, result);
     result.bootargs_line = bootargs_command(result.deployment.kernel_args);

@@ -33,6 +33,7 @@ struct FlashOptions {
     std::map<std::string, std::string> firmware; // slot -> file
     bool force = false;          // allow a non-removable --device
     bool overwrite = false;      // replace an existing --image
+    std::string compress;        // --image: also leave IMAGE.zst (xz, gz) and SHA256SUMS beside it
     bool no_gpg_verify = false;  // the card's origin takes unsigned commits (needed without gpg_import)
     unsigned network_timeout = 30; // seconds without progress before a pull fails
     // Asked before a device is erased; returning false stops without writing.
@@ -60,6 +61,8 @@ struct FlashResult {
     Deployment deployment;
     std::string bootargs_line; // setenv bootargs "..." for boards set up by hand
     std::string bmap;          // --image: the block map written beside it (IMAGE.bmap)
+    std::string compressed;    // --compress: IMAGE.zst (or .xz, .gz)
+    std::string sums;          // --compress: the SHA256SUMS listing it and the bmap
     std::vector<std::string> warnings;
 };
 

@@ -315,8 +315,10 @@ PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptio
                 prepared.sums_path = beside.string();
         }
     }
-    if (!prepared.sums_path.empty() && bmap_file
-        && std::filesystem::absolute(bmap_file->parent_path()) == std::filesystem::absolute(image.parent_path())) {
+    auto dir_of = [](const std::filesystem::path& file) {
+        return std::filesystem::weakly_canonical(file.parent_path().empty() ? "." : file.parent_path());
+    };
+    if (!prepared.sums_path.empty() && bmap_file && dir_of(*bmap_file) == dir_of(image)) {
         std::string bmap_listed = listed_sum(sums_text, bmap_file->filename().string());
         if (!bmap_listed.empty() && bmap_listed != sha256_hex(fs::read_file(*bmap_file)))
             throw Error(prepared.bmap_path + " does not match " + prepared.sums_path + "; nothing was written");

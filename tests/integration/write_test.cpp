@@ -361,19 +361,30 @@ TEST_CASE("refusals: a device twice, a partition, no answer without --yes" * doc
     CHECK(sha256sum_files({a}) == before);
 }
 
-TEST_CASE("--grow fills the card: the last partition and its ext4, e2fsck clean, inspect shows it" * doctest::skip(not_root))
+TEST_CASE("flash --compress publishes; write --grow fills the card: e2fsck clean, inspect shows it" * doctest::skip(not_root))
 {
     NoLeftovers guard;
     Scratch tmp;
     build_commit(tmp.path(), tmp / "repo");
     fs::path image = tmp / "golden.img";
     auto flashed = run_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(), "--repo",
-                                  (tmp / "repo").string(), "--size", "256M"});
+                                  (tmp / "repo").string(), "--size", "256M", "--compress", "zst", "--json"});
     REQUIRE_MESSAGE(flashed.ok(), flashed.err);
+    auto published = json::parse(flashed.out);
+    CHECK(published["compressed"] == (tmp / "golden.img.zst").string());
+    CHECK(published["sha256sums"] == (tmp / "SHA256SUMS").string());
+    // What CI publishes checks out with the standard tools.
+    auto sums = run_process({"sh", "-c", "cd " + tmp.path().string() + " && sha256sum -c SHA256SUMS"});
+    CHECK_MESSAGE(sums.ok(), sums.out << sums.err);
+    CHECK(sums.out == "golden.img.bmap: OK\ngolden.img.zst: OK\n");
+    auto decompressed = run_process({"sh", "-c", "zstd -dc " + (tmp / "golden.img.zst").string() + " | cmp - " + image.string()});
+    CHECK_MESSAGE(decompressed.ok(), decompressed.out << decompressed.err);
+
     fs::path card = make_card(tmp / "card", 512 * MiB);
     LoopGuard lc(card);
-    auto r = write({image.string(), lc.device, "--grow"});
+    auto r = write({(tmp / "golden.img.zst").string(), lc.device, "--grow"});
     REQUIRE_MESSAGE(r.ok(), r.err);
+    CHECK(r.err.find("checked " + (tmp / "golden.img.zst").string() + " against") != std::string::npos);
     uint64_t grown = json::parse(r.out)[0]["grown_partition_size"].get<uint64_t>();
     CHECK(grown == 512 * MiB - 160 * MiB); // p3 starts at 160 MiB
     auto fsck = run_process({"e2fsck", "-fn", lc.device + "p3"});
