@@ -144,10 +144,14 @@ struct Boot {
     }
 };
 
-Boot boot(const fs::path& image, const std::vector<std::string>& extra = {})
+// Boots an image file or a card; the console goes to IMAGE.console, or to
+// `console` (a card's name is under /dev).
+Boot boot(const fs::path& image, const std::vector<std::string>& extra = {}, fs::path log = {})
 {
-    fs::path log = image;
-    log += ".console";
+    if (log.empty()) {
+        log = image;
+        log += ".console";
+    }
     std::vector<std::string> argv{(source_dir / "scripts/qemu-boot").string(), image.string(), "--marker", "E2E-DONE",
                                   "--timeout", "60", "--quiet", "--console", log.string()};
     argv.insert(argv.end(), extra.begin(), extra.end());
@@ -340,6 +344,46 @@ TEST_CASE("upgrade over HTTP with ostree admin and with treeflash, then rollback
     CHECK(rolled.line("E2E-VERSION") == "v2");
     CHECK(result["deployments"][1]["commit"] == v2);
     CHECK(rolled.line("E2E-CMDLINE").find("ostree=" + result["deployments"][1]["ostree"].get<std::string>()) != std::string::npos);
+}
+
+TEST_CASE("the golden image, written to a card with treeflash write, boots from it and upgrades" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::path initramfs = initramfs_for(tmp.path(), "qemu-arm64");
+    make_e2e_rootfs(tmp / "rootfs", "v1", "motd v1");
+    std::string v1 = commit(tmp / "rootfs", tmp / "repo", initramfs, "1");
+    RepoServer server(tmp / "repo");
+    // CI: build the golden image once, compressed, with its bmap and sums.
+    fs::path golden = tmp / "golden.img";
+    auto flashed = run_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", golden.string(), "--repo",
+                                  server.url(), "--compress", "zst"});
+    REQUIRE_MESSAGE(flashed.ok(), flashed.err);
+
+    // The factory: the published .zst onto a card bigger than the image.
+    write_file(tmp / "card", "");
+    fs::resize_file(tmp / "card", fs::file_size(golden) + (64 << 20));
+    LoopGuard card(tmp / "card");
+    auto written = run_treeflash({"write", (tmp / "golden.img.zst").string(), card.device, "--yes", "--force", "--json"});
+    REQUIRE_MESSAGE(written.ok(), written.err);
+    CHECK(json::parse(written.out)[0]["verified"] == true);
+
+    Boot b1 = boot(card.device, {}, tmp / "card-1.console");
+    REQUIRE_MESSAGE(b1.status == 0, b1.console);
+    CHECK(b1.line("E2E-VERSION") == "v1");
+    CHECK(b1.line("E2E-OSTREE-BOOTED") == "yes");
+
+    // The card upgrades from the origin the golden image named.
+    write_file(tmp / "rootfs/usr/bin/e2e-version", "#!/bin/sh\necho v2\n", 0755);
+    std::string v2 = commit(tmp / "rootfs", tmp / "repo", initramfs, "2");
+    auto up = run_treeflash({"upgrade", card.device, "--json"});
+    REQUIRE_MESSAGE(up.ok(), up.err);
+    json result = json::parse(up.out);
+    CHECK(result["current"]["commit"] == v2);
+    CHECK(result["previous"]["commit"] == v1);
+    Boot b2 = boot(card.device, {}, tmp / "card-2.console");
+    REQUIRE_MESSAGE(b2.status == 0, b2.console);
+    CHECK(b2.line("E2E-VERSION") == "v2");
 }
 
 TEST_CASE("signed updates: the card takes its key's commits and refuses others" * doctest::skip(not_root))
