@@ -261,6 +261,9 @@ int run_write(const std::vector<std::string>& args, GCancellable* cancellable)
             line["time"] = utc_now();
             line["image"] = report.image;
             line["image_sha256"] = report.image_sha256;
+            line["commit"] = report.commits.size() == 1 ? nlohmann::json(report.commits.front()) : nlohmann::json(nullptr);
+            if (report.commits.size() > 1)
+                line["commits"] = report.commits;
             line["result"] = card.ok() ? "ok" : "failed";
             std::string text = line.dump() + "\n";
             if (::write(log_fd.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size()))

@@ -4,6 +4,7 @@
 #include "common/process.hpp"
 #include "common/sha256.hpp"
 #include "flasher/format.hpp"
+#include "flasher/image_commits.hpp"
 #include "flasher/partition.hpp"
 
 #include <cerrno>
@@ -338,6 +339,11 @@ WriteReport write_cards(const WriteOptions& options, GCancellable* cancellable)
     report.compression = image.compression;
     report.image_size = image.map.image_size;
     report.mapped_bytes = image.map.mapped_bytes();
+    try {
+        report.commits = deployed_commits("/proc/self/fd/" + std::to_string(image.fd.get()));
+    } catch (const std::exception&) {
+        // Not an image with a partition table: it holds no commit to name.
+    }
 
     // Cards too small fail alone, untouched; the others are opened and held.
     std::vector<std::unique_ptr<Target>> targets(options.devices.size());

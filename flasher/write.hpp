@@ -61,6 +61,7 @@ struct WriteReport {
     std::string bmap;
     std::string sums;
     std::string compression;
+    std::vector<std::string> commits; // the OSTree commits the image holds (deployed)
     uint64_t image_size = 0;
     uint64_t mapped_bytes = 0;
     std::vector<CardResult> cards;

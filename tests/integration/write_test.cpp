@@ -325,6 +325,7 @@ TEST_CASE("--log appends a line per card; SHA256SUMS beside the image is checked
         CHECK(lines[i]["result"] == "ok");
         CHECK(lines[i]["time"].get<std::string>().size() == 20);
         CHECK(lines[i].contains("serial"));
+        CHECK(lines[i]["commit"].is_null()); // no OSTree sysroot in this image
     }
     CHECK(lines[2]["device"] == lb.device);
 
@@ -365,7 +366,7 @@ TEST_CASE("flash --compress publishes; write --grow fills the card: e2fsck clean
 {
     NoLeftovers guard;
     Scratch tmp;
-    build_commit(tmp.path(), tmp / "repo");
+    std::string commit = build_commit(tmp.path(), tmp / "repo");
     fs::path image = tmp / "golden.img";
     auto flashed = run_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(), "--repo",
                                   (tmp / "repo").string(), "--size", "256M", "--compress", "zst", "--json"});
@@ -382,8 +383,11 @@ TEST_CASE("flash --compress publishes; write --grow fills the card: e2fsck clean
 
     fs::path card = make_card(tmp / "card", 512 * MiB);
     LoopGuard lc(card);
-    auto r = write({(tmp / "golden.img.zst").string(), lc.device, "--grow"});
+    auto r = write({(tmp / "golden.img.zst").string(), lc.device, "--grow", "--log", (tmp / "cards.jsonl").string()});
     REQUIRE_MESSAGE(r.ok(), r.err);
+    // The log names the commit the image holds (read from its ext4, not mounted).
+    json logged = json::parse(read_text(tmp / "cards.jsonl"));
+    CHECK(logged["commit"] == commit);
     CHECK(r.err.find("checked " + (tmp / "golden.img.zst").string() + " against") != std::string::npos);
     uint64_t grown = json::parse(r.out)[0]["grown_partition_size"].get<uint64_t>();
     CHECK(grown == 512 * MiB - 160 * MiB); // p3 starts at 160 MiB
