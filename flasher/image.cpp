@@ -55,6 +55,12 @@ std::filesystem::path staging_dir()
     return tmpdir && *tmpdir ? tmpdir : "/var/tmp";
 }
 
+std::string archive_error(struct archive* a)
+{
+    const char* text = archive_error_string(a);
+    return text ? text : "unknown libarchive error";
+}
+
 void pwrite_all(int fd, const char* data, size_t size, uint64_t offset, const std::string& what)
 {
     while (size) {
@@ -82,7 +88,7 @@ bool all_zero(const char* data, size_t size)
 // with the process, whatever happens). With a bmap only its ranges are kept,
 // each hashed on the way and compared; without one every block is written,
 // in 16 MiB ranges hashed here.
-void decompress(PreparedImage& prepared, const std::optional<Bmap>& bmap, GCancellable* cancellable)
+void decompress(PreparedImage& prepared, const std::optional<Bmap>& bmap, uint64_t max_size, GCancellable* cancellable)
 {
     const std::string what = prepared.path.string();
     UniqueFd input(::open(prepared.path.c_str(), O_RDONLY | O_CLOEXEC));
@@ -106,10 +112,10 @@ void decompress(PreparedImage& prepared, const std::optional<Bmap>& bmap, GCance
     archive_read_support_filter_all(reader.get());
     archive_read_support_format_raw(reader.get());
     if (archive_read_open(reader.get(), &in, nullptr, read_compressed, nullptr) != ARCHIVE_OK)
-        throw Error("read " + what + ": " + (in.error.empty() ? archive_error_string(reader.get()) : in.error));
+        throw Error("read " + what + ": " + (in.error.empty() ? archive_error(reader.get()) : in.error));
     struct archive_entry* entry = nullptr;
     if (archive_read_next_header(reader.get(), &entry) != ARCHIVE_OK)
-        throw Error("read " + what + ": " + archive_error_string(reader.get()));
+        throw Error("read " + what + ": " + archive_error(reader.get()));
     prepared.compression = archive_filter_name(reader.get(), 0);
 
     Bmap whole;              // without a bmap: every block, in 16 MiB ranges
@@ -134,12 +140,16 @@ void decompress(PreparedImage& prepared, const std::optional<Bmap>& bmap, GCance
             break;
         if (rc != ARCHIVE_OK)
             throw Error("decompress " + what + ": "
-                        + (in.error.empty() ? std::string(archive_error_string(reader.get())) : in.error));
+                        + (in.error.empty() ? archive_error(reader.get()) : in.error));
         const char* data = static_cast<const char*>(block);
         uint64_t at = static_cast<uint64_t>(offset), end = at + size;
         if (at != position)
             throw Error("decompress " + what + ": the stream skipped from byte " + std::to_string(position));
         position = end;
+        uint64_t limit = bmap ? bmap->image_size : max_size;
+        if (limit && end > limit)
+            throw Error(what + " decompresses to more than " + std::to_string(limit) + " bytes ("
+                        + (bmap ? "its bmap's image size" : "the largest card") + "); nothing was written");
         if (bmap) {
             while (next < bmap->ranges.size()) {
                 auto [from, to] = bmap->bytes(bmap->ranges[next]);
@@ -240,6 +250,19 @@ std::optional<std::filesystem::path> bmap_beside(const std::filesystem::path& im
 
 } // namespace
 
+bool image_changed(const PreparedImage& image)
+{
+    if (image.compressed)
+        return false; // a private copy nobody else can write
+    struct stat now {};
+    if (::fstat(image.fd.get(), &now) != 0)
+        return true;
+    const struct stat& then = image.file_state;
+    return now.st_size != then.st_size || now.st_mtim.tv_sec != then.st_mtim.tv_sec
+           || now.st_mtim.tv_nsec != then.st_mtim.tv_nsec || now.st_ctim.tv_sec != then.st_ctim.tv_sec
+           || now.st_ctim.tv_nsec != then.st_ctim.tv_nsec;
+}
+
 std::string compression_of(const std::filesystem::path& file)
 {
     UniqueFd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
@@ -327,11 +350,13 @@ PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptio
     if (prepared.compressed) {
         if (!bmap)
             notice("no bmap for " + what + ": every block is written (make one with treeflash bmap before compressing)");
-        decompress(prepared, bmap, cancellable);
+        decompress(prepared, bmap, options.max_size, cancellable);
     } else {
         prepared.fd.reset(::open(image.c_str(), O_RDONLY | O_CLOEXEC));
         if (!prepared.fd)
             throw_errno("open " + what);
+        if (::fstat(prepared.fd.get(), &prepared.file_state) != 0)
+            throw_errno("stat " + what);
         uint64_t size = static_cast<uint64_t>(st.st_size);
         if (size == 0)
             throw Error(what + " is empty");

@@ -11,6 +11,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <sys/stat.h>
 
 typedef struct _GCancellable GCancellable;
 
@@ -25,6 +26,7 @@ struct ImageOptions {
     // SHA256SUMS beside the image when it lists the image.
     std::optional<std::filesystem::path> sums;
     bool hash_image = false; // compute the image file's sha256 even when no SHA256SUMS asks for it
+    uint64_t max_size = 0;   // refuse a decompressed image larger than this (the largest card); 0: no limit
     std::function<void(const std::string&)> notice;
 };
 
@@ -37,7 +39,11 @@ struct PreparedImage {
     std::string bmap_path;          // "" when the map came from the image's holes or it is written whole
     std::string sums_path;          // the SHA256SUMS the image was checked against, or ""
     std::string image_sha256;       // of the file as given, when computed
+    struct stat file_state {};      // a raw image as checked: size, modification and change times
 };
+
+// Whether a raw image was modified since prepare_image checked it.
+bool image_changed(const PreparedImage& image);
 
 // Opens, checks and (when compressed) decompresses `image`. Throws an Error
 // saying what does not match: a bmap whose checksums or size differ from

@@ -29,6 +29,12 @@ struct EntryFree {
     void operator()(struct archive_entry* e) const { archive_entry_free(e); }
 };
 
+std::string archive_error(struct archive* a)
+{
+    const char* text = archive_error_string(a);
+    return text ? text : "unknown libarchive error";
+}
+
 } // namespace
 
 void check_compression_name(const std::string& name)
@@ -76,7 +82,7 @@ std::filesystem::path compress_image(const std::filesystem::path& image, const s
              : compression == "xz" ? archive_write_add_filter_xz(writer.get())
                                    : archive_write_add_filter_gzip(writer.get());
     if (rc != ARCHIVE_OK)
-        throw Error(std::string("libarchive cannot write ") + compression + ": " + archive_error_string(writer.get()));
+        throw Error(std::string("libarchive cannot write ") + compression + ": " + archive_error(writer.get()));
     if (compression == "zst")
         archive_write_set_filter_option(writer.get(), "zstd", "threads", threads.c_str());
     if (compression == "xz")
@@ -84,13 +90,13 @@ std::filesystem::path compress_image(const std::filesystem::path& image, const s
     archive_write_set_format_raw(writer.get());
     archive_write_set_bytes_in_last_block(writer.get(), 1);
     if (archive_write_open_fd(writer.get(), out.get()) != ARCHIVE_OK)
-        throw Error("compress into " + temp + ": " + archive_error_string(writer.get()));
+        throw Error("compress into " + temp + ": " + archive_error(writer.get()));
     std::unique_ptr<struct archive_entry, EntryFree> entry(archive_entry_new());
     archive_entry_set_pathname(entry.get(), image.filename().c_str());
     archive_entry_set_filetype(entry.get(), AE_IFREG);
     archive_entry_set_size(entry.get(), st.st_size);
     if (archive_write_header(writer.get(), entry.get()) != ARCHIVE_OK)
-        throw Error("compress " + image.string() + ": " + archive_error_string(writer.get()));
+        throw Error("compress " + image.string() + ": " + archive_error(writer.get()));
 
     std::string buffer(4 << 20, '\0');
     for (;;) {
@@ -104,10 +110,10 @@ std::filesystem::path compress_image(const std::filesystem::path& image, const s
         if (n == 0)
             break;
         if (archive_write_data(writer.get(), buffer.data(), static_cast<size_t>(n)) != n)
-            throw Error("compress into " + temp + ": " + archive_error_string(writer.get()));
+            throw Error("compress into " + temp + ": " + archive_error(writer.get()));
     }
     if (archive_write_close(writer.get()) != ARCHIVE_OK)
-        throw Error("compress into " + temp + ": " + archive_error_string(writer.get()));
+        throw Error("compress into " + temp + ": " + archive_error(writer.get()));
     if (::fsync(out.get()) != 0)
         throw_errno("sync " + temp);
     unsigned flags = overwrite ? 0 : RENAME_NOREPLACE;

@@ -361,8 +361,13 @@ void Target::release_exclusive_claim()
         throw_errno("reopen " + m_device);
     // The lock belongs to the open file description: move it to the new one.
     ::flock(m_fd.get(), LOCK_UN);
-    if (::flock(shared.get(), LOCK_EX | LOCK_NB) != 0)
-        throw_errno("lock " + m_device);
+    // udev may take its shared lock in the moment between (a new table
+    // makes it probe): wait a little for it to let go.
+    for (int tries = 0; ::flock(shared.get(), LOCK_EX | LOCK_NB) != 0; ++tries) {
+        if (errno != EWOULDBLOCK || tries == 100)
+            throw_errno("lock " + m_device);
+        ::usleep(50 * 1000);
+    }
     m_fd = std::move(shared);
 }
 

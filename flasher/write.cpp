@@ -116,6 +116,9 @@ public:
         } catch (const std::exception& e) {
             m_result.error = e.what();
             report(CardPhase::Failed, 0, 0);
+        } catch (...) {
+            m_result.error = "unknown error";
+            report(CardPhase::Failed, 0, 0);
         }
         m_result.seconds = elapsed();
     }
@@ -123,10 +126,14 @@ public:
 private:
     double elapsed() const { return std::chrono::duration<double>(Clock::now() - m_start).count(); }
 
-    void report(CardPhase phase, uint64_t done, uint64_t total)
+    void report(CardPhase phase, uint64_t done, uint64_t total) noexcept
     {
-        if (m_options.progress)
-            m_options.progress({m_index, phase, done, total, elapsed()});
+        try {
+            if (m_options.progress)
+                m_options.progress({m_index, phase, done, total, elapsed()});
+        } catch (...) {
+            // Progress is for people; a failure to draw it fails no card.
+        }
     }
 
     void check_cancelled() const
@@ -154,7 +161,8 @@ private:
                     from = std::max(from, held_back_bytes);
                 }
                 for (uint64_t pos = from; pos < to;) {
-                    check_cancelled();
+                    if (!head) // the first MiB, once begun, is finished: never half a table
+                        check_cancelled();
                     size_t n = static_cast<size_t>(std::min<uint64_t>(chunk_bytes, to - pos));
                     read_exact(m_image.fd.get(), m_buffer.get(), n, pos, "the image");
                     bool aligned = pos % static_cast<uint64_t>(m_sector) == 0 && n % static_cast<size_t>(m_sector) == 0;
@@ -167,8 +175,12 @@ private:
                     report(CardPhase::Writing, m_result.bytes_written, total);
                 }
             }
-            if (!head)
+            if (!head) {
                 sync(); // the rest is on the card before its first MiB goes on
+                check_cancelled();
+                if (image_changed(m_image))
+                    throw Error(m_image.path.string() + " changed while it was written; its first MiB was not written");
+            }
         }
         sync();
         m_head_written = true;
@@ -331,7 +343,10 @@ WriteReport write_cards(const WriteOptions& options, GCancellable* cancellable)
         report.cards[i].disk = disk;
     }
 
-    PreparedImage image = prepare_image(options.image, options.image_options, cancellable);
+    ImageOptions image_options = options.image_options;
+    for (const auto& card : report.cards)
+        image_options.max_size = std::max(image_options.max_size, card.disk.size);
+    PreparedImage image = prepare_image(options.image, image_options, cancellable);
     report.image = options.image.string();
     report.image_sha256 = image.image_sha256;
     report.bmap = image.bmap_path;
@@ -375,13 +390,21 @@ WriteReport write_cards(const WriteOptions& options, GCancellable* cancellable)
         }
     }
 
+    std::vector<std::unique_ptr<CardWriter>> writers; // outlive the threads
     std::vector<std::thread> threads;
-    std::vector<std::unique_ptr<CardWriter>> writers;
-    for (size_t i = 0; i < targets.size(); ++i) {
-        if (!targets[i])
-            continue;
-        writers.push_back(std::make_unique<CardWriter>(i, *targets[i], image, options, cancellable, report.cards[i]));
-        threads.emplace_back([writer = writers.back().get()] { writer->run(); });
+    try {
+        for (size_t i = 0; i < targets.size(); ++i) {
+            if (!targets[i])
+                continue;
+            writers.push_back(std::make_unique<CardWriter>(i, *targets[i], image, options, cancellable, report.cards[i]));
+            threads.emplace_back([writer = writers.back().get()] { writer->run(); });
+        }
+    } catch (...) {
+        // No thread for a card: stop the others before their first MiB.
+        g_cancellable_cancel(cancellable);
+        for (auto& thread : threads)
+            thread.join();
+        throw;
     }
     for (auto& thread : threads)
         thread.join();
