@@ -149,6 +149,25 @@ TEST_CASE("a raw and a zstd image, each written to two loop devices at once, byt
     }
 }
 
+TEST_CASE("without a bmap the image's holes are skipped; plain progress has no escape codes" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::path image = make_image(tmp.path());
+    uint64_t mapped = mapped_bytes(image);
+    fs::remove(tmp / "card.img.bmap");
+    fs::remove(tmp / "probe.bmap");
+    fs::path a = make_card(tmp / "a", 256 * MiB);
+    LoopGuard la(a);
+    auto r = run_treeflash({"write", "--yes", "--force", image.string(), la.device});
+    REQUIRE_MESSAGE(r.ok(), r.err);
+    CHECK(same_bytes(image, a));
+    CHECK(r.out.find('\x1b') == std::string::npos);
+    CHECK(r.out.find(la.device + "  writing") != std::string::npos);
+    CHECK(r.out.find(la.device + "  ok  " + std::to_string(mapped >> 20) + " MiB written") != std::string::npos);
+    CHECK(r.out.find("verified") != std::string::npos);
+}
+
 TEST_CASE("bmaptool's bmap is read, and bmaptool copies with ours" * doctest::skip(not_root))
 {
     NoLeftovers guard;
