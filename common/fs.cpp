@@ -145,4 +145,36 @@ void remove_tree_quietly(const std::filesystem::path& path) noexcept
     std::filesystem::remove_all(path, ec);
 }
 
+void read_at(int fd, char* data, size_t size, uint64_t offset, const std::string& what)
+{
+    while (size) {
+        ssize_t n = ::pread(fd, data, size, static_cast<off_t>(offset));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            throw_errno("read " + what + " at byte " + std::to_string(offset));
+        if (n == 0)
+            throw Error("read " + what + ": it ends at byte " + std::to_string(offset));
+        data += n;
+        size -= static_cast<size_t>(n);
+        offset += static_cast<uint64_t>(n);
+    }
+}
+
+void write_at(int fd, const char* data, size_t size, uint64_t offset, const std::string& what)
+{
+    while (size) {
+        ssize_t n = ::pwrite(fd, data, size, static_cast<off_t>(offset));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            throw_errno("write " + what + " at byte " + std::to_string(offset));
+        if (n == 0)
+            throw Error("write " + what + ": no room at byte " + std::to_string(offset));
+        data += n;
+        size -= static_cast<size_t>(n);
+        offset += static_cast<uint64_t>(n);
+    }
+}
+
 } // namespace treeflash::fs

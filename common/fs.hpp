@@ -3,6 +3,7 @@
 
 #include "common/fd.hpp"
 
+#include <cstdint>
 #include <filesystem>
 #include <string>
 #include <string_view>
@@ -24,6 +25,11 @@ UniqueFd open_beneath(int root_fd, std::string_view relpath, int flags);
 UniqueFd open_directory(const std::filesystem::path& path);
 
 std::string read_file(const std::filesystem::path& path);
+
+// pread/pwrite of exactly `size` bytes at `offset` (EINTR and short transfers
+// retried); Error naming `what` and the offset otherwise.
+void read_at(int fd, char* data, size_t size, uint64_t offset, const std::string& what);
+void write_at(int fd, const char* data, size_t size, uint64_t offset, const std::string& what);
 
 // Writes `content` to `path` through a temporary file and rename.
 void write_file_atomic(const std::filesystem::path& path, std::string_view content);

@@ -61,20 +61,6 @@ std::string archive_error(struct archive* a)
     return text ? text : "unknown libarchive error";
 }
 
-void pwrite_all(int fd, const char* data, size_t size, uint64_t offset, const std::string& what)
-{
-    while (size) {
-        ssize_t n = ::pwrite(fd, data, size, static_cast<off_t>(offset));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            throw_errno("write " + what);
-        data += n;
-        size -= static_cast<size_t>(n);
-        offset += static_cast<uint64_t>(n);
-    }
-}
-
 bool all_zero(const char* data, size_t size)
 {
     static const char zeros[4096] = {};
@@ -157,7 +143,7 @@ void decompress(PreparedImage& prepared, const std::optional<Bmap>& bmap, uint64
                     break;
                 uint64_t a = std::max(from, at), b = std::min(to, end);
                 if (a < b) {
-                    pwrite_all(stage.get(), data + (a - at), b - a, a, "the decompressed image");
+                    fs::write_at(stage.get(), data + (a - at), b - a, a, "the decompressed image");
                     range_sum.update(data + (a - at), b - a);
                 }
                 if (to > end)
@@ -175,7 +161,7 @@ void decompress(PreparedImage& prepared, const std::optional<Bmap>& bmap, uint64
             for (uint64_t blk = a; blk < b;) {
                 uint64_t blk_end = std::min(b, (blk / 4096 + 1) * 4096);
                 if (!all_zero(data + (blk - at), blk_end - blk))
-                    pwrite_all(stage.get(), data + (blk - at), blk_end - blk, blk, "the decompressed image");
+                    fs::write_at(stage.get(), data + (blk - at), blk_end - blk, blk, "the decompressed image");
                 blk = blk_end;
             }
             if (b == range_end)

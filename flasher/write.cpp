@@ -1,6 +1,7 @@
 #include "flasher/write.hpp"
 
 #include "common/error.hpp"
+#include "common/fs.hpp"
 #include "common/process.hpp"
 #include "common/sha256.hpp"
 #include "flasher/format.hpp"
@@ -48,38 +49,6 @@ UniqueFd reopen(int fd, int flags, const std::string& what)
     if (!reopened)
         throw_errno("open " + what);
     return reopened;
-}
-
-void read_exact(int fd, char* data, size_t size, uint64_t offset, const std::string& what)
-{
-    while (size) {
-        ssize_t n = ::pread(fd, data, size, static_cast<off_t>(offset));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            throw_errno("read " + what + " at byte " + std::to_string(offset));
-        if (n == 0)
-            throw Error("read " + what + ": it ends at byte " + std::to_string(offset));
-        data += n;
-        size -= static_cast<size_t>(n);
-        offset += static_cast<uint64_t>(n);
-    }
-}
-
-void write_exact(int fd, const char* data, size_t size, uint64_t offset, const std::string& what)
-{
-    while (size) {
-        ssize_t n = ::pwrite(fd, data, size, static_cast<off_t>(offset));
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            throw_errno("write " + what + " at byte " + std::to_string(offset));
-        if (n == 0)
-            throw Error("write " + what + ": no room at byte " + std::to_string(offset));
-        data += n;
-        size -= static_cast<size_t>(n);
-        offset += static_cast<uint64_t>(n);
-    }
 }
 
 std::string byte_span(uint64_t from, uint64_t to)
@@ -164,9 +133,9 @@ private:
                     if (!head) // the first MiB, once begun, is finished: never half a table
                         check_cancelled();
                     size_t n = static_cast<size_t>(std::min<uint64_t>(chunk_bytes, to - pos));
-                    read_exact(m_image.fd.get(), m_buffer.get(), n, pos, "the image");
+                    fs::read_at(m_image.fd.get(), m_buffer.get(), n, pos, "the image");
                     bool aligned = pos % static_cast<uint64_t>(m_sector) == 0 && n % static_cast<size_t>(m_sector) == 0;
-                    write_exact(aligned ? m_direct.get() : m_target.fd(), m_buffer.get(), n, pos, m_what);
+                    fs::write_at(aligned ? m_direct.get() : m_target.fd(), m_buffer.get(), n, pos, m_what);
                     pos += n;
                     m_result.bytes_written += n;
                     m_unsynced += n;
@@ -205,7 +174,7 @@ private:
             check_cancelled();
             uint64_t aligned_from = pos / sector * sector;
             uint64_t aligned_to = std::min(aligned_from + chunk_bytes, (to + sector - 1) / sector * sector);
-            read_exact(direct, m_buffer.get(), static_cast<size_t>(aligned_to - aligned_from), aligned_from, m_what);
+            fs::read_at(direct, m_buffer.get(), static_cast<size_t>(aligned_to - aligned_from), aligned_from, m_what);
             uint64_t end = std::min(to, aligned_to);
             use(m_buffer.get() + (pos - aligned_from), pos, end);
             pos = end;
@@ -241,7 +210,7 @@ private:
         auto source = aligned_buffer(chunk_bytes);
         uint64_t first = to, last = from;
         read_back(direct, from, to, [&](const char* data, uint64_t a, uint64_t b) {
-            read_exact(m_image.fd.get(), source.get(), static_cast<size_t>(b - a), a, "the image");
+            fs::read_at(m_image.fd.get(), source.get(), static_cast<size_t>(b - a), a, "the image");
             for (uint64_t i = 0; i < b - a; ++i)
                 if (data[i] != source.get()[i]) {
                     first = std::min(first, a + i);
