@@ -144,6 +144,44 @@ void write_os_release(Tree& tree, const NormalizeOptions& options, NormalizeResu
     result.wrote_os_release = true;
 }
 
+constexpr const char* boot_health_path = "usr/lib/treeflash/boot-health";
+
+// The script that marks a deployment good on boards that count boots
+// (templates/boot-health), started once per boot by a busybox inittab line.
+void install_boot_health(Tree& tree, NormalizeResult& result)
+{
+    tree.put(boot_health_path, Node::memory_file(std::string(templates::get("boot-health")), 0755));
+    std::string hint = std::string("; start /") + boot_health_path
+                       + " once per boot from the image's init, or boards that count boots roll every upgrade back";
+    Node* inittab = tree.find("usr/etc/inittab");
+    if (!inittab) {
+        result.warnings.push_back(std::string("no /etc/inittab") + hint);
+        return;
+    }
+    if (!inittab->is_regular()) {
+        result.warnings.push_back(std::string("/etc/inittab is not a plain file") + hint);
+        return;
+    }
+    std::string text = tree.read_all(*inittab);
+    if (text.find(std::string("/") + boot_health_path) != std::string::npos) {
+        result.boot_health_hook = "inittab";
+        return;
+    }
+    if (text.find("::") == std::string::npos) {
+        result.warnings.push_back(std::string("/etc/inittab is not busybox's (no ID:RUNLEVEL:ACTION:PROCESS line)") + hint);
+        return;
+    }
+    if (!text.empty() && text.back() != '\n')
+        text += '\n';
+    text += std::string("# Added by treeflash build: marks this deployment good once its health checks pass.\n::once:/")
+            + boot_health_path + "\n";
+    auto node = Node::memory_file(text, inittab->mode);
+    node->uid = inittab->uid;
+    node->gid = inittab->gid;
+    tree.put("usr/etc/inittab", std::move(node));
+    result.boot_health_hook = "inittab";
+}
+
 void ensure_api_dirs(Tree& tree, NormalizeResult& result)
 {
     for (const ApiDir& dir : api_dirs) {
@@ -240,6 +278,8 @@ NormalizeResult normalize(Tree& tree, const NormalizeOptions& options)
     NormalizeResult result;
     in_step("/etc", [&] { move_etc(tree, result); });
     in_step("os-release", [&] { write_os_release(tree, options, result); });
+    if (options.boot_health)
+        in_step("boot health", [&] { install_boot_health(tree, result); });
     in_step("layout", [&] {
         ensure_api_dirs(tree, result);
         report_layout(tree, result);

@@ -76,17 +76,19 @@ struct NormalizeOptions {
     std::string os_name = "tcu";
     std::string version; // VERSION_ID in a generated os-release
     std::map<std::string, std::string> os_release; // --os-release KEY=VALUE overrides
+    bool boot_health = true; // add usr/lib/treeflash/boot-health and start it from a busybox inittab
 };
 
 struct NormalizeResult {
     bool moved_etc = false;           // /etc became /usr/etc
     bool wrote_os_release = false;    // usr/lib/os-release was generated or rewritten
     std::vector<std::string> var_entries; // content under /var (not carried to existing deployments)
+    std::string boot_health_hook; // "inittab" when the build added the line, "" otherwise
     std::vector<std::string> warnings;
 };
 
-// /etc -> /usr/etc, os-release, sysroot/, ostree -> sysroot/ostree and the
-// empty API directories OSTree expects.
+// /etc -> /usr/etc, os-release, sysroot/, ostree -> sysroot/ostree, the
+// empty API directories OSTree expects, and the boot health script.
 NormalizeResult normalize(Tree& tree, const NormalizeOptions& options);
 
 // Renders os-release text from templates/os-release with `options` applied.

@@ -85,6 +85,7 @@ nlohmann::json to_json(const builder::BuildResult& result)
         {"bytes", result.commit.bytes},
         {"objects_written", result.commit.objects_written},
         {"var_entries", result.normalize.var_entries.size()},
+        {"boot_health_hook", result.normalize.boot_health_hook},
         {"warnings", result.warnings},
     };
 }
@@ -96,7 +97,7 @@ int run_build(const std::vector<std::string>& args, GCancellable* cancellable)
     builder::BuildOptions options;
     std::string rootfs, repo, layout = "legacy", timestamp, kernel, initramfs, gpg_key, gpg_home, owner_uid, owner_gid, jobs;
     std::vector<std::string> devicetrees, os_release;
-    bool json = false, static_delta = false, force = false;
+    bool json = false, static_delta = false, force = false, no_boot_health = false;
 
     po::options_description desc(build_usage);
     desc.add_options()
@@ -123,6 +124,9 @@ int run_build(const std::vector<std::string>& args, GCancellable* cancellable)
          "the OS name a generated os-release carries (ID and NAME)")
         ("os-release", po::value(&os_release)->value_name("KEY=VALUE")->composing(),
          "set a key of usr/lib/os-release, e.g. PRETTY_NAME=\"TCU 1.0\"; repeatable")
+        ("no-boot-health", po::bool_switch(&no_boot_health),
+         "do not add usr/lib/treeflash/boot-health (which marks a deployment good on boards that count boots) "
+         "nor its line in a busybox /etc/inittab")
         ("timestamp", po::value(&timestamp)->value_name("T"),
          "commit time, seconds since the epoch or ISO 8601 (default: $SOURCE_DATE_EPOCH, else now); "
          "equal inputs and timestamp give an equal commit")
@@ -161,6 +165,7 @@ int run_build(const std::vector<std::string>& args, GCancellable* cancellable)
     for (const auto& dtb : devicetrees)
         options.kernel.devicetrees.emplace_back(dtb);
     options.normalize.version = options.commit.version;
+    options.normalize.boot_health = !no_boot_health;
     options.normalize.os_release = parse_key_values(os_release, "--os-release");
     if (!timestamp.empty())
         options.commit.timestamp = parse_timestamp(timestamp);

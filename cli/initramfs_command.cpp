@@ -69,6 +69,9 @@ int run_initramfs(const std::vector<std::string>& args, GCancellable*)
     if (!options.modules.empty() && modules.empty())
         throw UsageError("board " + board.name + " loads modules: pass --modules DIR");
     options.on_failure = on_failure.empty() ? board.initramfs_on_failure : on_failure;
+    if (board.boot_count.enabled() && options.on_failure != "reboot")
+        throw UsageError("board " + board.name + " counts boots: a failed step must reboot to count as a failed try, "
+                         "not --on-failure " + options.on_failure);
     options.root_wait = board.initramfs_root_wait;
     options.output = output;
 

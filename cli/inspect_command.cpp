@@ -16,8 +16,10 @@ const char* inspect_usage = R"(Usage: treeflash inspect DEVICE|IMAGE [--json]
 
 Shows what is on a flashed card or image without writing to it: partition
 table, labels and file systems, the OSTree deployments (commit, version,
-serial, default and rollback), the origin URL, the bootargs in uEnv.txt and
-whether newroot/, mnt/ and the update marker are present. Images are
+serial, default and rollback), on a board that counts boots each
+deployment's state (known good, trial with the tries used, rolled back), the
+origin URL, the bootargs in uEnv.txt and whether newroot/, mnt/ and the
+update marker are present. Images are
 attached read-only and file systems mounted ro,noload.
 
 Example:
@@ -25,6 +27,39 @@ Example:
   treeflash inspect build/example/ls104x.img --json
 
 Options)";
+
+// "trial (1 of 3 tries used)", "known good", ...: "" when not counted.
+std::string boot_state_text(const flasher::BootStatus& boot, size_t index)
+{
+    if (!boot.counting || index >= boot.entries.size())
+        return "";
+    const auto& entry = boot.entries[index];
+    std::string limit = std::to_string(boot.bootlimit);
+    if (entry.state == "trial")
+        return entry.tries ? "trial (" + std::to_string(*entry.tries) + " of " + limit + " tries used)"
+                           : "trial (tries unknown: the counting block is unreadable)";
+    if (entry.state == "rolled back")
+        return "rolled back after " + limit + " failed tries";
+    if (entry.state == "new")
+        return "new (the only deployment: not counted, marked good at its first healthy boot)";
+    return entry.state;
+}
+
+nlohmann::json boot_json(const flasher::BootStatus& boot)
+{
+    nlohmann::json out = {{"counting", boot.counting}};
+    if (!boot.counting)
+        return out;
+    out["bootlimit"] = boot.bootlimit;
+    out["good_entry"] = boot.good_entry;
+    out["tries"] = boot.tries ? nlohmann::json(*boot.tries) : nlohmann::json();
+    out["known_good"] = {{"deployment", boot.known_good_deployment}, {"version", boot.known_good_version}};
+    if (!boot.rolled_back_deployment.empty())
+        out["rolled_back"] = {{"deployment", boot.rolled_back_deployment},
+                              {"commit", boot.rolled_back_deployment.substr(0, boot.rolled_back_deployment.find('.'))},
+                              {"version", boot.rolled_back_version}};
+    return out;
+}
 
 const char* role_of(size_t index)
 {
@@ -60,6 +95,10 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
         for (size_t i = 0; i < r.deployments.size(); ++i) {
             nlohmann::json d = deployment_json(r.deployments[i]);
             d["role"] = role_of(i);
+            if (r.boot.counting && i < r.boot.entries.size()) {
+                d["boot_state"] = r.boot.entries[i].state;
+                d["boot_tries"] = r.boot.entries[i].tries ? nlohmann::json(*r.boot.entries[i].tries) : nlohmann::json();
+            }
             deployments.push_back(d);
         }
         print_json({{"target", r.target},
@@ -75,7 +114,8 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
                     {"update_marker", r.has_update_marker},
                     {"newroot", r.has_newroot},
                     {"mnt", r.has_mnt},
-                    {"boot_script", r.has_boot_script}});
+                    {"boot_script", r.has_boot_script},
+                    {"boot_counting", boot_json(r.boot)}});
         return 0;
     }
     std::cout << r.target << ": " << mib(r.size) << ", " << (r.table.label.empty() ? "no partition table" : r.table.label)
@@ -98,6 +138,15 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
         const auto& d = r.deployments[i];
         std::cout << role_of(i) << ": " << d.os << " " << d.commit << "." << d.deploy_serial
                   << (d.version.empty() ? "" : " version " + d.version) << "\n    ostree=" << d.ostree_path << "\n";
+        if (std::string state = boot_state_text(r.boot, i); !state.empty())
+            std::cout << "    boot: " << state << "\n";
+    }
+    if (r.boot.counting) {
+        std::cout << "boot counting: bootlimit " << r.boot.bootlimit;
+        if (!r.boot.rolled_back_deployment.empty())
+            std::cout << "; rolled back from "
+                      << flasher::deployment_name(r.boot.rolled_back_version, r.boot.rolled_back_deployment);
+        std::cout << "\n";
     }
     if (r.uenv.count("bootargs"))
         std::cout << "uEnv.txt bootargs: " << r.uenv["bootargs"] << "\n";

@@ -12,14 +12,15 @@ namespace treeflash::cli {
 
 namespace {
 
-const char* upgrade_usage = R"(Usage: treeflash upgrade DEVICE|IMAGE [--repo PATH|URL] [--ref REF] [--json]
+const char* upgrade_usage = R"(Usage: treeflash upgrade DEVICE|IMAGE [--repo PATH|URL] [--ref REF] [--karg ARG]... [--json]
 
 Does on a flashed card what `ostree admin upgrade` does on the board: pulls
 the newer commit of the default deployment's origin (over HTTP from the
 origin remote's URL unless --repo says otherwise; the remote's GPG settings
 apply), deploys it with local /etc changes merged and /var kept, keeps the
 previous deployment for rollback, and leaves uEnv.txt pointing at the new
-one. Needs root.
+one. On a board that counts boots the deployment kept for rollback is the
+known-good one: after a rollback the failed default is dropped. Needs root.
 
 Examples:
   treeflash upgrade /dev/sdb
@@ -42,6 +43,8 @@ int run_upgrade(const std::vector<std::string>& args, GCancellable* cancellable)
         ("ref", po::value(&ref)->value_name("REF"), "switch to this ref of the same remote")
         ("network-timeout", po::value(&network_timeout)->value_name("SECONDS"),
          "give up the pull after this long without any data (default 30)")
+        ("karg", po::value(&options.kernel_args_append)->value_name("ARG")->composing(),
+         "add a kernel argument to the inherited ones for the new deployment; repeatable")
         ("json", po::bool_switch(&json), "print the result as JSON on stdout");
     po::positional_options_description positional;
     positional.add("target", 1);
@@ -64,13 +67,15 @@ int run_upgrade(const std::vector<std::string>& args, GCancellable* cancellable)
         for (const auto& d : result.deployments)
             deployments.push_back(deployment_json(d));
         print_json({{"target", options.target}, {"changed", result.changed}, {"previous", deployment_json(result.previous)},
-                    {"current", deployment_json(result.current)}, {"deployments", deployments}});
+                    {"current", deployment_json(result.current)}, {"fallback", deployment_json(result.fallback)},
+                    {"fallback_reason", result.fallback_reason}, {"deployments", deployments}});
     } else if (!result.changed) {
         std::cout << options.target << ": already at " << result.current.commit << "\n";
     } else {
         std::cout << options.target << ": upgraded " << result.previous.commit.substr(0, 12) << " -> "
                   << result.current.commit << (result.current.version.empty() ? "" : " (version " + result.current.version + ")")
-                  << "\n  ostree=" << result.current.ostree_path << "\n  rollback: " << result.previous.commit << "\n";
+                  << "\n  ostree=" << result.current.ostree_path << "\n  rollback: " << result.fallback.commit
+                  << (result.fallback_reason.empty() ? "" : "\n  (" + result.fallback_reason + ")") << "\n";
     }
     return 0;
 }

@@ -36,6 +36,9 @@ struct TimeZoneUnref {
 struct DateTimeUnref {
     void operator()(GDateTime* d) const { g_date_time_unref(d); }
 };
+struct StrvFree {
+    void operator()(char** v) const { g_strfreev(v); }
+};
 struct ErrorFree {
     void operator()(GError* e) const { g_error_free(e); }
 };
@@ -52,6 +55,7 @@ using Variant = std::unique_ptr<GVariant, VariantUnref>;
 using CString = std::unique_ptr<char, Free>;
 using Bytes = std::unique_ptr<guchar, Free>;
 using Checksum = std::unique_ptr<GChecksum, ChecksumFree>;
+using Strv = std::unique_ptr<char*, StrvFree>;
 
 // Adopts a floating or full reference (g_variant_ref_sink).
 inline Variant adopt_variant(GVariant* v)

@@ -184,6 +184,28 @@ void apply_key(BoardProfile& board, const std::string& key, const std::string& v
             throw Error("initramfs.root_wait " + value + ": 1 to 3600 seconds");
         board.initramfs_root_wait = static_cast<unsigned>(seconds);
     }
+    else if (key == "boot_count.limit") {
+        uint64_t limit = parse_number(value);
+        // U-Boot's setexpr counts in hex and its test compares in decimal:
+        // they agree on single digits, and the tries reach limit + 1.
+        if (limit > 8)
+            throw Error("boot_count.limit " + value + ": 0 (no counting) to 8 tries");
+        board.boot_count.limit = static_cast<unsigned>(limit);
+    } else if (key == "boot_count.state") {
+        uint64_t offset = parse_number(value);
+        if (offset < 512 || offset % 512)
+            throw Error("boot_count.state " + value + ": a 512-byte block past the partition table (a multiple of 512)");
+        board.boot_count.state_offset = offset;
+    } else if (key == "boot_count.mark") {
+        if (value != "rootfs-file")
+            throw Error("boot_count.mark '" + value + "': only rootfs-file (a file on the rootfs partition U-Boot loads)");
+        board.boot_count.mark = value;
+    } else if (key == "uboot.env") {
+        auto parts = words(value);
+        if (parts.size() != 2)
+            throw Error("expected 'uboot.env = SLOT FILE' (the firmware slot U-Boot keeps its environment in)");
+        board.uboot_env = UbootEnvironment{parts[0], board_file(board, key, parts[1])};
+    }
     else
         throw Error("unknown key '" + key + "'");
 }
@@ -209,6 +231,30 @@ void check_complete(const BoardProfile& board)
         throw Error("no 'boot_script'");
     if (board.uboot_devtype.empty())
         throw Error("no 'uboot.devtype'");
+    if (board.uboot_env) {
+        if (!board.slot(board.uboot_env->slot))
+            throw Error("uboot.env names slot '" + board.uboot_env->slot + "', which no firmware.NAME line describes");
+        if (!std::filesystem::is_regular_file(board.uboot_env->file))
+            throw Error("uboot.env " + board.uboot_env->file.string() + " does not exist");
+    }
+    if (board.boot_count.enabled()) {
+        const auto& count = board.boot_count;
+        if (!count.state_offset)
+            throw Error("boot_count.limit needs boot_count.state (where U-Boot keeps the tries)");
+        for (const auto& slot : board.firmware)
+            if (count.state_offset < slot.offset + slot.max_size && slot.offset < count.state_offset + 512)
+                throw Error("boot_count.state overlaps firmware slot " + slot.name);
+        // A trial that fails in the initramfs or panics must come back to
+        // U-Boot by itself to be counted.
+        if (board.initramfs_on_failure != "reboot")
+            throw Error("boot_count.limit needs initramfs.on_failure = reboot: a shell or a power-off would hold a "
+                        "failed trial forever");
+        bool panic_reboots = false;
+        for (const auto& arg : board.kernel_args)
+            panic_reboots |= arg.rfind("panic=", 0) == 0 && arg != "panic=0";
+        if (!panic_reboots)
+            throw Error("boot_count.limit needs panic=SECONDS in kernel_args, so a kernel panic reboots into U-Boot");
+    }
     // Firmware slots must not overlap each other.
     for (size_t i = 0; i < board.firmware.size(); ++i)
         for (size_t j = i + 1; j < board.firmware.size(); ++j) {

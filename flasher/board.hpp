@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,22 @@ struct PartitionRole {
     unsigned number = 0;
     std::string label;
     std::string fstype = "ext4";
+};
+
+// Boot counting (README "Boot chain"). A deployment is a trial until the
+// booted system marks it good; U-Boot counts only trial boots and boots the
+// previous deployment after `limit` failed tries.
+struct BootCounting {
+    unsigned limit = 0;         // 0: the board does not count boots
+    uint64_t state_offset = 0;  // a 512-byte U-Boot environment holding the tries
+    std::string mark = "rootfs-file"; // how the booted system marks good
+    bool enabled() const { return limit > 0; }
+};
+
+// An environment treeflash writes where the board's U-Boot keeps its own.
+struct UbootEnvironment {
+    std::string slot;             // the firmware slot it fills, whose size is U-Boot's
+    std::filesystem::path file;   // NAME=VALUE lines, @NAME@ placeholders rendered
 };
 
 struct BoardProfile {
@@ -42,6 +59,8 @@ struct BoardProfile {
     std::vector<std::string> initramfs_modules; // loaded by the initramfs, dependencies first
     std::string initramfs_on_failure = "shell"; // shell, poweroff or reboot
     unsigned initramfs_root_wait = 10;          // seconds
+    BootCounting boot_count;
+    std::optional<UbootEnvironment> uboot_env;
 
     const PartitionRole& partition(unsigned number) const;
     const FirmwareSlot* slot(const std::string& name) const;

@@ -71,6 +71,18 @@ std::string render_boot_script(const BoardProfile& board)
         defaults += "if test -z \"${" + name + "}\"; then setenv " + name + " " + value + "; fi\n";
     if (!defaults.empty())
         defaults.pop_back();
+    std::string count, count_args;
+    if (board.boot_count.enabled()) {
+        count = std::string(templates::get("uboot/boot-count.cmd"));
+        count_args = "setenv bootargs \"${bootargs} treeflash.state=${treeflash_state} treeflash.boot=${treeflash_serial} "
+                     "treeflash.tries=${treeflash_tries} treeflash.bootlimit=${bootlimit}\"";
+        std::ostringstream block;
+        block << "0x" << std::hex << board.boot_count.state_offset / 512;
+        text::replace_all(count, "@STATE_BLOCK@", block.str());
+        text::replace_all(count, "@BOOTLIMIT@", std::to_string(board.boot_count.limit));
+    }
+    text::replace_all(script, "@BOOT_COUNT@", count);
+    text::replace_all(script, "@BOOT_COUNT_ARGS@", count_args);
     text::replace_all(script, "@BOARD@", board.name);
     text::replace_all(script, "@DEVTYPE@", board.uboot_devtype);
     text::replace_all(script, "@DEVNUM@", board.uboot_devnum);

@@ -2,6 +2,8 @@
 
 #include "common/error.hpp"
 #include "common/fd.hpp"
+#include "common/fs.hpp"
+#include "flasher/boot_state.hpp"
 
 #include <cerrno>
 #include <fcntl.h>
@@ -37,15 +39,41 @@ std::vector<FirmwareBlob> plan_firmware(const BoardProfile& board, const std::ma
                         + " holds " + std::to_string(slot->max_size));
         if (slot->offset + size > first_partition_offset)
             throw Error("firmware " + name + " would reach into the first partition");
-        blobs.push_back({*slot, file, size});
+        blobs.push_back({*slot, file, {}, size});
     }
     return blobs;
+}
+
+void plan_generated_blobs(const BoardProfile& board, std::vector<FirmwareBlob>& blobs, uint64_t first_partition_offset)
+{
+    auto add = [&](const FirmwareSlot& slot, std::vector<uint8_t> bytes) {
+        if (slot.offset + bytes.size() > first_partition_offset)
+            throw Error(slot.name + " (" + std::to_string(bytes.size()) + " bytes at byte " + std::to_string(slot.offset)
+                        + ") would reach into the first partition");
+        uint64_t size = bytes.size();
+        blobs.push_back({slot, {}, std::move(bytes), size});
+    };
+    if (board.uboot_env) {
+        bool given = false;
+        for (const auto& blob : blobs)
+            given |= blob.slot.name == board.uboot_env->slot;
+        const FirmwareSlot* slot = board.slot(board.uboot_env->slot);
+        if (!given && slot)
+            add(*slot, render_uboot_environment(board, slot->max_size));
+    }
+    if (board.boot_count.enabled())
+        add(FirmwareSlot{"boot-count", board.boot_count.state_offset, boot_state_bytes}, initial_boot_state());
 }
 
 void write_firmware(int fd, const std::vector<FirmwareBlob>& blobs)
 {
     std::vector<char> buffer(1 << 20);
     for (const auto& blob : blobs) {
+        if (!blob.bytes.empty()) {
+            fs::write_at(fd, reinterpret_cast<const char*>(blob.bytes.data()), blob.bytes.size(), blob.slot.offset,
+                         "write " + blob.slot.name);
+            continue;
+        }
         UniqueFd in(::open(blob.file.c_str(), O_RDONLY | O_CLOEXEC));
         if (!in)
             throw_errno("open " + blob.file.string());

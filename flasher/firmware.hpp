@@ -12,7 +12,8 @@ namespace treeflash::flasher {
 
 struct FirmwareBlob {
     FirmwareSlot slot;
-    std::filesystem::path file;
+    std::filesystem::path file;  // a blob the user gave, or
+    std::vector<uint8_t> bytes;  // one treeflash made (U-Boot environments)
     uint64_t size = 0;
 };
 
@@ -20,6 +21,10 @@ struct FirmwareBlob {
 // readable, fits its slot and ends before the first partition.
 std::vector<FirmwareBlob> plan_firmware(const BoardProfile& board, const std::map<std::string, std::string>& given,
                                         uint64_t first_partition_offset);
+
+// Adds what the board has treeflash write itself: its U-Boot environment
+// (unless the user gave that slot a file) and the boot counting block.
+void plan_generated_blobs(const BoardProfile& board, std::vector<FirmwareBlob>& blobs, uint64_t first_partition_offset);
 
 void write_firmware(int fd, const std::vector<FirmwareBlob>& blobs);
 

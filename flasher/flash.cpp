@@ -1,9 +1,11 @@
 #include "flasher/flash.hpp"
 
 #include "common/error.hpp"
+#include "common/fs.hpp"
 #include "common/validate.hpp"
 #include "flasher/bmap.hpp"
 #include "flasher/publish.hpp"
+#include "flasher/boot_state.hpp"
 #include "flasher/bootscript.hpp"
 #include "flasher/format.hpp"
 #include "flasher/mount.hpp"
@@ -199,7 +201,9 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
     }
     plan.boot_script = in_step("boot script", [&] { return render_boot_script(plan.board); });
     plan.firmware = in_step("firmware", [&] {
-        return plan_firmware(plan.board, options.firmware, plan.layout.first_partition_offset());
+        auto blobs = plan_firmware(plan.board, options.firmware, plan.layout.first_partition_offset());
+        plan_generated_blobs(plan.board, blobs, plan.layout.first_partition_offset());
+        return blobs;
     });
     plan.source = in_step("source", [&] { return resolve_source(options.repo, options.ref, options.network_timeout, cancellable); });
 
@@ -285,6 +289,12 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
     {
         Mount rootfs(partition_node(target.device(), board.rootfs_partition), "ext4", "", mount_parent);
         result.deployment = in_step("sysroot", [&] { return provision_sysroot(rootfs.path(), plan.sysroot, notice, cancellable); });
+        if (board.boot_count.enabled())
+            in_step("boot counting", [&] {
+                std::filesystem::path record = rootfs.path() / boot_board_record_path;
+                std::filesystem::create_directories(record.parent_path());
+                fs::write_file_atomic(record, boot_board_record(board));
+            });
         in_step("sysroot", [&] { rootfs.unmount(); });
     }
     progress = Progress::Deployed;

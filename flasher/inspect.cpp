@@ -4,6 +4,7 @@
 #include "common/fd.hpp"
 #include "common/fs.hpp"
 #include "common/glib.hpp"
+#include "flasher/card_files.hpp"
 #include "flasher/loop.hpp"
 #include "flasher/mount.hpp"
 
@@ -19,61 +20,6 @@
 namespace treeflash::flasher {
 
 namespace {
-
-// Opens `relpath` below the card's mount `root` without following any
-// symlink on the way (fs::open_beneath): a card whose boot/loader points at
-// /etc gives nothing, never a host file. An empty fd when there is nothing
-// there that way.
-UniqueFd open_on_card(const std::filesystem::path& root, const std::string& relpath, int flags)
-{
-    try {
-        return fs::open_beneath(fs::open_directory(root).get(), relpath, flags);
-    } catch (const Error&) {
-        return UniqueFd();
-    }
-}
-
-// The file `relpath` on the card; "" when absent, not a file or over 1 MiB.
-std::string read_on_card(const std::filesystem::path& root, const std::string& relpath)
-{
-    UniqueFd fd = open_on_card(root, relpath, O_RDONLY);
-    struct stat st {};
-    if (!fd || ::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > (1 << 20))
-        return "";
-    std::string data(static_cast<size_t>(st.st_size), '\0');
-    ssize_t n = ::read(fd.get(), data.data(), data.size());
-    data.resize(n > 0 ? static_cast<size_t>(n) : 0);
-    return data;
-}
-
-// The target of the symlink `relpath` on the card, "" when it is none.
-std::string read_link_on_card(const std::filesystem::path& root, const std::string& relpath)
-{
-    char target[256];
-    ssize_t n = ::readlinkat(AT_FDCWD, (root / relpath).c_str(), target, sizeof target - 1);
-    return n > 0 ? std::string(target, static_cast<size_t>(n)) : "";
-}
-
-// What kind of thing `relpath` is on the card, no symlink on the way (or
-// at its end) followed: 0 when there is nothing there that way.
-mode_t type_on_card(const std::filesystem::path& root, const std::string& relpath)
-{
-    UniqueFd fd = open_on_card(root, relpath, O_PATH);
-    struct stat st {};
-    return fd && ::fstat(fd.get(), &st) == 0 ? (st.st_mode & S_IFMT) : 0;
-}
-
-std::map<std::string, std::string> parse_env(const std::string& text)
-{
-    std::map<std::string, std::string> values;
-    std::istringstream in(text);
-    for (std::string line; std::getline(in, line);) {
-        auto eq = line.find('=');
-        if (eq != std::string::npos && line[0] != '#')
-            values[line.substr(0, eq)] = line.substr(eq + 1);
-    }
-    return values;
-}
 
 void read_origin(const std::string& repo_config, InspectResult& result)
 {
@@ -150,8 +96,9 @@ InspectResult inspect(const std::string& path, GCancellable* cancellable)
         // resolved by hand, to a name inside boot/ only.
         std::string loader = read_link_on_card(root, "boot/loader");
         if (loader == "loader.0" || loader == "loader.1")
-            result.uenv = parse_env(read_on_card(root, "boot/" + loader + "/uEnv.txt"));
+            result.uenv = parse_env_lines(read_on_card(root, "boot/" + loader + "/uEnv.txt"));
         read_origin(read_on_card(root, "ostree/repo/config"), result);
+        result.boot = boot_status(read_boot_files(root, path), result.deployments);
     }
     return result;
 }

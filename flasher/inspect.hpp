@@ -1,6 +1,7 @@
 // treeflash inspect: what is on a card or image, read without writing.
 #pragma once
 
+#include "flasher/boot_state.hpp"
 #include "flasher/format.hpp"
 #include "flasher/partition.hpp"
 #include "flasher/sysroot.hpp"
@@ -32,6 +33,7 @@ struct InspectResult {
     bool has_newroot = false;
     bool has_mnt = false;
     bool has_boot_script = false;
+    BootStatus boot; // boot counting: each deployment's state, the tries
 };
 
 // Reads a device or image read-only: images are attached read-only, file

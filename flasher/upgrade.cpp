@@ -3,6 +3,7 @@
 #include "common/error.hpp"
 #include "common/glib.hpp"
 #include "common/validate.hpp"
+#include "flasher/boot_state.hpp"
 #include "flasher/format.hpp"
 #include "flasher/loop.hpp"
 #include "flasher/mount.hpp"
@@ -43,6 +44,8 @@ UpgradeResult upgrade(const UpgradeOptions& options, GCancellable* cancellable)
         validate::ref(*options.ref, "--ref");
     if (options.repo && is_url(*options.repo))
         validate::url(*options.repo, "--repo");
+    for (const auto& arg : options.kernel_args_append)
+        validate::kernel_arg(arg, "--karg");
     // Held to the end: no other upgrade, flash or mount of this card meanwhile.
     ExclusiveCard card(options.target);
     if (options.repo && !is_url(*options.repo) && !std::filesystem::is_regular_file(std::filesystem::path(*options.repo) / "config"))
@@ -81,9 +84,28 @@ void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptio
         throw Error(options.target + ": the sysroot has no deployment to upgrade");
     result.previous = before.front();
     std::string os = result.previous.os;
-    glib::Object<OstreeDeployment> merge(ostree_sysroot_get_merge_deployment(sysroot.get(), os.c_str()));
-    if (!merge)
-        throw Error("no deployment of " + os + " to merge /etc from");
+
+    // The deployment to keep for rollback, and to merge /etc from: libostree
+    // keeps the merge deployment and drops the others. On a card that counts
+    // boots it is the known-good one, never a default that was rolled back.
+    BootStatus status = boot_status(read_boot_files(mountpoint, options.target), before);
+    size_t keep = fallback_deployment(status, before.size());
+    result.fallback = before[keep];
+    if (keep != 0) {
+        std::string state = status.entries[0].state.empty() ? "not known good" : status.entries[0].state;
+        result.fallback_reason = "the default " + deployment_name(before[0].version, before[0].commit) + " is " + state
+                                 + "; keeping " + deployment_name(before[keep].version, before[keep].commit)
+                                 + " for rollback and dropping it";
+        if (options.notice)
+            options.notice(result.fallback_reason);
+    }
+    glib::PtrArray all(ostree_sysroot_get_deployments(sysroot.get()));
+    if (!all || keep >= all->len)
+        throw Error("the sysroot lists fewer deployments than it did a moment ago");
+    glib::Object<OstreeDeployment> merge(
+        OSTREE_DEPLOYMENT(g_object_ref(static_cast<OstreeDeployment*>(g_ptr_array_index(all.get(), keep)))));
+    if (ostree_deployment_get_csum(merge.get()) != before[keep].commit)
+        throw Error("the sysroot's deployments changed while reading them");
 
     std::string refspec = result.previous.origin_refspec;
     auto colon = refspec.find(':');
@@ -115,6 +137,18 @@ void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptio
     in_step("deploy", [&] {
         glib::KeyFile origin(ostree_sysroot_origin_new_from_refspec(sysroot.get(), refspec.c_str()));
         OstreeSysrootDeployTreeOpts deploy_options{}; // kernel arguments are inherited from the merge deployment
+        glib::Strv kernel_argv;
+        if (!options.kernel_args_append.empty()) {
+            OstreeBootconfigParser* config = ostree_deployment_get_bootconfig(merge.get());
+            const char* inherited = config ? ostree_bootconfig_parser_get(config, "options") : nullptr;
+            std::unique_ptr<OstreeKernelArgs, decltype(&ostree_kernel_args_free)> kargs(
+                ostree_kernel_args_from_string(inherited ? inherited : ""), &ostree_kernel_args_free);
+            ostree_kernel_args_delete_key_entry(kargs.get(), "ostree", nullptr); // libostree adds the new one
+            for (const auto& arg : options.kernel_args_append)
+                ostree_kernel_args_append(kargs.get(), arg.c_str());
+            kernel_argv = glib::Strv(ostree_kernel_args_to_strv(kargs.get()));
+            deploy_options.override_kernel_argv = kernel_argv.get();
+        }
         OstreeDeployment* raw_new = nullptr;
         if (!ostree_sysroot_deploy_tree_with_options(sysroot.get(), os.c_str(), commit.c_str(), origin.get(), merge.get(),
                                                      &deploy_options, &raw_new, cancellable, &error))

@@ -1,5 +1,6 @@
 # Boots the current OSTree deployment, or the previous one when the U-Boot
-# variable rollback=1 is set. OSTree keeps /boot/loader/uEnv.txt on the
+# variable rollback=1 is set or (on a board that counts boots) when the
+# current one failed its tries. OSTree keeps /boot/loader/uEnv.txt on the
 # rootfs partition pointing at the right files after every deploy, so this
 # script never changes. Rendered by treeflash for board @BOARD@.
 #
@@ -25,18 +26,26 @@ setenv bootargs2
 echo "treeflash: loading /boot/loader/uEnv.txt from ${devtype} ${ostree_part}"
 load ${devtype} ${ostree_part} ${scriptaddr} /boot/loader/uEnv.txt || exit
 env import -t ${scriptaddr} ${filesize}
+setenv boot_entry 1
+setenv treeflash_state none
 if test "${rollback}" = "1"; then
+  setenv boot_entry 2
+  setenv treeflash_state manual
+fi
+@BOOT_COUNT@
+if test "${boot_entry}" = "2"; then
   if test -n "${kernel_image2}"; then
-    echo "treeflash: rollback=1, booting the previous deployment"
+    echo "treeflash: booting the previous deployment"
     setenv kernel_image ${kernel_image2}
     setenv ramdisk_image ${ramdisk_image2}
     setenv fdt_file ${fdt_file2}
     setenv fdtdir ${fdtdir2}
     setenv bootargs ${bootargs2}
   else
-    echo "treeflash: rollback=1 but there is no previous deployment"
+    echo "treeflash: there is no previous deployment; booting the current one"
   fi
 fi
+@BOOT_COUNT_ARGS@
 if test -z "${kernel_image}"; then
   echo "treeflash: uEnv.txt names no kernel_image"
   exit

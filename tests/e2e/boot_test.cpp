@@ -3,7 +3,7 @@
 // HTTP (ostree admin upgrade and treeflash upgrade), rollback through U-Boot's
 // environment, GPG-signed updates, and broken boot chains that must fail fast.
 // Needs root and the example packages (scripts/fetch-example).
-#include "tests/support/system.hpp"
+#include "tests/e2e/e2e.hpp"
 
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
@@ -12,202 +12,8 @@
 
 using namespace treeflash;
 using namespace treeflash::test;
+using namespace treeflash::test::e2e;
 using nlohmann::json;
-
-namespace {
-
-const bool not_root = !is_root();
-const fs::path example = TREEFLASH_E2E_EXAMPLE_DIR;
-const fs::path source_dir = TREEFLASH_SOURCE_DIR;
-
-std::string kver()
-{
-    std::string text = read_text(example / "kernel/kver");
-    return text.substr(0, text.find('\n'));
-}
-
-// The example rootfs, with an rcS that reports what the test checks and
-// powers off.
-void make_e2e_rootfs(const fs::path& dir, const std::string& version, const std::string& motd)
-{
-    fs::copy(example / "rootfs", dir, fs::copy_options::recursive | fs::copy_options::copy_symlinks);
-    write_file(dir / "etc/init.d/rcS", R"RCS(#!/bin/sh
-mount -t proc proc /proc 2>/dev/null
-mount -t sysfs sysfs /sys 2>/dev/null
-echo "E2E-CMDLINE: $(cat /proc/cmdline)"
-echo "E2E-MODEL: $(cat /sys/firmware/devicetree/base/model)"
-if touch /usr/e2e-probe 2>/dev/null; then echo "E2E-USR: writable"; else echo "E2E-USR: read-only"; fi
-if [ -e /run/ostree-booted ]; then echo "E2E-OSTREE-BOOTED: yes"; else echo "E2E-OSTREE-BOOTED: no"; fi
-echo "E2E-VERSION: $(/usr/bin/e2e-version)"
-echo "E2E-HOSTNAME: $(cat /etc/hostname)"
-echo "E2E-MOTD: $(cat /etc/motd)"
-echo "E2E-DONE"
-poweroff -f
-)RCS", 0755);
-    write_file(dir / "usr/bin/e2e-version", "#!/bin/sh\necho " + version + "\n", 0755);
-    write_file(dir / "etc/motd", motd + "\n");
-}
-
-fs::path initramfs_for(const fs::path& dir, const std::string& board, const std::vector<std::string>& extra = {},
-                       const fs::path& modules = {})
-{
-    fs::path out = dir / ("initramfs-" + fs::path(board).filename().string() + ".img");
-    std::vector<std::string> args{"initramfs", "--board", board, "--busybox", (example / "rootfs/usr/bin/busybox").string(),
-                                  "--userland", (example / "prepare-root").string(), "--modules",
-                                  (modules.empty() ? example / "kernel/modules" / kver() : modules).string(),
-                                  "--output", out.string()};
-    args.insert(args.end(), extra.begin(), extra.end());
-    args.push_back("--json");
-    auto r = run_treeflash(args);
-    REQUIRE_MESSAGE(r.ok(), r.err);
-    // Modules come after their dependencies; the loader and libc are in.
-    json info = json::parse(r.out);
-    auto position = [&](const std::string& name) {
-        const auto& modules = info["modules"];
-        for (size_t i = 0; i < modules.size(); ++i)
-            if (modules[i] == name)
-                return static_cast<int>(i);
-        return -1;
-    };
-    CHECK(position("ext4") > position("jbd2"));
-    CHECK(position("jbd2") >= 0);
-    std::string binaries = info["binaries"].dump();
-    CHECK(binaries.find("lib/ld-linux-aarch64.so.1") != std::string::npos);
-    CHECK(binaries.find("lib/libc.so.6") != std::string::npos);
-    return out;
-}
-
-std::string commit(const fs::path& rootfs, const fs::path& repo, const fs::path& initramfs, const std::string& version,
-                   const std::vector<std::string>& extra = {})
-{
-    std::vector<std::string> args{"build", "--rootfs", rootfs.string(), "--repo", repo.string(), "--kernel",
-                                  (example / "kernel/vmlinuz").string(), "--initramfs", initramfs.string(),
-                                  "--version", version};
-    args.insert(args.end(), extra.begin(), extra.end());
-    auto r = run_treeflash(args);
-    REQUIRE_MESSAGE(r.ok(), r.err);
-    return r.out.substr(0, 64);
-}
-
-// QEMU's own devicetree for the virt machine with its model renamed, so the
-// console shows which devicetree the kernel got.
-fs::path marked_devicetree(const fs::path& dir, const std::string& name, const std::string& model)
-{
-    fs::path qemu = dir / "qemu-dumped.dtb";
-    if (!fs::exists(qemu)) {
-        auto r = run_process({(source_dir / "scripts/qemu-boot").string(), "--dump-dtb", qemu.string()});
-        REQUIRE_MESSAGE(r.ok(), r.err);
-    }
-    auto dts = run_process({"dtc", "-q", "-I", "dtb", "-O", "dts", qemu.string()});
-    REQUIRE_MESSAGE(dts.ok(), dts.err);
-    std::string text = dts.out;
-    const std::string original = "model = \"linux,dummy-virt\";";
-    REQUIRE(text.find(original) != std::string::npos);
-    text.replace(text.find(original), original.size(), "model = \"" + model + "\";");
-    write_file(dir / (name + ".dts"), text);
-    fs::path out = dir / name;
-    auto r = run_process({"dtc", "-q", "-I", "dts", "-O", "dtb", "-o", out.string(), (dir / (name + ".dts")).string()});
-    REQUIRE_MESSAGE(r.ok(), r.err);
-    return out;
-}
-
-// A copy of the kernel's modules tree (symlinks) plus refused.ko: a real
-// module whose vermagic was changed, so the kernel refuses to load it.
-fs::path modules_with_refused_module(const fs::path& dir)
-{
-    fs::path modules = dir / "modules";
-    auto r = run_process({"cp", "-as", (example / "kernel/modules" / kver()).string() + "/.", modules.string()});
-    REQUIRE_MESSAGE(r.ok(), r.err);
-    fs::path crc16;
-    for (const auto& entry : fs::recursive_directory_iterator(modules / "kernel"))
-        if (entry.path().filename() == "crc16.ko")
-            crc16 = entry.path();
-    REQUIRE(!crc16.empty());
-    std::string bytes = read_text(crc16);
-    auto pos = bytes.find("vermagic=");
-    REQUIRE(pos != std::string::npos);
-    bytes[pos + 9] = 'X';
-    write_file(modules / "kernel/refused.ko", bytes);
-    return modules;
-}
-
-struct Boot {
-    int status = -1;
-    std::string console;
-    std::string line(const std::string& key) const
-    {
-        auto pos = console.find(key + ": ");
-        if (pos == std::string::npos)
-            return "";
-        auto end = console.find_first_of("\r\n", pos);
-        return console.substr(pos + key.size() + 2, end - pos - key.size() - 2);
-    }
-};
-
-// Boots an image file or a card; the console goes to IMAGE.console, or to
-// `console` (a card's name is under /dev).
-Boot boot(const fs::path& image, const std::vector<std::string>& extra = {}, fs::path log = {})
-{
-    if (log.empty()) {
-        log = image;
-        log += ".console";
-    }
-    std::vector<std::string> argv{(source_dir / "scripts/qemu-boot").string(), image.string(), "--marker", "E2E-DONE",
-                                  "--timeout", "60", "--quiet", "--console", log.string()};
-    argv.insert(argv.end(), extra.begin(), extra.end());
-    auto r = run_process(argv);
-    Boot result;
-    result.status = r.exit_code;
-    result.console = read_text(log);
-    return result;
-}
-
-// The deployment directory of the default deployment on a mounted card.
-fs::path default_deployment(const fs::path& sysroot, const std::string& commit)
-{
-    for (const auto& entry : fs::directory_iterator(sysroot / "ostree/deploy/tcu/deploy"))
-        if (entry.is_directory() && entry.path().filename().string().rfind(commit, 0) == 0)
-            return entry.path();
-    FAIL("no deployment of " << commit);
-    return {};
-}
-
-// mount(8) of the rootfs partition (p3) of a qemu-arm64 image, read-write.
-struct MountedRootfs {
-    Scratch dir;
-    explicit MountedRootfs(const fs::path& image)
-    {
-        auto r = run_process({"mount", "-o", "loop,offset=" + std::to_string(160ull << 20), image.string(), dir.path().string()});
-        REQUIRE_MESSAGE(r.ok(), r.err);
-    }
-    ~MountedRootfs() { run_process({"umount", dir.path().string()}); }
-};
-
-// The error itself is one line (after any progress notices).
-bool one_line(const std::string& err)
-{
-    std::istringstream in(err);
-    int errors = 0;
-    for (std::string line; std::getline(in, line);)
-        errors += line.rfind("treeflash upgrade:", 0) == 0;
-    return errors == 1 && err.find("treeflash upgrade:") != std::string::npos
-           && err.substr(err.find("treeflash upgrade:")).find('\n') == err.size() - err.find("treeflash upgrade:") - 1;
-}
-
-std::string gpg_key(const fs::path& home, const std::string& name)
-{
-    fs::create_directories(home);
-    fs::permissions(home, fs::perms::owner_all);
-    REQUIRE(run_process({"gpg", "--homedir", home.string(), "--batch", "--passphrase", "", "--quick-gen-key",
-                         name + " <" + name + "@example.invalid>", "ed25519", "sign", "never"}).ok());
-    auto list = run_process({"gpg", "--homedir", home.string(), "--with-colons", "--list-secret-keys"});
-    std::smatch m;
-    std::string out = list.out;
-    REQUIRE(std::regex_search(out, m, std::regex("fpr:+([0-9A-F]{40}):")));
-    return m[1];
-}
-
-} // namespace
 
 TEST_SUITE("e2e") {
 
@@ -340,7 +146,7 @@ TEST_CASE("upgrade over HTTP with ostree admin and with treeflash, then rollback
     // Rollback through U-Boot's environment (second flash bank).
     Boot rolled = boot(image, {"--uboot-env", "rollback=1"});
     REQUIRE_MESSAGE(rolled.status == 0, rolled.console);
-    CHECK(rolled.console.find("rollback=1, booting the previous deployment") != std::string::npos);
+    CHECK(rolled.console.find("treeflash: booting the previous deployment") != std::string::npos);
     CHECK(rolled.line("E2E-VERSION") == "v2");
     CHECK(result["deployments"][1]["commit"] == v2);
     CHECK(rolled.line("E2E-CMDLINE").find("ostree=" + result["deployments"][1]["ostree"].get<std::string>()) != std::string::npos);
@@ -468,7 +274,8 @@ TEST_CASE("a broken boot chain fails fast and the console says why" * doctest::s
         Boot b = boot(image);
         CHECK(b.status == 1);
         CHECK_MESSAGE(b.console.find(c.expected) != std::string::npos, b.console);
-        CHECK(b.console.find("treeflash-initramfs: powering off") != std::string::npos);
+        // The board counts boots: the failed step reboots (QEMU runs with -no-reboot here).
+        CHECK(b.console.find("treeflash-initramfs: rebooting") != std::string::npos);
     }
 }
 
@@ -485,6 +292,8 @@ TEST_CASE("a module the kernel refuses: the failed step is named, the shell gets
         std::string conf = read_text(board / "board.conf");
         conf = std::regex_replace(conf, std::regex("initramfs.modules = "), "initramfs.modules = refused ");
         conf = std::regex_replace(conf, std::regex("initramfs.on_failure = .*"), std::string("initramfs.on_failure = ") + on_failure);
+        // A shell or a power-off would hold a failed trial: such a board cannot count boots.
+        conf = std::regex_replace(conf, std::regex("boot_count.limit = .*"), "boot_count.limit = 0");
         write_file(board / "board.conf", conf);
         fs::path repo = tmp / (std::string("repo-") + on_failure);
         commit(tmp / "rootfs", repo, initramfs_for(tmp.path(), board.string(), {}, modules), "1");
@@ -544,6 +353,41 @@ TEST_CASE("the example ls104x image matches its board profile" * doctest::skip(n
     CHECK(mounted.out.find("setenv devtype mmc") != std::string::npos);
     CHECK(mounted.out.find("setenv ostree_part ${devnum}:3") != std::string::npos);
     CHECK(mounted.out.find("if test -z \"${kernel_addr_r}\"; then setenv kernel_addr_r 0x81000000; fi") != std::string::npos);
+    // Boot counting: the script counts in block 0x2ff8 (0x5ff000), where the
+    // flash left an empty count, and U-Boot's environment at 0x500000
+    // sources that script and sets the same bootlimit.
+    CHECK(mounted.out.find("if ${devtype} write ${scriptaddr} 0x2ff8 1; then") != std::string::npos);
+    CHECK(mounted.out.find("setenv bootlimit 3") != std::string::npos);
+    auto printenv = [&](const std::string& offset, const std::string& size) {
+        write_file(tmp / "fw_env.config", image.string() + " " + offset + " " + size + "\n");
+        auto r = run_process({"fw_printenv", "-c", (tmp / "fw_env.config").string()});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+        return r.out;
+    };
+    std::string env = printenv("0x500000", "0x2000");
+    CHECK(env.find("bootcmd=mmc dev 0; load mmc 0:1 ${scriptaddr} /boot.scr && source ${scriptaddr}\n") != std::string::npos);
+    CHECK(env.find("bootlimit=3\n") != std::string::npos);
+    CHECK(env.find("scriptaddr=0x80000000\n") != std::string::npos);
+    CHECK(printenv("0x5ff000", "0x200") == "treeflash_serial=0\ntreeflash_tries=0\n");
+    auto listed = run_process({"sh", "-c", "d=$(mktemp -d) && mount -o ro,loop,offset=67108864 " + image.string() +
+                                               " $d && mkimage -l $d/boot.scr; umount $d; rmdir $d"});
+    CHECK(listed.out.find("AArch64 Linux Script") != std::string::npos);
+    CHECK(info["boot_counting"]["counting"] == true);
+    CHECK(info["boot_counting"]["bootlimit"] == 3);
+    CHECK(info["deployments"][0]["boot_state"] == "new");
+    std::string firmware = out["firmware"].dump();
+    CHECK(firmware.find("uboot-env at 0x500000 (8192 bytes)") != std::string::npos);
+    CHECK(firmware.find("boot-count at 0x5ff000 (512 bytes)") != std::string::npos);
+
+    // An environment the user gives for that slot is written as it is.
+    write_file(tmp / "own-env.txt", "bootcmd=echo own\n");
+    REQUIRE(run_process({"mkenvimage", "-s", "0x2000", "-o", (tmp / "own-env.bin").string(), (tmp / "own-env.txt").string()}).ok());
+    fs::path own = tmp / "own.img";
+    auto own_flash = run_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--image", own.string(), "--repo",
+                                    (tmp / "repo").string(), "--firmware", "uboot-env=" + (tmp / "own-env.bin").string()});
+    REQUIRE_MESSAGE(own_flash.ok(), own_flash.err);
+    image = own;
+    CHECK(printenv("0x500000", "0x2000") == "bootcmd=echo own\n");
 }
 
 }

@@ -1,5 +1,7 @@
 #include "tests/support/fixtures.hpp"
 
+#include "common/error.hpp"
+
 #include <archive.h>
 #include <archive_entry.h>
 #include <cstdlib>
@@ -286,6 +288,25 @@ std::map<std::string, std::string> list_commit(const fs::path& repo, const std::
         out[path] = line;
     }
     return out;
+}
+
+std::string error_of(const std::function<void()>& fn)
+{
+    try {
+        fn();
+    } catch (const Error& e) {
+        return e.what();
+    }
+    return "";
+}
+
+fs::path edited_board(const Scratch& tmp, const std::string& board, const std::string& name,
+                      const std::function<std::string(std::string)>& edit)
+{
+    fs::path dir = tmp / name;
+    fs::copy(fs::path(TREEFLASH_SOURCE_DIR) / "board" / board, dir, fs::copy_options::recursive);
+    write_file(dir / "board.conf", edit(read_text(dir / "board.conf")));
+    return dir;
 }
 
 } // namespace treeflash::test

@@ -5,6 +5,7 @@
 #include "common/process.hpp"
 
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <string>
 #include <sys/types.h>
@@ -74,6 +75,13 @@ void write_tarball(const fs::path& path, const std::vector<TarEntry>& entries);
 bool has_partial(const fs::path& dir);
 
 // The treeflash executable under test.
+// The message of the treeflash::Error `fn` throws; "" when it throws none.
+std::string error_of(const std::function<void()>& fn);
+
+// A copy of the bundled board `board` in tmp/name, with `edit` applied to its board.conf.
+fs::path edited_board(const Scratch& tmp, const std::string& board, const std::string& name,
+                      const std::function<std::string(std::string)>& edit);
+
 ProcessResult run_treeflash(const std::vector<std::string>& args, const std::vector<std::string>& env = {});
 // Starts the treeflash executable without waiting; stderr goes to
 // `stderr_file` (or /dev/null). Returns the pid.

@@ -1,0 +1,70 @@
+#include "flasher/card_files.hpp"
+
+#include "common/error.hpp"
+#include "common/fd.hpp"
+#include "common/fs.hpp"
+
+#include <fcntl.h>
+#include <sstream>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace treeflash::flasher {
+
+namespace {
+
+UniqueFd open_on_card(const std::filesystem::path& root, const std::string& relpath, int flags)
+{
+    try {
+        return fs::open_beneath(fs::open_directory(root).get(), relpath, flags);
+    } catch (const Error&) {
+        return UniqueFd();
+    }
+}
+
+} // namespace
+
+std::string read_on_card(const std::filesystem::path& root, const std::string& relpath)
+{
+    UniqueFd fd = open_on_card(root, relpath, O_RDONLY);
+    struct stat st {};
+    if (!fd || ::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > (1 << 20))
+        return "";
+    std::string data(static_cast<size_t>(st.st_size), '\0');
+    ssize_t n = ::read(fd.get(), data.data(), data.size());
+    data.resize(n > 0 ? static_cast<size_t>(n) : 0);
+    return data;
+}
+
+std::string read_link_on_card(const std::filesystem::path& root, const std::string& relpath)
+{
+    std::filesystem::path parent = std::filesystem::path(relpath).parent_path();
+    UniqueFd dir = parent.empty() ? open_on_card(root, ".", O_PATH | O_DIRECTORY)
+                                  : open_on_card(root, parent.string(), O_PATH | O_DIRECTORY);
+    if (!dir)
+        return "";
+    char target[256];
+    ssize_t n = ::readlinkat(dir.get(), std::filesystem::path(relpath).filename().c_str(), target, sizeof target - 1);
+    return n > 0 ? std::string(target, static_cast<size_t>(n)) : "";
+}
+
+unsigned type_on_card(const std::filesystem::path& root, const std::string& relpath)
+{
+    UniqueFd fd = open_on_card(root, relpath, O_PATH);
+    struct stat st {};
+    return fd && ::fstat(fd.get(), &st) == 0 ? (st.st_mode & S_IFMT) : 0;
+}
+
+std::map<std::string, std::string> parse_env_lines(const std::string& text)
+{
+    std::map<std::string, std::string> values;
+    std::istringstream in(text);
+    for (std::string line; std::getline(in, line);) {
+        auto eq = line.find('=');
+        if (eq != std::string::npos && eq > 0 && line[0] != '#')
+            values[line.substr(0, eq)] = line.substr(eq + 1);
+    }
+    return values;
+}
+
+} // namespace treeflash::flasher

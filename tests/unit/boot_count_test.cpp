@@ -1,0 +1,341 @@
+// Boot counting without booting: the U-Boot environments treeflash writes
+// (checked with u-boot-tools' mkenvimage and fw_printenv), the boards'
+// settings, the boot script, what the card's files say about each
+// deployment, and templates/boot-health run by the host's shell on a
+// sysroot laid out as OSTree lays it out.
+#include "common/error.hpp"
+#include "common/process.hpp"
+#include "common/templates.hpp"
+#include "flasher/board.hpp"
+#include "flasher/boot_state.hpp"
+#include "flasher/bootscript.hpp"
+#include "flasher/uboot_env.hpp"
+#include "tests/support/fixtures.hpp"
+
+#include <doctest/doctest.h>
+#include <fstream>
+#include <regex>
+#include <sstream>
+#include <sys/stat.h>
+
+using namespace treeflash;
+using namespace treeflash::flasher;
+using namespace treeflash::test;
+
+namespace {
+
+const fs::path boards = fs::path(TREEFLASH_SOURCE_DIR) / "board";
+
+void write_bytes(const fs::path& path, const std::vector<uint8_t>& bytes)
+{
+    std::ofstream out(path, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+// fw_printenv's view of an environment at `offset` of `file`.
+std::map<std::string, std::string> fw_printenv(const Scratch& tmp, const fs::path& file, uint64_t offset, uint64_t size)
+{
+    // fw_env.config wants its numbers in hex.
+    std::ostringstream config;
+    config << file.string() << std::hex << " 0x" << offset << " 0x" << size << "\n";
+    write_file(tmp / "fw_env.config", config.str());
+    auto r = run_process({"fw_printenv", "-c", (tmp / "fw_env.config").string()});
+    REQUIRE_MESSAGE(r.ok(), r.err);
+    std::map<std::string, std::string> values;
+    std::istringstream in(r.out);
+    for (std::string line; std::getline(in, line);)
+        if (auto eq = line.find('='); eq != std::string::npos)
+            values[line.substr(0, eq)] = line.substr(eq + 1);
+    return values;
+}
+
+// A copy of a bundled board with `from` replaced by `to` in its board.conf.
+fs::path board_with(const Scratch& tmp, const std::string& board, const std::string& from, const std::string& to)
+{
+    static int copies = 0;
+    return edited_board(tmp, board, "board-" + std::to_string(++copies), [&](std::string conf) {
+        REQUIRE_MESSAGE(std::regex_search(conf, std::regex(from)), from);
+        return std::regex_replace(conf, std::regex(from), to);
+    });
+}
+
+Deployment deployment(const std::string& commit)
+{
+    Deployment d;
+    d.commit = commit;
+    return d;
+}
+
+} // namespace
+
+TEST_SUITE("boot-count") {
+
+TEST_CASE("U-Boot environments: byte for byte what mkenvimage writes, read back by fw_printenv")
+{
+    Scratch tmp;
+    UbootVariables variables{{"bootcmd", "load mmc 0:1 ${scriptaddr} /boot.scr && source ${scriptaddr}"},
+                             {"bootlimit", "3"},
+                             {"empty", ""}};
+    write_file(tmp / "env.txt", "bootcmd=" + variables[0].second + "\nbootlimit=3\nempty=\n");
+    auto made = run_process({"mkenvimage", "-p", "0", "-s", "8192", "-o", (tmp / "mkenvimage.bin").string(), (tmp / "env.txt").string()});
+    REQUIRE_MESSAGE(made.ok(), made.err);
+    std::vector<uint8_t> ours = make_uboot_env(variables, 8192);
+    std::string theirs = read_text(tmp / "mkenvimage.bin");
+    CHECK(std::string(ours.begin(), ours.end()) == theirs);
+
+    write_bytes(tmp / "ours.bin", ours);
+    auto read = fw_printenv(tmp, tmp / "ours.bin", 0, 8192);
+    CHECK(read["bootcmd"] == variables[0].second);
+    CHECK(read["bootlimit"] == "3");
+    auto back = read_uboot_env(reinterpret_cast<const uint8_t*>(theirs.data()), theirs.size());
+    CHECK(back["bootcmd"] == variables[0].second);
+    CHECK(back.count("empty") == 1);
+
+    // An erased or damaged environment is refused, as U-Boot refuses it.
+    std::vector<uint8_t> zeros(512, 0);
+    CHECK(error_of([&] { read_uboot_env(zeros.data(), zeros.size()); }).find("CRC") != std::string::npos);
+    ours[100] ^= 1;
+    CHECK(error_of([&] { read_uboot_env(ours.data(), ours.size()); }).find("CRC") != std::string::npos);
+    CHECK(error_of([&] { make_uboot_env({{"a", std::string(600, 'x')}}, 512); }).find("do not fit") != std::string::npos);
+    CHECK(error_of([&] { make_uboot_env({{"a=b", "c"}}, 512); }).find("not a U-Boot variable name") != std::string::npos);
+    CHECK(error_of([&] { make_uboot_env({{"a", "two\nlines"}}, 512); }).find("newline") != std::string::npos);
+}
+
+TEST_CASE("the tries block flash writes is what the boot script imports: tries 0, serial 0")
+{
+    Scratch tmp;
+    write_bytes(tmp / "block.bin", initial_boot_state());
+    auto values = fw_printenv(tmp, tmp / "block.bin", 0, boot_state_bytes);
+    CHECK(values == std::map<std::string, std::string>{{"treeflash_serial", "0"}, {"treeflash_tries", "0"}});
+}
+
+TEST_CASE("ls104x: its U-Boot environment and boot script agree with the board profile")
+{
+    Scratch tmp;
+    BoardProfile board = load_board("ls104x");
+    REQUIRE(board.boot_count.enabled());
+    CHECK(board.boot_count.limit == 3);
+    CHECK(board.boot_count.state_offset == 0x5ff000);
+    CHECK(board.initramfs_on_failure == "reboot");
+    REQUIRE(board.uboot_env);
+    const FirmwareSlot* slot = board.slot(board.uboot_env->slot);
+    REQUIRE(slot);
+    CHECK(slot->offset == 0x500000);
+    CHECK(slot->max_size == 0x2000);
+
+    // The environment, placed where U-Boot reads it in a card-sized file.
+    fs::path card = tmp / "card.bin";
+    {
+        std::ofstream out(card, std::ios::binary);
+        out.seekp(static_cast<std::streamoff>(board.boot_count.state_offset + boot_state_bytes));
+        out.put('\0');
+    }
+    std::vector<uint8_t> env = render_uboot_environment(board, slot->max_size);
+    std::vector<uint8_t> block = initial_boot_state();
+    {
+        std::fstream io(card, std::ios::binary | std::ios::in | std::ios::out);
+        io.seekp(static_cast<std::streamoff>(slot->offset));
+        io.write(reinterpret_cast<const char*>(env.data()), static_cast<std::streamsize>(env.size()));
+        io.seekp(static_cast<std::streamoff>(board.boot_count.state_offset));
+        io.write(reinterpret_cast<const char*>(block.data()), static_cast<std::streamsize>(block.size()));
+    }
+    auto values = fw_printenv(tmp, card, slot->offset, slot->max_size);
+    CHECK(values["bootcmd"] == "mmc dev 0; load mmc 0:1 ${scriptaddr} /boot.scr && source ${scriptaddr}");
+    CHECK(values["bootlimit"] == "3");
+    CHECK(values["scriptaddr"] == board.uboot_defaults.at("scriptaddr"));
+    for (const auto& [name, value] : values)
+        CHECK_MESSAGE(value.find('@') == std::string::npos, name);
+    CHECK(fw_printenv(tmp, card, board.boot_count.state_offset, boot_state_bytes)["treeflash_tries"] == "0");
+
+    // The boot script counts in the same block, with the same limit, and is
+    // a valid U-Boot script image.
+    std::string script = render_boot_script(board);
+    CHECK(script.find("if test -z \"${bootlimit}\"; then setenv bootlimit 3; fi") != std::string::npos);
+    CHECK(script.find("if ${devtype} read ${scriptaddr} 0x2ff8 1; then") != std::string::npos);
+    CHECK(script.find("if ${devtype} write ${scriptaddr} 0x2ff8 1; then") != std::string::npos);
+    CHECK(script.find("env export -c -s 0x200 ${scriptaddr} treeflash_serial treeflash_tries") != std::string::npos);
+    CHECK(script.find("treeflash.state=${treeflash_state}") != std::string::npos);
+    write_boot_script(board, script, tmp.path());
+    auto listed = run_process({"mkimage", "-l", (tmp / "boot.scr").string()});
+    REQUIRE_MESSAGE(listed.ok(), listed.err);
+    CHECK(listed.out.find("AArch64 Linux Script") != std::string::npos);
+    CHECK(listed.out.find("treeflash ls104x OSTree boot") != std::string::npos);
+}
+
+TEST_CASE("a board without counting gets the plain script; broken counting settings are refused")
+{
+    Scratch tmp;
+    BoardProfile plain = load_board(board_with(tmp, "qemu-arm64", "boot_count.limit = 3", "boot_count.limit = 0").string());
+    std::string script = render_boot_script(plain);
+    CHECK(script.find("treeflash_tries") == std::string::npos);
+    CHECK(script.find("treeflash.state") == std::string::npos);
+    CHECK(script.find("if test \"${rollback}\" = \"1\"; then") != std::string::npos);
+
+    struct Case {
+        std::string from, to, message;
+    };
+    for (const Case& c : {
+             Case{"boot_count.limit = 3", "boot_count.limit = 9", "0 (no counting) to 8 tries"},
+             Case{"boot_count.state = 0x5ff000", "boot_count.state = 0x5ff001", "a multiple of 512"},
+             Case{"boot_count.state = 0x5ff000", "boot_count.state = 0x500000", "overlaps firmware slot uboot-env"},
+             Case{"initramfs.on_failure = reboot", "initramfs.on_failure = shell", "needs initramfs.on_failure = reboot"},
+             Case{" panic=10", "", "needs panic=SECONDS"},
+             Case{"boot_count.mark = rootfs-file", "boot_count.mark = uboot-env", "only rootfs-file"},
+             Case{"uboot.env = uboot-env uboot-env.txt", "uboot.env = nosuchslot uboot-env.txt", "no firmware.NAME line"},
+             Case{"uboot.env = uboot-env uboot-env.txt", "uboot.env = uboot-env ../qemu-arm64/board.conf", "inside the board folder"},
+         }) {
+        CAPTURE(c.to);
+        fs::path dir = board_with(tmp, "ls104x", c.from, c.to);
+        std::string message = error_of([&] { load_board(dir.string()); });
+        CHECK_MESSAGE(message.find(c.message) != std::string::npos, message);
+    }
+}
+
+TEST_CASE("each deployment's state from the card's files, as the boot script reads them")
+{
+    std::vector<Deployment> two{deployment("bbbb"), deployment("aaaa")};
+    BootFiles files;
+    files.board = {{"bootlimit", "3"}, {"boot_state_offset", "0x5ff000"}};
+    files.uenv = {{"bootargs", "console=x ostree=/ostree/boot.1/tcu/c/0"}, {"bootargs2", "console=x ostree=/ostree/boot.1/tcu/c/1"}};
+    files.ack = {{"treeflash_acked", "4"}, {"treeflash_known_good", "aaaa.0"}};
+    files.tries_block = std::map<std::string, std::string>{{"treeflash_serial", "6"}, {"treeflash_tries", "2"}};
+
+    // No mark: the default is a trial with the block's tries.
+    BootStatus s = boot_status(files, two);
+    CHECK(s.counting);
+    CHECK(s.bootlimit == 3);
+    CHECK(s.entries[0].state == "trial");
+    CHECK(s.entries[0].tries == 2u);
+    CHECK(s.entries[1].state == "known good"); // ack.env names it
+    CHECK(fallback_deployment(s, two.size()) == 1);
+
+    // The last counted boot was acknowledged: those tries were an earlier trial's.
+    files.ack["treeflash_acked"] = "6";
+    CHECK(boot_status(files, two).entries[0].tries == 0u);
+    files.ack["treeflash_acked"] = "4";
+
+    // Past the limit: rolled back, waiting for the previous one to mark itself.
+    (*files.tries_block)["treeflash_tries"] = "4";
+    CHECK(boot_status(files, two).entries[0].state == "rolled back");
+
+    // The mark names the default: known good, and an upgrade keeps it.
+    files.mark = {{"treeflash_good", files.uenv["bootargs"]}};
+    s = boot_status(files, two);
+    CHECK(s.good_entry == 1);
+    CHECK(s.entries[0].state == "known good");
+    CHECK(s.entries[1].state == "previous");
+    CHECK(fallback_deployment(s, two.size()) == 0);
+
+    // The mark names the previous entry: the default was rolled back.
+    files.mark = {{"treeflash_good", files.uenv["bootargs2"]}, {"treeflash_rolled_back_deployment", "bbbb.0"},
+                  {"treeflash_rolled_back_version", "3"}};
+    s = boot_status(files, two);
+    CHECK(s.good_entry == 2);
+    CHECK(s.entries[0].state == "rolled back");
+    CHECK(s.entries[1].state == "known good");
+    CHECK(s.rolled_back_deployment == "bbbb.0");
+    CHECK(s.rolled_back_version == "3");
+    CHECK(fallback_deployment(s, two.size()) == 1);
+
+    // A mark that names bootargs uEnv.txt no longer has counts for nothing.
+    files.mark = {{"treeflash_good", "console=x ostree=/ostree/boot.0/tcu/c/0"}};
+    CHECK(boot_status(files, two).good_entry == 0);
+
+    // One deployment: nothing to fall back to, nothing counted.
+    s = boot_status(files, {deployment("aaaa")});
+    CHECK(s.entries[0].state == "new");
+    CHECK(fallback_deployment(s, 1) == 0);
+
+    // A card whose board does not count boots.
+    files.board.clear();
+    s = boot_status(files, two);
+    CHECK_FALSE(s.counting);
+    CHECK(s.entries[0].state.empty());
+    CHECK(fallback_deployment(s, two.size()) == 0);
+}
+
+TEST_CASE("boot-health marks the running deployment on a sysroot laid out as OSTree does")
+{
+    Scratch tmp;
+    fs::path script = tmp / "boot-health";
+    write_file(script, std::string(templates::get("boot-health")), 0755);
+    fs::path sysroot = tmp / "sysroot";
+    const std::string good = "aaaa000000000000", bad = "bbbb000000000000";
+    for (const auto& [commit, version] : {std::pair{good, "2"}, std::pair{bad, "3"}})
+        write_file(sysroot / "ostree/deploy/tcu/deploy" / (commit + ".0") / "usr/lib/os-release", "VERSION_ID=" + std::string(version) + "\n");
+    fs::create_directories(sysroot / "ostree/boot.1.0/tcu/csum");
+    fs::create_symlink("../../../deploy/tcu/deploy/" + bad + ".0", sysroot / "ostree/boot.1.0/tcu/csum/0");
+    fs::create_symlink("../../../deploy/tcu/deploy/" + good + ".0", sysroot / "ostree/boot.1.0/tcu/csum/1");
+    fs::create_symlink("boot.1.0", sysroot / "ostree/boot.1");
+    const std::string args1 = "console=x ostree=/ostree/boot.1/tcu/csum/0", args2 = "console=x ostree=/ostree/boot.1/tcu/csum/1";
+    write_file(sysroot / "boot/loader.1/uEnv.txt", "kernel_image=/k\nbootargs=" + args1 + "\nkernel_image2=/k\nbootargs2=" + args2 + "\n");
+    fs::create_symlink("loader.1", sysroot / "boot/loader");
+
+    auto run = [&](const std::string& running, const std::string& cmdline) {
+        write_file(tmp / "cmdline", cmdline + "\n");
+        ProcessOptions options;
+        options.extra_environment = {"TREEFLASH_ROOT=" + (sysroot / "ostree/deploy/tcu/deploy" / (running + ".0")).string(),
+                                     "TREEFLASH_SYSROOT=" + sysroot.string(), "TREEFLASH_CMDLINE=" + (tmp / "cmdline").string(),
+                                     "TREEFLASH_RUN=" + (tmp / "run").string(), "TREEFLASH_REBOOT=touch " + (tmp / "rebooted").string()};
+        return run_process({"sh", script.string()}, options);
+    };
+    fs::path mark = sysroot / "ostree/boot.1.0/treeflash-good.env";
+    fs::path ack = sysroot / "boot/treeflash/ack.env";
+
+    SUBCASE("a trial whose health check fails reboots and marks nothing")
+    {
+        write_file(sysroot / "ostree/deploy/tcu/deploy" / (bad + ".0") / "etc/treeflash/health.d/10-ok", "#!/bin/sh\nexit 0\n", 0755);
+        write_file(sysroot / "ostree/deploy/tcu/deploy" / (bad + ".0") / "etc/treeflash/health.d/20-broken", "#!/bin/sh\nexit 1\n", 0755);
+        auto r = run(bad, args1 + " treeflash.state=trial treeflash.boot=3 treeflash.tries=2 treeflash.bootlimit=3");
+        CHECK(r.exit_code == 1);
+        CHECK(r.out.find("treeflash-boot: 3 (bbbb00000000) failed its health checks (20-broken) on trial boot 2 of 3: rebooting")
+              != std::string::npos);
+        CHECK(fs::exists(tmp / "rebooted"));
+        CHECK_FALSE(fs::exists(mark));
+        CHECK_FALSE(fs::exists(ack));
+        CHECK(read_text(tmp / "run/treeflash/boot-state").find("health=failed:20-broken") != std::string::npos);
+    }
+    SUBCASE("after a rollback the previous entry is marked, naming the failed deployment")
+    {
+        auto r = run(good, args2 + " treeflash.state=rollback treeflash.boot=5 treeflash.tries=4 treeflash.bootlimit=3");
+        REQUIRE_MESSAGE(r.ok(), (r.out + r.err));
+        CHECK(r.out == "treeflash-boot: 3 (bbbb00000000) was rolled back after failing 3 tries; running 2 (aaaa00000000), known good\n");
+        std::string text = read_text(mark);
+        CHECK(text.find("\ntreeflash_good=" + args2 + "\n") != std::string::npos);
+        CHECK(text.find("treeflash_rolled_back_deployment=" + bad + ".0\n") != std::string::npos);
+        CHECK(text.find("treeflash_rolled_back_version=3") != std::string::npos);
+        CHECK(read_text(ack) == "treeflash_acked=5\ntreeflash_known_good=" + good + ".0\ntreeflash_known_good_version=2\n");
+        std::string state = read_text(tmp / "run/treeflash/boot-state");
+        CHECK(state.find("state=rolled-back\n") != std::string::npos);
+        CHECK(state.find("rolled_back_deployment=" + bad + ".0\n") != std::string::npos);
+
+        // The next boot finds it all in place and writes nothing.
+        struct stat before {};
+        REQUIRE(::stat(mark.c_str(), &before) == 0);
+        r = run(good, args2 + " treeflash.state=rolled-back treeflash.boot=5 treeflash.tries=4 treeflash.bootlimit=3");
+        REQUIRE(r.ok());
+        struct stat after {};
+        REQUIRE(::stat(mark.c_str(), &after) == 0);
+        CHECK(before.st_ino == after.st_ino);
+    }
+    SUBCASE("rollback=1 and a board that does not count leave the marks alone")
+    {
+        auto r = run(good, args2 + " treeflash.state=manual treeflash.boot=5 treeflash.tries=0 treeflash.bootlimit=3");
+        CHECK(r.ok());
+        CHECK(r.out.find("because rollback=1 is set") != std::string::npos);
+        r = run(good, args2);
+        CHECK(r.ok());
+        CHECK(r.out.find("does not count boots; not marking") != std::string::npos);
+        CHECK_FALSE(fs::exists(mark));
+        CHECK_FALSE(fs::exists(ack));
+    }
+    SUBCASE("a deploy since boot: ostree= no longer names the running root, nothing is marked")
+    {
+        auto r = run(good, args1 + " treeflash.state=trial treeflash.boot=5 treeflash.tries=1 treeflash.bootlimit=3");
+        CHECK(r.ok());
+        CHECK(r.out.find("the deployments changed since this boot") != std::string::npos);
+        CHECK_FALSE(fs::exists(mark));
+    }
+}
+
+} // TEST_SUITE
