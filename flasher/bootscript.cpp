@@ -75,7 +75,7 @@ std::string render_boot_script(const BoardProfile& board)
     if (board.boot_count.enabled()) {
         count = std::string(templates::get("uboot/boot-count.cmd"));
         count_args = "setenv bootargs \"${bootargs} treeflash.state=${treeflash_state} treeflash.boot=${treeflash_serial} "
-                     "treeflash.tries=${treeflash_tries} treeflash.bootlimit=${bootlimit}\"";
+                     "treeflash.tries=${treeflash_tries} treeflash.bootlimit=${treeflash_bootlimit}\"";
         std::ostringstream block;
         block << "0x" << std::hex << board.boot_count.state_offset / 512;
         text::replace_all(count, "@STATE_BLOCK@", block.str());

@@ -4,6 +4,7 @@
 #include "common/fd.hpp"
 #include "common/fs.hpp"
 
+#include <cerrno>
 #include <fcntl.h>
 #include <sstream>
 #include <sys/stat.h>
@@ -26,7 +27,8 @@ UniqueFd open_on_card(const std::filesystem::path& root, const std::string& relp
 
 std::string read_on_card(const std::filesystem::path& root, const std::string& relpath)
 {
-    UniqueFd fd = open_on_card(root, relpath, O_RDONLY);
+    // O_NONBLOCK: a FIFO where a file should be must not hang the reader.
+    UniqueFd fd = open_on_card(root, relpath, O_RDONLY | O_NONBLOCK);
     struct stat st {};
     if (!fd || ::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > (1 << 20))
         return "";
@@ -53,6 +55,32 @@ unsigned type_on_card(const std::filesystem::path& root, const std::string& relp
     UniqueFd fd = open_on_card(root, relpath, O_PATH);
     struct stat st {};
     return fd && ::fstat(fd.get(), &st) == 0 ? (st.st_mode & S_IFMT) : 0;
+}
+
+void write_on_card(const std::filesystem::path& root, const std::string& dir, const std::string& name,
+                   const std::string& content)
+{
+    UniqueFd top = fs::open_directory(root);
+    std::string walked;
+    for (const auto& part : fs::split_relative_path(dir, "write " + dir)) {
+        UniqueFd parent = walked.empty() ? fs::open_beneath(top.get(), ".", O_RDONLY | O_DIRECTORY)
+                                         : fs::open_beneath(top.get(), walked, O_RDONLY | O_DIRECTORY);
+        if (::mkdirat(parent.get(), part.c_str(), 0755) != 0 && errno != EEXIST)
+            throw_errno("create " + walked + "/" + part);
+        walked += (walked.empty() ? "" : "/") + part;
+    }
+    UniqueFd target = fs::open_beneath(top.get(), walked, O_RDONLY | O_DIRECTORY);
+    std::string temporary = name + ".new";
+    {
+        UniqueFd out(::openat(target.get(), temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644));
+        if (!out)
+            throw_errno("create " + dir + "/" + temporary);
+        fs::write_at(out.get(), content.data(), content.size(), 0, dir + "/" + temporary);
+        if (::fsync(out.get()) != 0)
+            throw_errno("fsync " + dir + "/" + temporary);
+    }
+    if (::renameat(target.get(), temporary.c_str(), target.get(), name.c_str()) != 0)
+        throw_errno("rename " + dir + "/" + temporary);
 }
 
 std::map<std::string, std::string> parse_env_lines(const std::string& text)

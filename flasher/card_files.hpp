@@ -19,6 +19,12 @@ std::string read_link_on_card(const std::filesystem::path& root, const std::stri
 // there without following a symlink.
 unsigned type_on_card(const std::filesystem::path& root, const std::string& relpath);
 
+// Replaces `dir`/`name` below the card's mount with `content` (a temporary
+// file, then rename), creating `dir` when missing. A symlink anywhere on the
+// way is an error, so the write stays on the card.
+void write_on_card(const std::filesystem::path& root, const std::string& dir, const std::string& name,
+                   const std::string& content);
+
 // NAME=VALUE lines (uEnv.txt and treeflash's boot files); '#' lines skipped.
 std::map<std::string, std::string> parse_env_lines(const std::string& text);
 

@@ -4,6 +4,7 @@
 #include "common/glib.hpp"
 #include "common/validate.hpp"
 #include "flasher/boot_state.hpp"
+#include "flasher/card_files.hpp"
 #include "flasher/format.hpp"
 #include "flasher/loop.hpp"
 #include "flasher/mount.hpp"
@@ -88,7 +89,12 @@ void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptio
     // The deployment to keep for rollback, and to merge /etc from: libostree
     // keeps the merge deployment and drops the others. On a card that counts
     // boots it is the known-good one, never a default that was rolled back.
-    BootStatus status = boot_status(read_boot_files(mountpoint, options.target), before);
+    BootFiles boot_files = read_boot_files(mountpoint, options.target);
+    BootStatus status = boot_status(boot_files, before);
+    if (status.counting)
+        for (const auto& arg : options.kernel_args_append)
+            if (arg.rfind("panic=", 0) == 0 && (arg == "panic=0" || arg == "panic="))
+                throw Error("--karg " + arg + ": this card counts boots, and a panic must reboot to count as a failed try");
     size_t keep = fallback_deployment(status, before.size());
     result.fallback = before[keep];
     if (keep != 0) {
@@ -159,6 +165,21 @@ void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptio
             throw_gerror(error, "write deployment");
     });
     result.changed = true;
+    // The new deployment is a trial: acknowledge the tries counted so far, so
+    // it starts from zero even if a trial was cut short on this card.
+    if (status.counting && boot_files.tries_block) {
+        auto serial = boot_files.tries_block->find("treeflash_serial");
+        bool plain = serial != boot_files.tries_block->end() && !serial->second.empty() && serial->second.size() <= 16
+                     && serial->second.find_first_not_of("0123456789abcdef") == std::string::npos;
+        if (plain)
+            in_step("boot counting", [&] {
+                std::string ack = "treeflash_acked=" + serial->second + "\n";
+                for (const char* key : {"treeflash_known_good", "treeflash_known_good_version"})
+                    if (auto it = boot_files.ack.find(key); it != boot_files.ack.end())
+                        ack += std::string(key) + "=" + it->second + "\n";
+                write_on_card(mountpoint, "boot/treeflash", "ack.env", ack);
+            });
+    }
 }
 
 } // namespace

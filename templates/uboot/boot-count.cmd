@@ -1,13 +1,17 @@
-# Boot counting (README "Boot chain"), bootlimit @BOOTLIMIT@ unless the
-# environment sets one. A deployment is a trial until the booted system marks
+# Boot counting (README "Boot chain"): treeflash_bootlimit tries, @BOOTLIMIT@
+# unless the environment sets 1 to 8. (Not U-Boot's own bootlimit, which a
+# U-Boot built with bootcount support would act on by itself.) A deployment is a trial until the booted system marks
 # it good, by writing /ostree/boot.N/treeflash-good.env with the uEnv.txt
 # bootargs of the good entry: OSTree replaces that folder at every deploy, so
 # an upgrade is a trial again without any hook. Only trial boots are counted,
-# in a 512-byte environment at block @STATE_BLOCK@ of the card. After bootlimit
-# failed tries the previous deployment boots, and keeps booting until the
+# in a 512-byte environment at block @STATE_BLOCK@ of the card. After
+# treeflash_bootlimit failed tries the previous deployment boots, and keeps booting until the
 # next upgrade. A boot the system acknowledged (boot/treeflash/ack.env) ends
 # the tries of its trial, so a new one starts from zero.
-if test -z "${bootlimit}"; then setenv bootlimit @BOOTLIMIT@; fi
+if test -z "${treeflash_bootlimit}"; then setenv treeflash_bootlimit @BOOTLIMIT@; fi
+# setexpr counts in hex and test compares decimal: they agree below 10.
+if test ${treeflash_bootlimit} -lt 1; then setenv treeflash_bootlimit @BOOTLIMIT@; fi
+if test ${treeflash_bootlimit} -gt 8; then setenv treeflash_bootlimit @BOOTLIMIT@; fi
 setenv treeflash_mark 0
 setenv treeflash_good none
 if test -e ${devtype} ${ostree_part} /ostree/boot.0/treeflash-good.env; then
@@ -54,7 +58,7 @@ elif test -z "${kernel_image2}"; then
   echo "treeflash: the only deployment, nothing to fall back to: not counting"
 else
   if test "${treeflash_serial}" = "${treeflash_acked}"; then setenv treeflash_tries 0; fi
-  if test ${treeflash_tries} -le ${bootlimit}; then
+  if test ${treeflash_tries} -le ${treeflash_bootlimit}; then
     setexpr treeflash_tries ${treeflash_tries} + 1
     setexpr treeflash_serial ${treeflash_serial} + 1
     mw.b ${scriptaddr} 0 0x200
@@ -65,12 +69,12 @@ else
       echo "treeflash: could not write the boot count at block @STATE_BLOCK@"
     fi
   fi
-  if test ${treeflash_tries} -gt ${bootlimit}; then
+  if test ${treeflash_tries} -gt ${treeflash_bootlimit}; then
     setenv treeflash_state rollback
     setenv boot_entry 2
-    echo "treeflash: the current deployment failed ${bootlimit} tries; rolling back"
+    echo "treeflash: the current deployment failed ${treeflash_bootlimit} tries; rolling back"
   else
     setenv treeflash_state trial
-    echo "treeflash: trial boot ${treeflash_tries} of ${bootlimit} of the current deployment"
+    echo "treeflash: trial boot ${treeflash_tries} of ${treeflash_bootlimit} of the current deployment"
   fi
 fi

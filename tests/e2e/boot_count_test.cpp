@@ -213,11 +213,29 @@ TEST_CASE("boot counting: trials, health checks and rollbacks across real reboot
     CHECK(count(b.console, "treeflash: loading /boot/loader/uEnv.txt") == 1);
     CHECK(tries_block(image) == block);
 
+    // A trial cut short by a power cut shows its tries; an upgrade on the
+    // card then keeps v6 and starts the new trial from zero.
+    release("8", [](const fs::path& rootfs) {
+        fs::remove(rootfs / "usr/sbin/init");
+        write_file(rootfs / "usr/sbin/init", "#!/bin/sh\nexit 1\n", 0755);
+    });
+    upgrade(image);
+    cut = boot(image, {"--reboots", "--kill-at", "treeflash: trial boot 1 of 3"});
+    REQUIRE_MESSAGE(cut.status == 0, cut.console);
+    state = inspect(image);
+    CHECK(state["deployments"][0]["boot_state"] == "trial");
+    CHECK(state["deployments"][0]["boot_tries"] == 1);
+    text = run_treeflash({"inspect", image.string()});
+    CHECK(text.out.find("boot: trial (1 of 3 tries used)") != std::string::npos);
+
     // 8. The manual rollback=1 still boots the previous deployment, counts
     // nothing and moves no mark: without it the card is back on v7.
     std::string v7 = release("7");
-    upgrade(image);
+    up = upgrade(image);
+    CHECK(up["fallback"]["commit"] == v6);
+    CHECK(inspect(image)["deployments"][0]["boot_tries"] == 0);
     b = boot_until_done(image);
+    CHECK(b.console.find("treeflash: trial boot 1 of 3 of the current deployment") != std::string::npos);
     CHECK(b.last_line("E2E-VERSION") == "v7");
     CHECK(b.last_line("E2E-BOOT-STATE") == "known-good");
     block = tries_block(image);

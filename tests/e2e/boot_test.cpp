@@ -357,7 +357,7 @@ TEST_CASE("the example ls104x image matches its board profile" * doctest::skip(n
     // flash left an empty count, and U-Boot's environment at 0x500000
     // sources that script and sets the same bootlimit.
     CHECK(mounted.out.find("if ${devtype} write ${scriptaddr} 0x2ff8 1; then") != std::string::npos);
-    CHECK(mounted.out.find("setenv bootlimit 3") != std::string::npos);
+    CHECK(mounted.out.find("setenv treeflash_bootlimit 3") != std::string::npos);
     auto printenv = [&](const std::string& offset, const std::string& size) {
         write_file(tmp / "fw_env.config", image.string() + " " + offset + " " + size + "\n");
         auto r = run_process({"fw_printenv", "-c", (tmp / "fw_env.config").string()});
@@ -366,7 +366,7 @@ TEST_CASE("the example ls104x image matches its board profile" * doctest::skip(n
     };
     std::string env = printenv("0x500000", "0x2000");
     CHECK(env.find("bootcmd=mmc dev 0; load mmc 0:1 ${scriptaddr} /boot.scr && source ${scriptaddr}\n") != std::string::npos);
-    CHECK(env.find("bootlimit=3\n") != std::string::npos);
+    CHECK(env.find("treeflash_bootlimit=3\n") != std::string::npos);
     CHECK(env.find("scriptaddr=0x80000000\n") != std::string::npos);
     CHECK(printenv("0x5ff000", "0x200") == "treeflash_serial=0\ntreeflash_tries=0\n");
     auto listed = run_process({"sh", "-c", "d=$(mktemp -d) && mount -o ro,loop,offset=67108864 " + image.string() +

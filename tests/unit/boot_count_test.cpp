@@ -9,6 +9,7 @@
 #include "flasher/board.hpp"
 #include "flasher/boot_state.hpp"
 #include "flasher/bootscript.hpp"
+#include "flasher/card_files.hpp"
 #include "flasher/uboot_env.hpp"
 #include "tests/support/fixtures.hpp"
 
@@ -141,7 +142,8 @@ TEST_CASE("ls104x: its U-Boot environment and boot script agree with the board p
     }
     auto values = fw_printenv(tmp, card, slot->offset, slot->max_size);
     CHECK(values["bootcmd"] == "mmc dev 0; load mmc 0:1 ${scriptaddr} /boot.scr && source ${scriptaddr}");
-    CHECK(values["bootlimit"] == "3");
+    CHECK(values["treeflash_bootlimit"] == "3");
+    CHECK(values.count("bootlimit") == 0); // U-Boot's own, which its bootcount support would act on
     CHECK(values["scriptaddr"] == board.uboot_defaults.at("scriptaddr"));
     for (const auto& [name, value] : values)
         CHECK_MESSAGE(value.find('@') == std::string::npos, name);
@@ -150,7 +152,7 @@ TEST_CASE("ls104x: its U-Boot environment and boot script agree with the board p
     // The boot script counts in the same block, with the same limit, and is
     // a valid U-Boot script image.
     std::string script = render_boot_script(board);
-    CHECK(script.find("if test -z \"${bootlimit}\"; then setenv bootlimit 3; fi") != std::string::npos);
+    CHECK(script.find("if test -z \"${treeflash_bootlimit}\"; then setenv treeflash_bootlimit 3; fi") != std::string::npos);
     CHECK(script.find("if ${devtype} read ${scriptaddr} 0x2ff8 1; then") != std::string::npos);
     CHECK(script.find("if ${devtype} write ${scriptaddr} 0x2ff8 1; then") != std::string::npos);
     CHECK(script.find("env export -c -s 0x200 ${scriptaddr} treeflash_serial treeflash_tries") != std::string::npos);
@@ -254,6 +256,23 @@ TEST_CASE("each deployment's state from the card's files, as the boot script rea
     CHECK(fallback_deployment(s, two.size()) == 0);
 }
 
+TEST_CASE("a card's boot files are read and written without leaving it or hanging on it")
+{
+    Scratch tmp;
+    fs::path card = tmp / "card";
+    fs::create_directories(card / "boot");
+    REQUIRE(::mkfifo((card / "boot/fifo.env").c_str(), 0644) == 0);
+    CHECK(read_on_card(card, "boot/fifo.env").empty()); // returns at once
+    fs::create_directories(tmp / "outside");
+    fs::create_symlink(tmp / "outside", card / "boot/treeflash");
+    CHECK(error_of([&] { write_on_card(card, "boot/treeflash", "ack.env", "x\n"); }).find("symlink") != std::string::npos);
+    CHECK(fs::is_empty(tmp / "outside"));
+    fs::remove(card / "boot/treeflash");
+    write_on_card(card, "boot/treeflash", "ack.env", "treeflash_acked=5\n");
+    CHECK(parse_env_lines(read_on_card(card, "boot/treeflash/ack.env"))["treeflash_acked"] == "5");
+    CHECK_FALSE(fs::exists(card / "boot/treeflash/ack.env.new"));
+}
+
 TEST_CASE("boot-health marks the running deployment on a sysroot laid out as OSTree does")
 {
     Scratch tmp;
@@ -318,11 +337,14 @@ TEST_CASE("boot-health marks the running deployment on a sysroot laid out as OST
         REQUIRE(::stat(mark.c_str(), &after) == 0);
         CHECK(before.st_ino == after.st_ino);
     }
-    SUBCASE("rollback=1 and a board that does not count leave the marks alone")
+    SUBCASE("rollback=1 moves no mark but ends an interrupted trial's tries; a board that does not count marks nothing")
     {
         auto r = run(good, args2 + " treeflash.state=manual treeflash.boot=5 treeflash.tries=0 treeflash.bootlimit=3");
         CHECK(r.ok());
         CHECK(r.out.find("because rollback=1 is set") != std::string::npos);
+        CHECK_FALSE(fs::exists(mark));
+        CHECK(parse_env_lines(read_text(ack))["treeflash_acked"] == "5");
+        fs::remove(ack);
         r = run(good, args2);
         CHECK(r.ok());
         CHECK(r.out.find("does not count boots; not marking") != std::string::npos);
