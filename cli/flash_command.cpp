@@ -101,6 +101,7 @@ nlohmann::json to_json(const flasher::FlashResult& r)
         {"partition_table", r.partition_table},
         {"partitions", partitions},
         {"firmware", r.firmware},
+        {"image_method", r.image_method},
         {"os", r.deployment.os},
         {"commit", r.deployment.commit},
         {"version", r.deployment.version},
@@ -174,6 +175,9 @@ int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
          "write FILE into the board's firmware slot NAME (ls104x: rcw, fip, uboot-env, fman, qe, phy); repeatable")
         ("force", po::bool_switch(&options.force), "allow a --device that is not removable")
         ("overwrite", po::bool_switch(&options.overwrite), "replace an existing --image (and its compressed form)")
+        ("image-method", po::value(&options.image_method)->value_name("auto|loop|unprivileged")->default_value("auto"),
+         "how --image is made: loop devices and mounts (root), or file systems built from directories with "
+         "mkfs.ext4 -d (no root, loop devices or mounts); auto picks loop when it can")
         ("compress", po::value(&options.compress)->value_name("zst|xz|gz"),
          "--image: also leave IMAGE.zst (or .xz, .gz) and a SHA256SUMS for it and IMAGE.bmap, ready to publish")
         ("yes,y", po::bool_switch(&yes), "do not ask before erasing --device")

@@ -9,6 +9,7 @@
 #include "flasher/bootscript.hpp"
 #include "flasher/format.hpp"
 #include "flasher/mount.hpp"
+#include "flasher/userns.hpp"
 
 #include <gio/gio.h>
 #include <sys/stat.h>
@@ -173,6 +174,30 @@ void check_rootfs_room(FlashPlan& plan, uint64_t disk_bytes)
 
 } // namespace
 
+namespace {
+
+// loop: this process may use loop devices (root, /dev/loop-control); else
+// the image is made from directories, which needs only a user namespace.
+bool choose_unprivileged(const std::string& method)
+{
+    bool loop_possible = ::geteuid() == 0 && ::access("/dev/loop-control", R_OK | W_OK) == 0;
+    if (method == "loop") {
+        if (!loop_possible)
+            throw Error("--image-method loop needs root and /dev/loop-control; --image-method unprivileged needs neither");
+        return false;
+    }
+    if (method != "unprivileged" && method != "auto")
+        throw Error("--image-method '" + method + "': loop, unprivileged or auto");
+    if (method == "auto" && loop_possible)
+        return false;
+    if (!user_namespaces_available())
+        throw Error("making an image without loop devices needs user namespaces, which this system refuses"
+                    + std::string(loop_possible ? "; --image-method loop works here" : ""));
+    return true;
+}
+
+} // namespace
+
 FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
 {
     if (options.device.has_value() == options.image.has_value())
@@ -241,6 +266,7 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
                         + " MiB free in " + dir.string());
         plan.image_size = size;
         in_step("image", [&] { check_rootfs_room(plan, size); });
+        plan.unprivileged = in_step("image", [&] { return choose_unprivileged(options.image_method); });
     } else {
         plan.disk = in_step("device " + *options.device, [&] { return describe_disk(*options.device); });
         uint64_t minimum = plan.layout.minimum_disk_bytes(
@@ -309,6 +335,82 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
     in_step("sync", [&] { target.commit(); });
 }
 
+// The same card as write_card, made without loop devices, mounts or root:
+// the sysroot is laid out in a scratch directory (libostree's init-fs,
+// os-init, pull and deploy work on any directory), the boot files in
+// another, and mkfs.ext4 -d creates each file system straight into the
+// image at its partition's offset. Both run as root of a user namespace of
+// their own, so the files are root's in the image whoever runs this, and
+// nothing libostree tries (freezing the file system under /boot) reaches
+// the host.
+void write_image_from_directories(const FlashPlan& plan, Target& target, FlashResult& result,
+                                  const std::function<void(const std::string&)>& notice, GCancellable* cancellable)
+{
+    const BoardProfile& board = plan.board;
+    notice("partitioning " + target.image().string() + " (" + plan.layout.label + ", without loop devices)");
+    in_step("partition", [&] { write_partition_table(target.fd(), target.device(), board.partition_table); });
+    in_step("firmware", [&] { write_firmware(target.fd(), plan.firmware); });
+    for (const auto& blob : plan.firmware)
+        result.firmware.push_back(blob.slot.name + " at " + hex(blob.slot.offset) + " (" + std::to_string(blob.size) + " bytes)");
+    PartitionTable table = in_step("partition", [&] { return read_partition_table(target.device()); });
+
+    fs::TempDir scratch(target.image().parent_path().empty() ? "." : target.image().parent_path(), ".treeflash-tree-");
+    std::filesystem::path rootfs = scratch.path() / "rootfs", boot = scratch.path() / "boot";
+    std::filesystem::create_directories(rootfs);
+    std::filesystem::create_directories(boot);
+    in_step("sysroot", [&] {
+        SysrootOptions sysroot = plan.sysroot;
+        sysroot.untrusted_pull = true;
+        run_as_namespace_root(
+            [&](const NamespaceNotice& child_notice) {
+                provision_sysroot(rootfs, sysroot, child_notice, nullptr);
+                if (board.boot_count.enabled()) {
+                    std::filesystem::create_directories(rootfs / "boot/treeflash");
+                    fs::write_file_atomic(rootfs / boot_board_record_path, boot_board_record(board));
+                }
+            },
+            notice, cancellable);
+    });
+    auto deployments = in_step("sysroot", [&] { return list_deployments(rootfs, cancellable); });
+    if (deployments.empty())
+        throw Error("sysroot: no deployment after deploying");
+    result.deployment = deployments.front();
+    in_step("boot script", [&] { write_boot_script(board, plan.boot_script, boot); });
+
+    for (const auto& role : board.partitions) {
+        check_cancelled(cancellable);
+        const PartitionEntry* entry = nullptr;
+        for (const auto& e : table.partitions)
+            if (e.number == role.number)
+                entry = &e;
+        if (!entry)
+            throw Error("partition " + std::to_string(role.number) + " is missing from the table just written");
+        notice("making ext4 '" + role.label + "' at " + hex(entry->start) + " in the image");
+        in_step("format p" + std::to_string(role.number), [&] {
+            std::vector<std::string> mkfs_options = board.mkfs_ext4_options;
+            if (role.number == board.rootfs_partition && plan.rootfs_inodes) {
+                mkfs_options.push_back("-N");
+                mkfs_options.push_back(std::to_string(plan.rootfs_inodes));
+            }
+            std::filesystem::path content;
+            if (role.number == board.rootfs_partition)
+                content = rootfs;
+            else if (role.number == board.boot_partition)
+                content = boot;
+            run_as_namespace_root(
+                [&](const NamespaceNotice&) {
+                    make_ext4_in_image(target.device(), entry->start, entry->size, role.label, mkfs_options, content);
+                },
+                notice, cancellable);
+            FilesystemInfo made = probe_filesystem(target.device(), entry->start, entry->size);
+            if (made.type != role.fstype || made.label != role.label)
+                throw Error("mkfs.ext4 left " + (made.type.empty() ? std::string("no file system") : made.type + " '" + made.label + "'")
+                            + " where ext4 '" + role.label + "' belongs");
+        });
+    }
+    in_step("sync", [&] { target.commit(); });
+}
+
 void describe_partitions(const FlashPlan& plan, FlashResult& result)
 {
     PartitionTable table = read_partition_table(result.target);
@@ -333,8 +435,8 @@ void describe_partitions(const FlashPlan& plan, FlashResult& result)
 
 FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
 {
-    if (::geteuid() != 0)
-        throw Error("flash needs root: it partitions block devices, attaches loop devices and mounts file systems");
+    if (::geteuid() != 0 && !options.image)
+        throw Error("flash to a device needs root: it partitions block devices and mounts file systems");
     auto notice = [&](const std::string& text) {
         if (options.notice)
             options.notice(text);
@@ -353,8 +455,9 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
     if (options.image) {
         std::vector<std::string> reclaimed;
         target = in_step("image " + options.image->string(), [&] {
-            return Target::create_image(*options.image, plan.image_size, options.overwrite, &reclaimed);
+            return Target::create_image(*options.image, plan.image_size, options.overwrite, &reclaimed, !plan.unprivileged);
         });
+        result.image_method = plan.unprivileged ? "unprivileged" : "loop";
         for (const auto& note : reclaimed)
             notice(note);
         result.target = options.image->string();
@@ -369,7 +472,10 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
 
     Progress progress = Progress::Untouched;
     try {
-        write_card(plan, *target, result, progress, notice, cancellable);
+        if (plan.unprivileged)
+            write_image_from_directories(plan, *target, result, notice, cancellable);
+        else
+            write_card(plan, *target, result, progress, notice, cancellable);
     } catch (const Cancelled&) {
         throw Cancelled("interrupted; " + state_after(progress, options.image.has_value()));
     } catch (const Error& e) {

@@ -33,6 +33,10 @@ struct FlashOptions {
     std::map<std::string, std::string> firmware; // slot -> file
     bool force = false;          // allow a non-removable --device
     bool overwrite = false;      // replace an existing --image
+    // --image: "loop" (loop devices and mounts, as root), "unprivileged" (file
+    // systems made from directories by mkfs.ext4 -d, no root needed), or
+    // "auto": loop when this process can use loop devices.
+    std::string image_method = "auto";
     std::string compress;        // --image: also leave IMAGE.zst (xz, gz) and SHA256SUMS beside it
     bool no_gpg_verify = false;  // the card's origin takes unsigned commits (needed without gpg_import)
     unsigned network_timeout = 30; // seconds without progress before a pull fails
@@ -63,6 +67,7 @@ struct FlashResult {
     std::string bmap;          // --image: the block map written beside it (IMAGE.bmap)
     std::string compressed;    // --compress: IMAGE.zst (or .xz, .gz)
     std::string sums;          // --compress: the SHA256SUMS listing it and the bmap
+    std::string image_method;  // --image: "loop" or "unprivileged"
     std::vector<std::string> warnings;
 };
 
@@ -78,6 +83,7 @@ struct FlashPlan {
     std::optional<DiskInfo> disk; // --device: the disk as checked
     uint64_t image_size = 0;      // --image
     uint64_t rootfs_inodes = 0;   // mkfs -N for the rootfs partition; 0: mkfs's default is enough
+    bool unprivileged = false;    // --image made without loop devices, mounts or root
     std::vector<std::string> warnings;
 };
 

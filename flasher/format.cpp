@@ -24,6 +24,30 @@ void make_ext4(const std::string& node, const std::string& label, const std::vec
     run_checked(argv, process);
 }
 
+void make_ext4_in_image(const std::string& image, uint64_t offset, uint64_t size, const std::string& label,
+                        const std::vector<std::string>& options, const std::filesystem::path& content)
+{
+    std::vector<std::string> argv{"mkfs.ext4", "-F", "-q", "-L", label};
+    // A fresh, zeroed file: no discard (it would punch the file), lazy init.
+    std::string extended = "offset=" + std::to_string(offset) + ",lazy_itable_init=1,lazy_journal_init=1,nodiscard";
+    for (size_t i = 0; i < options.size(); ++i) {
+        if (options[i] == "-E" && i + 1 < options.size()) {
+            extended += "," + options[++i]; // mke2fs keeps only the last -E
+            continue;
+        }
+        argv.push_back(options[i]);
+    }
+    argv.push_back("-E");
+    argv.push_back(extended);
+    if (!content.empty()) {
+        argv.push_back("-d");
+        argv.push_back(content.string());
+    }
+    argv.push_back(image);
+    argv.push_back(std::to_string(size / 1024) + "k");
+    run_checked(argv);
+}
+
 FilesystemInfo probe_filesystem(const std::string& path, uint64_t offset, uint64_t size)
 {
     FilesystemInfo info;

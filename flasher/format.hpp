@@ -1,6 +1,7 @@
 // Filesystems on the new partitions, and checking them with libblkid.
 #pragma once
 
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,13 @@ struct FilesystemInfo {
 // journal need not be written out (`fresh_zeroed`); on a used card they must.
 void make_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options,
                bool fresh_zeroed = false, GCancellable* cancellable = nullptr);
+
+// mkfs.ext4 straight into the image file `image` at `offset`, `size` bytes
+// long, filled with the tree at `content` (owners, modes, hardlinks and
+// xattrs kept) unless it is empty. No loop device, no mount. A board's own
+// -E options are kept beside the offset.
+void make_ext4_in_image(const std::string& image, uint64_t offset, uint64_t size, const std::string& label,
+                        const std::vector<std::string>& options, const std::filesystem::path& content);
 
 // What libblkid finds on `path` (a partition node or image), at `offset`.
 FilesystemInfo probe_filesystem(const std::string& path, uint64_t offset = 0, uint64_t size = 0);

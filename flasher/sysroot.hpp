@@ -16,6 +16,7 @@ namespace treeflash::flasher {
 
 struct SysrootOptions {
     std::string os = "tcu";
+    bool untrusted_pull = false; // see pull_ref
     std::string remote = "origin";
     std::string remote_url;              // what the card's origin remote points at
     std::string pull_url;                // where to pull from now (file:// or http://)
@@ -58,8 +59,11 @@ private:
 
 // Pulls `ref` of `remote` into `repo`, from `override_url` when given
 // (the remote's GPG settings apply either way), under watched_pull.
+// `untrusted`: objects from a local repository are checked and written one
+// by one instead of copied as files (a copy keeps the files' owners, which a
+// user namespace cannot give them).
 void pull_ref(OstreeRepo* repo, const std::string& remote, const std::string& ref, const std::string& override_url,
-              unsigned network_timeout, GCancellable* cancellable);
+              unsigned network_timeout, GCancellable* cancellable, bool untrusted = false);
 
 // Throws unless every symlink of the sysroot's own structure at `root`
 // (boot/, boot/loader*, ostree/boot.*, ostree/deploy/*, ostree/repo, but not

@@ -289,7 +289,7 @@ void reclaim_partial(const std::filesystem::path& partial, std::vector<std::stri
 } // namespace
 
 std::unique_ptr<Target> Target::create_image(const std::filesystem::path& image, uint64_t size, bool overwrite,
-                                             std::vector<std::string>* reclaimed)
+                                             std::vector<std::string>* reclaimed, bool attach_loop)
 {
     std::error_code ec;
     if (std::filesystem::exists(std::filesystem::symlink_status(image, ec)) && !overwrite)
@@ -319,6 +319,12 @@ std::unique_ptr<Target> Target::create_image(const std::filesystem::path& image,
         int err = errno;
         ::unlink(templ.c_str());
         throw_errno("size " + templ, err);
+    }
+    target->m_size = size;
+    if (!attach_loop) {
+        target->m_device = templ;
+        target->m_fd = std::move(fd);
+        return target;
     }
     fd.reset();
     try {

@@ -79,8 +79,10 @@ public:
     // Partial images of flashes that were killed (no live process holds
     // their lock) are removed first, with the loop devices and treeflash
     // mounts still using them; what was removed is added to `reclaimed`.
+    // Without `attach_loop` the file itself is the target (device() is its
+    // path), for images made without loop devices.
     static std::unique_ptr<Target> create_image(const std::filesystem::path& image, uint64_t size, bool overwrite,
-                                                std::vector<std::string>* reclaimed = nullptr);
+                                                std::vector<std::string>* reclaimed = nullptr, bool attach_loop = true);
     // The checked disk (see check_safe_to_write), opened exclusively (O_EXCL:
     // the kernel refuses mounts and other exclusive users while it is open)
     // and held with flock(LOCK_EX). Throws when the device node now leads to

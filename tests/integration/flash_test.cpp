@@ -324,12 +324,20 @@ TEST_CASE("refusals: one clear line, nothing written, nothing left behind" * doc
                 "rcw=" + (tmp / "huge.pbl").string()}, "slot rcw holds 1044480");
         CHECK_FALSE(fs::exists(tmp / "x.img"));
     }
-    SUBCASE("not root")
+    SUBCASE("not root: no device, and no loop devices for an image")
     {
-        auto r = run_process({"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", TREEFLASH_BINARY, "flash",
-                              "--board", "ls104x", "--image", "/tmp/never.img", "--repo", repo});
+        std::vector<std::string> as_nobody{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", TREEFLASH_BINARY, "flash",
+                                           "--board", "ls104x", "--repo", repo, "--no-gpg-verify"};
+        auto args = as_nobody;
+        args.insert(args.end(), {"--device", "/dev/loop0", "--yes"});
+        auto r = run_process(args);
         CHECK(r.exit_code == 1);
-        CHECK(r.err.find("flash needs root") != std::string::npos);
+        CHECK(r.err.find("flash to a device needs root") != std::string::npos);
+        args = as_nobody;
+        args.insert(args.end(), {"--image", "/tmp/never.img", "--image-method", "loop"});
+        r = run_process(args);
+        CHECK(r.exit_code == 1);
+        CHECK(r.err.find("--image-method loop needs root and /dev/loop-control") != std::string::npos);
         CHECK_FALSE(fs::exists("/tmp/never.img"));
     }
 }

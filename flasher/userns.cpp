@@ -1,0 +1,141 @@
+#include "flasher/userns.hpp"
+
+#include "common/error.hpp"
+#include "common/fd.hpp"
+
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <fcntl.h>
+#include <gio/gio.h>
+#include <poll.h>
+#include <sched.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+namespace treeflash::flasher {
+
+namespace {
+
+bool write_proc(const char* path, const std::string& text)
+{
+    UniqueFd fd(::open(path, O_WRONLY | O_CLOEXEC));
+    return fd && ::write(fd.get(), text.data(), text.size()) == static_cast<ssize_t>(text.size());
+}
+
+// In the child: a user namespace where this process is root.
+void become_namespace_root(uid_t uid, gid_t gid)
+{
+    if (::unshare(CLONE_NEWUSER) != 0)
+        throw_errno("create a user namespace");
+    // Only the process's own ids are mapped, which needs no helper; setgroups
+    // must be refused first for an unprivileged gid_map.
+    if (!write_proc("/proc/self/setgroups", "deny") && errno != ENOENT)
+        throw_errno("refuse setgroups in the user namespace");
+    if (!write_proc("/proc/self/uid_map", "0 " + std::to_string(uid) + " 1\n"))
+        throw_errno("map uid " + std::to_string(uid) + " to root in the user namespace");
+    if (!write_proc("/proc/self/gid_map", "0 " + std::to_string(gid) + " 1\n"))
+        throw_errno("map gid " + std::to_string(gid) + " to root in the user namespace");
+}
+
+void send(int fd, char kind, const std::string& text)
+{
+    std::string line(1, kind);
+    for (char c : text)
+        line += c == '\n' ? ' ' : c;
+    line += '\n';
+    for (size_t done = 0; done < line.size();) {
+        ssize_t n = ::write(fd, line.data() + done, line.size() - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return;
+        done += static_cast<size_t>(n);
+    }
+}
+
+} // namespace
+
+void run_as_namespace_root(const std::function<void(const NamespaceNotice&)>& work, const NamespaceNotice& notice,
+                           GCancellable* cancellable)
+{
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0)
+        throw_errno("pipe");
+    UniqueFd read_end(fds[0]), write_end(fds[1]);
+    uid_t uid = ::geteuid();
+    gid_t gid = ::getegid();
+    pid_t pid = ::fork();
+    if (pid < 0)
+        throw_errno("fork");
+    if (pid == 0) {
+        read_end.reset();
+        ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+        ::signal(SIGINT, SIG_DFL);
+        ::signal(SIGTERM, SIG_DFL);
+        int code = 0;
+        try {
+            become_namespace_root(uid, gid);
+            work([&](const std::string& text) { send(write_end.get(), 'N', text); });
+        } catch (const std::exception& e) {
+            send(write_end.get(), 'E', e.what());
+            code = 1;
+        }
+        ::_exit(code);
+    }
+    write_end.reset();
+
+    std::string error, pending;
+    bool cancelled = false;
+    for (;;) {
+        if (cancellable && g_cancellable_is_cancelled(cancellable) && !cancelled) {
+            ::kill(pid, SIGKILL);
+            cancelled = true;
+        }
+        struct pollfd p {read_end.get(), POLLIN, 0};
+        int ready = ::poll(&p, 1, 200);
+        if (ready < 0 && errno == EINTR)
+            continue;
+        if (ready <= 0)
+            continue;
+        char buffer[4096];
+        ssize_t n = ::read(read_end.get(), buffer, sizeof buffer);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        pending.append(buffer, static_cast<size_t>(n));
+        for (size_t end; (end = pending.find('\n')) != std::string::npos; pending.erase(0, end + 1)) {
+            std::string line = pending.substr(0, end);
+            if (line.empty())
+                continue;
+            if (line[0] == 'E')
+                error = line.substr(1);
+            else if (line[0] == 'N' && notice)
+                notice(line.substr(1));
+        }
+    }
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (cancelled)
+        throw Cancelled("interrupted");
+    if (!error.empty())
+        throw Error(error);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        throw Error("the work in the user namespace died (" + std::string(WIFSIGNALED(status) ? strsignal(WTERMSIG(status)) : "exit")
+                    + ")");
+}
+
+bool user_namespaces_available()
+{
+    try {
+        run_as_namespace_root([](const NamespaceNotice&) {}, {}, nullptr);
+        return true;
+    } catch (const Error&) {
+        return false;
+    }
+}
+
+} // namespace treeflash::flasher

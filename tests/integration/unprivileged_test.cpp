@@ -1,0 +1,105 @@
+// The unprivileged image path against the loop-device path, as root: the
+// same commit flashed with loop devices, with loop devices hidden (a mount
+// namespace whose /dev holds only null, zero and urandom: flash picks the
+// unprivileged path by itself), and as a plain uid, gives the same table,
+// labels, and files with the same owners, modes, targets and bytes.
+#include "common/process.hpp"
+#include "tests/support/fixtures.hpp"
+#include "tests/support/system.hpp"
+
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <unistd.h>
+
+using namespace treeflash;
+using namespace treeflash::test;
+using nlohmann::json;
+
+namespace {
+
+const bool not_root = !is_root();
+
+// Every file of the image's partition at `offset`: path, owner, mode, type,
+// link target and, for files, sha256. Read through a read-only mount.
+std::string listing(const fs::path& image, uint64_t offset, uint64_t size)
+{
+    MountedPartition mount(image, offset, size);
+    auto r = run_process({"sh", "-c", "cd \"$0\" && find . -printf '%p %U:%G %m %y %l\\n' | LC_ALL=C sort && "
+                                      "find . -type f -exec sha256sum {} + | LC_ALL=C sort -k2",
+                          mount.dir.path().string()});
+    REQUIRE_MESSAGE(r.ok(), r.err);
+    return r.out;
+}
+
+std::string table_of(const fs::path& image)
+{
+    auto r = run_process({"sfdisk", "-d", image.string()});
+    REQUIRE_MESSAGE(r.ok(), r.err);
+    // The device names differ with the file names; the disk id is random.
+    std::string text = std::regex_replace(r.out, std::regex(image.string()), "IMAGE");
+    return std::regex_replace(text, std::regex("label-id: .*\n"), "");
+}
+
+} // namespace
+
+TEST_SUITE("unprivileged") {
+
+TEST_CASE("without loop devices, and as a plain user, flash makes the loop-device image's content" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::permissions(tmp.path(), fs::perms::owner_all | fs::perms::others_read | fs::perms::others_exec);
+    std::string commit = build_commit(tmp.path(), tmp / "repo");
+    auto flash_args = [&](const fs::path& image, const std::string& method) {
+        return std::vector<std::string>{"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(),
+                                        "--repo", (tmp / "repo").string(), "--image-method", method, "--json"};
+    };
+
+    fs::path loop_image = tmp / "loop.img";
+    auto loop = run_treeflash(flash_args(loop_image, "loop"));
+    REQUIRE_MESSAGE(loop.ok(), loop.err);
+    CHECK(json::parse(loop.out)["image_method"] == "loop");
+
+    // Root, but no loop devices to be had: auto picks the unprivileged path.
+    fs::path hidden_image = tmp / "hidden.img";
+    std::vector<std::string> hidden{"unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                    "mount -t tmpfs none /dev && mknod -m 666 /dev/null c 1 3 && mknod -m 666 /dev/zero c 1 5 "
+                                    "&& mknod -m 666 /dev/urandom c 1 9 && exec \"$0\" \"$@\"",
+                                    TREEFLASH_BINARY};
+    auto args = flash_args(hidden_image, "auto");
+    hidden.insert(hidden.end(), args.begin(), args.end());
+    auto without_loops = run_process(hidden);
+    REQUIRE_MESSAGE(without_loops.ok(), without_loops.err);
+    CHECK(json::parse(without_loops.out)["image_method"] == "unprivileged");
+
+    // A plain uid, writing into a folder of its own.
+    fs::create_directories(tmp / "user");
+    REQUIRE(::chown((tmp / "user").c_str(), 4343, 4343) == 0);
+    fs::path user_image = tmp / "user/user.img";
+    std::vector<std::string> as_user{"setpriv", "--reuid", "4343", "--regid", "4343", "--clear-groups", "env",
+                                     "HOME=/nonexistent", TREEFLASH_BINARY};
+    args = flash_args(user_image, "auto");
+    as_user.insert(as_user.end(), args.begin(), args.end());
+    auto user = run_process(as_user);
+    REQUIRE_MESSAGE(user.ok(), user.err);
+    CHECK(json::parse(user.out)["image_method"] == "unprivileged");
+    CHECK(json::parse(user.out)["commit"] == commit);
+
+    std::string expected_table = table_of(loop_image);
+    json partitions = json::parse(loop.out)["partitions"];
+    REQUIRE(partitions.size() == 3);
+    for (const fs::path& image : {hidden_image, user_image}) {
+        CAPTURE(image);
+        CHECK(table_of(image) == expected_table);
+        for (const auto& part : partitions) {
+            uint64_t start = part["start"].get<uint64_t>(), size = part["size"].get<uint64_t>();
+            CAPTURE(part["label"]);
+            CHECK(listing(image, start, size) == listing(loop_image, start, size));
+            auto blkid = run_process({"blkid", "-p", "-O", std::to_string(start), "-s", "LABEL", "-o", "value", image.string()});
+            CHECK(blkid.out == part["label"].get<std::string>() + "\n");
+        }
+    }
+}
+
+} // TEST_SUITE

@@ -1,0 +1,108 @@
+// Images without privileges: `flash --image --image-method unprivileged`
+// lays the sysroot out in directories and has mkfs.ext4 -d write each file
+// system into the image. Run by the user running the tests; as root, the
+// flash itself runs as an unprivileged uid (setpriv). Checked without loop
+// devices or mounts: sfdisk, e2fsck and debugfs read the file through offsets.
+#include "common/process.hpp"
+#include "tests/support/fixtures.hpp"
+#include "tests/support/system.hpp"
+
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <sys/stat.h>
+#include <unistd.h>
+
+using namespace treeflash;
+using namespace treeflash::test;
+using nlohmann::json;
+
+namespace {
+
+// A uid and gid with no account and no privileges.
+constexpr int plain_id = 4242;
+
+// treeflash `args`, as this user, or as plain_id when this is root.
+ProcessResult run_unprivileged(const std::vector<std::string>& args)
+{
+    if (!is_root())
+        return run_treeflash(args);
+    std::vector<std::string> argv{"setpriv", "--reuid", std::to_string(plain_id), "--regid", std::to_string(plain_id),
+                                  "--clear-groups", "env", "HOME=/nonexistent", TREEFLASH_BINARY};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return run_process(argv);
+}
+
+std::string in_image(const fs::path& image, uint64_t offset)
+{
+    return image.string() + "?offset=" + std::to_string(offset);
+}
+
+} // namespace
+
+TEST_SUITE("unprivileged") {
+
+TEST_CASE("qemu-arm64 and ls104x images made without root, loop devices or mounts")
+{
+    Scratch tmp;
+    std::string commit = build_commit(tmp.path(), tmp / "repo");
+    fs::path out = tmp / "out";
+    fs::create_directories(out);
+    if (is_root()) {
+        REQUIRE(::chown(out.c_str(), plain_id, plain_id) == 0);
+        fs::permissions(tmp.path(), fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec
+                                        | fs::perms::others_read | fs::perms::others_exec);
+    }
+    for (const std::string board : {"qemu-arm64", "ls104x"}) {
+        CAPTURE(board);
+        fs::path image = out / (board + ".img");
+        auto r = run_unprivileged({"flash", "--no-gpg-verify", "--board", board, "--image", image.string(), "--repo",
+                                   (tmp / "repo").string(), "--image-method", "unprivileged", "--json"});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+        json result = json::parse(r.out);
+        CHECK(result["image_method"] == "unprivileged");
+        CHECK(result["commit"] == commit);
+
+        // The board's table, as sfdisk reads it from the file.
+        auto table = run_process({"sfdisk", "-d", image.string()});
+        REQUIRE_MESSAGE(table.ok(), table.err);
+        for (const char* start : {"start=      131072", "start=      196608", "start=      327680"})
+            CHECK_MESSAGE(table.out.find(start) != std::string::npos, table.out);
+        std::vector<uint64_t> starts;
+        static const std::regex start_field(R"(start=\s*(\d+))");
+        for (auto it = std::sregex_iterator(table.out.begin(), table.out.end(), start_field); it != std::sregex_iterator(); ++it)
+            starts.push_back(std::stoull((*it)[1]) * 512);
+        REQUIRE(starts.size() == 3);
+
+        // Every file system is clean; the sysroot's files are root's and the
+        // deployment is there; the boot partition holds the script.
+        for (uint64_t start : starts) {
+            auto check = run_process({"e2fsck", "-fn", in_image(image, start)});
+            CHECK_MESSAGE(check.exit_code == 0, (check.out + check.err));
+        }
+        auto deployments = run_process({"debugfs", "-R", "ls /ostree/deploy/tcu/deploy", in_image(image, starts[2])});
+        CHECK_MESSAGE(deployments.out.find(commit + ".0") != std::string::npos, deployments.out);
+        auto config = run_process({"debugfs", "-R", "stat /ostree/repo/config", in_image(image, starts[2])});
+        CHECK_MESSAGE(std::regex_search(config.out, std::regex(R"(User:\s+0\s+Group:\s+0)")), config.out);
+        auto board_env = run_process({"debugfs", "-R", "cat /boot/treeflash/board.env", in_image(image, starts[2])});
+        CHECK(board_env.out.find("board=" + board) != std::string::npos);
+        auto script = run_process({"debugfs", "-R", "stat /boot.scr", in_image(image, starts[0])});
+        CHECK_MESSAGE(std::regex_search(script.out, std::regex(R"(User:\s+0\s+Group:\s+0)")), script.out);
+        if (board == "ls104x") {
+            write_file(tmp / "fw_env.config", image.string() + " 0x500000 0x2000\n");
+            auto env = run_process({"fw_printenv", "-c", (tmp / "fw_env.config").string(), "bootcmd"});
+            CHECK(env.out.find("source ${scriptaddr}") != std::string::npos);
+        }
+        // The image is the user's, and nothing else is left beside it.
+        struct stat st {};
+        REQUIRE(::stat(image.c_str(), &st) == 0);
+        CHECK(st.st_uid == (is_root() ? static_cast<uid_t>(plain_id) : ::geteuid()));
+        for (const auto& entry : fs::directory_iterator(out)) {
+            std::string name = entry.path().filename().string();
+            bool an_image = name.rfind("ls104x.img", 0) == 0 || name.rfind("qemu-arm64.img", 0) == 0;
+            CHECK_MESSAGE(an_image, name);
+        }
+    }
+}
+
+} // TEST_SUITE
