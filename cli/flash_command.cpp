@@ -5,6 +5,7 @@
 
 #include <boost/program_options.hpp>
 #include <cctype>
+#include <cstdlib>
 #include <iostream>
 #include <unistd.h>
 
@@ -177,7 +178,8 @@ int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
         ("overwrite", po::bool_switch(&options.overwrite), "replace an existing --image (and its compressed form)")
         ("image-method", po::value(&options.image_method)->value_name("auto|loop|unprivileged")->default_value("auto"),
          "how --image is made: loop devices and mounts (root), or file systems built from directories with "
-         "mkfs.ext4 -d (no root, loop devices or mounts); auto picks loop when it can")
+         "mkfs.ext4 -d (no root, loop devices or mounts; bit-reproducible for a commit, board, size and "
+         "$SOURCE_DATE_EPOCH, which defaults to the commit's time); auto picks loop when it can")
         ("compress", po::value(&options.compress)->value_name("zst|xz|gz"),
          "--image: also leave IMAGE.zst (or .xz, .gz) and a SHA256SUMS for it and IMAGE.bmap, ready to publish")
         ("yes,y", po::bool_switch(&yes), "do not ask before erasing --device")
@@ -218,6 +220,13 @@ int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
         options.confirm = ask_to_erase;
     options.notice = print_notice;
 
+    // The reproducible-builds convention: one time for everything made.
+    if (const char* epoch = std::getenv("SOURCE_DATE_EPOCH"); epoch && *epoch) {
+        std::string text = epoch;
+        if (text.size() > 12 || text.find_first_not_of("0123456789") != std::string::npos)
+            throw UsageError("SOURCE_DATE_EPOCH '" + text + "': seconds since 1970, digits only");
+        options.source_date_epoch = std::stoull(text);
+    }
     flasher::FlashResult result =
         in_step("flash " + (device.empty() ? image : device), [&] { return flasher::flash(options, cancellable); });
     for (const auto& warning : result.warnings)

@@ -99,13 +99,18 @@ std::string render_boot_script(const BoardProfile& board)
     return script;
 }
 
-void write_boot_script(const BoardProfile& board, const std::string& script, const std::filesystem::path& dir)
+void write_boot_script(const BoardProfile& board, const std::string& script, const std::filesystem::path& dir,
+                       uint64_t source_date_epoch)
 {
     std::filesystem::path cmd = dir / "boot.cmd";
     fs::write_file_atomic(cmd, script);
     std::string arch = board.arch.empty() ? "arm64" : board.arch;
+    ProcessOptions process;
+    if (source_date_epoch)
+        process.extra_environment = {"SOURCE_DATE_EPOCH=" + std::to_string(source_date_epoch)};
     run_checked({"mkimage", "-A", arch, "-O", "linux", "-T", "script", "-C", "none", "-n",
-                 "treeflash " + board.name + " OSTree boot", "-d", cmd.string(), (dir / "boot.scr").string()});
+                 "treeflash " + board.name + " OSTree boot", "-d", cmd.string(), (dir / "boot.scr").string()},
+                process);
 }
 
 } // namespace treeflash::flasher

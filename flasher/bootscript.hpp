@@ -21,6 +21,8 @@ std::string render_boot_script(const BoardProfile& board);
 std::set<std::string> unset_boot_script_variables(const std::string& script);
 
 // Writes `script` as boot.cmd and boot.scr (mkimage -T script) into `dir`.
-void write_boot_script(const BoardProfile& board, const std::string& script, const std::filesystem::path& dir);
+// `source_date_epoch`: the time mkimage records (0: now).
+void write_boot_script(const BoardProfile& board, const std::string& script, const std::filesystem::path& dir,
+                       uint64_t source_date_epoch = 0);
 
 } // namespace treeflash::flasher

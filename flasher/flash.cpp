@@ -9,6 +9,7 @@
 #include "flasher/bootscript.hpp"
 #include "flasher/format.hpp"
 #include "flasher/mount.hpp"
+#include "flasher/reproducible.hpp"
 #include "flasher/userns.hpp"
 
 #include <gio/gio.h>
@@ -267,6 +268,7 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
         plan.image_size = size;
         in_step("image", [&] { check_rootfs_room(plan, size); });
         plan.unprivileged = in_step("image", [&] { return choose_unprivileged(options.image_method); });
+        plan.source_date_epoch = options.source_date_epoch.value_or(plan.source.timestamp);
     } else {
         plan.disk = in_step("device " + *options.device, [&] { return describe_disk(*options.device); });
         uint64_t minimum = plan.layout.minimum_disk_bytes(
@@ -347,8 +349,13 @@ void write_image_from_directories(const FlashPlan& plan, Target& target, FlashRe
                                   const std::function<void(const std::string&)>& notice, GCancellable* cancellable)
 {
     const BoardProfile& board = plan.board;
+    // Everything that would be random or the current time derives from what
+    // the image is: the commit, the board and the size, and one time.
+    std::string identity = plan.source.commit + "\n" + board.name + "\n" + std::to_string(plan.image_size) + "\n";
     notice("partitioning " + target.image().string() + " (" + plan.layout.label + ", without loop devices)");
-    in_step("partition", [&] { write_partition_table(target.fd(), target.device(), board.partition_table); });
+    in_step("partition", [&] {
+        write_partition_table(target.fd(), target.device(), board.partition_table, derived_disk_id(identity));
+    });
     in_step("firmware", [&] { write_firmware(target.fd(), plan.firmware); });
     for (const auto& blob : plan.firmware)
         result.firmware.push_back(blob.slot.name + " at " + hex(blob.slot.offset) + " (" + std::to_string(blob.size) + " bytes)");
@@ -375,7 +382,7 @@ void write_image_from_directories(const FlashPlan& plan, Target& target, FlashRe
     if (deployments.empty())
         throw Error("sysroot: no deployment after deploying");
     result.deployment = deployments.front();
-    in_step("boot script", [&] { write_boot_script(board, plan.boot_script, boot); });
+    in_step("boot script", [&] { write_boot_script(board, plan.boot_script, boot, plan.source_date_epoch); });
 
     for (const auto& role : board.partitions) {
         check_cancelled(cancellable);
@@ -397,11 +404,14 @@ void write_image_from_directories(const FlashPlan& plan, Target& target, FlashRe
                 content = rootfs;
             else if (role.number == board.boot_partition)
                 content = boot;
+            std::string seed = identity + std::to_string(role.number);
+            ReproducibleExt4 same{derived_uuid(seed + "\nfilesystem"), derived_uuid(seed + "\nhash seed"), plan.source_date_epoch};
             run_as_namespace_root(
                 [&](const NamespaceNotice&) {
-                    make_ext4_in_image(target.device(), entry->start, entry->size, role.label, mkfs_options, content);
+                    make_ext4_in_image(target.device(), entry->start, entry->size, role.label, mkfs_options, content, same);
                 },
                 notice, cancellable);
+            clamp_inode_times(target.device(), entry->start, plan.source_date_epoch);
             FilesystemInfo made = probe_filesystem(target.device(), entry->start, entry->size);
             if (made.type != role.fstype || made.label != role.label)
                 throw Error("mkfs.ext4 left " + (made.type.empty() ? std::string("no file system") : made.type + " '" + made.label + "'")

@@ -37,6 +37,10 @@ struct FlashOptions {
     // systems made from directories by mkfs.ext4 -d, no root needed), or
     // "auto": loop when this process can use loop devices.
     std::string image_method = "auto";
+    // The time an unprivileged image's file systems and files carry
+    // (SOURCE_DATE_EPOCH); unset: the commit's time. With the commit, the
+    // board and the size it makes the image bit-reproducible.
+    std::optional<uint64_t> source_date_epoch;
     std::string compress;        // --image: also leave IMAGE.zst (xz, gz) and SHA256SUMS beside it
     bool no_gpg_verify = false;  // the card's origin takes unsigned commits (needed without gpg_import)
     unsigned network_timeout = 30; // seconds without progress before a pull fails
@@ -84,6 +88,7 @@ struct FlashPlan {
     uint64_t image_size = 0;      // --image
     uint64_t rootfs_inodes = 0;   // mkfs -N for the rootfs partition; 0: mkfs's default is enough
     bool unprivileged = false;    // --image made without loop devices, mounts or root
+    uint64_t source_date_epoch = 0; // the unprivileged image's time
     std::vector<std::string> warnings;
 };
 

@@ -25,11 +25,13 @@ void make_ext4(const std::string& node, const std::string& label, const std::vec
 }
 
 void make_ext4_in_image(const std::string& image, uint64_t offset, uint64_t size, const std::string& label,
-                        const std::vector<std::string>& options, const std::filesystem::path& content)
+                        const std::vector<std::string>& options, const std::filesystem::path& content,
+                        const ReproducibleExt4& same)
 {
-    std::vector<std::string> argv{"mkfs.ext4", "-F", "-q", "-L", label};
+    std::vector<std::string> argv{"mkfs.ext4", "-F", "-q", "-L", label, "-U", same.uuid};
     // A fresh, zeroed file: no discard (it would punch the file), lazy init.
-    std::string extended = "offset=" + std::to_string(offset) + ",lazy_itable_init=1,lazy_journal_init=1,nodiscard";
+    std::string extended = "offset=" + std::to_string(offset) + ",lazy_itable_init=1,lazy_journal_init=1,nodiscard,hash_seed="
+                           + same.hash_seed;
     for (size_t i = 0; i < options.size(); ++i) {
         if (options[i] == "-E" && i + 1 < options.size()) {
             extended += "," + options[++i]; // mke2fs keeps only the last -E
@@ -45,7 +47,9 @@ void make_ext4_in_image(const std::string& image, uint64_t offset, uint64_t size
     }
     argv.push_back(image);
     argv.push_back(std::to_string(size / 1024) + "k");
-    run_checked(argv);
+    ProcessOptions process;
+    process.extra_environment = {"E2FSPROGS_FAKE_TIME=" + std::to_string(same.time)};
+    run_checked(argv, process);
 }
 
 FilesystemInfo probe_filesystem(const std::string& path, uint64_t offset, uint64_t size)

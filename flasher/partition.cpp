@@ -176,7 +176,8 @@ std::string partition_node(const std::string& disk, unsigned number)
     return name.get();
 }
 
-void write_partition_table(int fd, const std::string& device_path, const std::filesystem::path& script_path)
+void write_partition_table(int fd, const std::string& device_path, const std::filesystem::path& script_path,
+                           const std::string& disk_id)
 {
     FdiskContext cxt = new_context();
     int rc = fdisk_assign_device_by_fd(cxt.get(), fd, device_path.c_str(), 0);
@@ -191,6 +192,8 @@ void write_partition_table(int fd, const std::string& device_path, const std::fi
     fdisk_enable_wipe(cxt.get(), 1);
     if ((rc = fdisk_apply_script(cxt.get(), script.get())) != 0)
         throw Error(fdisk_error("fdisk_apply_script " + script_path.string(), rc));
+    if (!disk_id.empty() && (rc = fdisk_set_disklabel_id_from_string(cxt.get(), disk_id.c_str())) != 0)
+        throw Error(fdisk_error("set the disk identifier " + disk_id, rc));
     if ((rc = fdisk_write_disklabel(cxt.get())) != 0)
         throw Error(fdisk_error("fdisk_write_disklabel", rc));
     if (::fsync(fd) != 0)

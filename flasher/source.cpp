@@ -21,6 +21,7 @@ void read_commit(OstreeRepo* repo, Source& source)
         throw_gerror(error, "load commit " + source.commit);
     glib::Variant commit(raw);
     glib::Variant metadata = glib::adopt_variant(g_variant_get_child_value(commit.get(), 0));
+    source.timestamp = ostree_commit_get_timestamp(commit.get());
     const char* version = nullptr;
     if (g_variant_lookup(metadata.get(), OSTREE_COMMIT_META_KEY_VERSION, "&s", &version))
         source.version = version;

@@ -13,6 +13,7 @@ struct Source {
     std::string ref;
     std::string commit;
     std::string version;
+    uint64_t timestamp = 0;       // the commit's time, seconds since the epoch
     uint64_t content_bytes = 0;   // bytes of its files
     uint64_t content_entries = 0; // files, symlinks and directories
 };

@@ -105,4 +105,34 @@ TEST_CASE("qemu-arm64 and ls104x images made without root, loop devices or mount
     }
 }
 
+TEST_CASE("the same commit, board, size and SOURCE_DATE_EPOCH give the same image, whoever makes it where")
+{
+    Scratch tmp;
+    build_commit(tmp.path(), tmp / "repo");
+    if (is_root())
+        fs::permissions(tmp.path(), fs::perms::owner_all | fs::perms::others_read | fs::perms::others_exec);
+    auto make = [&](const std::string& dir, bool as_root, const std::string& epoch) {
+        fs::path out = tmp / dir;
+        fs::create_directories(out);
+        if (is_root() && !as_root)
+            REQUIRE(::chown(out.c_str(), plain_id, plain_id) == 0);
+        std::vector<std::string> args{"flash", "--no-gpg-verify", "--board", "ls104x", "--image", (out / "card.img").string(),
+                                      "--repo", (tmp / "repo").string(), "--image-method", "unprivileged"};
+        std::vector<std::string> env{"SOURCE_DATE_EPOCH=" + epoch};
+        ProcessResult r = as_root ? run_treeflash(args, env) : [&] {
+            std::vector<std::string> argv{"setpriv", "--reuid", std::to_string(plain_id), "--regid", std::to_string(plain_id),
+                                          "--clear-groups", "env", "HOME=/nonexistent", "SOURCE_DATE_EPOCH=" + epoch, TREEFLASH_BINARY};
+            argv.insert(argv.end(), args.begin(), args.end());
+            return is_root() ? run_process(argv) : run_treeflash(args, env);
+        }();
+        REQUIRE_MESSAGE(r.ok(), r.err);
+        return sha256sum_files({out / "card.img"});
+    };
+    std::string first = make("first", false, "1700000000");
+    CHECK(make("second/deeper", false, "1700000000") == first);
+    if (is_root())
+        CHECK(make("as-root", true, "1700000000") == first);
+    CHECK(make("other-time", false, "1700000001") != first);
+}
+
 } // TEST_SUITE
