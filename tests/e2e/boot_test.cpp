@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <algorithm>
 #include <regex>
+#include <unistd.h>
 
 using namespace treeflash;
 using namespace treeflash::test;
@@ -150,6 +151,43 @@ TEST_CASE("upgrade over HTTP with ostree admin and with treeflash, then rollback
     CHECK(rolled.line("E2E-VERSION") == "v2");
     CHECK(result["deployments"][1]["commit"] == v2);
     CHECK(rolled.line("E2E-CMDLINE").find("ostree=" + result["deployments"][1]["ostree"].get<std::string>()) != std::string::npos);
+}
+
+TEST_CASE("an image a plain user made without loop devices boots, and upgrades" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::permissions(tmp.path(), fs::perms::owner_all | fs::perms::others_read | fs::perms::others_exec);
+    fs::path initramfs = initramfs_for(tmp.path(), "qemu-arm64");
+    make_e2e_rootfs(tmp / "rootfs", "v1", "motd v1");
+    std::string v1 = commit(tmp / "rootfs", tmp / "repo", initramfs, "1");
+    RepoServer server(tmp / "repo");
+    fs::create_directories(tmp / "user");
+    REQUIRE(::chown((tmp / "user").c_str(), 4444, 4444) == 0);
+    fs::path image = tmp / "user/disk.img";
+    auto made = run_process({"setpriv", "--reuid", "4444", "--regid", "4444", "--clear-groups", "env", "HOME=/nonexistent",
+                             TREEFLASH_BINARY, "flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(),
+                             "--repo", server.url(), "--json"});
+    REQUIRE_MESSAGE(made.ok(), made.err);
+    CHECK(json::parse(made.out)["image_method"] == "unprivileged");
+
+    Boot b1 = boot(image);
+    REQUIRE_MESSAGE(b1.status == 0, b1.console);
+    CHECK(b1.line("E2E-VERSION") == "v1");
+    CHECK(b1.line("E2E-OSTREE-BOOTED") == "yes");
+    CHECK(b1.line("E2E-USR") == "read-only");
+    CHECK(b1.line("E2E-BOOT-STATE") == "known-good");
+
+    write_file(tmp / "rootfs/usr/bin/e2e-version", "#!/bin/sh\necho v2\n", 0755);
+    std::string v2 = commit(tmp / "rootfs", tmp / "repo", initramfs, "2");
+    auto up = run_treeflash({"upgrade", image.string(), "--json"});
+    REQUIRE_MESSAGE(up.ok(), up.err);
+    CHECK(json::parse(up.out)["current"]["commit"] == v2);
+    Boot b2 = boot(image);
+    REQUIRE_MESSAGE(b2.status == 0, b2.console);
+    CHECK(b2.line("E2E-VERSION") == "v2");
+    CHECK(b2.console.find("treeflash: trial boot 1 of 3 of the current deployment") != std::string::npos);
+    CHECK(b2.line("E2E-BOOT-STATE") == "known-good");
 }
 
 TEST_CASE("the golden image, written to a card with treeflash write, boots from it and upgrades" * doctest::skip(not_root))
