@@ -103,22 +103,22 @@ std::string boot_board_record(const BoardProfile& board)
            "boot_state_offset=" + hex(board.boot_count.state_offset) + "\n";
 }
 
-BootFiles read_boot_files(const std::filesystem::path& sysroot, const std::string& card)
+BootFiles read_boot_files(const CardView& sysroot, const std::string& card)
 {
     BootFiles files;
-    files.board = parse_env_lines(read_on_card(sysroot, boot_board_record_path));
-    std::string loader = read_link_on_card(sysroot, "boot/loader");
+    files.board = parse_env_lines(sysroot.read(boot_board_record_path));
+    std::string loader = sysroot.link("boot/loader");
     if (loader == "loader.0" || loader == "loader.1")
-        files.uenv = parse_env_lines(read_on_card(sysroot, "boot/" + loader + "/uEnv.txt"));
+        files.uenv = parse_env_lines(sysroot.read("boot/" + loader + "/uEnv.txt"));
     int bootversion = bootversion_of(value_of(files.uenv, "bootargs"));
     if (bootversion >= 0) {
         // ostree/boot.N -> boot.N.M, resolved by hand to a name in ostree/.
         std::string link = "boot." + std::to_string(bootversion);
-        std::string subdir = read_link_on_card(sysroot, "ostree/" + link);
+        std::string subdir = sysroot.link("ostree/" + link);
         if (subdir == link + ".0" || subdir == link + ".1")
-            files.mark = parse_env_lines(read_on_card(sysroot, "ostree/" + subdir + "/" + boot_mark_name));
+            files.mark = parse_env_lines(sysroot.read("ostree/" + subdir + "/" + boot_mark_name));
     }
-    files.ack = parse_env_lines(read_on_card(sysroot, boot_ack_path));
+    files.ack = parse_env_lines(sysroot.read(boot_ack_path));
     if (!files.board.empty())
         files.tries_block = read_tries_block(card, value_of(files.board, "boot_state_offset"));
     return files;

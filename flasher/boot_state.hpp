@@ -17,6 +17,7 @@
 #pragma once
 
 #include "flasher/board.hpp"
+#include "flasher/card_files.hpp"
 #include "flasher/sysroot.hpp"
 
 #include <cstdint>
@@ -52,7 +53,7 @@ struct BootFiles {
     std::map<std::string, std::string> ack;   // ack.env
     std::optional<std::map<std::string, std::string>> tries_block; // absent: unreadable or damaged
 };
-BootFiles read_boot_files(const std::filesystem::path& sysroot, const std::string& card);
+BootFiles read_boot_files(const CardView& sysroot, const std::string& card);
 
 // One deployment's state, in uEnv.txt order (default first).
 struct DeploymentBootState {

@@ -83,6 +83,33 @@ void write_on_card(const std::filesystem::path& root, const std::string& dir, co
         throw_errno("rename " + dir + "/" + temporary);
 }
 
+std::string MountedCard::read(const std::string& relpath) const
+{
+    return read_on_card(m_root, relpath);
+}
+
+std::string MountedCard::link(const std::string& relpath) const
+{
+    return read_link_on_card(m_root, relpath);
+}
+
+unsigned MountedCard::type(const std::string& relpath) const
+{
+    return type_on_card(m_root, relpath);
+}
+
+std::vector<std::string> MountedCard::list(const std::string& relpath) const
+{
+    std::vector<std::string> names;
+    UniqueFd dir = open_on_card(m_root, relpath.empty() ? "." : relpath, O_RDONLY | O_DIRECTORY);
+    if (!dir)
+        return names;
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd/" + std::to_string(dir.get()), ec))
+        names.push_back(entry.path().filename().string());
+    return names;
+}
+
 std::map<std::string, std::string> parse_env_lines(const std::string& text)
 {
     std::map<std::string, std::string> values;

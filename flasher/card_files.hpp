@@ -5,8 +5,33 @@
 #include <filesystem>
 #include <map>
 #include <string>
+#include <vector>
 
 namespace treeflash::flasher {
+
+// A file system on a card, read by relative paths with no symlink on the way
+// followed: a mounted one (MountedCard) or one read in place through
+// libext2fs (Ext4Card, ext4_reader.hpp). Missing things read as empty.
+class CardView {
+public:
+    virtual ~CardView() = default;
+    virtual std::string read(const std::string& relpath) const = 0;       // a regular file, up to 1 MiB
+    virtual std::string link(const std::string& relpath) const = 0;       // a symlink's target
+    virtual unsigned type(const std::string& relpath) const = 0;          // S_IFDIR, S_IFREG, S_IFLNK, ...; 0
+    virtual std::vector<std::string> list(const std::string& relpath) const = 0; // a directory's names
+};
+
+class MountedCard : public CardView {
+public:
+    explicit MountedCard(std::filesystem::path root) : m_root(std::move(root)) {}
+    std::string read(const std::string& relpath) const override;
+    std::string link(const std::string& relpath) const override;
+    unsigned type(const std::string& relpath) const override;
+    std::vector<std::string> list(const std::string& relpath) const override;
+
+private:
+    std::filesystem::path m_root;
+};
 
 // The file `relpath` below the card's mount `root`, read without following
 // any symlink on the way; "" when absent, not a regular file or over 1 MiB.

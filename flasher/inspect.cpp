@@ -5,10 +5,12 @@
 #include "common/fs.hpp"
 #include "common/glib.hpp"
 #include "flasher/card_files.hpp"
-#include "flasher/loop.hpp"
-#include "flasher/mount.hpp"
+#include "flasher/ext4_reader.hpp"
 
+#include <algorithm>
+#include <cstring>
 #include <fcntl.h>
+#include <regex>
 #include <sstream>
 #include <glib.h>
 #include <linux/fs.h>
@@ -29,6 +31,83 @@ void read_origin(const std::string& repo_config, InspectResult& result)
         result.origin_gpg_verify =
             glib::take_string(g_key_file_get_string(config.get(), "remote \"origin\"", "gpg-verify", nullptr));
     }
+}
+
+// The deployments, default first, read from the sysroot's own files as
+// libostree lays them out: each boot loader entry's ostree= argument leads
+// through ostree/boot.N -> boot.N.M and the entry's symlink to
+// deploy/OS/deploy/COMMIT.SERIAL; its .origin and the commit object give
+// the refspec and version. Only fixed names are followed, each checked.
+std::vector<Deployment> read_deployments(const CardView& card)
+{
+    struct Entry {
+        std::string version;
+        Deployment deployment;
+    };
+    std::vector<Entry> entries;
+    std::string loader = card.link("boot/loader");
+    if (loader != "loader.0" && loader != "loader.1")
+        return {};
+    static const std::regex ostree_arg(R"((?:^|\s)ostree=(/ostree/boot\.([01])/([A-Za-z0-9_.-]+)/([0-9a-f]{64})/([0-9]+))(?:\s|$))");
+    static const std::regex target_form(R"(\.\./\.\./\.\./deploy/([A-Za-z0-9_.-]+)/deploy/([0-9a-f]{64})\.([0-9]+))");
+    for (const auto& name : card.list("boot/" + loader + "/entries")) {
+        if (name.size() < 6 || name.substr(name.size() - 5) != ".conf")
+            continue;
+        std::map<std::string, std::string> fields;
+        std::istringstream in(card.read("boot/" + loader + "/entries/" + name));
+        for (std::string line; std::getline(in, line);) {
+            auto space = line.find(' ');
+            if (space != std::string::npos && line[0] != '#')
+                fields[line.substr(0, space)] = line.substr(space + 1);
+        }
+        std::smatch m;
+        const std::string& options = fields["options"];
+        if (!std::regex_search(options, m, ostree_arg))
+            continue;
+        Entry entry;
+        entry.version = fields["version"];
+        Deployment& d = entry.deployment;
+        d.kernel_args = options;
+        d.ostree_path = m[1];
+        d.os = m[3];
+        d.bootcsum = m[4];
+        d.boot_serial = std::stoi(m[5]);
+        std::string bootdir = "boot." + std::string(m[2]);
+        std::string subdir = card.link("ostree/" + bootdir);
+        if (subdir != bootdir + ".0" && subdir != bootdir + ".1")
+            continue;
+        std::string target = card.link("ostree/" + subdir + "/" + d.os + "/" + d.bootcsum + "/" + std::string(m[5]));
+        std::smatch t;
+        if (!std::regex_match(target, t, target_form) || t[1] != d.os)
+            continue;
+        d.commit = t[2];
+        d.deploy_serial = std::stoi(t[3]);
+        std::string dir = "ostree/deploy/" + d.os + "/deploy/" + d.commit + "." + std::string(t[3]);
+        glib::KeyFile origin(g_key_file_new());
+        std::string origin_text = card.read(dir + ".origin");
+        if (g_key_file_load_from_data(origin.get(), origin_text.data(), origin_text.size(), G_KEY_FILE_NONE, nullptr)) {
+            d.origin_refspec = glib::take_string(g_key_file_get_string(origin.get(), "origin", "refspec", nullptr));
+            d.pinned = g_key_file_get_boolean(origin.get(), "libostree-transient", "pinned", nullptr);
+        }
+        std::string commit_object = card.read("ostree/repo/objects/" + d.commit.substr(0, 2) + "/" + d.commit.substr(2) + ".commit");
+        if (!commit_object.empty()) {
+            glib::Variant commit(g_variant_ref_sink(g_variant_new_from_data(
+                G_VARIANT_TYPE("(a{sv}aya(say)sstayay)"), g_memdup2(commit_object.data(), commit_object.size()),
+                commit_object.size(), FALSE, g_free, nullptr)));
+            glib::Variant metadata = glib::adopt_variant(g_variant_get_child_value(commit.get(), 0));
+            const char* version = nullptr;
+            if (g_variant_lookup(metadata.get(), "version", "&s", &version))
+                d.version = version;
+        }
+        entries.push_back(entry);
+    }
+    // libostree's order: the entry with the highest version first.
+    std::sort(entries.begin(), entries.end(),
+              [](const Entry& a, const Entry& b) { return strverscmp(a.version.c_str(), b.version.c_str()) > 0; });
+    std::vector<Deployment> out;
+    for (auto& e : entries)
+        out.push_back(std::move(e.deployment));
+    return out;
 }
 
 } // namespace
@@ -64,41 +143,31 @@ InspectResult inspect(const std::string& path, GCancellable* cancellable)
     if (!candidate && result.partitions.empty())
         return result;
 
-    if (::geteuid() != 0)
-        throw Error("reading the file systems needs root (loop devices and mounts); the partition table above was read");
-    std::filesystem::path parent = std::filesystem::temp_directory_path();
     for (const auto& part : result.partitions) {
+        if (cancellable && g_cancellable_is_cancelled(cancellable))
+            throw Cancelled();
         if (part.filesystem.type != "ext4")
             continue;
-        // A read-only loop device over just this partition: works the same
-        // for images and cards, and never depends on partition nodes.
         std::string node = "p" + std::to_string(part.entry.number);
-        LoopDevice loop(path, true, part.entry.start, part.entry.size);
-        // Read only, journal not replayed, nothing on the card executable or
-        // set-uid. Files are read without following the card's symlinks,
-        // and libostree lists deployments only when the sysroot's own links
-        // stay on the card.
-        Mount mount(loop.path(), "ext4", std::string("ro,noload,") + untrusted_mount_options, parent);
-        const auto& root = mount.path();
-        if (type_on_card(root, "boot.scr") == S_IFREG || type_on_card(root, "boot/boot.scr") == S_IFREG)
+        // Read in place by libext2fs: no mount, no loop device, no journal
+        // replayed, and no symlink on the card followed on the way.
+        Ext4Card card = in_step("read " + node, [&] { return Ext4Card(path, part.entry.start); });
+        if (card.type("boot.scr") == S_IFREG || card.type("boot/boot.scr") == S_IFREG)
             result.has_boot_script = true;
-        if (type_on_card(root, "ostree/repo") != S_IFDIR || result.sysroot_partition)
+        if (card.type("ostree/repo") != S_IFDIR || result.sysroot_partition)
             continue;
         result.sysroot_partition = static_cast<int>(part.entry.number);
-        result.has_update_marker = type_on_card(root, "update") == S_IFREG;
-        result.has_newroot = type_on_card(root, "newroot") == S_IFDIR;
-        result.has_mnt = type_on_card(root, "mnt") == S_IFDIR;
-        result.deployments = in_step("sysroot on " + node, [&] {
-            check_sysroot_links(root);
-            return list_deployments(root, cancellable);
-        });
+        result.has_update_marker = card.type("update") == S_IFREG;
+        result.has_newroot = card.type("newroot") == S_IFDIR;
+        result.has_mnt = card.type("mnt") == S_IFDIR;
+        result.deployments = in_step("sysroot on " + node, [&] { return read_deployments(card); });
         // boot/loader is a symlink OSTree flips between loader.0 and loader.1:
         // resolved by hand, to a name inside boot/ only.
-        std::string loader = read_link_on_card(root, "boot/loader");
+        std::string loader = card.link("boot/loader");
         if (loader == "loader.0" || loader == "loader.1")
-            result.uenv = parse_env_lines(read_on_card(root, "boot/" + loader + "/uEnv.txt"));
-        read_origin(read_on_card(root, "ostree/repo/config"), result);
-        result.boot = boot_status(read_boot_files(root, path), result.deployments);
+            result.uenv = parse_env_lines(card.read("boot/" + loader + "/uEnv.txt"));
+        read_origin(card.read("ostree/repo/config"), result);
+        result.boot = boot_status(read_boot_files(card, path), result.deployments);
     }
     return result;
 }

@@ -89,7 +89,7 @@ void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptio
     // The deployment to keep for rollback, and to merge /etc from: libostree
     // keeps the merge deployment and drops the others. On a card that counts
     // boots it is the known-good one, never a default that was rolled back.
-    BootFiles boot_files = read_boot_files(mountpoint, options.target);
+    BootFiles boot_files = read_boot_files(MountedCard(mountpoint), options.target);
     BootStatus status = boot_status(boot_files, before);
     if (status.counting)
         for (const auto& arg : options.kernel_args_append)

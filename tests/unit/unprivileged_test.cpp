@@ -93,6 +93,17 @@ TEST_CASE("qemu-arm64 and ls104x images made without root, loop devices or mount
             auto env = run_process({"fw_printenv", "-c", (tmp / "fw_env.config").string(), "bootcmd"});
             CHECK(env.out.find("source ${scriptaddr}") != std::string::npos);
         }
+        // inspect reads it as the same user, without mounting it.
+        auto inspected = run_unprivileged({"inspect", image.string(), "--json"});
+        REQUIRE_MESSAGE(inspected.ok(), inspected.err);
+        json info = json::parse(inspected.out);
+        CHECK(info["sysroot_partition"] == 3);
+        CHECK(info["deployments"][0]["commit"] == commit);
+        CHECK(info["deployments"][0]["boot_state"] == "new");
+        CHECK(info["boot_script"] == true);
+        CHECK(info["update_marker"] == true);
+        CHECK(info["uenv"]["bootargs"].get<std::string>().find("ostree=" + result["ostree"].get<std::string>()) != std::string::npos);
+
         // The image is the user's, and nothing else is left beside it.
         struct stat st {};
         REQUIRE(::stat(image.c_str(), &st) == 0);
