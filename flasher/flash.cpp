@@ -232,6 +232,7 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
         return blobs;
     });
     plan.source = in_step("source", [&] { return resolve_source(options.repo, options.ref, options.network_timeout, cancellable); });
+    plan.source_date_epoch = options.source_date_epoch.value_or(plan.source.timestamp);
 
     SysrootOptions& sysroot = plan.sysroot;
     sysroot.os = options.os;
@@ -268,7 +269,7 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
         plan.image_size = size;
         in_step("image", [&] { check_rootfs_room(plan, size); });
         plan.unprivileged = in_step("image", [&] { return choose_unprivileged(options.image_method); });
-        plan.source_date_epoch = options.source_date_epoch.value_or(plan.source.timestamp);
+        plan.unprivileged_as_root = ::geteuid() == 0;
     } else {
         plan.disk = in_step("device " + *options.device, [&] { return describe_disk(*options.device); });
         uint64_t minimum = plan.layout.minimum_disk_bytes(
@@ -330,7 +331,7 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
     {
         Mount boot(partition_node(target.device(), board.boot_partition), "ext4", "", mount_parent);
         in_step("boot script", [&] {
-            write_boot_script(board, plan.boot_script, boot.path());
+            write_boot_script(board, plan.boot_script, boot.path(), plan.source_date_epoch);
             boot.unmount();
         });
     }
@@ -370,7 +371,24 @@ void write_image_from_directories(const FlashPlan& plan, Target& target, FlashRe
         sysroot.untrusted_pull = true;
         run_as_namespace_root(
             [&](const NamespaceNotice& child_notice) {
-                provision_sysroot(rootfs, sysroot, child_notice, nullptr);
+                try {
+                    provision_sysroot(rootfs, sysroot, child_notice, nullptr);
+                } catch (const Error& e) {
+                    // A plain user's namespace holds one id: files of other
+                    // owners cannot be laid out. Say that, and which files
+                    // when the source is at hand, rather than "fchown".
+                    if (plan.unprivileged_as_root || std::string(e.what()).find("fchown") == std::string::npos)
+                        throw;
+                    std::vector<std::string> foreign;
+                    if (plan.source.url.rfind("file://", 0) == 0)
+                        foreign = files_not_owned_by_root(plan.source.url.substr(7), plan.source.commit, 10);
+                    std::string list;
+                    for (const auto& f : foreign)
+                        list += (list.empty() ? ": " : ", ") + f;
+                    throw Error("the commit holds files owned by users other than root, which an image made without root "
+                                "cannot carry (its user namespace maps only root's ids); flash it as root, or commit "
+                                "them as root's (treeflash build --owner-uid 0 --owner-gid 0)" + list);
+                }
                 if (board.boot_count.enabled()) {
                     std::filesystem::create_directories(rootfs / "boot/treeflash");
                     fs::write_file_atomic(rootfs / boot_board_record_path, boot_board_record(board));

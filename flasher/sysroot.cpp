@@ -263,6 +263,53 @@ void pull_ref(OstreeRepo* repo, const std::string& remote, const std::string& re
                  network_timeout, cancellable);
 }
 
+namespace {
+
+void collect_foreign_owners(GFile* dir, const std::string& path, std::vector<std::string>& out, size_t limit)
+{
+    GError* error = nullptr;
+    glib::Object<GFileEnumerator> children(g_file_enumerate_children(
+        dir, "standard::name,standard::type,unix::uid,unix::gid", G_FILE_QUERY_INFO_NOFOLLOW_SYMLINKS, nullptr, &error));
+    if (!children) {
+        g_clear_error(&error);
+        return;
+    }
+    while (out.size() < limit) {
+        GFileInfo* raw = g_file_enumerator_next_file(children.get(), nullptr, &error);
+        if (!raw)
+            break;
+        glib::Object<GFileInfo> info(raw);
+        std::string child = path + "/" + g_file_info_get_name(info.get());
+        guint32 uid = g_file_info_get_attribute_uint32(info.get(), "unix::uid");
+        guint32 gid = g_file_info_get_attribute_uint32(info.get(), "unix::gid");
+        if (uid != 0 || gid != 0)
+            out.push_back(child + " (" + std::to_string(uid) + ":" + std::to_string(gid) + ")");
+        if (g_file_info_get_file_type(info.get()) == G_FILE_TYPE_DIRECTORY) {
+            glib::Object<GFile> sub(g_file_get_child(dir, g_file_info_get_name(info.get())));
+            collect_foreign_owners(sub.get(), child, out, limit);
+        }
+    }
+    g_clear_error(&error);
+}
+
+} // namespace
+
+std::vector<std::string> files_not_owned_by_root(const std::filesystem::path& repo_path, const std::string& commit,
+                                                 size_t limit)
+{
+    std::vector<std::string> out;
+    glib::Object<GFile> path(g_file_new_for_path(repo_path.c_str()));
+    glib::Object<OstreeRepo> repo(ostree_repo_new(path.get()));
+    if (!ostree_repo_open(repo.get(), nullptr, nullptr))
+        return out;
+    GFile* raw_root = nullptr;
+    if (!ostree_repo_read_commit(repo.get(), commit.c_str(), &raw_root, nullptr, nullptr, nullptr))
+        return out;
+    glib::Object<GFile> tree(raw_root);
+    collect_foreign_owners(tree.get(), "", out, limit);
+    return out;
+}
+
 std::vector<Deployment> list_deployments(const std::filesystem::path& root, GCancellable* cancellable)
 {
     glib::Object<OstreeSysroot> sysroot = open_sysroot(root);

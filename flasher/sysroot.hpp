@@ -73,6 +73,11 @@ void pull_ref(OstreeRepo* repo, const std::string& remote, const std::string& re
 void check_sysroot_links(const std::filesystem::path& root);
 
 // The deployments of the sysroot at `root`, the default one first. Reads only.
+// Up to `limit` paths of `commit` in the repository `repo` whose owner or
+// group is not root, as "/path (uid:gid)".
+std::vector<std::string> files_not_owned_by_root(const std::filesystem::path& repo, const std::string& commit,
+                                                 size_t limit);
+
 std::vector<Deployment> list_deployments(const std::filesystem::path& root, GCancellable* cancellable);
 
 } // namespace treeflash::flasher

@@ -24,19 +24,23 @@ bool write_proc(const char* path, const std::string& text)
     return fd && ::write(fd.get(), text.data(), text.size()) == static_cast<ssize_t>(text.size());
 }
 
-// In the child: a user namespace where this process is root.
-void become_namespace_root(uid_t uid, gid_t gid)
+// Writes `text` to /proc/PID/FILE.
+bool write_proc_of(pid_t pid, const char* file, const std::string& text)
 {
-    if (::unshare(CLONE_NEWUSER) != 0)
-        throw_errno("create a user namespace");
-    // Only the process's own ids are mapped, which needs no helper; setgroups
-    // must be refused first for an unprivileged gid_map.
-    if (!write_proc("/proc/self/setgroups", "deny") && errno != ENOENT)
-        throw_errno("refuse setgroups in the user namespace");
-    if (!write_proc("/proc/self/uid_map", "0 " + std::to_string(uid) + " 1\n"))
-        throw_errno("map uid " + std::to_string(uid) + " to root in the user namespace");
-    if (!write_proc("/proc/self/gid_map", "0 " + std::to_string(gid) + " 1\n"))
-        throw_errno("map gid " + std::to_string(gid) + " to root in the user namespace");
+    std::string path = "/proc/" + (pid ? std::to_string(pid) : std::string("self")) + "/" + file;
+    return write_proc(path.c_str(), text);
+}
+
+// Waits for one byte on `fd` (false when the other end closed first).
+bool wait_byte(int fd)
+{
+    char c = 0;
+    for (;;) {
+        ssize_t n = ::read(fd, &c, 1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        return n == 1;
+    }
 }
 
 void send(int fd, char kind, const std::string& text)
@@ -60,23 +64,42 @@ void send(int fd, char kind, const std::string& text)
 void run_as_namespace_root(const std::function<void(const NamespaceNotice&)>& work, const NamespaceNotice& notice,
                            GCancellable* cancellable)
 {
-    int fds[2];
-    if (::pipe2(fds, O_CLOEXEC) != 0)
+    int fds[2], ready_fds[2], go_fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0 || ::pipe2(ready_fds, O_CLOEXEC) != 0 || ::pipe2(go_fds, O_CLOEXEC) != 0)
         throw_errno("pipe");
     UniqueFd read_end(fds[0]), write_end(fds[1]);
+    UniqueFd ready_read(ready_fds[0]), ready_write(ready_fds[1]), go_read(go_fds[0]), go_write(go_fds[1]);
     uid_t uid = ::geteuid();
     gid_t gid = ::getegid();
+    // Root maps every id to itself (the parent writes that map: only it holds
+    // CAP_SETUID where the ids live), so files of any owner keep their owner.
+    // Anyone else maps just its own ids to 0, which needs no helper.
+    bool identity = uid == 0;
     pid_t pid = ::fork();
     if (pid < 0)
         throw_errno("fork");
     if (pid == 0) {
         read_end.reset();
+        ready_read.reset();
+        go_write.reset();
         ::prctl(PR_SET_PDEATHSIG, SIGKILL);
         ::signal(SIGINT, SIG_DFL);
         ::signal(SIGTERM, SIG_DFL);
         int code = 0;
         try {
-            become_namespace_root(uid, gid);
+            if (::unshare(CLONE_NEWUSER) != 0)
+                throw_errno("create a user namespace");
+            if (identity) {
+                if (::write(ready_write.get(), "r", 1) != 1 || !wait_byte(go_read.get()))
+                    throw Error("the user namespace's id maps were not written");
+            } else {
+                if (!write_proc_of(0, "setgroups", "deny") && errno != ENOENT)
+                    throw_errno("refuse setgroups in the user namespace");
+                if (!write_proc_of(0, "uid_map", "0 " + std::to_string(uid) + " 1\n"))
+                    throw_errno("map uid " + std::to_string(uid) + " to root in the user namespace");
+                if (!write_proc_of(0, "gid_map", "0 " + std::to_string(gid) + " 1\n"))
+                    throw_errno("map gid " + std::to_string(gid) + " to root in the user namespace");
+            }
             work([&](const std::string& text) { send(write_end.get(), 'N', text); });
         } catch (const std::exception& e) {
             send(write_end.get(), 'E', e.what());
@@ -84,6 +107,13 @@ void run_as_namespace_root(const std::function<void(const NamespaceNotice&)>& wo
         }
         ::_exit(code);
     }
+    ready_write.reset();
+    go_read.reset();
+    if (identity && wait_byte(ready_read.get())) {
+        if (write_proc_of(pid, "uid_map", "0 0 4294967295\n") && write_proc_of(pid, "gid_map", "0 0 4294967295\n"))
+            (void)!::write(go_write.get(), "g", 1);
+    }
+    go_write.reset();
     write_end.reset();
 
     std::string error, pending;

@@ -102,4 +102,38 @@ TEST_CASE("without loop devices, and as a plain user, flash makes the loop-devic
     }
 }
 
+TEST_CASE("files of other owners: root keeps them, a plain user is told which" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::permissions(tmp.path(), fs::perms::owner_all | fs::perms::others_read | fs::perms::others_exec);
+    make_rootfs(tmp / "rootfs");
+    write_file(tmp / "rootfs/home/user/notes", "mine\n");
+    REQUIRE(::chown((tmp / "rootfs/home/user/notes").c_str(), 1000, 1000) == 0);
+    std::string commit = build_commit(tmp.path(), tmp / "repo");
+
+    fs::path image = tmp / "root.img";
+    auto r = run_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(), "--repo",
+                            (tmp / "repo").string(), "--image-method", "unprivileged", "--json"});
+    REQUIRE_MESSAGE(r.ok(), r.err);
+    uint64_t rootfs_start = 0;
+    json flashed = json::parse(r.out);
+    for (const auto& part : flashed["partitions"])
+        if (part["label"] == "rootfs")
+            rootfs_start = part["start"].get<uint64_t>();
+    auto stat = run_process({"debugfs", "-R", "stat /ostree/deploy/tcu/deploy/" + commit + ".0/home/user/notes",
+                             image.string() + "?offset=" + std::to_string(rootfs_start)});
+    CHECK_MESSAGE(std::regex_search(stat.out, std::regex(R"(User:\s+1000\s+Group:\s+1000)")), (stat.out + stat.err));
+
+    fs::create_directories(tmp / "user");
+    REQUIRE(::chown((tmp / "user").c_str(), 4545, 4545) == 0);
+    auto user = run_process({"setpriv", "--reuid", "4545", "--regid", "4545", "--clear-groups", "env", "HOME=/nonexistent",
+                             TREEFLASH_BINARY, "flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image",
+                             (tmp / "user/user.img").string(), "--repo", (tmp / "repo").string()});
+    CHECK(user.exit_code == 1);
+    CHECK_MESSAGE(user.err.find("owned by users other than root") != std::string::npos, user.err);
+    CHECK(user.err.find("/home/user/notes (1000:1000)") != std::string::npos);
+    CHECK(fs::is_empty(tmp / "user"));
+}
+
 } // TEST_SUITE
