@@ -362,13 +362,24 @@ void write_image_from_directories(const FlashPlan& plan, Target& target, FlashRe
         result.firmware.push_back(blob.slot.name + " at " + hex(blob.slot.offset) + " (" + std::to_string(blob.size) + " bytes)");
     PartitionTable table = in_step("partition", [&] { return read_partition_table(target.device()); });
 
-    fs::TempDir scratch(target.image().parent_path().empty() ? "." : target.image().parent_path(), ".treeflash-tree-");
+    // The trees are written once and read once by mkfs: in memory when
+    // /dev/shm has room for them (twice the commit, for the repository and
+    // the deployment's own files), else beside the image.
+    std::filesystem::path image_dir = target.image().parent_path().empty() ? "." : target.image().parent_path();
+    std::filesystem::path scratch_parent = image_dir;
+    if (::access("/dev/shm", W_OK) == 0)
+        if (auto room = free_bytes("/dev/shm"); room && plan.source.content_bytes && *room > 3 * plan.source.content_bytes)
+            scratch_parent = "/dev/shm";
+    fs::TempDir scratch(scratch_parent, ".treeflash-tree-");
     std::filesystem::path rootfs = scratch.path() / "rootfs", boot = scratch.path() / "boot";
     std::filesystem::create_directories(rootfs);
     std::filesystem::create_directories(boot);
     in_step("sysroot", [&] {
         SysrootOptions sysroot = plan.sysroot;
-        sysroot.untrusted_pull = true;
+        // As root every owner is mapped, and objects may be copied as files
+        // from a local repository; a plain user's namespace cannot give
+        // them their owners, so each is checked and written instead.
+        sysroot.untrusted_pull = !plan.unprivileged_as_root;
         run_as_namespace_root(
             [&](const NamespaceNotice& child_notice) {
                 try {
