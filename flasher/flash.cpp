@@ -363,8 +363,8 @@ void write_image_from_directories(const FlashPlan& plan, Target& target, FlashRe
     PartitionTable table = in_step("partition", [&] { return read_partition_table(target.device()); });
 
     // The trees are written once and read once by mkfs: in memory when
-    // /dev/shm has room for them (twice the commit, for the repository and
-    // the deployment's own files), else beside the image.
+    // /dev/shm has room for three times the commit (the repository, the
+    // deployment's own files, and slack), else beside the image.
     std::filesystem::path image_dir = target.image().parent_path().empty() ? "." : target.image().parent_path();
     std::filesystem::path scratch_parent = image_dir;
     if (::access("/dev/shm", W_OK) == 0)
