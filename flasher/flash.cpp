@@ -13,6 +13,9 @@
 #include "flasher/userns.hpp"
 
 #include <gio/gio.h>
+#include <sys/file.h>
+#include <fcntl.h>
+#include "common/fd.hpp"
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -338,6 +341,28 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
     in_step("sync", [&] { target.commit(); });
 }
 
+constexpr const char* scratch_prefix = ".treeflash-tree-";
+
+// Trees of unprivileged flashes that were killed (no live process holds
+// their lock) are removed; a Ctrl-C removes its own on the way out.
+void reclaim_stale_trees(const std::filesystem::path& parent, const std::function<void(const std::string&)>& notice)
+{
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(parent, ec)) {
+        std::string name = entry.path().filename().string();
+        if (name.rfind(scratch_prefix, 0) != 0 || !entry.is_directory(ec) || entry.is_symlink(ec))
+            continue;
+        UniqueFd dir(::open(entry.path().c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+        if (!dir || ::flock(dir.get(), LOCK_EX | LOCK_NB) != 0)
+            continue; // a live flash works there
+        struct stat st {};
+        if (::fstat(dir.get(), &st) != 0 || st.st_uid != ::geteuid())
+            continue; // someone else's
+        fs::remove_tree_quietly(entry.path());
+        notice("removed " + entry.path().string() + ", left by an interrupted flash");
+    }
+}
+
 // The same card as write_card, made without loop devices, mounts or root:
 // the sysroot is laid out in a scratch directory (libostree's init-fs,
 // os-init, pull and deploy work on any directory), the boot files in
@@ -370,7 +395,12 @@ void write_image_from_directories(const FlashPlan& plan, Target& target, FlashRe
     if (::access("/dev/shm", W_OK) == 0)
         if (auto room = free_bytes("/dev/shm"); room && plan.source.content_bytes && *room > 3 * plan.source.content_bytes)
             scratch_parent = "/dev/shm";
-    fs::TempDir scratch(scratch_parent, ".treeflash-tree-");
+    reclaim_stale_trees(scratch_parent, notice);
+    fs::TempDir scratch(scratch_parent, scratch_prefix);
+    // Held while this process lives: a later flash knows the trees are not stale.
+    UniqueFd scratch_lock(::open(scratch.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!scratch_lock || ::flock(scratch_lock.get(), LOCK_EX | LOCK_NB) != 0)
+        throw_errno("lock " + scratch.path().string());
     std::filesystem::path rootfs = scratch.path() / "rootfs", boot = scratch.path() / "boot";
     std::filesystem::create_directories(rootfs);
     std::filesystem::create_directories(boot);

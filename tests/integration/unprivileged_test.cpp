@@ -56,6 +56,13 @@ TEST_CASE("without loop devices, and as a plain user, flash makes the loop-devic
                                         "--repo", (tmp / "repo").string(), "--image-method", method, "--json"};
     };
 
+    // The trees a killed unprivileged flash of this user left in /dev/shm
+    // (no one holds their lock) go at its next one.
+    fs::path stale = "/dev/shm/.treeflash-tree-stale-test";
+    write_file(stale / "rootfs/leftover", "x");
+    for (const fs::path& p : {stale, stale / "rootfs", stale / "rootfs/leftover"})
+        REQUIRE(::chown(p.c_str(), 4343, 4343) == 0);
+
     fs::path loop_image = tmp / "loop.img";
     auto loop = run_treeflash(flash_args(loop_image, "loop"));
     REQUIRE_MESSAGE(loop.ok(), loop.err);
@@ -72,6 +79,7 @@ TEST_CASE("without loop devices, and as a plain user, flash makes the loop-devic
     auto without_loops = run_process(hidden);
     REQUIRE_MESSAGE(without_loops.ok(), without_loops.err);
     CHECK(json::parse(without_loops.out)["image_method"] == "unprivileged");
+    CHECK(fs::exists(stale)); // its /dev held no shm, and the tree is not root's anyway
 
     // A plain uid, writing into a folder of its own.
     fs::create_directories(tmp / "user");
@@ -85,6 +93,9 @@ TEST_CASE("without loop devices, and as a plain user, flash makes the loop-devic
     REQUIRE_MESSAGE(user.ok(), user.err);
     CHECK(json::parse(user.out)["image_method"] == "unprivileged");
     CHECK(json::parse(user.out)["commit"] == commit);
+    CHECK_FALSE(fs::exists(stale));
+    CHECK(user.err.find("removed " + stale.string() + ", left by an interrupted flash") != std::string::npos);
+    fs::remove_all(stale);
 
     std::string expected_table = table_of(loop_image);
     json partitions = json::parse(loop.out)["partitions"];
