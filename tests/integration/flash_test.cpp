@@ -326,8 +326,10 @@ TEST_CASE("refusals: one clear line, nothing written, nothing left behind" * doc
     }
     SUBCASE("not root: no device, and no loop devices for an image")
     {
-        std::vector<std::string> as_nobody{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", TREEFLASH_BINARY, "flash",
-                                           "--board", "ls104x", "--repo", repo, "--no-gpg-verify"};
+        ToolsForOtherUsers tools = tools_for_other_users(tmp.path());
+        std::vector<std::string> as_nobody{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", tools.treeflash.string(),
+                                           "flash", "--board", (tools.boards / "ls104x").string(), "--repo", repo,
+                                           "--no-gpg-verify"};
         auto args = as_nobody;
         args.insert(args.end(), {"--device", "/dev/loop0", "--yes"});
         auto r = run_process(args);
@@ -337,7 +339,7 @@ TEST_CASE("refusals: one clear line, nothing written, nothing left behind" * doc
         args.insert(args.end(), {"--image", "/tmp/never.img", "--image-method", "loop"});
         r = run_process(args);
         CHECK(r.exit_code == 1);
-        CHECK(r.err.find("--image-method loop needs root and /dev/loop-control") != std::string::npos);
+        CHECK_MESSAGE(r.err.find("--image-method loop needs root and /dev/loop-control") != std::string::npos, r.err);
         CHECK_FALSE(fs::exists("/tmp/never.img"));
     }
 }

@@ -19,6 +19,7 @@ using nlohmann::json;
 namespace {
 
 const bool not_root = !is_root();
+const bool no_userns = !user_namespaces_work();
 
 // Every file of the image's partition at `offset`: path, owner, mode, type,
 // link target and, for files, sha256. Read through a read-only mount.
@@ -45,15 +46,16 @@ std::string table_of(const fs::path& image)
 
 TEST_SUITE("unprivileged") {
 
-TEST_CASE("without loop devices, and as a plain user, flash makes the loop-device image's content" * doctest::skip(not_root))
+TEST_CASE("without loop devices, and as a plain user, flash makes the loop-device image's content" * doctest::skip(not_root || no_userns))
 {
     NoLeftovers guard;
     Scratch tmp;
-    fs::permissions(tmp.path(), fs::perms::owner_all | fs::perms::others_read | fs::perms::others_exec);
+    ToolsForOtherUsers tools = tools_for_other_users(tmp.path());
     std::string commit = build_commit(tmp.path(), tmp / "repo");
     auto flash_args = [&](const fs::path& image, const std::string& method) {
-        return std::vector<std::string>{"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(),
-                                        "--repo", (tmp / "repo").string(), "--image-method", method, "--json"};
+        return std::vector<std::string>{"flash", "--no-gpg-verify", "--board", (tools.boards / "qemu-arm64").string(),
+                                        "--image", image.string(), "--repo", (tmp / "repo").string(), "--image-method",
+                                        method, "--json"};
     };
 
     // The trees a killed unprivileged flash of this user left in /dev/shm
@@ -86,7 +88,7 @@ TEST_CASE("without loop devices, and as a plain user, flash makes the loop-devic
     REQUIRE(::chown((tmp / "user").c_str(), 4343, 4343) == 0);
     fs::path user_image = tmp / "user/user.img";
     std::vector<std::string> as_user{"setpriv", "--reuid", "4343", "--regid", "4343", "--clear-groups", "env",
-                                     "HOME=/nonexistent", TREEFLASH_BINARY};
+                                     "HOME=/nonexistent", tools.treeflash.string()};
     args = flash_args(user_image, "auto");
     as_user.insert(as_user.end(), args.begin(), args.end());
     auto user = run_process(as_user);
@@ -113,11 +115,11 @@ TEST_CASE("without loop devices, and as a plain user, flash makes the loop-devic
     }
 }
 
-TEST_CASE("files of other owners: root keeps them, a plain user is told which" * doctest::skip(not_root))
+TEST_CASE("files of other owners: root keeps them, a plain user is told which" * doctest::skip(not_root || no_userns))
 {
     NoLeftovers guard;
     Scratch tmp;
-    fs::permissions(tmp.path(), fs::perms::owner_all | fs::perms::others_read | fs::perms::others_exec);
+    ToolsForOtherUsers tools = tools_for_other_users(tmp.path());
     make_rootfs(tmp / "rootfs");
     write_file(tmp / "rootfs/home/user/notes", "mine\n");
     REQUIRE(::chown((tmp / "rootfs/home/user/notes").c_str(), 1000, 1000) == 0);
@@ -139,7 +141,7 @@ TEST_CASE("files of other owners: root keeps them, a plain user is told which" *
     fs::create_directories(tmp / "user");
     REQUIRE(::chown((tmp / "user").c_str(), 4545, 4545) == 0);
     auto user = run_process({"setpriv", "--reuid", "4545", "--regid", "4545", "--clear-groups", "env", "HOME=/nonexistent",
-                             TREEFLASH_BINARY, "flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image",
+                             tools.treeflash.string(), "flash", "--no-gpg-verify", "--board", (tools.boards / "qemu-arm64").string(), "--image",
                              (tmp / "user/user.img").string(), "--repo", (tmp / "repo").string()});
     CHECK(user.exit_code == 1);
     CHECK_MESSAGE(user.err.find("owned by users other than root") != std::string::npos, user.err);

@@ -1,6 +1,7 @@
 #include "tests/support/fixtures.hpp"
 
 #include "common/error.hpp"
+#include "common/process.hpp"
 
 #include <archive.h>
 #include <archive_entry.h>
@@ -307,6 +308,36 @@ fs::path edited_board(const Scratch& tmp, const std::string& board, const std::s
     fs::copy(fs::path(TREEFLASH_SOURCE_DIR) / "board" / board, dir, fs::copy_options::recursive);
     write_file(dir / "board.conf", edit(read_text(dir / "board.conf")));
     return dir;
+}
+
+ToolsForOtherUsers tools_for_other_users(const fs::path& dir)
+{
+    auto open_up = [](const fs::path& path) {
+        fs::permissions(path, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec | fs::perms::others_read
+                                  | fs::perms::others_exec);
+    };
+    ToolsForOtherUsers tools;
+    fs::create_directories(dir / "tools");
+    open_up(dir); // a scratch folder; its parent ($TMPDIR) is everyone's
+    open_up(dir / "tools");
+    tools.treeflash = dir / "tools/treeflash";
+    fs::copy_file(TREEFLASH_BINARY, tools.treeflash, fs::copy_options::overwrite_existing);
+    open_up(tools.treeflash);
+    tools.boards = dir / "tools/board";
+    fs::copy(fs::path(TREEFLASH_SOURCE_DIR) / "board", tools.boards, fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+    for (const auto& entry : fs::recursive_directory_iterator(tools.boards))
+        fs::permissions(entry.path(), fs::perms::others_read | fs::perms::group_read, fs::perm_options::add);
+    for (const auto& entry : fs::recursive_directory_iterator(tools.boards))
+        if (entry.is_directory())
+            open_up(entry.path());
+    open_up(tools.boards);
+    return tools;
+}
+
+bool user_namespaces_work()
+{
+    static const bool works = run_process({"unshare", "--user", "--map-root-user", "true"}).ok();
+    return works;
 }
 
 } // namespace treeflash::test

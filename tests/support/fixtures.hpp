@@ -75,6 +75,19 @@ void write_tarball(const fs::path& path, const std::vector<TarEntry>& entries);
 bool has_partial(const fs::path& dir);
 
 // The treeflash executable under test.
+// treeflash and the bundled boards, copied below `dir` (made traversable by
+// all) so another uid can run them wherever the checkout lives (a home
+// folder of mode 0700, say).
+struct ToolsForOtherUsers {
+    fs::path treeflash;
+    fs::path boards; // boards / "ls104x" is a board folder
+};
+ToolsForOtherUsers tools_for_other_users(const fs::path& dir);
+
+// Whether this process may create a user namespace (a chroot or a
+// container's seccomp profile may refuse it).
+bool user_namespaces_work();
+
 // The message of the treeflash::Error `fn` throws; "" when it throws none.
 std::string error_of(const std::function<void()>& fn);
 

@@ -22,13 +22,19 @@ namespace {
 // A uid and gid with no account and no privileges.
 constexpr int plain_id = 4242;
 
-// treeflash `args`, as this user, or as plain_id when this is root.
-ProcessResult run_unprivileged(const std::vector<std::string>& args)
+const bool no_userns = !user_namespaces_work();
+
+// treeflash `args`, as this user, or as plain_id when this is root (a copy
+// of treeflash that plain_id can reach).
+ProcessResult run_unprivileged(const ToolsForOtherUsers& tools, const std::vector<std::string>& args,
+                               const std::vector<std::string>& env = {})
 {
     if (!is_root())
-        return run_treeflash(args);
+        return run_treeflash(args, env);
     std::vector<std::string> argv{"setpriv", "--reuid", std::to_string(plain_id), "--regid", std::to_string(plain_id),
-                                  "--clear-groups", "env", "HOME=/nonexistent", TREEFLASH_BINARY};
+                                  "--clear-groups", "env", "HOME=/nonexistent"};
+    argv.insert(argv.end(), env.begin(), env.end());
+    argv.push_back(tools.treeflash.string());
     argv.insert(argv.end(), args.begin(), args.end());
     return run_process(argv);
 }
@@ -42,10 +48,11 @@ std::string in_image(const fs::path& image, uint64_t offset)
 
 TEST_SUITE("unprivileged") {
 
-TEST_CASE("qemu-arm64 and ls104x images made without root, loop devices or mounts")
+TEST_CASE("qemu-arm64 and ls104x images made without root, loop devices or mounts" * doctest::skip(no_userns))
 {
     Scratch tmp;
     std::string commit = build_commit(tmp.path(), tmp / "repo");
+    ToolsForOtherUsers tools = tools_for_other_users(tmp.path());
     fs::path out = tmp / "out";
     fs::create_directories(out);
     if (is_root()) {
@@ -56,8 +63,9 @@ TEST_CASE("qemu-arm64 and ls104x images made without root, loop devices or mount
     for (const std::string board : {"qemu-arm64", "ls104x"}) {
         CAPTURE(board);
         fs::path image = out / (board + ".img");
-        auto r = run_unprivileged({"flash", "--no-gpg-verify", "--board", board, "--image", image.string(), "--repo",
-                                   (tmp / "repo").string(), "--image-method", "unprivileged", "--json"});
+        auto r = run_unprivileged(tools, {"flash", "--no-gpg-verify", "--board", (tools.boards / board).string(), "--image",
+                                          image.string(), "--repo", (tmp / "repo").string(), "--image-method",
+                                          "unprivileged", "--json"});
         REQUIRE_MESSAGE(r.ok(), r.err);
         json result = json::parse(r.out);
         CHECK(result["image_method"] == "unprivileged");
@@ -94,7 +102,7 @@ TEST_CASE("qemu-arm64 and ls104x images made without root, loop devices or mount
             CHECK(env.out.find("source ${scriptaddr}") != std::string::npos);
         }
         // inspect reads it as the same user, without mounting it.
-        auto inspected = run_unprivileged({"inspect", image.string(), "--json"});
+        auto inspected = run_unprivileged(tools, {"inspect", image.string(), "--json"});
         REQUIRE_MESSAGE(inspected.ok(), inspected.err);
         json info = json::parse(inspected.out);
         CHECK(info["sysroot_partition"] == 3);
@@ -116,26 +124,22 @@ TEST_CASE("qemu-arm64 and ls104x images made without root, loop devices or mount
     }
 }
 
-TEST_CASE("the same commit, board, size and SOURCE_DATE_EPOCH give the same image, whoever makes it where")
+TEST_CASE("the same commit, board, size and SOURCE_DATE_EPOCH give the same image, whoever makes it where"
+          * doctest::skip(no_userns))
 {
     Scratch tmp;
     build_commit(tmp.path(), tmp / "repo");
-    if (is_root())
-        fs::permissions(tmp.path(), fs::perms::owner_all | fs::perms::others_read | fs::perms::others_exec);
+    ToolsForOtherUsers tools = tools_for_other_users(tmp.path());
     auto make = [&](const std::string& dir, bool as_root, const std::string& epoch) {
         fs::path out = tmp / dir;
         fs::create_directories(out);
         if (is_root() && !as_root)
             REQUIRE(::chown(out.c_str(), plain_id, plain_id) == 0);
-        std::vector<std::string> args{"flash", "--no-gpg-verify", "--board", "ls104x", "--image", (out / "card.img").string(),
-                                      "--repo", (tmp / "repo").string(), "--image-method", "unprivileged"};
+        std::vector<std::string> args{"flash", "--no-gpg-verify", "--board", (tools.boards / "ls104x").string(), "--image",
+                                      (out / "card.img").string(), "--repo", (tmp / "repo").string(), "--image-method",
+                                      "unprivileged"};
         std::vector<std::string> env{"SOURCE_DATE_EPOCH=" + epoch};
-        ProcessResult r = as_root ? run_treeflash(args, env) : [&] {
-            std::vector<std::string> argv{"setpriv", "--reuid", std::to_string(plain_id), "--regid", std::to_string(plain_id),
-                                          "--clear-groups", "env", "HOME=/nonexistent", "SOURCE_DATE_EPOCH=" + epoch, TREEFLASH_BINARY};
-            argv.insert(argv.end(), args.begin(), args.end());
-            return is_root() ? run_process(argv) : run_treeflash(args, env);
-        }();
+        ProcessResult r = as_root ? run_treeflash(args, env) : run_unprivileged(tools, args, env);
         REQUIRE_MESSAGE(r.ok(), r.err);
         return sha256sum_files({out / "card.img"});
     };
