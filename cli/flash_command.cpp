@@ -21,7 +21,8 @@ Partitions and formats the card as the board profile says, writes firmware
 blobs into their slots, creates the OSTree sysroot on the rootfs partition
 (init-fs, newroot/, mnt/, update, os-init), pulls REF from the repository,
 deploys it with the board's kernel arguments and writes the U-Boot boot
-script that loads the uEnv.txt OSTree keeps current. Needs root.
+script that loads the uEnv.txt OSTree keeps current. A --device needs root;
+an --image does not (see --image-method).
 
 A --device is checked first: never the disk holding /, never a mounted or
 busy disk, never a partition; a non-removable disk needs --force. Its model,

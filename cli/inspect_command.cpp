@@ -19,8 +19,9 @@ table, labels and file systems, the OSTree deployments (commit, version,
 serial, default and rollback), on a board that counts boots each
 deployment's state (known good, trial with the tries used, rolled back), the
 origin URL, the bootargs in uEnv.txt and whether newroot/, mnt/ and the
-update marker are present. Images are
-attached read-only and file systems mounted ro,noload.
+update marker are present. File systems are read in place through
+libext2fs: nothing is mounted or attached, no symlink on the card is
+followed, and read permission on the card or image is all it needs.
 
 Example:
   treeflash inspect /dev/sdb

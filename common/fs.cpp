@@ -81,6 +81,18 @@ std::string read_file(const std::filesystem::path& path)
     return buffer.str();
 }
 
+void write_to_pipe(int fd, std::string_view text) noexcept
+{
+    for (size_t done = 0; done < text.size();) {
+        ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return;
+        done += static_cast<size_t>(n);
+    }
+}
+
 void write_file_atomic(const std::filesystem::path& path, std::string_view content)
 {
     std::filesystem::path tmp = path;

@@ -31,6 +31,10 @@ std::string read_file(const std::filesystem::path& path);
 void read_at(int fd, char* data, size_t size, uint64_t offset, const std::string& what);
 void write_at(int fd, const char* data, size_t size, uint64_t offset, const std::string& what);
 
+// Writes all of `text` to a pipe or socket, retrying short writes; stops
+// quietly when the reader is gone (a child reporting to its parent).
+void write_to_pipe(int fd, std::string_view text) noexcept;
+
 // Writes `content` to `path` through a temporary file and rename.
 void write_file_atomic(const std::filesystem::path& path, std::string_view content);
 

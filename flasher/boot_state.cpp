@@ -15,13 +15,6 @@ namespace treeflash::flasher {
 
 namespace {
 
-std::string hex(uint64_t value)
-{
-    std::ostringstream out;
-    out << "0x" << std::hex << value;
-    return out.str();
-}
-
 std::string value_of(const std::map<std::string, std::string>& values, const std::string& name)
 {
     auto it = values.find(name);
@@ -100,7 +93,7 @@ std::string boot_board_record(const BoardProfile& board)
     return "# Written by treeflash flash: how this card's board counts boots.\n"
            "board=" + board.name + "\n"
            "bootlimit=" + std::to_string(board.boot_count.limit) + "\n"
-           "boot_state_offset=" + hex(board.boot_count.state_offset) + "\n";
+           "boot_state_offset=" + text::hex(board.boot_count.state_offset) + "\n";
 }
 
 BootFiles read_boot_files(const CardView& sysroot, const std::string& card)

@@ -76,9 +76,7 @@ std::string render_boot_script(const BoardProfile& board)
         count = std::string(templates::get("uboot/boot-count.cmd"));
         count_args = "setenv bootargs \"${bootargs} treeflash.state=${treeflash_state} treeflash.boot=${treeflash_serial} "
                      "treeflash.tries=${treeflash_tries} treeflash.bootlimit=${treeflash_bootlimit}\"";
-        std::ostringstream block;
-        block << "0x" << std::hex << board.boot_count.state_offset / 512;
-        text::replace_all(count, "@STATE_BLOCK@", block.str());
+        text::replace_all(count, "@STATE_BLOCK@", text::hex(board.boot_count.state_offset / 512));
         text::replace_all(count, "@BOOTLIMIT@", std::to_string(board.boot_count.limit));
     }
     text::replace_all(script, "@BOOT_COUNT@", count);

@@ -38,25 +38,6 @@ std::string read_on_card(const std::filesystem::path& root, const std::string& r
     return data;
 }
 
-std::string read_link_on_card(const std::filesystem::path& root, const std::string& relpath)
-{
-    std::filesystem::path parent = std::filesystem::path(relpath).parent_path();
-    UniqueFd dir = parent.empty() ? open_on_card(root, ".", O_PATH | O_DIRECTORY)
-                                  : open_on_card(root, parent.string(), O_PATH | O_DIRECTORY);
-    if (!dir)
-        return "";
-    char target[256];
-    ssize_t n = ::readlinkat(dir.get(), std::filesystem::path(relpath).filename().c_str(), target, sizeof target - 1);
-    return n > 0 ? std::string(target, static_cast<size_t>(n)) : "";
-}
-
-unsigned type_on_card(const std::filesystem::path& root, const std::string& relpath)
-{
-    UniqueFd fd = open_on_card(root, relpath, O_PATH);
-    struct stat st {};
-    return fd && ::fstat(fd.get(), &st) == 0 ? (st.st_mode & S_IFMT) : 0;
-}
-
 void write_on_card(const std::filesystem::path& root, const std::string& dir, const std::string& name,
                    const std::string& content)
 {
@@ -90,12 +71,21 @@ std::string MountedCard::read(const std::string& relpath) const
 
 std::string MountedCard::link(const std::string& relpath) const
 {
-    return read_link_on_card(m_root, relpath);
+    std::filesystem::path parent = std::filesystem::path(relpath).parent_path();
+    UniqueFd dir = parent.empty() ? open_on_card(m_root, ".", O_PATH | O_DIRECTORY)
+                                  : open_on_card(m_root, parent.string(), O_PATH | O_DIRECTORY);
+    if (!dir)
+        return "";
+    char target[256];
+    ssize_t n = ::readlinkat(dir.get(), std::filesystem::path(relpath).filename().c_str(), target, sizeof target - 1);
+    return n > 0 ? std::string(target, static_cast<size_t>(n)) : "";
 }
 
 unsigned MountedCard::type(const std::string& relpath) const
 {
-    return type_on_card(m_root, relpath);
+    UniqueFd fd = open_on_card(m_root, relpath, O_PATH);
+    struct stat st {};
+    return fd && ::fstat(fd.get(), &st) == 0 ? (st.st_mode & S_IFMT) : 0;
 }
 
 std::vector<std::string> MountedCard::list(const std::string& relpath) const

@@ -37,13 +37,6 @@ private:
 // any symlink on the way; "" when absent, not a regular file or over 1 MiB.
 std::string read_on_card(const std::filesystem::path& root, const std::string& relpath);
 
-// The target of the symlink `relpath` on the card, "" when it is none.
-std::string read_link_on_card(const std::filesystem::path& root, const std::string& relpath);
-
-// What kind of thing `relpath` is (S_IFDIR, S_IFREG, ...), 0 when nothing is
-// there without following a symlink.
-unsigned type_on_card(const std::filesystem::path& root, const std::string& relpath);
-
 // Replaces `dir`/`name` below the card's mount with `content` (a temporary
 // file, then rename), creating `dir` when missing. A symlink anywhere on the
 // way is an error, so the write stays on the card.

@@ -2,9 +2,9 @@
 
 #include "common/error.hpp"
 #include "common/fs.hpp"
+#include "flasher/ext2fs_handles.hpp"
 
 #include <cstring>
-#include <ext2fs/ext2fs.h>
 #include <sys/stat.h>
 
 namespace treeflash::flasher {
@@ -13,14 +13,10 @@ namespace {
 
 constexpr size_t max_file = 1 << 20;
 
-struct Ext2Close {
-    void operator()(ext2_filsys fs) const { ext2fs_close_free(&fs); }
-};
-
 } // namespace
 
 struct Ext4Card::Impl {
-    std::unique_ptr<std::remove_pointer_t<ext2_filsys>, Ext2Close> fs;
+    Ext2Filesystem fs;
 
     // The inode `relpath` names, every component looked up in its
     // directory; 0 when absent or when a symlink (or a file) is on the way.

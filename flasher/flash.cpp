@@ -2,6 +2,7 @@
 
 #include "common/error.hpp"
 #include "common/fs.hpp"
+#include "common/text.hpp"
 #include "common/validate.hpp"
 #include "flasher/bmap.hpp"
 #include "flasher/publish.hpp"
@@ -22,16 +23,11 @@
 
 namespace treeflash::flasher {
 
+using text::hex;
+
 namespace {
 
 constexpr uint64_t MiB = 1 << 20;
-
-std::string hex(uint64_t value)
-{
-    char text[32];
-    std::snprintf(text, sizeof text, "0x%llx", static_cast<unsigned long long>(value));
-    return text;
-}
 
 void check_cancelled(GCancellable* cancellable)
 {
@@ -272,7 +268,6 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
         plan.image_size = size;
         in_step("image", [&] { check_rootfs_room(plan, size); });
         plan.unprivileged = in_step("image", [&] { return choose_unprivileged(options.image_method); });
-        plan.unprivileged_as_root = ::geteuid() == 0;
     } else {
         plan.disk = in_step("device " + *options.device, [&] { return describe_disk(*options.device); });
         uint64_t minimum = plan.layout.minimum_disk_bytes(
@@ -287,6 +282,13 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
 
 namespace {
 
+// "uboot-env at 0x500000 (8192 bytes)", a line per blob written.
+void describe_firmware(const FlashPlan& plan, FlashResult& result)
+{
+    for (const auto& blob : plan.firmware)
+        result.firmware.push_back(blob.slot.name + " at " + hex(blob.slot.offset) + " (" + std::to_string(blob.size) + " bytes)");
+}
+
 // The writes, on an open target, in the order that leaves the clearest state.
 void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Progress& progress,
                 const std::function<void(const std::string&)>& notice, GCancellable* cancellable)
@@ -298,8 +300,7 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
     in_step("partition", [&] { write_partition_table(target.fd(), target.device(), board.partition_table); });
     in_step("firmware", [&] { write_firmware(target.fd(), plan.firmware); });
     in_step("partition", [&] { target.release_exclusive_claim(); });
-    for (const auto& blob : plan.firmware)
-        result.firmware.push_back(blob.slot.name + " at " + hex(blob.slot.offset) + " (" + std::to_string(blob.size) + " bytes)");
+    describe_firmware(plan, result);
 
     for (const auto& role : board.partitions) {
         check_cancelled(cancellable);
@@ -383,8 +384,7 @@ void write_image_from_directories(const FlashPlan& plan, Target& target, FlashRe
         write_partition_table(target.fd(), target.device(), board.partition_table, derived_disk_id(identity));
     });
     in_step("firmware", [&] { write_firmware(target.fd(), plan.firmware); });
-    for (const auto& blob : plan.firmware)
-        result.firmware.push_back(blob.slot.name + " at " + hex(blob.slot.offset) + " (" + std::to_string(blob.size) + " bytes)");
+    describe_firmware(plan, result);
     PartitionTable table = in_step("partition", [&] { return read_partition_table(target.device()); });
 
     // The trees are written once and read once by mkfs: in memory when
@@ -405,11 +405,12 @@ void write_image_from_directories(const FlashPlan& plan, Target& target, FlashRe
     std::filesystem::create_directories(rootfs);
     std::filesystem::create_directories(boot);
     in_step("sysroot", [&] {
+        bool as_root = ::geteuid() == 0;
         SysrootOptions sysroot = plan.sysroot;
-        // As root every owner is mapped, and objects may be copied as files
+        // As root every owner is mapped (userns.cpp), and objects may be copied as files
         // from a local repository; a plain user's namespace cannot give
         // them their owners, so each is checked and written instead.
-        sysroot.untrusted_pull = !plan.unprivileged_as_root;
+        sysroot.untrusted_pull = !as_root;
         run_as_namespace_root(
             [&](const NamespaceNotice& child_notice) {
                 try {
@@ -418,7 +419,7 @@ void write_image_from_directories(const FlashPlan& plan, Target& target, FlashRe
                     // A plain user's namespace holds one id: files of other
                     // owners cannot be laid out. Say that, and which files
                     // when the source is at hand, rather than "fchown".
-                    if (plan.unprivileged_as_root || std::string(e.what()).find("fchown") == std::string::npos)
+                    if (as_root || std::string(e.what()).find("fchown") == std::string::npos)
                         throw;
                     std::vector<std::string> foreign;
                     if (plan.source.url.rfind("file://", 0) == 0)

@@ -88,7 +88,6 @@ struct FlashPlan {
     uint64_t image_size = 0;      // --image
     uint64_t rootfs_inodes = 0;   // mkfs -N for the rootfs partition; 0: mkfs's default is enough
     bool unprivileged = false;    // --image made without loop devices, mounts or root
-    bool unprivileged_as_root = false; // ... by root: its user namespace maps every id to itself
     uint64_t source_date_epoch = 0; // the time boot.scr records, and all of an unprivileged image's
     std::vector<std::string> warnings;
 };

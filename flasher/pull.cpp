@@ -1,6 +1,7 @@
 #include "flasher/pull.hpp"
 
 #include "common/error.hpp"
+#include "common/fs.hpp"
 #include "common/fd.hpp"
 
 #include <cerrno>
@@ -19,18 +20,6 @@ namespace treeflash::flasher {
 
 namespace {
 
-void write_all(int fd, const std::string& text)
-{
-    for (size_t done = 0; done < text.size();) {
-        ssize_t n = ::write(fd, text.data() + done, text.size() - done);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return;
-        done += static_cast<size_t>(n);
-    }
-}
-
 // Each change of the pull's progress becomes one line on the pipe: the
 // parent only needs to see that something moves.
 void report_progress(OstreeAsyncProgress* progress, gpointer user_data)
@@ -40,7 +29,7 @@ void report_progress(OstreeAsyncProgress* progress, gpointer user_data)
     guint64 bytes = 0;
     ostree_async_progress_get(progress, "fetched", "u", &fetched, "requested", "u", &requested,
                               "bytes-transferred", "t", &bytes, nullptr);
-    write_all(fd, "progress " + std::to_string(fetched) + " " + std::to_string(requested) + " " + std::to_string(bytes) + "\n");
+    fs::write_to_pipe(fd, "progress " + std::to_string(fetched) + " " + std::to_string(requested) + " " + std::to_string(bytes) + "\n");
 }
 
 [[noreturn]] void run_child(OstreeRepo* repo, const std::string& remote, GVariant* options, int report_fd)
@@ -50,14 +39,14 @@ void report_progress(OstreeAsyncProgress* progress, gpointer user_data)
     gboolean ok = ostree_repo_pull_with_options(repo, remote.c_str(), options, progress, nullptr, &error);
     ostree_async_progress_finish(progress);
     if (ok) {
-        write_all(report_fd, "ok\n");
+        fs::write_to_pipe(report_fd, "ok\n");
         ::_exit(0);
     }
     std::string message = error ? error->message : "failed";
     for (auto& c : message)
         if (c == '\n')
             c = ' ';
-    write_all(report_fd, "error " + message + "\n");
+    fs::write_to_pipe(report_fd, "error " + message + "\n");
     ::_exit(1);
 }
 

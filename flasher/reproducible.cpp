@@ -2,28 +2,16 @@
 
 #include "common/error.hpp"
 #include "common/sha256.hpp"
+#include "flasher/ext2fs_handles.hpp"
 
 #include <cstdio>
 #include <cstring>
-#include <ext2fs/ext2fs.h>
 #include <memory>
 #include <vector>
 
 namespace treeflash::flasher {
 
 namespace {
-
-std::string hex_of(const std::string& seed)
-{
-    return sha256_hex(seed);
-}
-
-struct Ext2Close {
-    void operator()(ext2_filsys fs) const { ext2fs_close_free(&fs); }
-};
-struct InodeScanClose {
-    void operator()(ext2_inode_scan scan) const { ext2fs_close_inode_scan(scan); }
-};
 
 std::string ext2_error(const std::string& what, errcode_t code)
 {
@@ -36,7 +24,7 @@ std::string ext2_error(const std::string& what, errcode_t code)
 
 std::string derived_uuid(const std::string& seed)
 {
-    std::string hex = hex_of("uuid\n" + seed).substr(0, 32);
+    std::string hex = sha256_hex("uuid\n" + seed).substr(0, 32);
     // RFC 9562 version 8 (custom), variant 10.
     hex[12] = '8';
     static const char variant[] = "89ab";
@@ -46,7 +34,7 @@ std::string derived_uuid(const std::string& seed)
 
 std::string derived_disk_id(const std::string& seed)
 {
-    std::string hex = hex_of("disk id\n" + seed).substr(0, 8);
+    std::string hex = sha256_hex("disk id\n" + seed).substr(0, 8);
     if (hex == "00000000")
         hex = "00000001"; // 0 means "none" to some tools
     return "0x" + hex;
@@ -59,12 +47,12 @@ void clamp_inode_times(const std::string& image, uint64_t offset, uint64_t epoch
     errcode_t rc = ext2fs_open2(image.c_str(), io_options.c_str(), EXT2_FLAG_RW | EXT2_FLAG_64BITS, 0, 0, unix_io_manager, &raw);
     if (rc)
         throw Error(ext2_error("open the ext4 at " + std::to_string(offset) + " of " + image, rc));
-    std::unique_ptr<std::remove_pointer_t<ext2_filsys>, Ext2Close> fs(raw);
+    Ext2Filesystem fs(raw);
     fs->now = static_cast<time_t>(epoch); // the superblock's write time, on close
     ext2_inode_scan raw_scan = nullptr;
     if ((rc = ext2fs_open_inode_scan(fs.get(), 0, &raw_scan)))
         throw Error(ext2_error("scan the inodes of " + image, rc));
-    std::unique_ptr<std::remove_pointer_t<ext2_inode_scan>, InodeScanClose> scan(raw_scan);
+    Ext2InodeScan scan(raw_scan);
     int size = EXT2_INODE_SIZE(fs->super);
     std::vector<char> buffer(static_cast<size_t>(size));
     auto* inode = reinterpret_cast<ext2_inode_large*>(buffer.data());

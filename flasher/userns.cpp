@@ -2,6 +2,7 @@
 
 #include "common/error.hpp"
 #include "common/fd.hpp"
+#include "common/fs.hpp"
 
 #include <cerrno>
 #include <csignal>
@@ -18,17 +19,13 @@ namespace treeflash::flasher {
 
 namespace {
 
-bool write_proc(const char* path, const std::string& text)
-{
-    UniqueFd fd(::open(path, O_WRONLY | O_CLOEXEC));
-    return fd && ::write(fd.get(), text.data(), text.size()) == static_cast<ssize_t>(text.size());
-}
-
-// Writes `text` to /proc/PID/FILE.
+// Writes `text` to /proc/PID/FILE (PID 0: this process) in one write, as
+// the id map files want.
 bool write_proc_of(pid_t pid, const char* file, const std::string& text)
 {
     std::string path = "/proc/" + (pid ? std::to_string(pid) : std::string("self")) + "/" + file;
-    return write_proc(path.c_str(), text);
+    UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
+    return fd && ::write(fd.get(), text.data(), text.size()) == static_cast<ssize_t>(text.size());
 }
 
 // Waits for one byte on `fd` (false when the other end closed first).
@@ -49,14 +46,7 @@ void send(int fd, char kind, const std::string& text)
     for (char c : text)
         line += c == '\n' ? ' ' : c;
     line += '\n';
-    for (size_t done = 0; done < line.size();) {
-        ssize_t n = ::write(fd, line.data() + done, line.size() - done);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return;
-        done += static_cast<size_t>(n);
-    }
+    fs::write_to_pipe(fd, line);
 }
 
 } // namespace
