@@ -1,6 +1,7 @@
 // treeflash inspect: flasher::inspect -> text or JSON. Never writes.
 #include "cli/command.hpp"
 #include "common/error.hpp"
+#include "common/text.hpp"
 #include "flasher/inspect.hpp"
 
 #include <boost/program_options.hpp>
@@ -116,16 +117,22 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
                     {"newroot", r.has_newroot},
                     {"mnt", r.has_mnt},
                     {"boot_script", r.has_boot_script},
-                    {"boot_counting", boot_json(r.boot)}});
+                    {"boot_counting", boot_json(r.boot)},
+                    {"warnings", r.warnings}});
         return 0;
     }
+    // Every string below except sizes and numbers comes from the card:
+    // printed through text::printable, so it cannot drive the terminal.
+    using text::printable;
     std::cout << r.target << ": " << mib(r.size) << ", " << (r.table.label.empty() ? "no partition table" : r.table.label)
-              << (r.table.id.empty() ? "" : " " + r.table.id) << "\n";
+              << (r.table.id.empty() ? "" : " " + printable(r.table.id)) << "\n";
     for (const auto& p : r.partitions)
         std::cout << "  p" << p.entry.number << "  " << mib(p.entry.start) << " +" << mib(p.entry.size) << "  "
-                  << (p.filesystem.type.empty() ? "-" : p.filesystem.type)
-                  << (p.filesystem.label.empty() ? "" : " '" + p.filesystem.label + "'")
+                  << (p.filesystem.type.empty() ? "-" : printable(p.filesystem.type))
+                  << (p.filesystem.label.empty() ? "" : " '" + printable(p.filesystem.label) + "'")
                   << (p.entry.bootable ? "  bootable" : "") << "\n";
+    for (const auto& warning : r.warnings)
+        std::cout << "warning: " << printable(warning) << "\n";
     if (!r.sysroot_partition) {
         std::cout << "no OSTree sysroot found\n";
         return 0;
@@ -133,12 +140,12 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
     std::cout << "sysroot on p" << r.sysroot_partition << ": update marker " << (r.has_update_marker ? "yes" : "NO")
               << ", newroot/ " << (r.has_newroot ? "yes" : "NO") << ", mnt/ " << (r.has_mnt ? "yes" : "NO")
               << ", boot.scr " << (r.has_boot_script ? "yes" : "NO") << "\n";
-    std::cout << "origin: " << (r.origin_url.empty() ? "none" : r.origin_url)
+    std::cout << "origin: " << (r.origin_url.empty() ? "none" : printable(r.origin_url))
               << (r.origin_gpg_verify == "false" ? " (gpg-verify=false)" : "") << "\n";
     for (size_t i = 0; i < r.deployments.size(); ++i) {
         const auto& d = r.deployments[i];
         std::cout << role_of(i) << ": " << d.os << " " << d.commit << "." << d.deploy_serial
-                  << (d.version.empty() ? "" : " version " + d.version) << "\n    ostree=" << d.ostree_path << "\n";
+                  << (d.version.empty() ? "" : " version " + printable(d.version)) << "\n    ostree=" << d.ostree_path << "\n";
         if (std::string state = boot_state_text(r.boot, i); !state.empty())
             std::cout << "    boot: " << state << "\n";
     }
@@ -146,11 +153,11 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
         std::cout << "boot counting: bootlimit " << r.boot.bootlimit;
         if (!r.boot.rolled_back_deployment.empty())
             std::cout << "; rolled back from "
-                      << flasher::deployment_name(r.boot.rolled_back_version, r.boot.rolled_back_deployment);
+                      << printable(flasher::deployment_name(r.boot.rolled_back_version, r.boot.rolled_back_deployment));
         std::cout << "\n";
     }
     if (r.uenv.count("bootargs"))
-        std::cout << "uEnv.txt bootargs: " << r.uenv["bootargs"] << "\n";
+        std::cout << "uEnv.txt bootargs: " << printable(r.uenv["bootargs"]) << "\n";
     return 0;
 }
 

@@ -141,7 +141,9 @@ void print_notice(const std::string& text)
 
 void print_json(const nlohmann::json& value)
 {
-    std::cout << value.dump(2) << "\n";
+    // Strings read from a card or image need not be UTF-8: such bytes are
+    // shown as U+FFFD rather than failing the whole report.
+    std::cout << value.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
 }
 
 int main(int argc, char** argv)

@@ -25,4 +25,23 @@ inline std::string hex(uint64_t value)
     return out;
 }
 
+// `value` safe to print on a terminal: control characters (escape
+// sequences, newlines, carriage returns) become \xNN. For text read from a
+// card or image, which may be hostile.
+inline std::string printable(const std::string& value)
+{
+    std::string out;
+    out.reserve(value.size());
+    for (unsigned char c : value) {
+        if (c < 0x20 || c == 0x7f) {
+            char escaped[5];
+            std::snprintf(escaped, sizeof escaped, "\\x%02x", c);
+            out += escaped;
+        } else {
+            out += static_cast<char>(c);
+        }
+    }
+    return out;
+}
+
 } // namespace treeflash::text

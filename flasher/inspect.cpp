@@ -23,6 +23,10 @@ namespace treeflash::flasher {
 
 namespace {
 
+// OSTree writes one entry per deployment, a handful at most; a hostile card
+// may hold thousands.
+constexpr size_t max_loader_entries = 64;
+
 void read_origin(const std::string& repo_config, InspectResult& result)
 {
     glib::KeyFile config(g_key_file_new());
@@ -48,11 +52,16 @@ std::vector<Deployment> read_deployments(const CardView& card)
     std::string loader = card.link("boot/loader");
     if (loader != "loader.0" && loader != "loader.1")
         return {};
-    static const std::regex ostree_arg(R"((?:^|\s)ostree=(/ostree/boot\.([01])/([A-Za-z0-9_.-]+)/([0-9a-f]{64})/([0-9]+))(?:\s|$))");
-    static const std::regex target_form(R"(\.\./\.\./\.\./deploy/([A-Za-z0-9_.-]+)/deploy/([0-9a-f]{64})\.([0-9]+))");
+    // Each argument is matched alone and numbers have at most 9 digits: an
+    // options line of a hostile card may be a MiB long.
+    static const std::regex ostree_arg(R"(ostree=(/ostree/boot\.([01])/([A-Za-z0-9_.-]{1,255})/([0-9a-f]{64})/([0-9]{1,9})))");
+    static const std::regex target_form(R"(\.\./\.\./\.\./deploy/([A-Za-z0-9_.-]{1,255})/deploy/([0-9a-f]{64})\.([0-9]{1,9}))");
+    size_t conf_files = 0;
     for (const auto& name : card.list("boot/" + loader + "/entries")) {
         if (name.size() < 6 || name.substr(name.size() - 5) != ".conf")
             continue;
+        if (++conf_files > max_loader_entries)
+            break;
         std::map<std::string, std::string> fields;
         std::istringstream in(card.read("boot/" + loader + "/entries/" + name));
         for (std::string line; std::getline(in, line);) {
@@ -60,9 +69,16 @@ std::vector<Deployment> read_deployments(const CardView& card)
             if (space != std::string::npos && line[0] != '#')
                 fields[line.substr(0, space)] = line.substr(space + 1);
         }
-        std::smatch m;
         const std::string& options = fields["options"];
-        if (!std::regex_search(options, m, ostree_arg))
+        std::smatch m;
+        std::string ostree_word;
+        std::istringstream words(options);
+        for (std::string word; words >> word;)
+            if (word.rfind("ostree=", 0) == 0 && word.size() <= 512) {
+                ostree_word = word;
+                break;
+            }
+        if (!std::regex_match(ostree_word, m, ostree_arg))
             continue;
         Entry entry;
         entry.version = fields["version"];
@@ -132,42 +148,46 @@ InspectResult inspect(const std::string& path, GCancellable* cancellable)
     for (const auto& entry : result.table.partitions)
         result.partitions.push_back({entry, probe_filesystem(path, entry.start, entry.size)});
 
-    // The sysroot partition: ext4 labelled rootfs first, then any ext4.
-    const InspectedPartition* candidate = nullptr;
+    // The sysroot partition: an ext4 labelled rootfs first, then any other
+    // ext4 in table order; the first of them holding ostree/repo.
+    std::vector<const InspectedPartition*> order;
     for (const auto& part : result.partitions)
         if (part.filesystem.type == "ext4" && part.filesystem.label == "rootfs")
-            candidate = &part;
+            order.push_back(&part);
     for (const auto& part : result.partitions)
-        if (!candidate && part.filesystem.type == "ext4")
-            candidate = &part;
-    if (!candidate && result.partitions.empty())
-        return result;
+        if (part.filesystem.type == "ext4" && part.filesystem.label != "rootfs")
+            order.push_back(&part);
 
-    for (const auto& part : result.partitions) {
+    for (const InspectedPartition* part : order) {
         if (cancellable && g_cancellable_is_cancelled(cancellable))
             throw Cancelled();
-        if (part.filesystem.type != "ext4")
-            continue;
-        std::string node = "p" + std::to_string(part.entry.number);
+        std::string node = "p" + std::to_string(part->entry.number);
         // Read in place by libext2fs: no mount, no loop device, no journal
-        // replayed, and no symlink on the card followed on the way.
-        Ext4Card card = in_step("read " + node, [&] { return Ext4Card(path, part.entry.start); });
-        if (card.type("boot.scr") == S_IFREG || card.type("boot/boot.scr") == S_IFREG)
-            result.has_boot_script = true;
-        if (card.type("ostree/repo") != S_IFDIR || result.sysroot_partition)
+        // replayed, and no symlink on the card followed on the way. A file
+        // system libext2fs refuses is reported; the others are still read.
+        std::unique_ptr<Ext4Card> card;
+        try {
+            card = std::make_unique<Ext4Card>(path, part->entry.start);
+        } catch (const Error& e) {
+            result.warnings.push_back(node + ": " + e.what());
             continue;
-        result.sysroot_partition = static_cast<int>(part.entry.number);
-        result.has_update_marker = card.type("update") == S_IFREG;
-        result.has_newroot = card.type("newroot") == S_IFDIR;
-        result.has_mnt = card.type("mnt") == S_IFDIR;
-        result.deployments = in_step("sysroot on " + node, [&] { return read_deployments(card); });
+        }
+        if (card->type("boot.scr") == S_IFREG || card->type("boot/boot.scr") == S_IFREG)
+            result.has_boot_script = true;
+        if (card->type("ostree/repo") != S_IFDIR || result.sysroot_partition)
+            continue;
+        result.sysroot_partition = static_cast<int>(part->entry.number);
+        result.has_update_marker = card->type("update") == S_IFREG;
+        result.has_newroot = card->type("newroot") == S_IFDIR;
+        result.has_mnt = card->type("mnt") == S_IFDIR;
+        result.deployments = in_step("sysroot on " + node, [&] { return read_deployments(*card); });
         // boot/loader is a symlink OSTree flips between loader.0 and loader.1:
         // resolved by hand, to a name inside boot/ only.
-        std::string loader = card.link("boot/loader");
+        std::string loader = card->link("boot/loader");
         if (loader == "loader.0" || loader == "loader.1")
-            result.uenv = parse_env_lines(card.read("boot/" + loader + "/uEnv.txt"));
-        read_origin(card.read("ostree/repo/config"), result);
-        result.boot = boot_status(read_boot_files(card, path), result.deployments);
+            result.uenv = parse_env_lines(card->read("boot/" + loader + "/uEnv.txt"));
+        read_origin(card->read("ostree/repo/config"), result);
+        result.boot = boot_status(read_boot_files(*card, path), result.deployments);
     }
     return result;
 }

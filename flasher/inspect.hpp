@@ -34,10 +34,12 @@ struct InspectResult {
     bool has_mnt = false;
     bool has_boot_script = false;
     BootStatus boot; // boot counting: each deployment's state, the tries
+    std::vector<std::string> warnings; // file systems that could not be read
 };
 
-// Reads a device or image read-only: images are attached read-only, file
-// systems mounted with ro,noload so not even a journal is replayed.
+// Reads a device or image without writing, mounting or attaching it: each
+// ext4 is read in place through libext2fs (ext4_reader.hpp), its journal
+// not replayed. Everything read from the card is treated as hostile.
 InspectResult inspect(const std::string& path, GCancellable* cancellable);
 
 } // namespace treeflash::flasher

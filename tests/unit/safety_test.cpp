@@ -10,6 +10,8 @@
 #include "tests/support/fixtures.hpp"
 
 #include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+#include <fstream>
 #include <arpa/inet.h>
 #include <chrono>
 #include <functional>
@@ -220,3 +222,84 @@ TEST_CASE("a server that accepts and never answers: the pull gives up, and a can
 }
 
 }
+
+TEST_SUITE("safety") {
+
+// A card made to hurt its reader: a decoy ostree/repo on the data partition,
+// a boot loader entry whose options line is a MiB-long word (a recursive
+// regex would overflow the stack), a serial past any int, escape sequences
+// and bytes that are not UTF-8 in uEnv.txt, and an ext4 libext2fs refuses.
+// inspect reports what it can, picks the partition labelled rootfs, and
+// prints nothing that drives a terminal.
+TEST_CASE("inspect reads a hostile card without crashing, choosing rootfs, and escapes what it prints")
+{
+    Scratch tmp;
+    const std::string commit(64, 'c'), bootcsum(64, 'b');
+    auto card_tree = [&](const std::string& name) {
+        fs::path dir = tmp / name;
+        fs::create_directories(dir / "ostree/repo");
+        return dir;
+    };
+    card_tree("data");
+    fs::path rootfs = card_tree("rootfs");
+    fs::create_directories(rootfs / "boot/loader.0/entries");
+    fs::create_symlink("loader.0", rootfs / "boot/loader");
+    fs::create_directories(rootfs / "ostree/boot.0.0/tcu" / bootcsum);
+    fs::create_symlink("boot.0.0", rootfs / "ostree/boot.0");
+    fs::create_symlink("../../../deploy/tcu/deploy/" + commit + ".0", rootfs / "ostree/boot.0.0/tcu" / bootcsum / "0");
+    fs::create_directories(rootfs / "ostree/deploy/tcu/deploy" / (commit + ".0"));
+    write_file(rootfs / "boot/loader.0/entries/ostree-1-tcu.conf",
+               "version 1\noptions ostree=/ostree/boot.0/tcu/" + bootcsum + "/0 " + std::string(600000, 'a') + "\n");
+    write_file(rootfs / "boot/loader.0/entries/ostree-2-tcu.conf",
+               "version 2\noptions ostree=/ostree/boot.0/tcu/" + bootcsum + "/99999999999\n");
+    write_file(rootfs / "boot/loader.0/entries/ostree-3-tcu.conf",
+               "version 3\noptions ostree=/ostree/boot.0/" + std::string(600000, 'x') + "\n");
+    write_file(rootfs / "boot/loader.0/uEnv.txt", "bootargs=console=\x1b[31mRED\xff\xfe\n");
+    write_file(rootfs / "ostree/repo/config", "[remote \"origin\"]\nurl=http://\x1b]0;title\x07/\n");
+
+    fs::path image = tmp / "card.img";
+    {
+        std::ofstream(image).close();
+        fs::resize_file(image, 64 << 20);
+    }
+    write_file(tmp / "table.sfdisk", "label: dos\nstart=1MiB, size=16MiB\nsize=16MiB\nsize=16MiB\n");
+    auto table = run_process({"sh", "-c", "sfdisk -q \"$0\" < \"$1\"", image.string(), (tmp / "table.sfdisk").string()});
+    REQUIRE_MESSAGE(table.ok(), table.err);
+    auto mkfs = [&](uint64_t start_mib, const std::string& label, const fs::path& dir) {
+        auto r = run_process({"mkfs.ext4", "-q", "-F", "-L", label, "-d", dir.string(), "-E",
+                              "offset=" + std::to_string(start_mib << 20), image.string(), "16M"});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+    };
+    fs::create_directories(tmp / "empty");
+    mkfs(1, "data", tmp / "data");
+    mkfs(17, "rootfs", rootfs);
+    mkfs(33, "broken", tmp / "empty");
+    // A feature no libext2fs knows: blkid still says ext4, libext2fs refuses.
+    auto feature = run_process({"debugfs", "-w", "-R", "ssv feature_incompat 0x10000242",
+                                image.string() + "?offset=" + std::to_string(33 << 20)});
+    REQUIRE_MESSAGE(feature.ok(), feature.err);
+
+    auto json_run = run_treeflash({"inspect", image.string(), "--json"});
+    REQUIRE_MESSAGE(json_run.ok(), json_run.err);
+    auto report = nlohmann::json::parse(json_run.out);
+    CHECK(report["sysroot_partition"] == 2);
+    REQUIRE(report["partitions"].size() == 3);
+    CHECK(report["partitions"][2]["fstype"] == "ext4");
+    REQUIRE(report["warnings"].size() == 1);
+    CHECK(report["warnings"][0].get<std::string>().rfind("p3: ", 0) == 0);
+    // Only the first entry is a deployment: the others name no serial that
+    // fits, or no checksum.
+    REQUIRE(report["deployments"].size() == 1);
+    CHECK(report["deployments"][0]["commit"] == commit);
+    CHECK(report["uenv"]["bootargs"].get<std::string>().find("RED") != std::string::npos);
+
+    auto text_run = run_treeflash({"inspect", image.string()});
+    REQUIRE_MESSAGE(text_run.ok(), text_run.err);
+    CHECK(text_run.out.find('\x1b') == std::string::npos);
+    CHECK(text_run.out.find('\x07') == std::string::npos);
+    CHECK(text_run.out.find("console=\\x1b[31mRED") != std::string::npos);
+    CHECK(text_run.out.find("warning: p3: ") != std::string::npos);
+    CHECK(text_run.out.find("sysroot on p2") != std::string::npos);
+}
+
+} // TEST_SUITE
