@@ -126,6 +126,13 @@ void write_file_atomic(const std::filesystem::path& path, std::string_view conte
     }
 }
 
+bool still_at(int fd, const std::filesystem::path& path) noexcept
+{
+    struct stat open_st {}, path_st {};
+    return ::fstat(fd, &open_st) == 0 && ::lstat(path.c_str(), &path_st) == 0 && open_st.st_dev == path_st.st_dev
+           && open_st.st_ino == path_st.st_ino;
+}
+
 TempDir::TempDir(const std::filesystem::path& parent, std::string_view prefix)
 {
     std::string templ = (parent / (std::string(prefix) + "XXXXXX")).string();

@@ -56,6 +56,10 @@ private:
     std::filesystem::path m_path;
 };
 
+// Whether `path` (not followed if a symlink) still names the file open as
+// `fd`: false once it was removed or replaced.
+bool still_at(int fd, const std::filesystem::path& path) noexcept;
+
 // Removes a tree without following symlinks; errors are ignored (cleanup path).
 void remove_tree_quietly(const std::filesystem::path& path) noexcept;
 

@@ -360,7 +360,26 @@ void reclaim_stale_trees(const std::filesystem::path& parent, const std::functio
         if (::fstat(dir.get(), &st) != 0 || st.st_uid != ::geteuid())
             continue; // someone else's
         fs::remove_tree_quietly(entry.path());
-        notice("removed " + entry.path().string() + ", left by an interrupted flash");
+        if (std::filesystem::exists(std::filesystem::symlink_status(entry.path(), ec)))
+            notice("could not remove all of " + entry.path().string() + ", left by an interrupted flash");
+        else
+            notice("removed " + entry.path().string() + ", left by an interrupted flash");
+    }
+}
+
+// A scratch tree for this flash, locked while this process lives so that a
+// later flash knows it is not stale. Another flash of the same user may
+// reclaim it between its creation and the lock: then it is made again.
+std::pair<fs::TempDir, UniqueFd> locked_scratch_tree(const std::filesystem::path& parent)
+{
+    for (int attempt = 0;; ++attempt) {
+        fs::TempDir tree(parent, scratch_prefix);
+        UniqueFd lock(::open(tree.path().c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+        if (lock && ::flock(lock.get(), LOCK_EX | LOCK_NB) == 0 && fs::still_at(lock.get(), tree.path()))
+            return {std::move(tree), std::move(lock)};
+        if (attempt == 5)
+            throw Error("could not lock a scratch tree in " + parent.string()
+                        + ": other flashes keep removing them");
     }
 }
 
@@ -396,11 +415,7 @@ void write_image_from_directories(const FlashPlan& plan, Target& target, FlashRe
         if (auto room = free_bytes("/dev/shm"); room && plan.source.content_bytes && *room > 3 * plan.source.content_bytes)
             scratch_parent = "/dev/shm";
     reclaim_stale_trees(scratch_parent, notice);
-    fs::TempDir scratch(scratch_parent, scratch_prefix);
-    // Held while this process lives: a later flash knows the trees are not stale.
-    UniqueFd scratch_lock(::open(scratch.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    if (!scratch_lock || ::flock(scratch_lock.get(), LOCK_EX | LOCK_NB) != 0)
-        throw_errno("lock " + scratch.path().string());
+    auto [scratch, scratch_lock] = locked_scratch_tree(scratch_parent);
     std::filesystem::path rootfs = scratch.path() / "rootfs", boot = scratch.path() / "boot";
     std::filesystem::create_directories(rootfs);
     std::filesystem::create_directories(boot);
