@@ -128,6 +128,13 @@ void apply_key(BoardProfile& board, const std::string& key, const std::string& v
             for (char c : opts[i])
                 if (!(std::isalnum(static_cast<unsigned char>(c)) || std::string("^,=_.-").find(c) != std::string::npos))
                     throw Error("mkfs.ext4 " + opts[i - 1] + " '" + opts[i] + "': unexpected character '" + c + "'");
+            // Where the file system starts and what is random in it are
+            // treeflash's to set: an offset= would put it over the table or
+            // the firmware of an image.
+            if (opts[i - 1] == "-E")
+                for (const char* own : {"offset=", "hash_seed=", "root_owner"})
+                    if (("," + opts[i]).find(std::string(",") + own) != std::string::npos)
+                        throw Error("mkfs.ext4 -E '" + opts[i] + "': " + own + " is set by treeflash, not by a board");
         }
     }
     else if (starts("firmware.")) {

@@ -30,15 +30,18 @@ void make_ext4_in_image(const std::string& image, uint64_t offset, uint64_t size
 {
     std::vector<std::string> argv{"mkfs.ext4", "-F", "-q", "-L", label, "-U", same.uuid};
     // A fresh, zeroed file: no discard (it would punch the file), lazy init.
-    std::string extended = "offset=" + std::to_string(offset) + ",lazy_itable_init=1,lazy_journal_init=1,nodiscard,hash_seed="
-                           + same.hash_seed;
+    // The board's -E first and treeflash's after (mke2fs keeps the last value
+    // of each; board.cpp refuses a board's offset= anyway).
+    std::string extended;
     for (size_t i = 0; i < options.size(); ++i) {
         if (options[i] == "-E" && i + 1 < options.size()) {
-            extended += "," + options[++i]; // mke2fs keeps only the last -E
+            extended += options[++i] + ","; // mke2fs keeps only the last -E
             continue;
         }
         argv.push_back(options[i]);
     }
+    extended += "lazy_itable_init=1,lazy_journal_init=1,nodiscard,hash_seed=" + same.hash_seed + ",offset="
+                + std::to_string(offset);
     argv.push_back("-E");
     argv.push_back(extended);
     if (!content.empty()) {

@@ -116,6 +116,7 @@ TEST_CASE("a board file cannot name host files or hold contradictions")
         {"uboot", replace("uboot.devtype = .*", "uboot.devtype = virtio; reset"), "uboot.devtype 'virtio; reset': a U-Boot script word"},
         {"default", [](std::string c) { return c + "uboot.default.foo = 1;reset\n"; }, "uboot.default.foo '1;reset'"},
         {"mkfs", replace("mkfs.ext4 = .*", "mkfs.ext4 = -d /etc"), "mkfs.ext4 option '-d' is not allowed"},
+        {"mkfs-offset", replace("mkfs.ext4 = .*", "mkfs.ext4 = -E lazy_itable_init=1,offset=0"), "offset= is set by treeflash"},
         {"wait", replace("initramfs.root_wait = .*", "initramfs.root_wait = 0"), "initramfs.root_wait 0: 1 to 3600 seconds"},
     };
     for (const auto& c : cases) {
