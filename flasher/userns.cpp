@@ -73,8 +73,16 @@ void run_as_namespace_root(const std::function<void(const NamespaceNotice&)>& wo
         ready_read.reset();
         go_write.reset();
         ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+        // A process group of its own, so that a cancel kills the programs it
+        // runs (mkfs.ext4, the pull's child) with it; the parent, which sees
+        // Ctrl-C and SIGTERM, does that. Signals the parent's threads block
+        // are unblocked here.
+        ::setpgid(0, 0);
         ::signal(SIGINT, SIG_DFL);
         ::signal(SIGTERM, SIG_DFL);
+        sigset_t none;
+        sigemptyset(&none);
+        ::pthread_sigmask(SIG_SETMASK, &none, nullptr);
         int code = 0;
         try {
             if (::unshare(CLONE_NEWUSER) != 0)
@@ -97,6 +105,7 @@ void run_as_namespace_root(const std::function<void(const NamespaceNotice&)>& wo
         }
         ::_exit(code);
     }
+    ::setpgid(pid, pid); // also here: the group exists before any kill below
     ready_write.reset();
     go_read.reset();
     if (identity && wait_byte(ready_read.get())) {
@@ -110,7 +119,7 @@ void run_as_namespace_root(const std::function<void(const NamespaceNotice&)>& wo
     bool cancelled = false;
     for (;;) {
         if (cancellable && g_cancellable_is_cancelled(cancellable) && !cancelled) {
-            ::kill(pid, SIGKILL);
+            ::kill(-pid, SIGKILL); // the child and every program it runs
             cancelled = true;
         }
         struct pollfd p {read_end.get(), POLLIN, 0};

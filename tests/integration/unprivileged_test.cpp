@@ -9,7 +9,11 @@
 
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
+#include <algorithm>
+#include <chrono>
+#include <csignal>
 #include <regex>
+#include <thread>
 #include <unistd.h>
 
 using namespace treeflash;
@@ -42,9 +46,72 @@ std::string table_of(const fs::path& image)
     return std::regex_replace(text, std::regex("label-id: .*\n"), "");
 }
 
+// Processes whose command line names something below `dir`.
+std::vector<std::string> processes_using(const fs::path& dir)
+{
+    std::vector<std::string> found;
+    for (const auto& entry : fs::directory_iterator("/proc")) {
+        std::string pid = entry.path().filename().string();
+        if (pid.find_first_not_of("0123456789") != std::string::npos || pid == std::to_string(::getpid()))
+            continue;
+        std::string cmdline = read_text(entry.path() / "cmdline");
+        std::replace(cmdline.begin(), cmdline.end(), '\0', ' ');
+        if (cmdline.find(dir.string()) != std::string::npos && read_text(entry.path() / "stat").find(") Z ") == std::string::npos)
+            found.push_back(pid + ": " + cmdline);
+    }
+    return found;
+}
+
 } // namespace
 
 TEST_SUITE("unprivileged") {
+
+TEST_CASE("SIGTERM to the flash alone during mkfs leaves no process, image or tree behind" * doctest::skip(not_root || no_userns))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    make_rootfs(tmp / "rootfs");
+    // Enough data that mkfs.ext4 -d of the rootfs takes a while.
+    std::string blob(4 << 20, '\0');
+    for (int i = 0; i < 60; ++i) {
+        for (size_t j = 0; j < blob.size(); ++j)
+            blob[j] = static_cast<char>(((j + 1) * 2654435761u * static_cast<unsigned>(i + 7)) >> 13);
+        write_file(tmp / ("rootfs/usr/share/blob/" + std::to_string(i)), blob);
+    }
+    build_commit(tmp.path(), tmp / "repo");
+    fs::create_directories(tmp / "out");
+    fs::path image = tmp / "out/card.img";
+    std::string log = (tmp / "flash.log").string();
+    pid_t pid = spawn_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--image", image.string(), "--repo",
+                                 (tmp / "repo").string(), "--image-method", "unprivileged"},
+                                log);
+    auto mkfs_running = [&] {
+        for (const auto& p : processes_using(tmp / "out"))
+            if (p.find("mkfs.ext4") != std::string::npos && p.find("rootfs") != std::string::npos)
+                return true;
+        return false;
+    };
+    for (int i = 0; i < 3000 && !mkfs_running(); ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    REQUIRE_MESSAGE(mkfs_running(), read_text(log));
+    ::kill(pid, SIGTERM); // not the group: as systemd or a CI runner stops a job
+    int status = wait_exit(pid);
+    CHECK(status != 0);
+    std::vector<std::string> left = processes_using(tmp / "out");
+    for (int i = 0; i < 10 && !left.empty(); ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        left = processes_using(tmp / "out");
+    }
+    std::string named;
+    for (const auto& p : left)
+        named += p + "\n";
+    CHECK_MESSAGE(left.empty(), named);
+    CHECK_FALSE(fs::exists(image));
+    CHECK(fs::is_empty(tmp / "out"));
+    for (const auto& entry : fs::directory_iterator("/dev/shm"))
+        CHECK_MESSAGE(entry.path().filename().string().rfind(".treeflash-tree-", 0) != 0, entry.path());
+}
+
 
 TEST_CASE("without loop devices, and as a plain user, flash makes the loop-device image's content" * doctest::skip(not_root || no_userns))
 {
