@@ -150,4 +150,50 @@ TEST_CASE("the same commit, board, size and SOURCE_DATE_EPOCH give the same imag
     CHECK(make("other-time", false, "1700000001") != first);
 }
 
+// The README's CI job, as a plain user with no loop devices: a commit built
+// from a rootfs tarball, the image with its compressed form, block map and
+// sums, an origin pointing at the update server.
+TEST_CASE("the README's CI job runs as a plain user: commit, image, .zst, bmap and sums" * doctest::skip(no_userns))
+{
+    Scratch tmp;
+    ToolsForOtherUsers tools = tools_for_other_users(tmp.path());
+    FakeKernel kernel = make_kernel_files(tmp / "kernel");
+    write_tarball(tmp / "rootfs.tar.zst",
+                  {{"usr", 'd', "", 0755}, {"usr/bin", 'd', "", 0755}, {"usr/bin/busybox", 'f', "#!busybox\n", 04755},
+                   {"bin", 'l', "usr/bin"}, {"sbin", 'l', "usr/bin"}, {"etc", 'd', "", 0755},
+                   {"etc/inittab", 'f', "::sysinit:/bin/true\n"}, {"usr/sbin", 'd', "", 0755},
+                   {"usr/sbin/init", 'l', "../bin/busybox"}});
+    fs::path job = tmp / "job";
+    fs::create_directories(job);
+    if (is_root()) {
+        REQUIRE(::chown(job.c_str(), plain_id, plain_id) == 0);
+        fs::permissions(tmp.path(), fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec
+                                        | fs::perms::others_read | fs::perms::others_exec);
+    }
+    std::vector<std::string> epoch{"SOURCE_DATE_EPOCH=1700000000"};
+    auto built = run_unprivileged(tools, {"build", "--rootfs", (tmp / "rootfs.tar.zst").string(), "--repo",
+                                          (job / "repo").string(), "--kernel", kernel.kernel.string(), "--version", "7"},
+                                  epoch);
+    REQUIRE_MESSAGE(built.ok(), built.err);
+    std::string commit = built.out.substr(0, 64);
+    auto flashed = run_unprivileged(tools, {"flash", "--board", (tools.boards / "ls104x").string(), "--image",
+                                            (job / "card.img").string(), "--repo", (job / "repo").string(), "--remote-url",
+                                            "https://updates.example.com/repo", "--no-gpg-verify", "--compress", "zst"},
+                                    epoch);
+    REQUIRE_MESSAGE(flashed.ok(), flashed.err);
+    for (const char* name : {"card.img", "card.img.zst", "card.img.bmap", "SHA256SUMS"})
+        CHECK_MESSAGE(fs::is_regular_file(job / name), name);
+    auto sums = run_process({"sh", "-c", "cd \"$0\" && sha256sum -c SHA256SUMS", job.string()});
+    CHECK_MESSAGE(sums.ok(), (sums.out + sums.err));
+    CHECK(sums.out.find("card.img.zst: OK") != std::string::npos);
+    auto same = run_process({"sh", "-c", "zstd -dc \"$0.zst\" | cmp - \"$0\"", (job / "card.img").string()});
+    CHECK_MESSAGE(same.ok(), (same.out + same.err));
+    auto inspected = run_unprivileged(tools, {"inspect", (job / "card.img").string(), "--json"});
+    REQUIRE_MESSAGE(inspected.ok(), inspected.err);
+    json info = json::parse(inspected.out);
+    CHECK(info["origin_url"] == "https://updates.example.com/repo");
+    CHECK(info["deployments"][0]["commit"] == commit);
+    CHECK(info["deployments"][0]["version"] == "7");
+}
+
 } // TEST_SUITE
