@@ -217,6 +217,8 @@ int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
             throw UsageError("--firmware '" + item + "': expected NAME=FILE");
         options.firmware[item.substr(0, eq)] = item.substr(eq + 1);
     }
+    if (options.image_method != "auto" && options.image_method != "loop" && options.image_method != "unprivileged")
+        throw UsageError("--image-method '" + options.image_method + "': auto, loop or unprivileged");
     if (!yes)
         options.confirm = ask_to_erase;
     options.notice = print_notice;
@@ -227,6 +229,9 @@ int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
         if (text.size() > 12 || text.find_first_not_of("0123456789") != std::string::npos)
             throw UsageError("SOURCE_DATE_EPOCH '" + text + "': seconds since 1970, digits only");
         options.source_date_epoch = std::stoull(text);
+        if (*options.source_date_epoch > flasher::latest_image_time)
+            throw UsageError("SOURCE_DATE_EPOCH " + text + ": past what the image's file systems can hold ("
+                             + std::to_string(flasher::latest_image_time) + ", in 2038)");
     }
     flasher::FlashResult result =
         in_step("flash " + (device.empty() ? image : device), [&] { return flasher::flash(options, cancellable); });

@@ -9,6 +9,7 @@
 #include <csignal>
 #include <cstring>
 #include <iostream>
+#include <sys/stat.h>
 #include <pthread.h>
 #include <thread>
 #include <unistd.h>
@@ -44,7 +45,7 @@ void print_usage(std::ostream& out)
            "Exit status: 0 success, 1 failure, 2 bad command line, 130 interrupted.\n";
 }
 
-// SIGINT and SIGTERM cancel the running command: libostree calls, child
+// SIGINT, SIGTERM and SIGHUP cancel the running command: libostree calls, child
 // processes and the pipeline's own loops watch the cancellable, and every
 // resource is released on the way out. Further signals do not cut that
 // short (an exit then would leave mounts, loop devices and partial files):
@@ -58,6 +59,7 @@ public:
         sigemptyset(&signals);
         sigaddset(&signals, SIGINT);
         sigaddset(&signals, SIGTERM);
+        sigaddset(&signals, SIGHUP); // the terminal or the CI runner went away
         pthread_sigmask(SIG_BLOCK, &signals, nullptr);
         // Lives until the process exits; it only ever waits for signals.
         std::thread([signals, cancellable] {
@@ -171,6 +173,11 @@ int main(int argc, char** argv)
     g_set_print_handler([](const char* text) {
         std::cerr << "treeflash: " << text << (text[0] && text[std::strlen(text) - 1] == '\n' ? "" : "\n");
     });
+    // What treeflash makes (repositories, images, the file systems in them
+    // and the deployments a board runs) is read by servers, boards and other
+    // users: its modes must not depend on the umask of whoever ran it
+    // (umask 077 would make a deployment's /var 0700, and no image equal).
+    ::umask(022);
     // Never freed: the signal thread may use it until the process exits.
     GCancellable* cancellable = g_cancellable_new();
     InterruptHandler interrupts(cancellable);

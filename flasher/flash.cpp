@@ -13,7 +13,9 @@
 #include "flasher/reproducible.hpp"
 #include "flasher/userns.hpp"
 
+#include <chrono>
 #include <gio/gio.h>
+#include <thread>
 #include <sys/file.h>
 #include <fcntl.h>
 #include "common/fd.hpp"
@@ -232,6 +234,12 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
     });
     plan.source = in_step("source", [&] { return resolve_source(options.repo, options.ref, options.network_timeout, cancellable); });
     plan.source_date_epoch = options.source_date_epoch.value_or(plan.source.timestamp);
+    // mke2fs, libext2fs and mkimage all read a time of 0 as "use the clock".
+    if (plan.source_date_epoch == 0)
+        plan.source_date_epoch = 1;
+    if (plan.source_date_epoch > latest_image_time)
+        throw Error("the commit's time " + std::to_string(plan.source_date_epoch) + " is past what the image's file "
+                    "systems can hold; set SOURCE_DATE_EPOCH");
 
     SysrootOptions& sysroot = plan.sysroot;
     sysroot.os = options.os;
@@ -407,13 +415,16 @@ void write_image_from_directories(const FlashPlan& plan, Target& target, FlashRe
     PartitionTable table = in_step("partition", [&] { return read_partition_table(target.device()); });
 
     // The trees are written once and read once by mkfs: in memory when
-    // /dev/shm has room for three times the commit (the repository, the
-    // deployment's own files, and slack), else beside the image.
+    // /dev/shm has room and inodes for three times the commit (the
+    // repository, the deployment's own files, and slack), else beside the
+    // image.
     std::filesystem::path image_dir = target.image().parent_path().empty() ? "." : target.image().parent_path();
     std::filesystem::path scratch_parent = image_dir;
-    if (::access("/dev/shm", W_OK) == 0)
-        if (auto room = free_bytes("/dev/shm"); room && plan.source.content_bytes && *room > 3 * plan.source.content_bytes)
-            scratch_parent = "/dev/shm";
+    struct statvfs shm {};
+    if (::access("/dev/shm", W_OK) == 0 && ::statvfs("/dev/shm", &shm) == 0 && plan.source.content_bytes
+        && static_cast<uint64_t>(shm.f_bavail) * shm.f_frsize > 3 * plan.source.content_bytes
+        && static_cast<uint64_t>(shm.f_favail) > 3 * plan.source.content_entries + 1000)
+        scratch_parent = "/dev/shm";
     reclaim_stale_trees(scratch_parent, notice);
     auto [scratch, scratch_lock] = locked_scratch_tree(scratch_parent);
     std::filesystem::path rootfs = scratch.path() / "rootfs", boot = scratch.path() / "boot";
@@ -518,6 +529,29 @@ void describe_partitions(const FlashPlan& plan, FlashResult& result)
 
 } // namespace
 
+// Flashes into one folder take turns: an image, its .bmap and its
+// compressed form must all come from one flash, and SHA256SUMS belongs to
+// the folder. Held (flock on the folder) until the flash returns.
+UniqueFd take_turn_in_folder(const std::filesystem::path& image, const std::function<void(const std::string&)>& notice,
+                             GCancellable* cancellable)
+{
+    std::filesystem::path dir = image.parent_path().empty() ? "." : image.parent_path();
+    UniqueFd folder(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!folder)
+        throw_errno("open " + dir.string());
+    bool told = false;
+    while (::flock(folder.get(), LOCK_EX | LOCK_NB) != 0) {
+        if (errno != EWOULDBLOCK && errno != EINTR)
+            throw_errno("lock " + dir.string());
+        if (!told)
+            notice("waiting for another flash into " + dir.string() + " to finish");
+        told = true;
+        check_cancelled(cancellable);
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return folder;
+}
+
 FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
 {
     if (::geteuid() != 0 && !options.image)
@@ -537,7 +571,10 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
     // From here on the target is open; nothing is written before the
     // confirmation, and a device is re-identified right before the first write.
     std::unique_ptr<Target> target;
+    UniqueFd folder_turn;
     if (options.image) {
+        folder_turn = in_step("image " + options.image->string(),
+                              [&] { return take_turn_in_folder(*options.image, notice, cancellable); });
         std::vector<std::string> reclaimed;
         target = in_step("image " + options.image->string(), [&] {
             return Target::create_image(*options.image, plan.image_size, options.overwrite, &reclaimed, !plan.unprivileged);

@@ -19,6 +19,11 @@ typedef struct _GCancellable GCancellable;
 
 namespace treeflash::flasher {
 
+// The latest time an image's file systems are given (2038-01-19): the
+// inode times reproducible.cpp writes are 32-bit seconds with the extra
+// epoch bits cleared, so a later time would wrap.
+constexpr uint64_t latest_image_time = 2147483647;
+
 struct FlashOptions {
     std::string board;            // a name or a folder
     std::optional<std::string> device;
@@ -40,7 +45,7 @@ struct FlashOptions {
     // The time an unprivileged image's file systems and files carry
     // (SOURCE_DATE_EPOCH); unset: the commit's time. With the commit, the
     // board and the size it makes the image bit-reproducible.
-    std::optional<uint64_t> source_date_epoch;
+    std::optional<uint64_t> source_date_epoch; // at most latest_image_time
     std::string compress;        // --image: also leave IMAGE.zst (xz, gz) and SHA256SUMS beside it
     bool no_gpg_verify = false;  // the card's origin takes unsigned commits (needed without gpg_import)
     unsigned network_timeout = 30; // seconds without progress before a pull fails

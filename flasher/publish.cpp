@@ -9,6 +9,7 @@
 #include <archive_entry.h>
 #include <cerrno>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <gio/gio.h>
 #include <map>
 #include <memory>
@@ -75,6 +76,9 @@ std::filesystem::path compress_image(const std::filesystem::path& image, const s
         }
     } cleanup{temp};
     ::fchmod(out.get(), 0644);
+    // Held while this process lives: a later flash knows the file is not
+    // stale (Target::create_image removes what a killed one left).
+    ::flock(out.get(), LOCK_EX | LOCK_NB);
 
     std::unique_ptr<struct archive, ArchiveWriteFree> writer(archive_write_new());
     std::string threads = std::to_string(std::max(1u, std::thread::hardware_concurrency()));

@@ -264,6 +264,9 @@ void reclaim_partial(const std::filesystem::path& partial, std::vector<std::stri
     UniqueFd fd(::open(partial.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
     if (!fd || ::flock(fd.get(), LOCK_EX | LOCK_NB) != 0)
         return; // gone, or a live flash holds it
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != ::geteuid())
+        return; // not ours to remove (someone else's, in a shared folder)
     std::string ours = (std::filesystem::temp_directory_path() / "treeflash-mnt-").string();
     bool blocked = false;
     for (const auto& loop : loop_devices_backed_by(partial)) {
@@ -301,9 +304,14 @@ std::unique_ptr<Target> Target::create_image(const std::filesystem::path& image,
     std::filesystem::path dir = image.parent_path().empty() ? "." : image.parent_path();
     std::string prefix = "." + image.filename().string() + ".partial-";
     std::vector<std::string> notes;
+    // Partial images, and the partial compressed forms a killed publish left.
+    std::vector<std::string> prefixes{prefix};
+    for (const char* compressed : {".zst", ".xz", ".gz"})
+        prefixes.push_back("." + image.filename().string() + compressed + ".partial-");
     for (const auto& entry : std::filesystem::directory_iterator(dir, ec))
-        if (entry.path().filename().string().rfind(prefix, 0) == 0)
-            reclaim_partial(entry.path(), notes);
+        for (const auto& stale : prefixes)
+            if (entry.path().filename().string().rfind(stale, 0) == 0)
+                reclaim_partial(entry.path(), notes);
     if (reclaimed)
         reclaimed->insert(reclaimed->end(), notes.begin(), notes.end());
     // Held while this process lives: a later flash knows the file is not

@@ -66,7 +66,7 @@ std::vector<std::string> processes_using(const fs::path& dir)
 
 TEST_SUITE("unprivileged") {
 
-TEST_CASE("SIGTERM to the flash alone during mkfs leaves no process, image or tree behind" * doctest::skip(not_root || no_userns))
+TEST_CASE("SIGTERM or SIGHUP to the flash alone during mkfs leaves no process, image or tree behind" * doctest::skip(not_root || no_userns))
 {
     NoLeftovers guard;
     Scratch tmp;
@@ -79,39 +79,65 @@ TEST_CASE("SIGTERM to the flash alone during mkfs leaves no process, image or tr
         write_file(tmp / ("rootfs/usr/share/blob/" + std::to_string(i)), blob);
     }
     build_commit(tmp.path(), tmp / "repo");
-    fs::create_directories(tmp / "out");
-    fs::path image = tmp / "out/card.img";
-    std::string log = (tmp / "flash.log").string();
-    pid_t pid = spawn_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--image", image.string(), "--repo",
-                                 (tmp / "repo").string(), "--image-method", "unprivileged"},
-                                log);
-    auto mkfs_running = [&] {
-        for (const auto& p : processes_using(tmp / "out"))
-            if (p.find("mkfs.ext4") != std::string::npos && p.find("rootfs") != std::string::npos)
-                return true;
-        return false;
-    };
-    for (int i = 0; i < 3000 && !mkfs_running(); ++i)
-        std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    REQUIRE_MESSAGE(mkfs_running(), read_text(log));
-    ::kill(pid, SIGTERM); // not the group: as systemd or a CI runner stops a job
-    int status = wait_exit(pid);
-    CHECK(status != 0);
-    std::vector<std::string> left = processes_using(tmp / "out");
-    for (int i = 0; i < 10 && !left.empty(); ++i) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-        left = processes_using(tmp / "out");
+    // SIGTERM as systemd or a CI runner stops a job; SIGHUP as a closed
+    // terminal or a lost runner connection does. Sent to the pid, not the group.
+    for (int sig : {SIGTERM, SIGHUP}) {
+        CAPTURE(sig);
+        fs::path out = tmp / ("out-" + std::to_string(sig));
+        fs::create_directories(out);
+        fs::path image = out / "card.img";
+        std::string log = (tmp / "flash.log").string();
+        pid_t pid = spawn_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--image", image.string(), "--repo",
+                                     (tmp / "repo").string(), "--image-method", "unprivileged", "--compress", "zst"},
+                                    log);
+        auto mkfs_running = [&] {
+            for (const auto& p : processes_using(out))
+                if (p.find("mkfs.ext4") != std::string::npos && p.find("rootfs") != std::string::npos)
+                    return true;
+            return false;
+        };
+        for (int i = 0; i < 3000 && !mkfs_running(); ++i)
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        REQUIRE_MESSAGE(mkfs_running(), read_text(log));
+        ::kill(pid, sig);
+        CHECK(wait_exit(pid) == 130);
+        CHECK(read_text(log).find("interrupted; no image was written") != std::string::npos);
+        std::vector<std::string> left = processes_using(out);
+        for (int i = 0; i < 10 && !left.empty(); ++i) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+            left = processes_using(out);
+        }
+        std::string named;
+        for (const auto& p : left)
+            named += p + "\n";
+        CHECK_MESSAGE(left.empty(), named);
+        CHECK(fs::is_empty(out));
+        for (const auto& entry : fs::directory_iterator("/dev/shm"))
+            CHECK_MESSAGE(entry.path().filename().string().rfind(".treeflash-tree-", 0) != 0, entry.path());
     }
-    std::string named;
-    for (const auto& p : left)
-        named += p + "\n";
-    CHECK_MESSAGE(left.empty(), named);
-    CHECK_FALSE(fs::exists(image));
-    CHECK(fs::is_empty(tmp / "out"));
-    for (const auto& entry : fs::directory_iterator("/dev/shm"))
-        CHECK_MESSAGE(entry.path().filename().string().rfind(".treeflash-tree-", 0) != 0, entry.path());
 }
 
+// What a killed flash left beside an image (a partial image, a partial
+// compressed form) goes at the next flash of that image; what another user
+// left in a shared folder stays.
+TEST_CASE("leftovers of killed flashes are removed, but never another user's" * doctest::skip(not_root || no_userns))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    build_commit(tmp.path(), tmp / "repo");
+    fs::path out = tmp / "shared";
+    fs::create_directories(out);
+    fs::permissions(out, fs::perms::all | fs::perms::sticky_bit);
+    write_file(out / ".card.img.zst.partial-AAAAAA", "half a zst");
+    write_file(out / ".card.img.partial-BBBBBB", "another user's");
+    REQUIRE(::chown((out / ".card.img.partial-BBBBBB").c_str(), 4344, 4344) == 0);
+    auto r = run_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", (out / "card.img").string(),
+                            "--repo", (tmp / "repo").string(), "--image-method", "unprivileged", "--compress", "zst"});
+    REQUIRE_MESSAGE(r.ok(), r.err);
+    CHECK_FALSE(fs::exists(out / ".card.img.zst.partial-AAAAAA"));
+    CHECK(r.err.find("removed " + (out / ".card.img.zst.partial-AAAAAA").string()) != std::string::npos);
+    CHECK(read_text(out / ".card.img.partial-BBBBBB") == "another user's");
+}
 
 TEST_CASE("without loop devices, and as a plain user, flash makes the loop-device image's content" * doctest::skip(not_root || no_userns))
 {

@@ -159,6 +159,9 @@ TEST_CASE("flash command line: sizes, and --force and --overwrite for what they 
     auto overwrite = run_treeflash({"flash", "--board", "qemu-arm64", "--device", "/dev/null", "--repo", "r", "--overwrite"});
     CHECK(overwrite.exit_code == 2);
     CHECK(overwrite.err.find("--overwrite is for --image") != std::string::npos);
+    auto method = run_treeflash({"flash", "--board", "qemu-arm64", "--image", "x.img", "--repo", "r", "--image-method", "bogus"});
+    CHECK(method.exit_code == 2);
+    CHECK(method.err.find("--image-method 'bogus': auto, loop or unprivileged") != std::string::npos);
 }
 
 TEST_CASE("an image larger than an MBR addresses or than the free space is refused")

@@ -130,7 +130,7 @@ TEST_CASE("the same commit, board, size and SOURCE_DATE_EPOCH give the same imag
     Scratch tmp;
     build_commit(tmp.path(), tmp / "repo");
     ToolsForOtherUsers tools = tools_for_other_users(tmp.path());
-    auto make = [&](const std::string& dir, bool as_root, const std::string& epoch) {
+    auto make = [&](const std::string& dir, bool as_root, const std::string& epoch, const std::string& umask = "022") {
         fs::path out = tmp / dir;
         fs::create_directories(out);
         if (is_root() && !as_root)
@@ -139,15 +139,65 @@ TEST_CASE("the same commit, board, size and SOURCE_DATE_EPOCH give the same imag
                                       (out / "card.img").string(), "--repo", (tmp / "repo").string(), "--image-method",
                                       "unprivileged"};
         std::vector<std::string> env{"SOURCE_DATE_EPOCH=" + epoch};
-        ProcessResult r = as_root ? run_treeflash(args, env) : run_unprivileged(tools, args, env);
+        // The caller's umask, set in a shell that then runs treeflash.
+        args.insert(args.begin(), {"sh", "-c", "umask " + umask + " && exec \"$@\"", "sh", tools.treeflash.string()});
+        std::vector<std::string> argv = args;
+        if (is_root() && !as_root)
+            argv.insert(argv.begin(), {"setpriv", "--reuid", std::to_string(plain_id), "--regid", std::to_string(plain_id),
+                                       "--clear-groups"});
+        argv.insert(argv.begin(), "env");
+        argv.insert(argv.begin() + 1, env.begin(), env.end());
+        ProcessResult r = run_process(argv);
         REQUIRE_MESSAGE(r.ok(), r.err);
         return sha256sum_files({out / "card.img"});
     };
     std::string first = make("first", false, "1700000000");
     CHECK(make("second/deeper", false, "1700000000") == first);
+    // A CI runner's umask changes nothing (077 would make the board's /var 0700).
+    CHECK(make("strict-umask", false, "1700000000", "077") == first);
+    CHECK(make("open-umask", false, "1700000000", "000") == first);
     if (is_root())
         CHECK(make("as-root", true, "1700000000") == first);
     CHECK(make("other-time", false, "1700000001") != first);
+    // 0 gives one image too (taken as 1: mke2fs and mkimage read 0 as "now").
+    CHECK(make("zero-a", false, "0") == make("zero-b", false, "0"));
+    // Times the file systems cannot hold are refused, not wrapped.
+    auto late = run_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--image", (tmp / "late.img").string(),
+                               "--repo", (tmp / "repo").string()},
+                              {"SOURCE_DATE_EPOCH=2147483648"});
+    CHECK(late.exit_code == 2);
+    CHECK(late.err.find("past what the image's file systems can hold") != std::string::npos);
+    CHECK_FALSE(fs::exists(tmp / "late.img"));
+}
+
+// Two flashes into one folder at once, each with --overwrite and
+// --compress, from two commits: they take turns, so the image, its .zst,
+// its bmap and SHA256SUMS all come from one of them.
+TEST_CASE("flashes into one folder take turns: image, .zst, bmap and sums stay one set" * doctest::skip(no_userns))
+{
+    Scratch tmp;
+    build_commit(tmp.path(), tmp / "repo-a");
+    write_file(tmp / "rootfs/usr/share/extra", std::string(3 << 20, 'x'));
+    build_commit(tmp.path(), tmp / "repo-b");
+    fs::create_directories(tmp / "out");
+    fs::path image = tmp / "out/card.img";
+    auto start = [&](const std::string& repo, const std::string& log) {
+        return spawn_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(), "--repo",
+                                (tmp / repo).string(), "--image-method", "unprivileged", "--overwrite", "--compress", "zst"},
+                               (tmp / log).string());
+    };
+    pid_t a = start("repo-a", "a.log");
+    pid_t b = start("repo-b", "b.log");
+    CHECK_MESSAGE(wait_exit(a) == 0, read_text(tmp / "a.log"));
+    CHECK_MESSAGE(wait_exit(b) == 0, read_text(tmp / "b.log"));
+    CHECK((read_text(tmp / "a.log") + read_text(tmp / "b.log")).find("waiting for another flash into") != std::string::npos);
+    auto sums = run_process({"sh", "-c", "cd \"$0\" && sha256sum -c SHA256SUMS", (tmp / "out").string()});
+    CHECK_MESSAGE(sums.ok(), (sums.out + sums.err));
+    auto same = run_process({"sh", "-c", "zstd -dc \"$0.zst\" | cmp - \"$0\"", image.string()});
+    CHECK_MESSAGE(same.ok(), (same.out + same.err));
+    // bmaptool checks every range of the bmap against the image.
+    auto bmap = run_process({"bmaptool", "copy", "--bmap", image.string() + ".bmap", image.string(), (tmp / "copy.img").string()});
+    CHECK_MESSAGE(bmap.ok(), bmap.err);
 }
 
 // The README's CI job, as a plain user with no loop devices: a commit built
