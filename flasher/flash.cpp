@@ -527,8 +527,6 @@ void describe_partitions(const FlashPlan& plan, FlashResult& result)
     }
 }
 
-} // namespace
-
 // Flashes into one folder take turns: an image, its .bmap and its
 // compressed form must all come from one flash, and SHA256SUMS belongs to
 // the folder. Held (flock on the folder) until the flash returns.
@@ -551,6 +549,8 @@ UniqueFd take_turn_in_folder(const std::filesystem::path& image, const std::func
     }
     return folder;
 }
+
+} // namespace
 
 FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
 {
