@@ -607,17 +607,39 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
     }
     target.reset();
     if (options.image) {
-        // The block map, made from the raw image (before anyone compresses it).
-        std::filesystem::path bmap = *options.image;
-        bmap += ".bmap";
-        in_step("bmap", [&] { write_bmap(*options.image, bmap, cancellable); });
-        result.bmap = bmap.string();
-        if (!options.compress.empty()) {
-            auto compressed = in_step("compress", [&] {
-                return compress_image(*options.image, options.compress, options.overwrite, cancellable);
-            });
-            result.compressed = compressed.string();
-            result.sums = in_step("SHA256SUMS", [&] { return update_sha256sums({compressed, bmap}, cancellable); }).string();
+        // The image is in place: what stops now leaves it without some of
+        // the files published beside it, and says so.
+        std::string incomplete = options.image->string() + " is complete, but its .bmap"
+                                 + (options.compress.empty() ? "" : ", ." + options.compress + " or SHA256SUMS")
+                                 + " may be missing; flash again with --overwrite";
+        // What an earlier image left under the names about to be written
+        // describes another image: gone before anything can stop this run.
+        for (const std::string& suffix : {std::string(".bmap"), options.compress.empty() ? "" : "." + options.compress}) {
+            if (suffix.empty())
+                continue;
+            std::filesystem::path derived = *options.image;
+            derived += suffix;
+            std::error_code ec;
+            if (std::filesystem::is_regular_file(std::filesystem::symlink_status(derived, ec)) && options.overwrite)
+                std::filesystem::remove(derived, ec);
+        }
+        try {
+            // The block map, made from the raw image (before anyone compresses it).
+            std::filesystem::path bmap = *options.image;
+            bmap += ".bmap";
+            in_step("bmap", [&] { write_bmap(*options.image, bmap, cancellable); });
+            result.bmap = bmap.string();
+            if (!options.compress.empty()) {
+                auto compressed = in_step("compress", [&] {
+                    return compress_image(*options.image, options.compress, options.overwrite, cancellable);
+                });
+                result.compressed = compressed.string();
+                result.sums = in_step("SHA256SUMS", [&] { return update_sha256sums({compressed, bmap}, cancellable); }).string();
+            }
+        } catch (const Cancelled&) {
+            throw Cancelled("interrupted; " + incomplete);
+        } catch (const Error& e) {
+            throw Error(std::string(e.what()) + " (" + incomplete + ")");
         }
     }
     describe_partitions(plan, result);
