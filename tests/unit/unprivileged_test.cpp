@@ -198,6 +198,23 @@ TEST_CASE("flashes into one folder take turns: image, .zst, bmap and sums stay o
     // bmaptool checks every range of the bmap against the image.
     auto bmap = run_process({"bmaptool", "copy", "--bmap", image.string() + ".bmap", image.string(), (tmp / "copy.img").string()});
     CHECK_MESSAGE(bmap.ok(), bmap.err);
+
+    // Flashes into different folders run at once, each with its own
+    // scratch tree: none takes another's fresh tree for a stale one.
+    std::vector<pid_t> flashes;
+    for (int i = 0; i < 4; ++i) {
+        fs::create_directories(tmp / ("many-" + std::to_string(i)));
+        flashes.push_back(spawn_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image",
+                                           (tmp / ("many-" + std::to_string(i)) / "card.img").string(), "--repo",
+                                           (tmp / "repo-a").string(), "--image-method", "unprivileged"},
+                                          (tmp / ("many-" + std::to_string(i) + ".log")).string()));
+    }
+    for (int i = 0; i < 4; ++i) {
+        int status = wait_exit(flashes[static_cast<size_t>(i)]);
+        std::string log = read_text(tmp / ("many-" + std::to_string(i) + ".log"));
+        CHECK_MESSAGE(status == 0, log);
+        CHECK_MESSAGE(log.find("left by an interrupted flash") == std::string::npos, log);
+    }
 }
 
 // The README's CI job, as a plain user with no loop devices: a commit built
