@@ -614,13 +614,14 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
                                  + " may be missing; flash again with --overwrite";
         // What an earlier image left under the names about to be written
         // describes another image: gone before anything can stop this run.
-        for (const std::string& suffix : {std::string(".bmap"), options.compress.empty() ? "" : "." + options.compress}) {
-            if (suffix.empty())
-                continue;
+        std::vector<std::string> remade{".bmap"};
+        if (!options.compress.empty())
+            remade.push_back("." + options.compress);
+        for (const auto& suffix : remade) {
             std::filesystem::path derived = *options.image;
             derived += suffix;
             std::error_code ec;
-            if (std::filesystem::is_regular_file(std::filesystem::symlink_status(derived, ec)) && options.overwrite)
+            if (options.overwrite && std::filesystem::is_regular_file(std::filesystem::symlink_status(derived, ec)))
                 std::filesystem::remove(derived, ec);
         }
         try {

@@ -1,7 +1,6 @@
 #include "flasher/target.hpp"
 
 #include "common/error.hpp"
-#include "common/fs.hpp"
 #include "flasher/handles.hpp"
 
 #include <algorithm>
@@ -314,22 +313,16 @@ std::unique_ptr<Target> Target::create_image(const std::filesystem::path& image,
                 reclaim_partial(entry.path(), notes);
     if (reclaimed)
         reclaimed->insert(reclaimed->end(), notes.begin(), notes.end());
-    // Held while this process lives: a later flash knows the file is not
-    // stale. Another flash of the same image may reclaim it between its
-    // creation and the lock: then it is made again.
-    std::string templ;
-    UniqueFd fd;
-    for (int attempt = 0;; ++attempt) {
-        templ = (dir / (prefix + "XXXXXX")).string();
-        fd.reset(::mkostemp(templ.data(), O_CLOEXEC));
-        if (!fd)
-            throw_errno("create an image in " + dir.string());
-        target->m_partial_lock.reset(::fcntl(fd.get(), F_DUPFD_CLOEXEC, 0));
-        if (target->m_partial_lock && ::flock(target->m_partial_lock.get(), LOCK_EX | LOCK_NB) == 0
-            && fs::still_at(fd.get(), templ))
-            break;
-        if (attempt == 5)
-            throw Error("could not lock a new image in " + dir.string() + ": other flashes keep removing it");
+    std::string templ = (dir / (prefix + "XXXXXX")).string();
+    UniqueFd fd(::mkostemp(templ.data(), O_CLOEXEC));
+    if (!fd)
+        throw_errno("create an image in " + dir.string());
+    // Held while this process lives: a later flash knows the file is not stale.
+    target->m_partial_lock.reset(::fcntl(fd.get(), F_DUPFD_CLOEXEC, 0));
+    if (!target->m_partial_lock || ::flock(target->m_partial_lock.get(), LOCK_EX | LOCK_NB) != 0) {
+        int err = errno;
+        ::unlink(templ.c_str());
+        throw_errno("lock " + templ, err);
     }
     target->m_partial = templ;
     target->m_image = image;

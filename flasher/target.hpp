@@ -76,9 +76,11 @@ public:
     // and attached to a loop device; commit() moves it to `image` (never over
     // a file that appeared meanwhile, unless `overwrite`), and the destructor
     // removes it otherwise.
-    // Partial images of flashes that were killed (no live process holds
-    // their lock) are removed first, with the loop devices and treeflash
-    // mounts still using them; what was removed is added to `reclaimed`.
+    // Partial images (and partial compressed forms) of flashes that were
+    // killed (no live process holds their lock) are removed first, with the
+    // loop devices and treeflash mounts still using them; what was removed
+    // is added to `reclaimed`. The caller holds the folder's turn (flash.cpp),
+    // so no other flash creates a partial here meanwhile.
     // Without `attach_loop` the file itself is the target (device() is its
     // path), for images made without loop devices.
     static std::unique_ptr<Target> create_image(const std::filesystem::path& image, uint64_t size, bool overwrite,

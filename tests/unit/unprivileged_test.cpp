@@ -39,6 +39,18 @@ ProcessResult run_unprivileged(const ToolsForOtherUsers& tools, const std::vecto
     return run_process(argv);
 }
 
+// Makes `dir` (below `tmp`) for the flash to write into: as root, owned by
+// plain_id, with `tmp` traversable by it.
+void writable_by_plain_user(const Scratch& tmp, const fs::path& dir)
+{
+    fs::create_directories(dir);
+    if (!is_root())
+        return;
+    REQUIRE(::chown(dir.c_str(), plain_id, plain_id) == 0);
+    fs::permissions(tmp.path(), fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec
+                                    | fs::perms::others_read | fs::perms::others_exec);
+}
+
 std::string in_image(const fs::path& image, uint64_t offset)
 {
     return image.string() + "?offset=" + std::to_string(offset);
@@ -54,12 +66,7 @@ TEST_CASE("qemu-arm64 and ls104x images made without root, loop devices or mount
     std::string commit = build_commit(tmp.path(), tmp / "repo");
     ToolsForOtherUsers tools = tools_for_other_users(tmp.path());
     fs::path out = tmp / "out";
-    fs::create_directories(out);
-    if (is_root()) {
-        REQUIRE(::chown(out.c_str(), plain_id, plain_id) == 0);
-        fs::permissions(tmp.path(), fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec
-                                        | fs::perms::others_read | fs::perms::others_exec);
-    }
+    writable_by_plain_user(tmp, out);
     for (const std::string board : {"qemu-arm64", "ls104x"}) {
         CAPTURE(board);
         fs::path image = out / (board + ".img");
@@ -231,12 +238,7 @@ TEST_CASE("the README's CI job runs as a plain user: commit, image, .zst, bmap a
                    {"etc/inittab", 'f', "::sysinit:/bin/true\n"}, {"usr/sbin", 'd', "", 0755},
                    {"usr/sbin/init", 'l', "../bin/busybox"}});
     fs::path job = tmp / "job";
-    fs::create_directories(job);
-    if (is_root()) {
-        REQUIRE(::chown(job.c_str(), plain_id, plain_id) == 0);
-        fs::permissions(tmp.path(), fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec
-                                        | fs::perms::others_read | fs::perms::others_exec);
-    }
+    writable_by_plain_user(tmp, job);
     std::vector<std::string> epoch{"SOURCE_DATE_EPOCH=1700000000"};
     auto built = run_unprivileged(tools, {"build", "--rootfs", (tmp / "rootfs.tar.zst").string(), "--repo",
                                           (job / "repo").string(), "--kernel", kernel.kernel.string(), "--version", "7"},
