@@ -29,6 +29,10 @@ busy disk, never a partition; a non-removable disk needs --force. Its model,
 serial, size and partitions are shown and you are asked before anything is
 written, unless --yes.
 
+An --image appears under its name only when complete, with IMAGE.bmap beside
+it. Flashes into one folder take turns, so an image, its .bmap, its
+compressed form and the folder's SHA256SUMS come from one flash.
+
 Examples:
   treeflash flash --board ls104x --device /dev/sdb --repo http://10.0.0.2:8000/ \
       --gpg-import release.gpg --firmware rcw=bl2_sd.pbl --firmware fip=fip.bin
