@@ -7,16 +7,25 @@
 #include "common/sha256.hpp"
 #include "common/text.hpp"
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <exception>
 #include <fcntl.h>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <thread>
 #include <sys/stat.h>
 #include <unistd.h>
 
 namespace treeflash::flasher {
 
 namespace {
+
+// The most one checksum of a new bmap covers: see map_open_image.
+constexpr uint64_t hash_piece_bytes = 16 << 20;
 
 // The byte ranges of `fd` that hold data, from SEEK_DATA / SEEK_HOLE.
 std::vector<std::pair<uint64_t, uint64_t>> data_extents(int fd, uint64_t size, const std::string& what)
@@ -58,6 +67,36 @@ std::string range_sha256(int fd, uint64_t from, uint64_t to, const std::string& 
     return sum.hex();
 }
 
+// Runs task(0) .. task(count - 1) on up to four threads; the first Error
+// (or Cancelled) one throws stops the rest from starting and is rethrown.
+void parallel_for(size_t count, const std::function<void(size_t)>& task)
+{
+    size_t workers = std::min<size_t>({count, 4, std::max(1u, std::thread::hardware_concurrency())});
+    std::atomic<size_t> next{0};
+    std::atomic<bool> failed{false};
+    std::exception_ptr first_error;
+    std::mutex error_lock;
+    auto work = [&] {
+        for (size_t i; !failed && (i = next++) < count;) {
+            try {
+                task(i);
+            } catch (...) {
+                std::lock_guard hold(error_lock);
+                if (!first_error)
+                    first_error = std::current_exception();
+                failed = true;
+            }
+        }
+    };
+    std::vector<std::thread> threads;
+    for (size_t t = 1; t < workers; ++t)
+        threads.emplace_back(work);
+    work();
+    for (auto& thread : threads)
+        thread.join();
+    if (first_error)
+        std::rethrow_exception(first_error);
+}
 
 } // namespace
 
@@ -94,11 +133,21 @@ Bmap map_open_image(int fd, uint64_t size, const std::string& what, GCancellable
         else
             map.ranges.push_back({first, last, ""});
     }
-    for (auto& range : map.ranges) {
-        auto [from, to] = map.bytes(range);
-        range.sha256 = range_sha256(fd, from, to, what, cancellable);
+    // A checksum is one sequential pass: ranges are cut into pieces of at
+    // most piece_blocks so that their checksums spread over the cores (a
+    // bmap may hold adjacent ranges; bmaptool copies them the same).
+    const uint64_t piece_blocks = hash_piece_bytes / bs;
+    std::vector<BmapRange> pieces;
+    for (const auto& range : map.ranges) {
+        for (uint64_t first = range.first; first <= range.last; first += piece_blocks)
+            pieces.push_back({first, std::min(range.last, first + piece_blocks - 1), ""});
         map.mapped_blocks += range.last - range.first + 1;
     }
+    map.ranges = std::move(pieces);
+    parallel_for(map.ranges.size(), [&](size_t i) {
+        auto [from, to] = map.bytes(map.ranges[i]);
+        map.ranges[i].sha256 = range_sha256(fd, from, to, what, cancellable);
+    });
     return map;
 }
 

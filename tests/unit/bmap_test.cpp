@@ -74,6 +74,51 @@ TEST_CASE("treeflash bmap maps what bmaptool create maps, and bmaptool copy acce
     CHECK_FALSE(refused.ok());
 }
 
+TEST_CASE("a long extent is mapped in adjacent pieces of at most 16 MiB, which bmaptool copies the same")
+{
+    Scratch tmp;
+    fs::path image = tmp / "card.img";
+    write_file(image, "");
+    fs::resize_file(image, 64 << 20);
+    put(image, 1 << 20, std::string(40 << 20, 'c')); // blocks 256 to 10495
+
+    auto ours = run_treeflash({"bmap", image.string(), "-o", (tmp / "ours.bmap").string()});
+    REQUIRE_MESSAGE(ours.ok(), ours.err);
+    auto theirs = run_process({"bmaptool", "create", "-o", (tmp / "theirs.bmap").string(), image.string()});
+    REQUIRE_MESSAGE(theirs.ok(), theirs.err);
+    // bmaptool: one range; treeflash: the same blocks cut after 16 MiB and 32 MiB.
+    std::string mine = essentials(read_text(tmp / "ours.bmap"));
+    std::string reference = essentials(read_text(tmp / "theirs.bmap"));
+    CHECK(reference.find("\n256-10495 ") != std::string::npos);
+    CHECK(mine.find("MappedBlocksCount=10240\n") != std::string::npos);
+    CHECK(reference.find("MappedBlocksCount=10240\n") != std::string::npos);
+    CHECK(mine.find("\n256-4351 ") != std::string::npos);
+    CHECK(mine.find("\n4352-8447 ") != std::string::npos);
+    CHECK(mine.find("\n8448-10495 ") != std::string::npos);
+    CHECK(mine.find("256-10495") == std::string::npos);
+    // The first two pieces hold the same bytes, so the same checksum.
+    std::regex piece(R"(\n256-4351 ([0-9a-f]{64})\n4352-8447 ([0-9a-f]{64})\n)");
+    std::smatch sums;
+    REQUIRE(std::regex_search(mine, sums, piece));
+    CHECK(sums[1].str() == sums[2].str());
+
+    fs::path copy = tmp / "copy.img";
+    auto copied = run_process({"bmaptool", "copy", "--bmap", (tmp / "ours.bmap").string(), image.string(), copy.string()});
+    REQUIRE_MESSAGE(copied.ok(), copied.err);
+    CHECK(run_process({"cmp", image.string(), copy.string()}).ok());
+    // And treeflash's own reader takes it, and checks every piece.
+    flasher::Bmap read = flasher::read_bmap(tmp / "ours.bmap");
+    CHECK(read.ranges.size() == 3);
+    CHECK(read.mapped_blocks == 10240);
+    int fd = ::open(image.c_str(), O_RDONLY | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    CHECK_NOTHROW(flasher::check_image_against_bmap(fd, read, image.string()));
+    put(image, 40 << 20, "changed"); // inside the last piece
+    CHECK_THROWS_WITH_AS(flasher::check_image_against_bmap(fd, read, image.string()), doctest::Contains("8448-10495"),
+                         Error);
+    ::close(fd);
+}
+
 TEST_CASE("an image without data maps to nothing; a missing one is named")
 {
     Scratch tmp;
