@@ -398,8 +398,8 @@ std::pair<fs::TempDir, UniqueFd> locked_scratch_tree(const std::filesystem::path
 // image at its partition's offset. Both run as root of a user namespace of
 // their own, so the files are root's in the image whoever runs this, and
 // nothing libostree tries (freezing the file system under /boot) reaches
-// the host.
-void write_image_from_directories(const FlashPlan& plan, Target& target, FlashResult& result,
+// the host. Returns the thread removing the trees, still at work.
+std::jthread write_image_from_directories(const FlashPlan& plan, Target& target, FlashResult& result,
                                   const std::function<void(const std::string&)>& notice, GCancellable* cancellable)
 {
     const BoardProfile& board = plan.board;
@@ -492,11 +492,18 @@ void write_image_from_directories(const FlashPlan& plan, Target& target, FlashRe
                 content = boot;
             std::string seed = identity + std::to_string(role.number);
             ReproducibleExt4 same{derived_uuid(seed + "\nfilesystem"), derived_uuid(seed + "\nhash seed"), plan.source_date_epoch};
+            // mkfs.ext4 fills the page cache and fsyncs at its end; started
+            // from here while it works, the disk writes overlap its copying
+            // rather than follow it.
+            auto start_writeback = [&] {
+                ::sync_file_range(target.fd(), static_cast<off_t>(entry->start), static_cast<off_t>(entry->size),
+                                  SYNC_FILE_RANGE_WRITE);
+            };
             run_as_namespace_root(
                 [&](const NamespaceNotice&) {
                     make_ext4_in_image(target.device(), entry->start, entry->size, role.label, mkfs_options, content, same);
                 },
-                notice, cancellable);
+                notice, cancellable, start_writeback);
             clamp_inode_times(target.device(), entry->start, plan.source_date_epoch);
             FilesystemInfo made = probe_filesystem(target.device(), entry->start, entry->size);
             if (made.type != role.fstype || made.label != role.label)
@@ -504,7 +511,11 @@ void write_image_from_directories(const FlashPlan& plan, Target& target, FlashRe
                             + " where ext4 '" + role.label + "' belongs");
         });
     }
+    // mkfs.ext4 has read the trees: removing them (thousands of files) runs
+    // beside the rest, the bmap included; the caller joins it.
+    std::jthread remove_trees([trees = std::move(scratch), lock = std::move(scratch_lock)]() mutable { trees.remove(); });
     in_step("sync", [&] { target.commit(); });
+    return remove_trees;
 }
 
 void describe_partitions(const FlashPlan& plan, FlashResult& result)
@@ -593,9 +604,10 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
     check_cancelled(cancellable);
 
     Progress progress = Progress::Untouched;
+    std::jthread remove_scratch_trees;
     try {
         if (plan.unprivileged)
-            write_image_from_directories(plan, *target, result, notice, cancellable);
+            remove_scratch_trees = write_image_from_directories(plan, *target, result, notice, cancellable);
         else
             write_card(plan, *target, result, progress, notice, cancellable);
     } catch (const Cancelled&) {
@@ -605,6 +617,9 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
             throw Cancelled("interrupted; " + state_after(progress, options.image.has_value()));
         throw Error(std::string(e.what()) + full_disk_hint(options) + " (" + state_after(progress, options.image.has_value()) + ")");
     }
+    // Freeing the blocks of an image this one replaced takes a while for a
+    // large one: it runs beside the bmap, the image's last read.
+    std::jthread free_replaced_image([replaced = target->take_replaced_image()]() mutable { replaced.reset(); });
     target.reset();
     if (options.image) {
         // The image is in place: what stops now leaves it without some of

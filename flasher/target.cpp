@@ -425,6 +425,12 @@ void Target::commit()
     // Without --overwrite, never over a file that appeared while we worked
     // (another flash to the same path, say).
     unsigned flags = m_overwrite ? 0 : RENAME_NOREPLACE;
+    if (m_overwrite) {
+        UniqueFd old(::open(m_image.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC));
+        struct stat st {};
+        if (old && ::fstat(old.get(), &st) == 0 && S_ISREG(st.st_mode))
+            m_replaced = std::move(old);
+    }
     if (::renameat2(AT_FDCWD, m_partial.c_str(), AT_FDCWD, m_image.c_str(), flags) != 0) {
         if (errno == EEXIST)
             throw Error(m_image.string() + " appeared while the image was written; it was left alone (pass --overwrite to replace it)");

@@ -113,6 +113,11 @@ public:
     uint64_t size() const { return m_size; }
     // Flushes and, for an image, detaches the loop device and moves the file into place.
     void commit();
+    // The image file commit() replaced (with `overwrite`), still open: its
+    // blocks are freed when this closes, which takes a while for a large
+    // image, so a caller may close it beside other work. Empty when nothing
+    // was replaced; the destructor closes it otherwise.
+    UniqueFd take_replaced_image() { return std::move(m_replaced); }
 
 private:
     Target() = default;
@@ -125,6 +130,7 @@ private:
     std::unique_ptr<LoopDevice> m_loop;
     bool m_overwrite = false;
     bool m_committed = false;
+    UniqueFd m_replaced;
 };
 
 } // namespace treeflash::flasher

@@ -52,7 +52,7 @@ void send(int fd, char kind, const std::string& text)
 } // namespace
 
 void run_as_namespace_root(const std::function<void(const NamespaceNotice&)>& work, const NamespaceNotice& notice,
-                           GCancellable* cancellable)
+                           GCancellable* cancellable, const std::function<void()>& meanwhile)
 {
     int fds[2], ready_fds[2], go_fds[2];
     if (::pipe2(fds, O_CLOEXEC) != 0 || ::pipe2(ready_fds, O_CLOEXEC) != 0 || ::pipe2(go_fds, O_CLOEXEC) != 0)
@@ -123,7 +123,9 @@ void run_as_namespace_root(const std::function<void(const NamespaceNotice&)>& wo
             cancelled = true;
         }
         struct pollfd p {read_end.get(), POLLIN, 0};
-        int ready = ::poll(&p, 1, 200);
+        int ready = ::poll(&p, 1, meanwhile ? 25 : 200);
+        if (meanwhile && !cancelled)
+            meanwhile();
         if (ready < 0 && errno == EINTR)
             continue;
         if (ready <= 0)

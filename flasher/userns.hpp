@@ -17,9 +17,10 @@ using NamespaceNotice = std::function<void(const std::string&)>;
 // Runs `work` in a forked child inside a new user namespace and waits for
 // it. `work` gets a notice function whose lines reach `notice` here. An
 // Error the child throws is thrown here with the same message; Ctrl-C
-// (the cancellable) kills the child and throws Cancelled.
+// (the cancellable) kills the child and throws Cancelled. `meanwhile`, when
+// given, runs here about every 25 ms while the child works.
 void run_as_namespace_root(const std::function<void(const NamespaceNotice&)>& work, const NamespaceNotice& notice,
-                           GCancellable* cancellable);
+                           GCancellable* cancellable, const std::function<void()>& meanwhile = {});
 
 // Whether this process can create a user namespace (the kernel or a
 // container may forbid it).

@@ -7,6 +7,7 @@
 #include "flasher/board.hpp"
 #include "flasher/flash.hpp"
 #include "flasher/partition.hpp"
+#include "flasher/target.hpp"
 #include "tests/support/fixtures.hpp"
 
 #include <doctest/doctest.h>
@@ -20,6 +21,7 @@
 #include <sys/socket.h>
 #include <thread>
 #include <regex>
+#include <sys/stat.h>
 #include <sys/statvfs.h>
 
 using namespace treeflash;
@@ -223,6 +225,39 @@ TEST_CASE("a server that accepts and never answers: the pull gives up, and a can
     CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(5));
     canceller.join();
     CHECK_FALSE(fs::exists(tmp / "x.img"));
+}
+
+TEST_CASE("--overwrite: the old image stays whole until the new one is in place, then is handed back to be freed")
+{
+    Scratch tmp;
+    fs::path image = tmp / "card.img";
+    write_file(image, "the old image");
+    struct stat old {};
+    REQUIRE(::stat(image.c_str(), &old) == 0);
+    {
+        auto target = Target::create_image(image, 1 << 20, true, nullptr, false);
+        REQUIRE(::pwrite(target->fd(), "new", 3, 0) == 3);
+        CHECK(read_text(image) == "the old image");
+        CHECK_FALSE(target->take_replaced_image()); // nothing replaced yet
+        target->commit();
+        UniqueFd replaced = target->take_replaced_image();
+        REQUIRE(replaced);
+        struct stat st {};
+        REQUIRE(::fstat(replaced.get(), &st) == 0);
+        CHECK(st.st_ino == old.st_ino);
+        CHECK(st.st_nlink == 0); // no name left: its blocks go when it closes
+        char content[32] = {};
+        CHECK(::pread(replaced.get(), content, sizeof content, 0) == 13);
+        CHECK(std::string(content) == "the old image");
+        CHECK_FALSE(target->take_replaced_image()); // handed over once
+    }
+    CHECK(read_text(image).substr(0, 3) == "new");
+    CHECK(fs::file_size(image) == 1 << 20);
+
+    // Without --overwrite nothing is replaced, and nothing handed back.
+    auto fresh = Target::create_image(tmp / "other.img", 1 << 20, false, nullptr, false);
+    fresh->commit();
+    CHECK_FALSE(fresh->take_replaced_image());
 }
 
 }

@@ -3,7 +3,9 @@
 // system into the image. Run by the user running the tests; as root, the
 // flash itself runs as an unprivileged uid (setpriv). Checked without loop
 // devices or mounts: sfdisk, e2fsck and debugfs read the file through offsets.
+#include "common/error.hpp"
 #include "common/process.hpp"
+#include "flasher/userns.hpp"
 #include "tests/support/fixtures.hpp"
 #include "tests/support/system.hpp"
 
@@ -263,6 +265,28 @@ TEST_CASE("the README's CI job runs as a plain user: commit, image, .zst, bmap a
     CHECK(info["origin_url"] == "https://updates.example.com/repo");
     CHECK(info["deployments"][0]["commit"] == commit);
     CHECK(info["deployments"][0]["version"] == "7");
+}
+
+TEST_CASE("work in a user namespace: root there, and `meanwhile` runs here while it goes on" * doctest::skip(no_userns))
+{
+    Scratch tmp;
+    int ticks = 0;
+    flasher::run_as_namespace_root(
+        [&](const flasher::NamespaceNotice& notice) {
+            notice("uid " + std::to_string(::geteuid()));
+            write_file(tmp / "made-there", "x");
+            ::usleep(300 * 1000);
+        },
+        [&](const std::string& line) { CHECK(line == "uid 0"); }, nullptr, [&] { ++ticks; });
+    CHECK(ticks >= 5); // about every 25 ms for 300 ms
+    struct stat st {};
+    REQUIRE(::stat((tmp / "made-there").c_str(), &st) == 0);
+    CHECK(st.st_uid == ::geteuid()); // root there is this user here
+
+    // An error there is thrown here, with its message.
+    CHECK_THROWS_WITH_AS(flasher::run_as_namespace_root([](const flasher::NamespaceNotice&) { throw Error("no room"); }, {},
+                                                        nullptr),
+                         "no room", Error);
 }
 
 } // TEST_SUITE
