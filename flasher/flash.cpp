@@ -297,6 +297,17 @@ void describe_firmware(const FlashPlan& plan, FlashResult& result)
         result.firmware.push_back(blob.slot.name + " at " + hex(blob.slot.offset) + " (" + std::to_string(blob.size) + " bytes)");
 }
 
+// /dev/shm when this user may write there and it has more than `bytes` and
+// `entries` free; empty otherwise.
+std::filesystem::path memory_with_room(uint64_t bytes, uint64_t entries)
+{
+    struct statvfs shm {};
+    if (bytes && ::access("/dev/shm", W_OK) == 0 && ::statvfs("/dev/shm", &shm) == 0
+        && static_cast<uint64_t>(shm.f_bavail) * shm.f_frsize > bytes && static_cast<uint64_t>(shm.f_favail) > entries)
+        return "/dev/shm";
+    return {};
+}
+
 // The writes, on an open target, in the order that leaves the clearest state.
 void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Progress& progress,
                 const std::function<void(const std::string&)>& notice, GCancellable* cancellable)
@@ -329,7 +340,11 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
     std::filesystem::path mount_parent = std::filesystem::temp_directory_path();
     {
         Mount rootfs(partition_node(target.device(), board.rootfs_partition), "ext4", "", mount_parent);
-        result.deployment = in_step("sysroot", [&] { return provision_sysroot(rootfs.path(), plan.sysroot, notice, cancellable); });
+        // The pull's downloads live only until each is written to the card:
+        // in memory when it has room for all of them at once.
+        SysrootOptions sysroot = plan.sysroot;
+        sysroot.download_dir = memory_with_room(plan.source.content_bytes, 1000);
+        result.deployment = in_step("sysroot", [&] { return provision_sysroot(rootfs.path(), sysroot, notice, cancellable); });
         if (board.boot_count.enabled())
             in_step("boot counting", [&] {
                 std::filesystem::path record = rootfs.path() / boot_board_record_path;
@@ -417,14 +432,10 @@ std::jthread write_image_from_directories(const FlashPlan& plan, Target& target,
     // The trees are written once and read once by mkfs: in memory when
     // /dev/shm has room and inodes for three times the commit (the
     // repository, the deployment's own files, and slack), else beside the
-    // image.
-    std::filesystem::path image_dir = target.image().parent_path().empty() ? "." : target.image().parent_path();
-    std::filesystem::path scratch_parent = image_dir;
-    struct statvfs shm {};
-    if (::access("/dev/shm", W_OK) == 0 && ::statvfs("/dev/shm", &shm) == 0 && plan.source.content_bytes
-        && static_cast<uint64_t>(shm.f_bavail) * shm.f_frsize > 3 * plan.source.content_bytes
-        && static_cast<uint64_t>(shm.f_favail) > 3 * plan.source.content_entries + 1000)
-        scratch_parent = "/dev/shm";
+    // image. The pull's downloads go there too.
+    std::filesystem::path scratch_parent = memory_with_room(3 * plan.source.content_bytes, 3 * plan.source.content_entries + 1000);
+    if (scratch_parent.empty())
+        scratch_parent = target.image().parent_path().empty() ? "." : target.image().parent_path();
     reclaim_stale_trees(scratch_parent, notice);
     auto [scratch, scratch_lock] = locked_scratch_tree(scratch_parent);
     std::filesystem::path rootfs = scratch.path() / "rootfs", boot = scratch.path() / "boot";
@@ -433,6 +444,7 @@ std::jthread write_image_from_directories(const FlashPlan& plan, Target& target,
     in_step("sysroot", [&] {
         bool as_root = ::geteuid() == 0;
         SysrootOptions sysroot = plan.sysroot;
+        sysroot.download_dir = scratch.path();
         // As root every owner is mapped (userns.cpp), and objects may be copied as files
         // from a local repository; a plain user's namespace cannot give
         // them their owners, so each is checked and written instead.

@@ -60,8 +60,9 @@ void stop_child(pid_t pid)
 } // namespace
 
 void watched_pull(OstreeRepo* repo, const std::string& remote, GVariant* options, const std::string& what,
-                  unsigned stall_seconds, GCancellable* cancellable)
+                  unsigned stall_seconds, GCancellable* cancellable, const std::filesystem::path& download_dir)
 {
+    const std::string tmpdir = download_dir.string();
     int fds[2];
     if (::pipe2(fds, O_CLOEXEC) != 0)
         throw_errno("pipe");
@@ -77,6 +78,8 @@ void watched_pull(OstreeRepo* repo, const std::string& remote, GVariant* options
         if (::getppid() != parent)
             ::_exit(1);
         read_end.reset();
+        if (!tmpdir.empty())
+            ::setenv("TMPDIR", tmpdir.c_str(), 1);
         run_child(repo, remote, options, write_end.get());
     }
     write_end.reset();

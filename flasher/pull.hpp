@@ -8,6 +8,7 @@
 // cost quadratic time. Cancellation goes through the child process instead.
 #pragma once
 
+#include <filesystem>
 #include <string>
 
 typedef struct _GCancellable GCancellable;
@@ -21,8 +22,10 @@ constexpr unsigned default_network_timeout = 30;
 
 // ostree_repo_pull_with_options(repo, remote, options) in a child process.
 // Throws Cancelled when `cancellable` is cancelled, an Error naming `what`
-// when the pull fails or stalls for `stall_seconds`.
+// when the pull fails or stalls for `stall_seconds`. libostree keeps each
+// object it downloads in an unnamed file in $TMPDIR (else /var/tmp) until it
+// is written to the repository: `download_dir`, when given, is used instead.
 void watched_pull(OstreeRepo* repo, const std::string& remote, GVariant* options, const std::string& what,
-                  unsigned stall_seconds, GCancellable* cancellable);
+                  unsigned stall_seconds, GCancellable* cancellable, const std::filesystem::path& download_dir = {});
 
 } // namespace treeflash::flasher

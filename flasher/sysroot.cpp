@@ -159,7 +159,7 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
         notice("pulling " + options.ref + " from " + options.pull_url);
     in_step("pull", [&] {
         pull_ref(repo, options.remote, options.ref, options.pull_url == options.remote_url ? "" : options.pull_url,
-                 options.network_timeout, cancellable, options.untrusted_pull);
+                 options.network_timeout, cancellable, options.untrusted_pull, options.download_dir);
     });
 
     if (notice)
@@ -247,7 +247,8 @@ SysrootLock::~SysrootLock()
 }
 
 void pull_ref(OstreeRepo* repo, const std::string& remote, const std::string& ref, const std::string& override_url,
-              unsigned network_timeout, GCancellable* cancellable, bool untrusted)
+              unsigned network_timeout, GCancellable* cancellable, bool untrusted,
+              const std::filesystem::path& download_dir)
 {
     GVariantBuilder builder;
     g_variant_builder_init(&builder, G_VARIANT_TYPE_VARDICT);
@@ -260,7 +261,7 @@ void pull_ref(OstreeRepo* repo, const std::string& remote, const std::string& re
         g_variant_builder_add(&builder, "{sv}", "flags", g_variant_new_int32(OSTREE_REPO_PULL_FLAGS_UNTRUSTED));
     glib::Variant pull_options = glib::adopt_variant(g_variant_builder_end(&builder));
     watched_pull(repo, remote, pull_options.get(), remote + ":" + ref + (override_url.empty() ? "" : " from " + override_url),
-                 network_timeout, cancellable);
+                 network_timeout, cancellable, download_dir);
 }
 
 namespace {

@@ -24,6 +24,7 @@ struct SysrootOptions {
     std::optional<std::filesystem::path> gpg_key; // imported into the remote; verification on
     std::vector<std::string> kernel_args;
     unsigned network_timeout = 30;       // seconds without progress before a pull fails
+    std::filesystem::path download_dir;  // see watched_pull; empty: $TMPDIR
 };
 
 struct Deployment {
@@ -61,9 +62,10 @@ private:
 // (the remote's GPG settings apply either way), under watched_pull.
 // `untrusted`: objects from a local repository are checked and written one
 // by one instead of copied as files (a copy keeps the files' owners, which a
-// user namespace cannot give them).
+// user namespace cannot give them). `download_dir`: see watched_pull.
 void pull_ref(OstreeRepo* repo, const std::string& remote, const std::string& ref, const std::string& override_url,
-              unsigned network_timeout, GCancellable* cancellable, bool untrusted = false);
+              unsigned network_timeout, GCancellable* cancellable, bool untrusted = false,
+              const std::filesystem::path& download_dir = {});
 
 // Throws unless every symlink of the sysroot's own structure at `root`
 // (boot/, boot/loader*, ostree/boot.*, ostree/deploy/*, ostree/repo, but not

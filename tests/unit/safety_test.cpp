@@ -7,17 +7,22 @@
 #include "flasher/board.hpp"
 #include "flasher/flash.hpp"
 #include "flasher/partition.hpp"
+#include "flasher/sysroot.hpp"
 #include "flasher/target.hpp"
 #include "tests/support/fixtures.hpp"
+#include "tests/support/system.hpp"
 
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 #include <fstream>
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <chrono>
 #include <functional>
 #include <gio/gio.h>
 #include <netinet/in.h>
+#include <optional>
+#include <ostree.h>
 #include <sys/socket.h>
 #include <thread>
 #include <regex>
@@ -258,6 +263,33 @@ TEST_CASE("--overwrite: the old image stays whole until the new one is in place,
     auto fresh = Target::create_image(tmp / "other.img", 1 << 20, false, nullptr, false);
     fresh->commit();
     CHECK_FALSE(fresh->take_replaced_image());
+}
+
+TEST_CASE("an HTTP pull keeps its downloads where it is told, whatever TMPDIR says")
+{
+    Scratch tmp;
+    std::string commit = build_commit(tmp.path(), tmp / "served");
+    RepoServer server(tmp / "served");
+    REQUIRE(ostree(tmp / "repo", {"init", "--mode=bare-user"}).ok());
+    REQUIRE(ostree(tmp / "repo", {"remote", "add", "--no-gpg-verify", "origin", server.url()}).ok());
+    GError* error = nullptr;
+    glib::Object<OstreeRepo> repo(ostree_repo_open_at(AT_FDCWD, (tmp / "repo").c_str(), nullptr, &error));
+    REQUIRE_MESSAGE(repo, (error ? error->message : ""));
+
+    // libostree keeps each object it downloads in an unnamed file in TMPDIR
+    // until it is written: a TMPDIR that cannot hold one fails the pull...
+    struct RestoreTmpdir {
+        std::optional<std::string> saved = std::getenv("TMPDIR") ? std::optional<std::string>(std::getenv("TMPDIR")) : std::nullopt;
+        ~RestoreTmpdir() { saved ? ::setenv("TMPDIR", saved->c_str(), 1) : ::unsetenv("TMPDIR"); }
+    } restore;
+    ::setenv("TMPDIR", (tmp / "no-such-dir").c_str(), 1);
+    std::string message = error_of([&] { pull_ref(repo.get(), "origin", "master", "", 30, nullptr); });
+    CHECK_MESSAGE(message.find("O_TMPFILE") != std::string::npos, message);
+    // ...unless the pull is given a directory of its own for them.
+    fs::create_directories(tmp / "downloads");
+    CHECK_NOTHROW(pull_ref(repo.get(), "origin", "master", "", 30, nullptr, false, tmp / "downloads"));
+    CHECK(rev_parse(tmp / "repo", "origin:master") == commit);
+    CHECK(fs::is_empty(tmp / "downloads"));
 }
 
 }
