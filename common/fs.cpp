@@ -98,7 +98,10 @@ void write_file_atomic(const std::filesystem::path& path, std::string_view conte
     std::filesystem::path tmp = path;
     tmp += ".tmp-" + std::to_string(::getpid());
     {
-        UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+        // A new file, never through a symlink someone put under that name
+        // (the folder may be shared): what a killed run left is removed first.
+        ::unlink(tmp.c_str());
+        UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
         if (!fd)
             throw_errno("write " + tmp.string());
         size_t done = 0;

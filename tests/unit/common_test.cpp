@@ -1,6 +1,7 @@
-// Shared pieces: child process environments and the templates compiled
-// into the binary.
+// Shared pieces: child process environments, the templates compiled into
+// the binary, and file writes.
 #include "common/error.hpp"
+#include "common/fs.hpp"
 #include "common/process.hpp"
 #include "common/templates.hpp"
 #include "tests/support/fixtures.hpp"
@@ -8,9 +9,15 @@
 #include <cstdlib>
 #include <doctest/doctest.h>
 #include <gio/gio.h>
+#include <unistd.h>
 
-using namespace treeflash;
-using namespace treeflash::test;
+using namespace treeflash::test; // its fs is std::filesystem; treeflash's own fs is named in full
+using treeflash::ProcessOptions;
+using treeflash::run_process;
+using treeflash::throw_gerror;
+using treeflash::Error;
+using treeflash::Cancelled;
+namespace templates = treeflash::templates;
 
 TEST_SUITE("common") {
 
@@ -71,6 +78,21 @@ TEST_CASE("no code releases a GLib handle by hand: common/glib.hpp owns them all
             all += f + "\n";
         return all;
     }());
+}
+
+TEST_CASE("a file written atomically never goes through a symlink at its temporary name")
+{
+    Scratch tmp;
+    write_file(tmp / "victim", "not yours");
+    fs::path out = tmp / "card.img.bmap";
+    fs::path temporary = out;
+    temporary += ".tmp-" + std::to_string(::getpid());
+    fs::create_symlink(tmp / "victim", temporary);
+    treeflash::fs::write_file_atomic(out, "the map");
+    CHECK(read_text(tmp / "victim") == "not yours");
+    CHECK_FALSE(fs::is_symlink(out));
+    CHECK(read_text(out) == "the map");
+    CHECK_FALSE(fs::exists(fs::symlink_status(temporary)));
 }
 
 }
