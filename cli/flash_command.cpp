@@ -180,7 +180,7 @@ int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
         ("firmware", po::value(&firmware)->value_name("NAME=FILE")->composing(),
          "write FILE into the board's firmware slot NAME (ls104x: rcw, fip, uboot-env, fman, qe, phy); repeatable")
         ("force", po::bool_switch(&options.force), "allow a --device that is not removable")
-        ("overwrite", po::bool_switch(&options.overwrite), "replace an existing --image (and its compressed form)")
+        ("overwrite", po::bool_switch(&options.overwrite), "replace an existing --image (and its .bmap and compressed form)")
         ("image-method", po::value(&options.image_method)->value_name("auto|loop|unprivileged")->default_value("auto"),
          "how --image is made: loop devices and mounts (root), or file systems built from directories with "
          "mkfs.ext4 -d (no root, loop devices or mounts; bit-reproducible for a commit, board, size and "

@@ -553,6 +553,23 @@ void describe_partitions(const FlashPlan& plan, FlashResult& result)
 // Flashes into one folder take turns: an image, its .bmap and its
 // compressed form must all come from one flash, and SHA256SUMS belongs to
 // the folder. Held (flock on the folder) until the flash returns.
+// Without --overwrite, what a flash publishes beside the image (its .bmap,
+// its compressed form) must not exist either: refused now, before anything
+// is written, rather than once the image is made.
+void check_outputs_are_new(const std::filesystem::path& image, const std::string& compress)
+{
+    std::vector<std::string> suffixes{".bmap"};
+    if (!compress.empty())
+        suffixes.push_back("." + compress);
+    for (const auto& suffix : suffixes) {
+        std::filesystem::path derived = image;
+        derived += suffix;
+        std::error_code ec;
+        if (std::filesystem::exists(std::filesystem::symlink_status(derived, ec)))
+            throw Error(derived.string() + " exists; pass --overwrite to replace it");
+    }
+}
+
 UniqueFd take_turn_in_folder(const std::filesystem::path& image, const std::function<void(const std::string&)>& notice,
                              GCancellable* cancellable)
 {
@@ -598,6 +615,8 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
     if (options.image) {
         folder_turn = in_step("image " + options.image->string(),
                               [&] { return take_turn_in_folder(*options.image, notice, cancellable); });
+        if (!options.overwrite)
+            in_step("image " + options.image->string(), [&] { check_outputs_are_new(*options.image, options.compress); });
         std::vector<std::string> reclaimed;
         target = in_step("image " + options.image->string(), [&] {
             return Target::create_image(*options.image, plan.image_size, options.overwrite, &reclaimed, !plan.unprivileged);

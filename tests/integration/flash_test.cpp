@@ -319,6 +319,17 @@ TEST_CASE("refusals: one clear line, nothing written, nothing left behind" * doc
         write_file(tmp / "exists.img", "precious");
         refuse({"--board", "ls104x", "--image", (tmp / "exists.img").string(), "--repo", repo}, "exists; pass --overwrite");
         CHECK(read_text(tmp / "exists.img") == "precious");
+        // What the flash would publish beside a new image is checked as early.
+        write_file(tmp / "new.img.bmap", "another image's map");
+        refuse({"--board", "ls104x", "--image", (tmp / "new.img").string(), "--repo", repo}, "new.img.bmap exists; pass --overwrite");
+        CHECK(read_text(tmp / "new.img.bmap") == "another image's map");
+        write_file(tmp / "new2.img.zst", "another image");
+        refuse({"--board", "ls104x", "--image", (tmp / "new2.img").string(), "--repo", repo, "--compress", "zst"},
+               "new2.img.zst exists; pass --overwrite");
+        CHECK(read_text(tmp / "new2.img.zst") == "another image");
+        CHECK_FALSE(fs::exists(tmp / "new.img"));
+        CHECK_FALSE(fs::exists(tmp / "new2.img"));
+        CHECK_FALSE(fs::exists(tmp / "new2.img.bmap"));
         write_file(tmp / "huge.pbl", std::string(0x100000, 'x'));
         refuse({"--board", "ls104x", "--image", (tmp / "x.img").string(), "--repo", repo, "--firmware",
                 "rcw=" + (tmp / "huge.pbl").string()}, "slot rcw holds 1044480");
