@@ -145,8 +145,23 @@ InspectResult inspect(const std::string& path, GCancellable* cancellable)
             throw_errno("size of " + path);
     }
     result.table = in_step("partition table", [&] { return read_partition_table(path); });
-    for (const auto& entry : result.table.partitions)
-        result.partitions.push_back({entry, probe_filesystem(path, entry.start, entry.size)});
+    // A truncated image, or a card smaller than its table: what is there is
+    // still read, and the rest named.
+    const std::string shorter = " the end of " + path + " (" + std::to_string(result.size)
+                                + " bytes): a truncated image, or a card smaller than its table";
+    for (const auto& entry : result.table.partitions) {
+        std::string node = "p" + std::to_string(entry.number);
+        FilesystemInfo filesystem;
+        if (entry.start >= result.size) {
+            result.warnings.push_back(node + ": starts past" + shorter);
+        } else {
+            uint64_t present = std::min(entry.size, result.size - entry.start);
+            if (present < entry.size)
+                result.warnings.push_back(node + ": ends " + std::to_string(entry.size - present) + " bytes past" + shorter);
+            filesystem = probe_filesystem(path, entry.start, present);
+        }
+        result.partitions.push_back({entry, filesystem});
+    }
 
     // The sysroot partition: an ext4 labelled rootfs first, then any other
     // ext4 in table order; the first of them holding ostree/repo.

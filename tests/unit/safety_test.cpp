@@ -302,6 +302,47 @@ TEST_SUITE("safety") {
 // and bytes that are not UTF-8 in uEnv.txt, and an ext4 libext2fs refuses.
 // inspect reports what it can, picks the partition labelled rootfs, and
 // prints nothing that drives a terminal.
+TEST_CASE("inspect of a truncated image reads what is there and names what is missing")
+{
+    Scratch tmp;
+    fs::path rootfs = tmp / "rootfs";
+    fs::create_directories(rootfs / "ostree/repo");
+    write_file(rootfs / "ostree/repo/config", "[core]\nrepo_version=1\nmode=bare\n");
+    fs::path image = tmp / "card.img";
+    {
+        std::ofstream(image).close();
+        fs::resize_file(image, 64 << 20);
+    }
+    write_file(tmp / "table.sfdisk", "label: dos\nstart=1MiB, size=16MiB\nsize=16MiB\nsize=16MiB\n");
+    auto table = run_process({"sh", "-c", "sfdisk -q \"$0\" < \"$1\"", image.string(), (tmp / "table.sfdisk").string()});
+    REQUIRE_MESSAGE(table.ok(), table.err);
+    fs::create_directories(tmp / "empty");
+    for (auto [start_mib, label] : {std::pair{1, "boot"}, std::pair{17, "rootfs"}, std::pair{33, "data"}}) {
+        auto r = run_process({"mkfs.ext4", "-q", "-F", "-L", label, "-d", (label == std::string("rootfs") ? rootfs : tmp / "empty").string(),
+                              "-E", "offset=" + std::to_string(uint64_t(start_mib) << 20), image.string(), "16M"});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+    }
+
+    // Cut inside p3: p1 and p2 are whole, p3 is named.
+    fs::resize_file(image, 40 << 20);
+    auto cut = run_treeflash({"inspect", image.string(), "--json"});
+    REQUIRE_MESSAGE(cut.ok(), cut.err);
+    auto report = nlohmann::json::parse(cut.out);
+    CHECK(report["sysroot_partition"] == 2);
+    REQUIRE(report["warnings"].size() == 1);
+    CHECK_MESSAGE(report["warnings"][0].get<std::string>().find("p3: ends 9437184 bytes past the end of") == 0,
+                  report["warnings"][0]);
+    CHECK(report["warnings"][0].get<std::string>().find("a truncated image") != std::string::npos);
+    CHECK(report["partitions"][2]["fstype"] == "ext4"); // its superblock is there
+
+    // Cut inside p2: p3 starts past the end; no crash, no "cannot probe".
+    fs::resize_file(image, 30 << 20);
+    auto text = run_treeflash({"inspect", image.string()});
+    CHECK_MESSAGE(text.out.find("warning: p2: ends 3145728 bytes past the end of") != std::string::npos, (text.out + text.err));
+    CHECK_MESSAGE(text.out.find("warning: p3: starts past the end of") != std::string::npos, (text.out + text.err));
+    CHECK(text.err.find("cannot probe") == std::string::npos);
+}
+
 TEST_CASE("inspect reads a hostile card without crashing, choosing rootfs, and escapes what it prints")
 {
     Scratch tmp;
