@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <system_error>
 #include <thread>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -88,9 +89,13 @@ void parallel_for(size_t count, const std::function<void(size_t)>& task)
             }
         }
     };
-    std::vector<std::thread> threads;
-    for (size_t t = 1; t < workers; ++t)
-        threads.emplace_back(work);
+    std::vector<std::jthread> threads;
+    try {
+        for (size_t t = 1; t < workers; ++t)
+            threads.emplace_back(work);
+    } catch (const std::system_error&) {
+        // No more threads (a container's limit, say): fewer do it all.
+    }
     work();
     for (auto& thread : threads)
         thread.join();

@@ -14,6 +14,9 @@
 #include "flasher/userns.hpp"
 
 #include <chrono>
+#include <functional>
+#include <memory>
+#include <system_error>
 #include <gio/gio.h>
 #include <thread>
 #include <sys/file.h>
@@ -297,6 +300,18 @@ void describe_firmware(const FlashPlan& plan, FlashResult& result)
         result.firmware.push_back(blob.slot.name + " at " + hex(blob.slot.offset) + " (" + std::to_string(blob.size) + " bytes)");
 }
 
+// Runs `work` on a thread of its own, joined when the returned handle goes;
+// where no thread can be started (a container's limit), runs it here.
+std::jthread start_beside(const std::function<void()>& work)
+{
+    try {
+        return std::jthread(work);
+    } catch (const std::system_error&) {
+        work();
+        return {};
+    }
+}
+
 // /dev/shm when this user may write there and it has more than `bytes` and
 // `entries` free; empty otherwise.
 std::filesystem::path memory_with_room(uint64_t bytes, uint64_t entries)
@@ -524,8 +539,12 @@ std::jthread write_image_from_directories(const FlashPlan& plan, Target& target,
         });
     }
     // mkfs.ext4 has read the trees: removing them (thousands of files) runs
-    // beside the rest, the bmap included; the caller joins it.
-    std::jthread remove_trees([trees = std::move(scratch), lock = std::move(scratch_lock)]() mutable { trees.remove(); });
+    // beside the rest, the bmap included; the caller joins it. The lock goes
+    // once they are gone.
+    std::jthread remove_trees = start_beside(
+        [trees = std::make_shared<std::pair<fs::TempDir, UniqueFd>>(std::move(scratch), std::move(scratch_lock))] {
+            trees->first.remove();
+        });
     in_step("sync", [&] { target.commit(); });
     return remove_trees;
 }
@@ -565,7 +584,10 @@ void check_outputs_are_new(const std::filesystem::path& image, const std::string
         std::filesystem::path derived = image;
         derived += suffix;
         std::error_code ec;
-        if (std::filesystem::exists(std::filesystem::symlink_status(derived, ec)))
+        auto status = std::filesystem::symlink_status(derived, ec);
+        if (ec && ec != std::errc::no_such_file_or_directory)
+            throw Error("cannot tell whether " + derived.string() + " exists: " + ec.message());
+        if (std::filesystem::exists(status))
             throw Error(derived.string() + " exists; pass --overwrite to replace it");
     }
 }
@@ -650,7 +672,8 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
     }
     // Freeing the blocks of an image this one replaced takes a while for a
     // large one: it runs beside the bmap, the image's last read.
-    std::jthread free_replaced_image([replaced = target->take_replaced_image()]() mutable { replaced.reset(); });
+    std::jthread free_replaced_image =
+        start_beside([replaced = std::make_shared<UniqueFd>(target->take_replaced_image())] { replaced->reset(); });
     target.reset();
     if (options.image) {
         // The image is in place: what stops now leaves it without some of

@@ -80,11 +80,11 @@ void clamp_inode_times(const std::string& image, uint64_t offset, uint64_t epoch
             throw Error(ext2_error("write an inode of " + image, rc));
     }
     scan.reset();
-    // Written, not synced: the caller syncs the whole image once. On
-    // success ext2fs_close2 frees the handle, on failure the holder does.
-    if ((rc = ext2fs_close2(fs.get(), EXT2_FLAG_FLUSH_NO_SYNC)))
+    // ext2fs_close_free frees the handle even when it fails: the holder
+    // lets go of it first.
+    raw = fs.release();
+    if ((rc = ext2fs_close_free(&raw)))
         throw Error(ext2_error("close " + image, rc));
-    fs.release();
 }
 
 } // namespace treeflash::flasher

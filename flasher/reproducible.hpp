@@ -20,7 +20,7 @@ std::string derived_disk_id(const std::string& seed);
 // modification times too, except a modification time of 0 (OSTree's, for
 // every file it deploys), which stays; nanoseconds 0.
 // mkfs.ext4 -d copies the change times the files got when they were laid
-// out, which no one can set. The writes are left to the caller to sync.
+// out, which no one can set.
 void clamp_inode_times(const std::string& image, uint64_t offset, uint64_t epoch);
 
 } // namespace treeflash::flasher

@@ -426,10 +426,15 @@ void Target::commit()
     // (another flash to the same path, say).
     unsigned flags = m_overwrite ? 0 : RENAME_NOREPLACE;
     if (m_overwrite) {
-        UniqueFd old(::open(m_image.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC));
+        // The file about to be replaced, held open (see take_replaced_image):
+        // looked at through O_PATH, which opens nothing, and opened only if
+        // it is a regular file, through that same descriptor.
+        UniqueFd found(::open(m_image.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
         struct stat st {};
-        if (old && ::fstat(old.get(), &st) == 0 && S_ISREG(st.st_mode))
-            m_replaced = std::move(old);
+        if (found && ::fstat(found.get(), &st) == 0 && S_ISREG(st.st_mode)) {
+            std::string same = "/proc/self/fd/" + std::to_string(found.get());
+            m_replaced.reset(::open(same.c_str(), O_RDONLY | O_CLOEXEC));
+        }
     }
     if (::renameat2(AT_FDCWD, m_partial.c_str(), AT_FDCWD, m_image.c_str(), flags) != 0) {
         if (errno == EEXIST)

