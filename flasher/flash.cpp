@@ -569,20 +569,22 @@ void describe_partitions(const FlashPlan& plan, FlashResult& result)
     }
 }
 
-// Flashes into one folder take turns: an image, its .bmap and its
-// compressed form must all come from one flash, and SHA256SUMS belongs to
-// the folder. Held (flock on the folder) until the flash returns.
-// Without --overwrite, what a flash publishes beside the image (its .bmap,
-// its compressed form) must not exist either: refused now, before anything
-// is written, rather than once the image is made.
+// What a flash publishes beside `image`: IMAGE.bmap first, then the
+// compressed form when `compress` names one.
+std::vector<std::filesystem::path> published_beside(const std::filesystem::path& image, const std::string& compress)
+{
+    std::vector<std::filesystem::path> files{image.string() + ".bmap"};
+    if (!compress.empty())
+        files.emplace_back(image.string() + "." + compress);
+    return files;
+}
+
+// Without --overwrite, what a flash publishes beside the image must not
+// exist either: refused now, before anything is written, rather than once
+// the image is made.
 void check_outputs_are_new(const std::filesystem::path& image, const std::string& compress)
 {
-    std::vector<std::string> suffixes{".bmap"};
-    if (!compress.empty())
-        suffixes.push_back("." + compress);
-    for (const auto& suffix : suffixes) {
-        std::filesystem::path derived = image;
-        derived += suffix;
+    for (const auto& derived : published_beside(image, compress)) {
         std::error_code ec;
         auto status = std::filesystem::symlink_status(derived, ec);
         if (ec && ec != std::errc::no_such_file_or_directory)
@@ -592,6 +594,9 @@ void check_outputs_are_new(const std::filesystem::path& image, const std::string
     }
 }
 
+// Flashes into one folder take turns: an image, its .bmap and its
+// compressed form must all come from one flash, and SHA256SUMS belongs to
+// the folder. Held (flock on the folder) until the flash returns.
 UniqueFd take_turn_in_folder(const std::filesystem::path& image, const std::function<void(const std::string&)>& notice,
                              GCancellable* cancellable)
 {
@@ -683,20 +688,15 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
                                  + " may be missing; flash again with --overwrite";
         // What an earlier image left under the names about to be written
         // describes another image: gone before anything can stop this run.
-        std::vector<std::string> remade{".bmap"};
-        if (!options.compress.empty())
-            remade.push_back("." + options.compress);
-        for (const auto& suffix : remade) {
-            std::filesystem::path derived = *options.image;
-            derived += suffix;
+        std::vector<std::filesystem::path> published = published_beside(*options.image, options.compress);
+        for (const auto& derived : published) {
             std::error_code ec;
             if (options.overwrite && std::filesystem::is_regular_file(std::filesystem::symlink_status(derived, ec)))
                 std::filesystem::remove(derived, ec);
         }
         try {
             // The block map, made from the raw image (before anyone compresses it).
-            std::filesystem::path bmap = *options.image;
-            bmap += ".bmap";
+            const std::filesystem::path& bmap = published.front();
             in_step("bmap", [&] { write_bmap(*options.image, bmap, cancellable); });
             result.bmap = bmap.string();
             if (!options.compress.empty()) {

@@ -40,8 +40,10 @@ std::string archive_error(struct archive* a)
 
 void check_compression_name(const std::string& name)
 {
-    if (name != "zst" && name != "xz" && name != "gz")
-        throw Error("--compress '" + name + "': choose zst, xz or gz");
+    for (const char* known : compressions)
+        if (name == known)
+            return;
+    throw Error("--compress '" + name + "': choose zst, xz or gz");
 }
 
 std::filesystem::path compress_image(const std::filesystem::path& image, const std::string& compression, bool overwrite,

@@ -11,7 +11,10 @@ typedef struct _GCancellable GCancellable;
 
 namespace treeflash::flasher {
 
-// "zst", "xz" or "gz"; throws for anything else.
+// The compressed forms `compress_image` makes, by file name suffix.
+inline constexpr const char* compressions[] = {"zst", "xz", "gz"};
+
+// One of `compressions`; throws for anything else.
 void check_compression_name(const std::string& name);
 
 // Compresses `image` into IMAGE.zst (or .xz, .gz) beside it with libarchive

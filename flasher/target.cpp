@@ -2,6 +2,7 @@
 
 #include "common/error.hpp"
 #include "flasher/handles.hpp"
+#include "flasher/publish.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -305,8 +306,8 @@ std::unique_ptr<Target> Target::create_image(const std::filesystem::path& image,
     std::vector<std::string> notes;
     // Partial images, and the partial compressed forms a killed publish left.
     std::vector<std::string> prefixes{prefix};
-    for (const char* compressed : {".zst", ".xz", ".gz"})
-        prefixes.push_back("." + image.filename().string() + compressed + ".partial-");
+    for (const char* compressed : compressions)
+        prefixes.push_back("." + image.filename().string() + "." + compressed + ".partial-");
     for (const auto& entry : std::filesystem::directory_iterator(dir, ec))
         for (const auto& stale : prefixes)
             if (entry.path().filename().string().rfind(stale, 0) == 0)

@@ -15,6 +15,7 @@
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
 #include <fstream>
+#include <array>
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <chrono>
@@ -45,6 +46,28 @@ FlashOptions image_options(const fs::path& image)
     options.repo = "/nonexistent-repo";
     options.no_gpg_verify = true;
     return options;
+}
+
+// tmp/card.img: 64 MiB, a dos table of three 16 MiB partitions at 1, 17 and
+// 33 MiB, each an ext4 made by mkfs.ext4 -d with the label and tree given.
+fs::path three_partition_card(const Scratch& tmp, const std::array<std::pair<std::string, fs::path>, 3>& filesystems)
+{
+    fs::path image = tmp / "card.img";
+    {
+        std::ofstream(image).close();
+        fs::resize_file(image, 64 << 20);
+    }
+    write_file(tmp / "table.sfdisk", "label: dos\nstart=1MiB, size=16MiB\nsize=16MiB\nsize=16MiB\n");
+    auto table = run_process({"sh", "-c", "sfdisk -q \"$0\" < \"$1\"", image.string(), (tmp / "table.sfdisk").string()});
+    REQUIRE_MESSAGE(table.ok(), table.err);
+    uint64_t start_mib = 1;
+    for (const auto& [label, tree] : filesystems) {
+        auto r = run_process({"mkfs.ext4", "-q", "-F", "-L", label, "-d", tree.string(), "-E",
+                              "offset=" + std::to_string(start_mib << 20), image.string(), "16M"});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+        start_mib += 16;
+    }
+    return image;
 }
 
 } // namespace
@@ -301,20 +324,8 @@ TEST_CASE("inspect of a truncated image reads what is there and names what is mi
     fs::path rootfs = tmp / "rootfs";
     fs::create_directories(rootfs / "ostree/repo");
     write_file(rootfs / "ostree/repo/config", "[core]\nrepo_version=1\nmode=bare\n");
-    fs::path image = tmp / "card.img";
-    {
-        std::ofstream(image).close();
-        fs::resize_file(image, 64 << 20);
-    }
-    write_file(tmp / "table.sfdisk", "label: dos\nstart=1MiB, size=16MiB\nsize=16MiB\nsize=16MiB\n");
-    auto table = run_process({"sh", "-c", "sfdisk -q \"$0\" < \"$1\"", image.string(), (tmp / "table.sfdisk").string()});
-    REQUIRE_MESSAGE(table.ok(), table.err);
     fs::create_directories(tmp / "empty");
-    for (auto [start_mib, label] : {std::pair{1, "boot"}, std::pair{17, "rootfs"}, std::pair{33, "data"}}) {
-        auto r = run_process({"mkfs.ext4", "-q", "-F", "-L", label, "-d", (label == std::string("rootfs") ? rootfs : tmp / "empty").string(),
-                              "-E", "offset=" + std::to_string(uint64_t(start_mib) << 20), image.string(), "16M"});
-        REQUIRE_MESSAGE(r.ok(), r.err);
-    }
+    fs::path image = three_partition_card(tmp, {{{"boot", tmp / "empty"}, {"rootfs", rootfs}, {"data", tmp / "empty"}}});
 
     // Cut inside p3: p1 and p2 are whole, p3 is named.
     fs::resize_file(image, 40 << 20);
@@ -369,23 +380,8 @@ TEST_CASE("inspect reads a hostile card without crashing, choosing rootfs, and e
     write_file(rootfs / "boot/loader.0/uEnv.txt", "bootargs=console=\x1b[31mRED\xff\xfe\n");
     write_file(rootfs / "ostree/repo/config", "[remote \"origin\"]\nurl=http://\x1b]0;title\x07/\n");
 
-    fs::path image = tmp / "card.img";
-    {
-        std::ofstream(image).close();
-        fs::resize_file(image, 64 << 20);
-    }
-    write_file(tmp / "table.sfdisk", "label: dos\nstart=1MiB, size=16MiB\nsize=16MiB\nsize=16MiB\n");
-    auto table = run_process({"sh", "-c", "sfdisk -q \"$0\" < \"$1\"", image.string(), (tmp / "table.sfdisk").string()});
-    REQUIRE_MESSAGE(table.ok(), table.err);
-    auto mkfs = [&](uint64_t start_mib, const std::string& label, const fs::path& dir) {
-        auto r = run_process({"mkfs.ext4", "-q", "-F", "-L", label, "-d", dir.string(), "-E",
-                              "offset=" + std::to_string(start_mib << 20), image.string(), "16M"});
-        REQUIRE_MESSAGE(r.ok(), r.err);
-    };
     fs::create_directories(tmp / "empty");
-    mkfs(1, "data", tmp / "data");
-    mkfs(17, "rootfs", rootfs);
-    mkfs(33, "broken", tmp / "empty");
+    fs::path image = three_partition_card(tmp, {{{"data", tmp / "data"}, {"rootfs", rootfs}, {"broken", tmp / "empty"}}});
     // A feature no libext2fs knows: blkid still says ext4, libext2fs refuses.
     auto feature = run_process({"debugfs", "-w", "-R", "ssv feature_incompat 0x10000242",
                                 image.string() + "?offset=" + std::to_string(33 << 20)});
