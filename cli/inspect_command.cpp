@@ -23,8 +23,9 @@ origin URL, the bootargs in uEnv.txt and whether newroot/, mnt/ and the
 update marker are present. File systems are read in place through
 libext2fs: nothing is mounted or attached, no symlink on the card is
 followed, and read permission on the card or image is all it needs. A file
-system that cannot be read is named in a warning and the rest is shown;
-control characters from the card are printed as \xNN.
+system that cannot be read, or a partition past the end of a truncated image
+or a smaller card, is named in a warning and the rest is shown; control
+characters from the card are printed as \xNN.
 
 Example:
   treeflash inspect /dev/sdb
