@@ -8,6 +8,8 @@
 #include <cstdlib>
 #include <fstream>
 #include <glib.h>
+#include <mutex>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <sys/stat.h>
@@ -25,6 +27,13 @@ bool is_root()
     return ::geteuid() == 0;
 }
 
+namespace {
+
+std::mutex scratch_registry_mutex;
+std::set<fs::path> scratch_registry;
+
+} // namespace
+
 Scratch::Scratch()
 {
     const char* tmp = std::getenv("TMPDIR");
@@ -34,6 +43,14 @@ Scratch::Scratch()
     // Readable by others: nginx workers serve repositories from here.
     ::chmod(templ.c_str(), 0755);
     m_path = templ;
+    std::lock_guard lock(scratch_registry_mutex);
+    scratch_registry.insert(fs::weakly_canonical(m_path));
+}
+
+std::vector<fs::path> scratch_paths_made()
+{
+    std::lock_guard lock(scratch_registry_mutex);
+    return {scratch_registry.begin(), scratch_registry.end()};
 }
 
 Scratch::~Scratch()

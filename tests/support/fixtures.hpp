@@ -31,6 +31,10 @@ private:
     fs::path m_path;
 };
 
+// Every Scratch directory this process made, removed or not: what the
+// leftover check counts as this test run's own.
+std::vector<fs::path> scratch_paths_made();
+
 void write_file(const fs::path& path, const std::string& content, mode_t mode = 0644);
 std::string read_text(const fs::path& path);
 std::string sha256_hex(const std::string& data);

@@ -6,6 +6,8 @@
 #include <chrono>
 #include <csignal>
 #include <fstream>
+#include <map>
+#include <sstream>
 #include <netinet/in.h>
 #include <spawn.h>
 #include <stdexcept>
@@ -48,23 +50,63 @@ bool port_open(int port)
 
 } // namespace
 
+namespace {
+
+bool below_any(const std::string& path, const std::vector<fs::path>& roots)
+{
+    for (const auto& root : roots)
+        if (path == root.string() || path.rfind(root.string() + "/", 0) == 0)
+            return true;
+    return false;
+}
+
+// "/dev/loop3" or "/dev/loop3p2" names a partition of one of `loops` ("loop3").
+bool on_loop_of(const std::string& device, const std::set<std::string>& loops)
+{
+    if (device.rfind("/dev/", 0) != 0)
+        return false;
+    std::string name = device.substr(5);
+    if (auto p = name.find('p', 4); p != std::string::npos && name.rfind("loop", 0) == 0)
+        name.resize(p);
+    return loops.count(name) > 0;
+}
+
+} // namespace
+
 std::set<std::string> system_leftovers()
 {
-    std::set<std::string> out;
+    // This run's own: loop devices over files in its Scratch folders, loop
+    // devices over those devices (an upgrade's partition), and mounts of
+    // them or below those folders. What other processes attach or mount
+    // meanwhile is not this test's to judge.
+    std::vector<fs::path> roots = scratch_paths_made();
+    std::map<std::string, std::string> backing_of;
     for (const auto& entry : fs::directory_iterator("/sys/block")) {
         std::ifstream backing(entry.path() / "loop/backing_file");
         std::string file;
         if (std::getline(backing, file))
-            out.insert("loop " + entry.path().filename().string() + " " + file);
+            backing_of[entry.path().filename().string()] = file;
     }
+    std::set<std::string> ours;
+    for (bool grew = true; grew;) {
+        grew = false;
+        for (const auto& [loop, file] : backing_of)
+            if (!ours.count(loop) && (below_any(file, roots) || on_loop_of(file, ours)))
+                grew = ours.insert(loop).second;
+    }
+    std::set<std::string> out;
+    for (const auto& loop : ours)
+        out.insert("loop " + loop + " " + backing_of[loop]);
     std::ifstream mounts("/proc/self/mountinfo");
     for (std::string line; std::getline(mounts, line);) {
         std::istringstream in(line);
-        std::string id, parent, devno, root, target;
+        std::string id, parent, devno, root, target, field, source;
         in >> id >> parent >> devno >> root >> target;
-        for (const char* prefix : {"/tmp/", "/var/tmp/", "/work/"})
-            if (target.rfind(prefix, 0) == 0)
-                out.insert("mount " + target);
+        while (in >> field && field != "-") {
+        }
+        in >> field >> source; // file system type, then the source
+        if (below_any(target, roots) || on_loop_of(source, ours))
+            out.insert("mount " + target + " of " + source);
     }
     return out;
 }

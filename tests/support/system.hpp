@@ -12,7 +12,8 @@
 
 namespace treeflash::test {
 
-// Loop devices attached and mounts below /tmp, /var/tmp and /work.
+// Loop devices and mounts that come from this test run's own Scratch
+// folders (see system.cpp), whoever attached them.
 std::set<std::string> system_leftovers();
 
 // Checks, when it goes out of scope, that the test left no loop device
