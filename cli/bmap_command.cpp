@@ -1,7 +1,7 @@
 // treeflash bmap: flasher::write_bmap -> IMAGE.bmap (or -o FILE).
 #include "cli/command.hpp"
 #include "common/error.hpp"
-#include "flasher/bmap.hpp"
+#include "flasher/write/bmap.hpp"
 
 #include <boost/program_options.hpp>
 #include <iostream>

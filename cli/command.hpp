@@ -1,7 +1,7 @@
 // What every subcommand file provides, and the helpers they share.
 #pragma once
 
-#include "flasher/sysroot.hpp"
+#include "flasher/deploy/sysroot.hpp"
 
 #include <boost/program_options.hpp>
 #include <gio/gio.h>

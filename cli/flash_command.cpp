@@ -1,7 +1,7 @@
 // treeflash flash: options -> flasher::FlashOptions -> flasher::flash -> report.
 #include "cli/command.hpp"
 #include "common/error.hpp"
-#include "flasher/flash.hpp"
+#include "flasher/flash/flash.hpp"
 
 #include <boost/program_options.hpp>
 #include <cctype>

@@ -2,7 +2,7 @@
 #include "cli/command.hpp"
 #include "common/error.hpp"
 #include "common/text.hpp"
-#include "flasher/inspect.hpp"
+#include "flasher/inspect/inspect.hpp"
 
 #include <boost/program_options.hpp>
 #include <iostream>

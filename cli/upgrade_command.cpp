@@ -1,7 +1,7 @@
 // treeflash upgrade: flasher::upgrade on a card or image -> report.
 #include "cli/command.hpp"
 #include "common/error.hpp"
-#include "flasher/upgrade.hpp"
+#include "flasher/deploy/upgrade.hpp"
 
 #include <boost/program_options.hpp>
 #include <iostream>

@@ -2,7 +2,7 @@
 // -> a line (or a JSON object) per card, and the factory log.
 #include "cli/command.hpp"
 #include "common/error.hpp"
-#include "flasher/write.hpp"
+#include "flasher/write/write.hpp"
 
 #include <boost/program_options.hpp>
 #include <cerrno>

@@ -2,8 +2,8 @@
 // write to a card that is in use or changed under it, delete a card's files
 // on a failed unmount, or read host files through a card's symlinks.
 #include "common/error.hpp"
-#include "flasher/mount.hpp"
-#include "flasher/target.hpp"
+#include "flasher/disk/mount.hpp"
+#include "flasher/disk/target.hpp"
 #include "tests/support/system.hpp"
 
 #include <atomic>

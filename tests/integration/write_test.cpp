@@ -3,7 +3,7 @@
 // under the read-back or are interrupted; checked with cmp, sfdisk,
 // e2fsck and the cards' own bytes. Needs root; every test skips otherwise.
 #include "common/error.hpp"
-#include "flasher/write.hpp"
+#include "flasher/write/write.hpp"
 #include "tests/support/system.hpp"
 
 #include <doctest/doctest.h>

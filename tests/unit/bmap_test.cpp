@@ -1,7 +1,7 @@
 // Block maps: the same ranges and checksums as bmap-tools makes, and files
 // bmaptool copies from (it checks every range and the file's own checksum).
 #include "common/error.hpp"
-#include "flasher/bmap.hpp"
+#include "flasher/write/bmap.hpp"
 #include "tests/support/fixtures.hpp"
 
 #include <doctest/doctest.h>

@@ -7,10 +7,10 @@
 #include "common/process.hpp"
 #include "common/templates.hpp"
 #include "flasher/board.hpp"
-#include "flasher/boot_state.hpp"
-#include "flasher/bootscript.hpp"
-#include "flasher/card_files.hpp"
-#include "flasher/uboot_env.hpp"
+#include "flasher/boot/boot_state.hpp"
+#include "flasher/boot/bootscript.hpp"
+#include "flasher/inspect/card_files.hpp"
+#include "flasher/boot/uboot_env.hpp"
 #include "tests/support/fixtures.hpp"
 
 #include <doctest/doctest.h>

@@ -2,7 +2,7 @@
 // a value, and it handles one devicetree, a folder of them, and none.
 #include "common/error.hpp"
 #include "flasher/board.hpp"
-#include "flasher/bootscript.hpp"
+#include "flasher/boot/bootscript.hpp"
 #include "tests/support/fixtures.hpp"
 
 #include <doctest/doctest.h>

@@ -5,7 +5,7 @@
 // devices or mounts: sfdisk, e2fsck and debugfs read the file through offsets.
 #include "common/error.hpp"
 #include "common/process.hpp"
-#include "flasher/userns.hpp"
+#include "flasher/unprivileged/userns.hpp"
 #include "tests/support/fixtures.hpp"
 #include "tests/support/system.hpp"
 

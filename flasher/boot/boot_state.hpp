@@ -1,0 +1,82 @@
+// Boot counting on the card (README "Boot chain"): the files and the block
+// U-Boot and the booted system share, and what they say about each
+// deployment.
+//
+//   ostree/boot.N/treeflash-good.env  written by the booted system once a boot
+//       passed its health checks: treeflash_good= is the uEnv.txt bootargs of
+//       the good entry. OSTree replaces that folder at every deploy, so a mark
+//       never outlives the deployments it was made for.
+//   boot/treeflash/ack.env            the booted system's acknowledgement of
+//       the last counted boot (treeflash_acked=) and the last known-good
+//       deployment; it survives deploys, so U-Boot can tell a new trial from
+//       the tries of an old one.
+//   boot/treeflash/board.env          written by flash: bootlimit and where
+//       the tries are kept, for inspect and upgrade.
+//   a 512-byte U-Boot environment at the board's boot_count.state offset:
+//       treeflash_tries and treeflash_serial, written by U-Boot on trial boots.
+#pragma once
+
+#include "flasher/board.hpp"
+#include "flasher/inspect/card_files.hpp"
+#include "flasher/deploy/sysroot.hpp"
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace treeflash::flasher {
+
+inline constexpr size_t boot_state_bytes = 512;
+inline constexpr const char* boot_mark_name = "treeflash-good.env";
+inline constexpr const char* boot_ack_path = "boot/treeflash/ack.env";
+inline constexpr const char* boot_board_record_path = "boot/treeflash/board.env";
+
+// The block flash writes at boot_count.state: no tries, serial 0.
+std::vector<uint8_t> initial_boot_state();
+
+// The board's uboot.env file rendered and packed into `size` bytes.
+std::vector<uint8_t> render_uboot_environment(const BoardProfile& board, size_t size);
+
+// The text of boot/treeflash/board.env.
+std::string boot_board_record(const BoardProfile& board);
+
+// The boot files of a sysroot, read from its mount without following a
+// symlink out of it; the tries are read from `card` (image or device) at the
+// offset board.env names.
+struct BootFiles {
+    std::map<std::string, std::string> board; // board.env; empty: the card does not count boots
+    std::map<std::string, std::string> uenv;  // boot/loader/uEnv.txt
+    std::map<std::string, std::string> mark;  // the current bootversion's treeflash-good.env
+    std::map<std::string, std::string> ack;   // ack.env
+    std::optional<std::map<std::string, std::string>> tries_block; // absent: unreadable or damaged
+};
+BootFiles read_boot_files(const CardView& sysroot, const std::string& card);
+
+// One deployment's state, in uEnv.txt order (default first).
+struct DeploymentBootState {
+    std::string state; // "known good", "trial", "rolled back", "previous", "new", or "" when not counted
+    std::optional<unsigned> tries; // trial boots used (trial and rolled back)
+};
+
+struct BootStatus {
+    bool counting = false;
+    unsigned bootlimit = 0;
+    int good_entry = 0; // 1 or 2: the uEnv.txt entry the mark names; 0: no valid mark
+    std::optional<unsigned> tries; // of the current trial, when the block could be read
+    std::string rolled_back_deployment, rolled_back_version; // from the mark, after a rollback
+    std::string known_good_deployment, known_good_version;   // from ack.env
+    std::vector<DeploymentBootState> entries;                 // [0] the default, [1] the previous
+};
+BootStatus boot_status(const BootFiles& files, const std::vector<Deployment>& deployments);
+
+// Which of the card's deployments (default first) an upgrade keeps as the
+// fallback: the known-good one, or one that has not failed in its place.
+size_t fallback_deployment(const BootStatus& status, size_t deployment_count);
+
+// "tcu 2 (0123456789ab)": how the booted system and inspect name a deployment.
+std::string deployment_name(const std::string& version, const std::string& deployment_dir);
+
+} // namespace treeflash::flasher

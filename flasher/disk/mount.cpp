@@ -1,0 +1,98 @@
+#include "flasher/disk/mount.hpp"
+
+#include "common/error.hpp"
+#include "common/fd.hpp"
+#include "flasher/disk/handles.hpp"
+
+#include <fcntl.h>
+#include <sys/mount.h>
+#include <unistd.h>
+
+namespace treeflash::flasher {
+
+const char* const untrusted_mount_options = "nosuid,nodev,noexec";
+
+Mount::Mount(const std::string& source, const std::string& fstype, const std::string& options,
+             const std::filesystem::path& parent)
+    : m_source(source)
+{
+    std::string templ = (parent / "treeflash-mnt-XXXXXX").string();
+    if (!::mkdtemp(templ.data()))
+        throw_errno("create a mount point in " + parent.string());
+    m_dir = templ;
+    try {
+        mount(source, fstype, options);
+    } catch (...) {
+        remove_mount_point();
+        throw;
+    }
+}
+
+void Mount::mount(const std::string& source, const std::string& fstype, const std::string& options)
+{
+    MntContext cxt(mnt_new_context());
+    if (!cxt)
+        throw Error("mnt_new_context failed");
+    mnt_context_disable_helpers(cxt.get(), 1);
+    mnt_context_set_source(cxt.get(), source.c_str());
+    mnt_context_set_target(cxt.get(), m_dir.c_str());
+    mnt_context_set_fstype(cxt.get(), fstype.c_str());
+    if (!options.empty())
+        mnt_context_set_options(cxt.get(), options.c_str());
+    int rc = mnt_context_mount(cxt.get());
+    if (rc != 0) {
+        char message[512] = "";
+        mnt_context_get_excode(cxt.get(), rc, message, sizeof message);
+        throw Error("mount " + source + ": " + (message[0] ? message : "failed"));
+    }
+    m_mounted = true;
+}
+
+void Mount::unmount()
+{
+    if (!m_mounted)
+        return;
+    {
+        UniqueFd fd(::open(m_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+        if (fd && ::syncfs(fd.get()) != 0)
+            throw_errno("sync " + m_source);
+    }
+    MntContext cxt(mnt_new_context());
+    if (!cxt)
+        throw Error("mnt_new_context failed");
+    mnt_context_disable_helpers(cxt.get(), 1);
+    mnt_context_disable_mtab(cxt.get(), 1);
+    mnt_context_set_target(cxt.get(), m_dir.c_str());
+    int rc = mnt_context_umount(cxt.get());
+    if (rc != 0) {
+        char message[512] = "";
+        mnt_context_get_excode(cxt.get(), rc, message, sizeof message);
+        throw Error("unmount " + m_source + ": " + (message[0] ? message : "failed"));
+    }
+    m_mounted = false;
+    remove_mount_point();
+}
+
+void Mount::remove_mount_point() noexcept
+{
+    // rmdir, never a recursive removal: if anything is still mounted here
+    // it fails and the card's files stay untouched.
+    if (!m_dir.empty())
+        ::rmdir(m_dir.c_str());
+}
+
+Mount::~Mount()
+{
+    if (!m_mounted)
+        return;
+    try {
+        unmount();
+    } catch (...) {
+        // Last resort on an error path: detach now, the kernel finishes when
+        // it can. The mount point goes only if it is empty.
+        ::umount2(m_dir.c_str(), MNT_DETACH);
+        remove_mount_point();
+    }
+}
+
+} // namespace treeflash::flasher

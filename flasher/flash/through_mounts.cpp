@@ -1,0 +1,74 @@
+// flash through loop devices (an image, as root) or onto a card: the table
+// and firmware by libfdisk, mkfs.ext4 on each partition, the sysroot
+// deployed on the mounted rootfs, the boot script on the boot partition.
+#include "flasher/flash/steps.hpp"
+
+#include "common/error.hpp"
+#include "common/fs.hpp"
+#include "flasher/boot/boot_state.hpp"
+#include "flasher/boot/bootscript.hpp"
+#include "flasher/disk/format.hpp"
+#include "flasher/disk/mount.hpp"
+
+#include <gio/gio.h>
+#include <unistd.h>
+
+namespace treeflash::flasher {
+
+void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Progress& progress,
+                const std::function<void(const std::string&)>& notice, GCancellable* cancellable)
+{
+    const BoardProfile& board = plan.board;
+    notice("partitioning " + target.device() + " (" + plan.layout.label + ")");
+    // From the first byte of the table on, the old contents are gone.
+    progress = Progress::Partitioned;
+    in_step("partition", [&] { write_partition_table(target.fd(), target.device(), board.partition_table); });
+    in_step("firmware", [&] { write_firmware(target.fd(), plan.firmware); });
+    in_step("partition", [&] { target.release_exclusive_claim(); });
+    describe_firmware(plan, result);
+
+    for (const auto& role : board.partitions) {
+        check_cancelled(cancellable);
+        std::string node = partition_node(target.device(), role.number);
+        notice("formatting " + node + " as ext4 '" + role.label + "'");
+        in_step("format " + node, [&] {
+            std::vector<std::string> mkfs_options = board.mkfs_ext4_options;
+            if (role.number == board.rootfs_partition && plan.rootfs_inodes) {
+                mkfs_options.push_back("-N");
+                mkfs_options.push_back(std::to_string(plan.rootfs_inodes));
+            }
+            make_ext4(node, role.label, mkfs_options, target.is_image(), cancellable);
+            verify_filesystem(node, role.fstype, role.label);
+        });
+    }
+    progress = Progress::Formatted;
+
+    std::filesystem::path mount_parent = std::filesystem::temp_directory_path();
+    {
+        Mount rootfs(partition_node(target.device(), board.rootfs_partition), "ext4", "", mount_parent);
+        // The pull's downloads live only until each is written to the card:
+        // in memory when it has room for all of them at once.
+        SysrootOptions sysroot = plan.sysroot;
+        sysroot.download_dir = memory_with_room(plan.source.content_bytes, 1000);
+        result.deployment = in_step("sysroot", [&] { return provision_sysroot(rootfs.path(), sysroot, notice, cancellable); });
+        if (board.boot_count.enabled())
+            in_step("boot counting", [&] {
+                std::filesystem::path record = rootfs.path() / boot_board_record_path;
+                std::filesystem::create_directories(record.parent_path());
+                fs::write_file_atomic(record, boot_board_record(board));
+            });
+        in_step("sysroot", [&] { rootfs.unmount(); });
+    }
+    progress = Progress::Deployed;
+    check_cancelled(cancellable);
+    {
+        Mount boot(partition_node(target.device(), board.boot_partition), "ext4", "", mount_parent);
+        in_step("boot script", [&] {
+            write_boot_script(board, plan.boot_script, boot.path(), plan.source_date_epoch);
+            boot.unmount();
+        });
+    }
+    in_step("sync", [&] { target.commit(); });
+}
+
+} // namespace treeflash::flasher

@@ -1,0 +1,45 @@
+// treeflash inspect: what is on a card or image, read without writing.
+#pragma once
+
+#include "flasher/boot/boot_state.hpp"
+#include "flasher/disk/format.hpp"
+#include "flasher/disk/partition.hpp"
+#include "flasher/deploy/sysroot.hpp"
+
+#include <map>
+#include <string>
+#include <vector>
+
+typedef struct _GCancellable GCancellable;
+
+namespace treeflash::flasher {
+
+struct InspectedPartition {
+    PartitionEntry entry;
+    FilesystemInfo filesystem;
+};
+
+struct InspectResult {
+    std::string target;
+    uint64_t size = 0;
+    PartitionTable table;
+    std::vector<InspectedPartition> partitions;
+    int sysroot_partition = 0; // 0 when no partition holds an OSTree sysroot
+    std::vector<Deployment> deployments; // default first, then rollback
+    std::string origin_url;
+    std::string origin_gpg_verify;
+    std::map<std::string, std::string> uenv; // boot/loader/uEnv.txt
+    bool has_update_marker = false;
+    bool has_newroot = false;
+    bool has_mnt = false;
+    bool has_boot_script = false;
+    BootStatus boot; // boot counting: each deployment's state, the tries
+    std::vector<std::string> warnings; // file systems that could not be read, partitions past the end
+};
+
+// Reads a device or image without writing, mounting or attaching it: each
+// ext4 is read in place through libext2fs (ext4_reader.hpp), its journal
+// not replayed. Everything read from the card is treated as hostile.
+InspectResult inspect(const std::string& path, GCancellable* cancellable);
+
+} // namespace treeflash::flasher
