@@ -4,6 +4,8 @@
 #include "cli/command.hpp"
 #include "common/error.hpp"
 #include "common/glib.hpp"
+#include "flasher/deploy/pull.hpp"
+#include "flasher/disk/mount.hpp"
 
 #include <array>
 #include <csignal>
@@ -159,6 +161,10 @@ int main(int argc, char** argv)
         std::cout << "treeflash " TREEFLASH_VERSION "\n";
         return 0;
     }
+    // Steps that run in a process of their own re-execute treeflash with
+    // an internal command; nobody types these.
+    if (args[0] == flasher::pull_helper_command)
+        return flasher::run_pull_helper({args.begin() + 1, args.end()});
     const Command* command = nullptr;
     for (const auto& candidate : commands)
         if (args[0] == candidate.name)
@@ -167,6 +173,12 @@ int main(int argc, char** argv)
         std::cerr << "treeflash: unknown command '" << args[0] << "' (see treeflash --help)\n";
         return 2;
     }
+
+    // flash and upgrade mount cards as root: in a mount namespace of their
+    // own, entered before the first thread starts, nothing stays mounted
+    // (or attached under a mount) even after a SIGKILL.
+    if (::geteuid() == 0 && (command->name == std::string_view("flash") || command->name == std::string_view("upgrade")))
+        flasher::enter_own_mount_namespace();
 
     // libostree reports some things with g_print ("Freed objects: ..."):
     // keep stdout for the command's own output.

@@ -6,10 +6,12 @@
 #include <cerrno>
 #include <gio/gio.h>
 #include <cstring>
+#include <filesystem>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -32,15 +34,35 @@ struct Pipe {
     }
 };
 
-class SpawnActions {
-public:
-    SpawnActions() { posix_spawn_file_actions_init(&m_actions); }
-    ~SpawnActions() { posix_spawn_file_actions_destroy(&m_actions); }
-    posix_spawn_file_actions_t* get() { return &m_actions; }
+// The program argv[0] names: itself when it holds a slash, else the first
+// executable file of that name in PATH (from `env`).
+std::string find_program(const std::string& name, const std::vector<std::string>& env)
+{
+    if (name.find('/') != std::string::npos)
+        return name;
+    std::string path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    for (const auto& entry : env)
+        if (entry.rfind("PATH=", 0) == 0)
+            path = entry.substr(5);
+    for (size_t start = 0; start <= path.size();) {
+        size_t end = path.find(':', start);
+        if (end == std::string::npos)
+            end = path.size();
+        std::string dir = path.substr(start, end - start);
+        std::string candidate = (dir.empty() ? "." : dir) + "/" + name;
+        struct stat st {};
+        if (::stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(candidate.c_str(), X_OK) == 0)
+            return candidate;
+        start = end + 1;
+    }
+    throw Error("run " + name + ": not found in PATH (" + path + ")");
+}
 
-private:
-    posix_spawn_file_actions_t m_actions;
-};
+std::string& executable_override()
+{
+    static std::string path;
+    return path;
+}
 
 } // namespace
 
@@ -60,39 +82,108 @@ std::vector<std::string> child_environment(const std::vector<std::string>& overr
     return env;
 }
 
+pid_t spawn_child(const std::vector<std::string>& argv, const ChildSetup& setup)
+{
+    if (argv.empty())
+        throw Error("run: empty command");
+    // Everything the child needs is made here: after fork it only makes
+    // system calls, as a copy of a process with threads must.
+    std::vector<std::string> env_storage = child_environment(setup.extra_environment);
+    std::string program = find_program(argv[0], env_storage);
+    std::vector<char*> args;
+    for (const auto& arg : argv)
+        args.push_back(const_cast<char*>(arg.c_str()));
+    args.push_back(nullptr);
+    std::vector<char*> env;
+    for (auto& e : env_storage)
+        env.push_back(e.data());
+    env.push_back(nullptr);
+    constexpr size_t max_descriptors = 16;
+    if (setup.descriptors.size() > max_descriptors)
+        throw Error("run " + argv[0] + ": too many descriptors to hand over");
+    bool maps_stdin = false;
+    for (const auto& mapping : setup.descriptors)
+        maps_stdin |= mapping.second == 0;
+    UniqueFd null_input;
+    if (!maps_stdin) {
+        null_input.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+        if (!null_input)
+            throw_errno("open /dev/null");
+    }
+    Pipe exec_error; // the child's errno when it cannot exec; a successful exec closes it
+    pid_t parent = ::getpid();
+    pid_t pid = ::fork();
+    if (pid < 0)
+        throw_errno("run " + argv[0]);
+    if (pid == 0) {
+        auto fail = [&] {
+            int failed = errno;
+            [[maybe_unused]] auto ignored = ::write(exec_error.write_end.get(), &failed, sizeof failed);
+            ::_exit(127);
+        };
+        if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0)
+            fail();
+        if (::getppid() != parent) // the parent died before the line above
+            ::_exit(127);
+        // Each descriptor is first copied above every target number, so
+        // that no dup2 below overwrites one still to be moved.
+        int moved[max_descriptors];
+        size_t count = setup.descriptors.size();
+        for (size_t i = 0; i < count; ++i)
+            if ((moved[i] = ::fcntl(setup.descriptors[i].first, F_DUPFD_CLOEXEC, 64)) < 0)
+                fail();
+        for (size_t i = 0; i < count; ++i)
+            if (::dup2(moved[i], setup.descriptors[i].second) < 0)
+                fail();
+        if (!maps_stdin && ::dup2(null_input.get(), 0) < 0)
+            fail();
+        // The mask that keeps SIGINT for treeflash's handler thread is not
+        // the program's.
+        sigset_t none;
+        sigemptyset(&none);
+        ::sigprocmask(SIG_SETMASK, &none, nullptr);
+        ::execve(program.c_str(), args.data(), env.data());
+        fail();
+    }
+    exec_error.write_end.reset();
+    int child_errno = 0;
+    ssize_t n;
+    while ((n = ::read(exec_error.read_end.get(), &child_errno, sizeof child_errno)) < 0 && errno == EINTR) {
+    }
+    if (n > 0) {
+        while (::waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
+        }
+        throw_errno("run " + program, child_errno);
+    }
+    return pid;
+}
+
+const std::string& treeflash_executable()
+{
+    // Its own path names the program in ps (/proc/self/exe would show as
+    // "exe"); /proc/self/exe still works once the file was replaced.
+    static const std::string self = [] {
+        std::error_code ec;
+        std::string path = std::filesystem::read_symlink("/proc/self/exe", ec).string();
+        return ec || path.ends_with(" (deleted)") ? std::string("/proc/self/exe") : path;
+    }();
+    return executable_override().empty() ? self : executable_override();
+}
+
+void set_treeflash_executable(const std::string& path)
+{
+    executable_override() = path;
+}
+
 ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOptions& options)
 {
     if (argv.empty())
         throw Error("run: empty command");
     Pipe out, err;
-    SpawnActions actions;
-    posix_spawn_file_actions_addopen(actions.get(), 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_adddup2(actions.get(), out.write_end.get(), 1);
-    posix_spawn_file_actions_adddup2(actions.get(), err.write_end.get(), 2);
-
-    std::vector<char*> args;
-    for (const auto& arg : argv)
-        args.push_back(const_cast<char*>(arg.c_str()));
-    args.push_back(nullptr);
-    std::vector<std::string> env_storage = child_environment(options.extra_environment);
-    std::vector<char*> env;
-    for (auto& e : env_storage)
-        env.push_back(e.data());
-    env.push_back(nullptr);
-
-    // The child must not inherit the signal mask that keeps SIGINT for our
-    // own handler thread.
-    posix_spawnattr_t attr;
-    posix_spawnattr_init(&attr);
-    sigset_t empty;
-    sigemptyset(&empty);
-    posix_spawnattr_setsigmask(&attr, &empty);
-    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
-    pid_t pid = 0;
-    int rc = posix_spawnp(&pid, args[0], actions.get(), &attr, args.data(), env.data());
-    posix_spawnattr_destroy(&attr);
-    if (rc != 0)
-        throw_errno("run " + argv[0], rc);
+    ChildSetup setup;
+    setup.descriptors = {{out.write_end.get(), 1}, {err.write_end.get(), 2}};
+    setup.extra_environment = options.extra_environment;
+    pid_t pid = spawn_child(argv, setup);
     out.write_end.reset();
     err.write_end.reset();
 

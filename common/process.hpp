@@ -3,6 +3,8 @@
 #pragma once
 
 #include <string>
+#include <sys/types.h>
+#include <utility>
 #include <vector>
 
 typedef struct _GCancellable GCancellable;
@@ -28,6 +30,27 @@ struct ProcessOptions {
 
 // The caller's environment with `overrides` ("KEY=VALUE") set.
 std::vector<std::string> child_environment(const std::vector<std::string>& overrides);
+
+// How spawn_child starts a program.
+struct ChildSetup {
+    // Descriptors the child gets: {descriptor here, number in the child}.
+    // Standard input is /dev/null unless 0 is named.
+    std::vector<std::pair<int, int>> descriptors;
+    std::vector<std::string> extra_environment; // as in ProcessOptions
+};
+
+// Starts argv[0] (a path, or looked up in PATH) in a child that is killed
+// (SIGKILL) when the calling thread's process dies, even by SIGKILL: no
+// program treeflash starts outlives it. The child execs at once; it runs
+// none of this process's code but a few system calls. Throws when the
+// program cannot be started. The caller waits for the returned pid.
+pid_t spawn_child(const std::vector<std::string>& argv, const ChildSetup& setup);
+
+// The running treeflash executable, which internal steps re-execute
+// (`treeflash __pull ...`); /proc/self/exe unless set (test runners set
+// it to the treeflash binary).
+const std::string& treeflash_executable();
+void set_treeflash_executable(const std::string& path);
 
 // Runs argv[0] (looked up in PATH) with stdin from /dev/null and waits for it.
 ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOptions& options = {});

@@ -3,6 +3,8 @@
 #include "common/error.hpp"
 #include "common/fs.hpp"
 #include "common/fd.hpp"
+#include "common/glib.hpp"
+#include "common/process.hpp"
 
 #include <cerrno>
 #include <chrono>
@@ -12,7 +14,6 @@
 #include <ostree.h>
 #include <poll.h>
 #include <string>
-#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -32,22 +33,16 @@ void report_progress(OstreeAsyncProgress* progress, gpointer user_data)
     fs::write_to_pipe(fd, "progress " + std::to_string(fetched) + " " + std::to_string(requested) + " " + std::to_string(bytes) + "\n");
 }
 
-[[noreturn]] void run_child(OstreeRepo* repo, const std::string& remote, GVariant* options, int report_fd)
+constexpr int report_descriptor = 3; // the helper's end of the progress pipe
+
+// What the helper says when it cannot pull, on one line.
+void report_error(const std::string& text)
 {
-    OstreeAsyncProgress* progress = ostree_async_progress_new_and_connect(report_progress, &report_fd);
-    GError* error = nullptr;
-    gboolean ok = ostree_repo_pull_with_options(repo, remote.c_str(), options, progress, nullptr, &error);
-    ostree_async_progress_finish(progress);
-    if (ok) {
-        fs::write_to_pipe(report_fd, "ok\n");
-        ::_exit(0);
-    }
-    std::string message = error ? error->message : "failed";
+    std::string message = text;
     for (auto& c : message)
         if (c == '\n')
             c = ' ';
-    fs::write_to_pipe(report_fd, "error " + message + "\n");
-    ::_exit(1);
+    fs::write_to_pipe(report_descriptor, "error " + message + "\n");
 }
 
 void stop_child(pid_t pid)
@@ -62,26 +57,31 @@ void stop_child(pid_t pid)
 void watched_pull(OstreeRepo* repo, const std::string& remote, GVariant* options, const std::string& what,
                   unsigned stall_seconds, GCancellable* cancellable, const std::filesystem::path& download_dir)
 {
-    const std::string tmpdir = download_dir.string();
+    // The pull runs in treeflash's own executable, started afresh: the
+    // repository is named by its path (by its sysroot's when it has one,
+    // which also holds its remotes), the options in GVariant text.
+    std::vector<std::string> argv{treeflash_executable(), pull_helper_command};
+    std::string repo_path = glib::take_string(g_file_get_path(ostree_repo_get_path(repo)));
+    if (repo_path.rfind("/proc/self/", 0) == 0) // a repository opened at a descriptor of this process
+        repo_path = std::filesystem::canonical(repo_path).string();
+    if (ostree_repo_is_system(repo))
+        argv.insert(argv.end(), {"--sysroot", std::filesystem::path(repo_path).parent_path().parent_path().string()});
+    else
+        argv.insert(argv.end(), {"--repo", repo_path});
+    argv.insert(argv.end(), {"--remote", remote, "--options", glib::take_string(g_variant_print(options, TRUE))});
+    if (ostree_repo_get_disable_fsync(repo))
+        argv.push_back("--disable-fsync");
     int fds[2];
     if (::pipe2(fds, O_CLOEXEC) != 0)
         throw_errno("pipe");
     UniqueFd read_end(fds[0]), write_end(fds[1]);
-    pid_t parent = ::getpid();
-    pid_t pid = ::fork();
-    if (pid < 0)
-        throw_errno("fork");
-    if (pid == 0) {
-        // Dies with its parent: a treeflash killed with SIGKILL must not
-        // leave a pull running on (and holding) the card.
-        ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-        if (::getppid() != parent)
-            ::_exit(1);
-        read_end.reset();
-        if (!tmpdir.empty())
-            ::setenv("TMPDIR", tmpdir.c_str(), 1);
-        run_child(repo, remote, options, write_end.get());
-    }
+    ChildSetup setup;
+    // Whatever libostree prints goes to stderr, as in treeflash itself:
+    // stdout is for the command's own output (--json).
+    setup.descriptors = {{STDERR_FILENO, STDOUT_FILENO}, {write_end.get(), report_descriptor}};
+    if (!download_dir.empty())
+        setup.extra_environment.push_back("TMPDIR=" + download_dir.string());
+    pid_t pid = spawn_child(argv, setup);
     write_end.reset();
 
     using clock = std::chrono::steady_clock;
@@ -141,6 +141,57 @@ void watched_pull(OstreeRepo* repo, const std::string& remote, GVariant* options
     if (outcome.rfind("error ", 0) == 0)
         throw Error(what + ": " + outcome.substr(6));
     throw Error(what + ": the pull ended unexpectedly (" + (WIFSIGNALED(status) ? "signal " + std::to_string(WTERMSIG(status)) : "status " + std::to_string(WEXITSTATUS(status))) + ")");
+}
+
+int run_pull_helper(const std::vector<std::string>& args)
+{
+    std::string repo_path, sysroot_path, remote, options_text;
+    bool disable_fsync = false;
+    for (size_t i = 0; i < args.size(); ++i) {
+        const std::string& arg = args[i];
+        std::string* value = arg == "--repo" ? &repo_path : arg == "--sysroot" ? &sysroot_path : arg == "--remote" ? &remote
+                           : arg == "--options" ? &options_text : nullptr;
+        if (value && i + 1 < args.size())
+            *value = args[++i];
+        else if (arg == "--disable-fsync")
+            disable_fsync = true;
+        else {
+            report_error("the pull helper was started wrongly (" + arg + ")");
+            return 2;
+        }
+    }
+    GError* error = nullptr;
+    glib::Object<OstreeRepo> repo;
+    if (!sysroot_path.empty()) {
+        glib::Object<GFile> path(g_file_new_for_path(sysroot_path.c_str()));
+        glib::Object<OstreeSysroot> sysroot(ostree_sysroot_new(path.get()));
+        OstreeRepo* raw = nullptr;
+        if (ostree_sysroot_get_repo(sysroot.get(), &raw, nullptr, &error))
+            repo = glib::Object<OstreeRepo>(raw);
+    } else {
+        repo = glib::Object<OstreeRepo>(ostree_repo_open_at(AT_FDCWD, repo_path.c_str(), nullptr, &error));
+    }
+    if (!repo) {
+        report_error(std::string("open the repository: ") + (error ? error->message : "failed"));
+        return 1;
+    }
+    if (disable_fsync)
+        ostree_repo_set_disable_fsync(repo.get(), TRUE);
+    glib::Variant options = glib::adopt_variant(g_variant_parse(G_VARIANT_TYPE_VARDICT, options_text.c_str(), nullptr, nullptr, &error));
+    if (!options) {
+        report_error(std::string("the pull options: ") + (error ? error->message : "unreadable"));
+        return 2;
+    }
+    int report_fd = report_descriptor;
+    OstreeAsyncProgress* progress = ostree_async_progress_new_and_connect(report_progress, &report_fd);
+    gboolean ok = ostree_repo_pull_with_options(repo.get(), remote.c_str(), options.get(), progress, nullptr, &error);
+    ostree_async_progress_finish(progress);
+    if (!ok) {
+        report_error(error ? error->message : "failed");
+        return 1;
+    }
+    fs::write_to_pipe(report_descriptor, "ok\n");
+    return 0;
 }
 
 } // namespace treeflash::flasher

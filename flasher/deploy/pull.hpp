@@ -10,6 +10,7 @@
 
 #include <filesystem>
 #include <string>
+#include <vector>
 
 typedef struct _GCancellable GCancellable;
 typedef struct _GVariant GVariant;
@@ -27,5 +28,12 @@ constexpr unsigned default_network_timeout = 30;
 // is written to the repository: `download_dir`, when given, is used instead.
 void watched_pull(OstreeRepo* repo, const std::string& remote, GVariant* options, const std::string& what,
                   unsigned stall_seconds, GCancellable* cancellable, const std::filesystem::path& download_dir = {});
+
+// The pull's own process, which watched_pull starts as
+// `treeflash __pull (--repo PATH | --sysroot PATH) --remote NAME --options
+// GVARIANT [--disable-fsync]`: pulls, reporting progress and the outcome on
+// descriptor 3. Returns the exit status.
+constexpr const char* pull_helper_command = "__pull";
+int run_pull_helper(const std::vector<std::string>& args);
 
 } // namespace treeflash::flasher

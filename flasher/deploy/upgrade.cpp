@@ -56,7 +56,7 @@ UpgradeResult upgrade(const UpgradeOptions& options, GCancellable* cancellable)
     PartitionEntry rootfs = in_step("find rootfs", [&] { return find_rootfs(options.target); });
     result.partition = static_cast<int>(rootfs.number);
     LoopDevice loop(options.target, false, rootfs.start, rootfs.size);
-    Mount mount(loop.path(), "ext4", untrusted_mount_options, std::filesystem::temp_directory_path());
+    Mount mount(loop.path(), "ext4", untrusted_mount_options, mount_point_parent());
     in_step("sysroot", [&] { check_sysroot_links(mount.path()); });
     // Every libostree handle on the mount is released before it is unmounted.
     upgrade_sysroot(mount.path(), options, result, cancellable);

@@ -4,13 +4,57 @@
 #include "common/fd.hpp"
 #include "flasher/disk/handles.hpp"
 
+#include <cerrno>
 #include <fcntl.h>
+#include <sched.h>
+#include <sys/stat.h>
 #include <sys/mount.h>
 #include <unistd.h>
 
 namespace treeflash::flasher {
 
 const char* const untrusted_mount_options = "nosuid,nodev,noexec";
+
+namespace {
+
+// The directory a private tmpfs covers inside treeflash's mount namespace;
+// outside it the directory stays empty. /run is itself a tmpfs, gone at
+// the next boot.
+constexpr const char* private_mount_dir = "/run/treeflash";
+
+bool& in_own_namespace()
+{
+    static bool entered = false;
+    return entered;
+}
+
+} // namespace
+
+bool enter_own_mount_namespace()
+{
+    if (in_own_namespace())
+        return true;
+    if (::unshare(CLONE_NEWNS) != 0)
+        return false;
+    // Slave: the host's later mounts (a card someone mounts meanwhile) are
+    // still seen by the safety checks; nothing mounted here goes back.
+    if (::mount(nullptr, "/", nullptr, MS_REC | MS_SLAVE, nullptr) != 0)
+        return false;
+    if (::mkdir(private_mount_dir, 0700) != 0 && errno != EEXIST)
+        return false;
+    struct stat st {};
+    if (::lstat(private_mount_dir, &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != 0)
+        return false;
+    if (::mount("treeflash", private_mount_dir, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0700,size=1m") != 0)
+        return false;
+    in_own_namespace() = true;
+    return true;
+}
+
+std::filesystem::path mount_point_parent()
+{
+    return in_own_namespace() ? std::filesystem::path(private_mount_dir) : std::filesystem::temp_directory_path();
+}
 
 Mount::Mount(const std::string& source, const std::string& fstype, const std::string& options,
              const std::filesystem::path& parent)

@@ -31,6 +31,19 @@ private:
     bool m_mounted = false;
 };
 
+// Moves this process into a mount namespace of its own, so that the mounts
+// it makes vanish with it, even when it is killed with SIGKILL (and the
+// loop devices under them, set to clear themselves, detach). Mounts made
+// elsewhere still reach it (the namespace is a slave of the host's), and
+// mount points are made on a tmpfs there, so a killed run leaves no empty
+// directory either. Must run before the process starts a thread; returns
+// false where the kernel refuses (then mounts are made as before).
+bool enter_own_mount_namespace();
+
+// Where mount points are made: the private tmpfs once
+// enter_own_mount_namespace succeeded, else the temporary directory.
+std::filesystem::path mount_point_parent();
+
 // Options for mounting a file system from a card that may be hostile: no
 // set-uid, device nodes or programs from it. (Readers that only inspect add
 // nosymfollow; OSTree itself needs the card's symlinks.)

@@ -43,9 +43,9 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
     }
     progress = Progress::Formatted;
 
-    std::filesystem::path mount_parent = std::filesystem::temp_directory_path();
+    std::filesystem::path mount_parent = mount_point_parent();
     {
-        Mount rootfs(partition_node(target.device(), board.rootfs_partition), "ext4", "", mount_parent);
+        Mount rootfs(partition_node(target.device(), board.rootfs_partition), "ext4", untrusted_mount_options, mount_parent);
         // The pull's downloads live only until each is written to the card:
         // in memory when it has room for all of them at once.
         SysrootOptions sysroot = plan.sysroot;
@@ -62,7 +62,7 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
     progress = Progress::Deployed;
     check_cancelled(cancellable);
     {
-        Mount boot(partition_node(target.device(), board.boot_partition), "ext4", "", mount_parent);
+        Mount boot(partition_node(target.device(), board.boot_partition), "ext4", untrusted_mount_options, mount_parent);
         in_step("boot script", [&] {
             write_boot_script(board, plan.boot_script, boot.path(), plan.source_date_epoch);
             boot.unmount();

@@ -2,6 +2,8 @@
 // "skipped" (SKIP_RETURN_CODE), so a tier that cannot run here, or a run
 // whose every selected case is skipped, shows as skipped, not as passed.
 #define DOCTEST_CONFIG_IMPLEMENT
+#include "common/process.hpp"
+
 #include <doctest/doctest.h>
 
 #include <iostream>
@@ -42,6 +44,9 @@ int main(int argc, char** argv)
         return skipped_exit_code;
     }
 #endif
+    // Steps treeflash runs in a process of their own re-execute the
+    // treeflash executable, not this test runner.
+    treeflash::set_treeflash_executable(TREEFLASH_BINARY);
     doctest::Context context(argc, argv);
     int result = context.run();
     if (context.shouldExit())
