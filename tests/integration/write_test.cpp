@@ -6,10 +6,13 @@
 #include "flasher/write/write.hpp"
 #include "tests/support/system.hpp"
 
+#include <condition_variable>
 #include <doctest/doctest.h>
 #include <fcntl.h>
 #include <gio/gio.h>
+#include <mutex>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sys/mount.h>
 #include <unistd.h>
 
@@ -273,10 +276,25 @@ TEST_CASE("interrupted mid-write, every card keeps its old first MiB and table" 
     LoopGuard la(a), lb(b);
     auto options = library_options(image, {la.device, lb.device});
     GCancellable* cancellable = g_cancellable_new();
-    // What Ctrl-C does (the signal thread cancels), once 8 MiB are on card 0.
+    // What Ctrl-C does (the signal thread cancels), once 8 MiB are on each
+    // card. A card that gets there first waits for the other (progress comes
+    // from the card's own thread), so neither can finish on a busy machine
+    // where one card's thread runs far ahead.
+    std::mutex lock;
+    std::condition_variable both_there;
+    std::set<size_t> there;
     options.progress = [&](const flasher::CardProgress& p) {
-        if (p.card == 0 && p.phase == flasher::CardPhase::Writing && p.done >= 8 * MiB)
+        if (p.phase != flasher::CardPhase::Writing || p.done < 8 * MiB)
+            return;
+        std::unique_lock held(lock);
+        if (!there.insert(p.card).second)
+            return;
+        if (there.size() == 2) {
             g_cancellable_cancel(cancellable);
+            both_there.notify_all();
+        } else {
+            both_there.wait_for(held, std::chrono::seconds(60), [&] { return there.size() == 2; });
+        }
     };
     flasher::WriteReport report = flasher::write_cards(options, cancellable);
     g_object_unref(cancellable);
