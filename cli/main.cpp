@@ -6,6 +6,8 @@
 #include "common/glib.hpp"
 #include "flasher/deploy/pull.hpp"
 #include "flasher/disk/mount.hpp"
+#include "flasher/flash/flash.hpp"
+#include "flasher/unprivileged/userns.hpp"
 
 #include <array>
 #include <csignal>
@@ -165,6 +167,10 @@ int main(int argc, char** argv)
     // an internal command; nobody types these.
     if (args[0] == flasher::pull_helper_command)
         return flasher::run_pull_helper({args.begin() + 1, args.end()});
+    if (args[0] == flasher::image_trees_command)
+        return flasher::run_image_trees_helper({args.begin() + 1, args.end()});
+    if (args[0] == flasher::namespace_check_command)
+        return flasher::run_namespace_check();
     const Command* command = nullptr;
     for (const auto& candidate : commands)
         if (args[0] == candidate.name)

@@ -105,6 +105,12 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable);
 // plan_flash, then (after confirmation for a device) the writes.
 FlashResult flash(const FlashOptions& options, GCancellable* cancellable);
 
+// `treeflash __image-trees JOB`: the helper in which an image made without
+// privileges is laid out and formatted, as root of a user namespace
+// (flash/from_trees.cpp). Returns the exit status.
+constexpr const char* image_trees_command = "__image-trees";
+int run_image_trees_helper(const std::vector<std::string>& args);
+
 // What one deployment of a commit takes on the rootfs partition: its bytes,
 // a block for every entry, and room for OSTree's own files; and the inodes
 // (an object per file, a directory in the repository and in the deployment).

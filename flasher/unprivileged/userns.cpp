@@ -3,6 +3,7 @@
 #include "common/error.hpp"
 #include "common/fd.hpp"
 #include "common/fs.hpp"
+#include "common/process.hpp"
 
 #include <cerrno>
 #include <csignal>
@@ -11,13 +12,19 @@
 #include <gio/gio.h>
 #include <poll.h>
 #include <sched.h>
-#include <sys/prctl.h>
+#include <sys/mount.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 namespace treeflash::flasher {
 
 namespace {
+
+// The helper's descriptors: its reports, and the handshake by which the
+// parent writes root's identity maps.
+constexpr int report_descriptor = 3;
+constexpr int ready_descriptor = 4; // the helper writes one byte once it has unshared
+constexpr int go_descriptor = 5;    // the parent writes one byte once the maps are written
 
 // Writes `text` to /proc/PID/FILE (PID 0: this process) in one write, as
 // the id map files want.
@@ -40,98 +47,124 @@ bool wait_byte(int fd)
     }
 }
 
-void send(int fd, char kind, const std::string& text)
+void send(char kind, const std::string& text)
 {
     std::string line(1, kind);
     for (char c : text)
         line += c == '\n' ? ' ' : c;
     line += '\n';
-    fs::write_to_pipe(fd, line);
+    fs::write_to_pipe(report_descriptor, line);
+}
+
+struct Pipe {
+    UniqueFd read_end, write_end;
+    Pipe()
+    {
+        int fds[2];
+        if (::pipe2(fds, O_CLOEXEC) != 0)
+            throw_errno("pipe");
+        read_end.reset(fds[0]);
+        write_end.reset(fds[1]);
+    }
+};
+
+// In the helper: a user namespace whose root is this process's user (as
+// root: every id maps to itself, which only the parent may write), and a
+// mount namespace of its own whose mounts reach nobody else.
+void enter_namespaces()
+{
+    uid_t uid = ::geteuid();
+    gid_t gid = ::getegid();
+    if (::unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0)
+        throw_errno("create a user namespace");
+    if (uid == 0) {
+        if (::write(ready_descriptor, "r", 1) != 1 || !wait_byte(go_descriptor))
+            throw Error("the user namespace's id maps were not written");
+    } else {
+        if (!write_proc_of(0, "setgroups", "deny") && errno != ENOENT)
+            throw_errno("refuse setgroups in the user namespace");
+        if (!write_proc_of(0, "uid_map", "0 " + std::to_string(uid) + " 1\n"))
+            throw_errno("map uid " + std::to_string(uid) + " to root in the user namespace");
+        if (!write_proc_of(0, "gid_map", "0 " + std::to_string(gid) + " 1\n"))
+            throw_errno("map gid " + std::to_string(gid) + " to root in the user namespace");
+    }
+    ::close(ready_descriptor);
+    ::close(go_descriptor);
+    if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0)
+        throw_errno("make the helper's mounts private");
 }
 
 } // namespace
 
-void run_as_namespace_root(const std::function<void(const NamespaceNotice&)>& work, const NamespaceNotice& notice,
-                           GCancellable* cancellable, const std::function<void()>& meanwhile)
+void NamespaceChannel::notice(const std::string& text) const
 {
-    int fds[2], ready_fds[2], go_fds[2];
-    if (::pipe2(fds, O_CLOEXEC) != 0 || ::pipe2(ready_fds, O_CLOEXEC) != 0 || ::pipe2(go_fds, O_CLOEXEC) != 0)
-        throw_errno("pipe");
-    UniqueFd read_end(fds[0]), write_end(fds[1]);
-    UniqueFd ready_read(ready_fds[0]), ready_write(ready_fds[1]), go_read(go_fds[0]), go_write(go_fds[1]);
-    uid_t uid = ::geteuid();
-    gid_t gid = ::getegid();
-    // Root maps every id to itself (the parent writes that map: only it holds
-    // CAP_SETUID where the ids live), so files of any owner keep their owner.
-    // Anyone else maps just its own ids to 0, which needs no helper.
-    bool identity = uid == 0;
-    pid_t pid = ::fork();
-    if (pid < 0)
-        throw_errno("fork");
-    if (pid == 0) {
-        read_end.reset();
-        ready_read.reset();
-        go_write.reset();
-        ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-        // A process group of its own, so that a cancel kills the programs it
-        // runs (mkfs.ext4, the pull's child) with it; the parent, which sees
-        // Ctrl-C and SIGTERM, does that. Signals the parent's threads block
-        // are unblocked here.
-        ::setpgid(0, 0);
-        ::signal(SIGINT, SIG_DFL);
-        ::signal(SIGTERM, SIG_DFL);
-        sigset_t none;
-        sigemptyset(&none);
-        ::pthread_sigmask(SIG_SETMASK, &none, nullptr);
-        int code = 0;
-        try {
-            if (::unshare(CLONE_NEWUSER) != 0)
-                throw_errno("create a user namespace");
-            if (identity) {
-                if (::write(ready_write.get(), "r", 1) != 1 || !wait_byte(go_read.get()))
-                    throw Error("the user namespace's id maps were not written");
-            } else {
-                if (!write_proc_of(0, "setgroups", "deny") && errno != ENOENT)
-                    throw_errno("refuse setgroups in the user namespace");
-                if (!write_proc_of(0, "uid_map", "0 " + std::to_string(uid) + " 1\n"))
-                    throw_errno("map uid " + std::to_string(uid) + " to root in the user namespace");
-                if (!write_proc_of(0, "gid_map", "0 " + std::to_string(gid) + " 1\n"))
-                    throw_errno("map gid " + std::to_string(gid) + " to root in the user namespace");
-            }
-            work([&](const std::string& text) { send(write_end.get(), 'N', text); });
-        } catch (const std::exception& e) {
-            send(write_end.get(), 'E', e.what());
-            code = 1;
-        }
-        ::_exit(code);
+    send('N', text);
+}
+
+void NamespaceChannel::data(const std::string& text) const
+{
+    send('D', text);
+}
+
+int run_namespace_helper(const std::function<void(const NamespaceChannel&)>& work)
+{
+    // A process group of its own, so that a cancel kills the programs it
+    // runs with it (the parent does that).
+    ::setpgid(0, 0);
+    try {
+        enter_namespaces();
+        work(NamespaceChannel{});
+        return 0;
+    } catch (const std::exception& e) {
+        send('E', e.what());
+        return 1;
     }
+}
+
+std::vector<std::string> run_as_namespace_root(const std::string& command, const std::vector<std::string>& args,
+                                               const NamespaceNotice& notice, GCancellable* cancellable,
+                                               const std::function<void()>& meanwhile)
+{
+    Pipe report, ready, go;
+    std::vector<std::string> argv{treeflash_executable(), command};
+    argv.insert(argv.end(), args.begin(), args.end());
+    ChildSetup setup;
+    // Its stdout is the command's stdout here: what it prints goes to stderr.
+    setup.descriptors = {{STDERR_FILENO, STDOUT_FILENO},
+                         {report.write_end.get(), report_descriptor},
+                         {ready.write_end.get(), ready_descriptor},
+                         {go.read_end.get(), go_descriptor}};
+    pid_t pid = spawn_child(argv, setup);
     ::setpgid(pid, pid); // also here: the group exists before any kill below
-    ready_write.reset();
-    go_read.reset();
-    if (identity && wait_byte(ready_read.get())) {
+    report.write_end.reset();
+    ready.write_end.reset();
+    go.read_end.reset();
+    // Root maps every id to itself, so files of any owner keep their owner;
+    // only this side holds CAP_SETUID where the ids live. Anyone else maps
+    // just its own ids to 0, which the helper does itself.
+    if (::geteuid() == 0 && wait_byte(ready.read_end.get())) {
         if (write_proc_of(pid, "uid_map", "0 0 4294967295\n") && write_proc_of(pid, "gid_map", "0 0 4294967295\n"))
-            (void)!::write(go_write.get(), "g", 1);
+            (void)!::write(go.write_end.get(), "g", 1);
     }
-    go_write.reset();
-    write_end.reset();
+    go.write_end.reset();
+    ready.read_end.reset();
 
     std::string error, pending;
+    std::vector<std::string> data;
     bool cancelled = false;
     for (;;) {
         if (cancellable && g_cancellable_is_cancelled(cancellable) && !cancelled) {
-            ::kill(-pid, SIGKILL); // the child and every program it runs
+            ::kill(-pid, SIGKILL); // the helper and every program it runs
             cancelled = true;
         }
-        struct pollfd p {read_end.get(), POLLIN, 0};
-        int ready = ::poll(&p, 1, meanwhile ? 25 : 200);
+        struct pollfd p {report.read_end.get(), POLLIN, 0};
+        int ready_count = ::poll(&p, 1, meanwhile ? 25 : 200);
         if (meanwhile && !cancelled)
             meanwhile();
-        if (ready < 0 && errno == EINTR)
-            continue;
-        if (ready <= 0)
+        if (ready_count <= 0)
             continue;
         char buffer[4096];
-        ssize_t n = ::read(read_end.get(), buffer, sizeof buffer);
+        ssize_t n = ::read(report.read_end.get(), buffer, sizeof buffer);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
@@ -143,6 +176,8 @@ void run_as_namespace_root(const std::function<void(const NamespaceNotice&)>& wo
                 continue;
             if (line[0] == 'E')
                 error = line.substr(1);
+            else if (line[0] == 'D')
+                data.push_back(line.substr(1));
             else if (line[0] == 'N' && notice)
                 notice(line.substr(1));
         }
@@ -155,15 +190,22 @@ void run_as_namespace_root(const std::function<void(const NamespaceNotice&)>& wo
     if (!error.empty())
         throw Error(error);
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        throw Error("the work in the user namespace died (" + std::string(WIFSIGNALED(status) ? strsignal(WTERMSIG(status)) : "exit")
+        throw Error("the work in the user namespace died ("
+                    + std::string(WIFSIGNALED(status) ? strsignal(WTERMSIG(status)) : "exit status " + std::to_string(WEXITSTATUS(status)))
                     + ")");
+    return data;
+}
+
+int run_namespace_check()
+{
+    return run_namespace_helper([](const NamespaceChannel& channel) { channel.data("uid " + std::to_string(::geteuid())); });
 }
 
 bool user_namespaces_available()
 {
     try {
-        run_as_namespace_root([](const NamespaceNotice&) {}, {}, nullptr);
-        return true;
+        auto data = run_as_namespace_root(namespace_check_command, {}, {}, nullptr);
+        return data.size() == 1 && data[0] == "uid 0";
     } catch (const Error&) {
         return false;
     }
