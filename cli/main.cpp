@@ -10,7 +10,9 @@
 #include "flasher/unprivileged/userns.hpp"
 
 #include <array>
+#include <cerrno>
 #include <csignal>
+#include <fcntl.h>
 #include <cstring>
 #include <iostream>
 #include <sys/stat.h>
@@ -154,6 +156,12 @@ void print_json(const nlohmann::json& value)
 
 int main(int argc, char** argv)
 {
+    // Whoever started treeflash may have closed its standard descriptors:
+    // the first files it opens would take their numbers, and a child's
+    // stdin or stdout would be one of them. /dev/null takes them instead.
+    for (int fd = 0; fd < 3; ++fd)
+        if (::fcntl(fd, F_GETFD) < 0 && errno == EBADF && ::open("/dev/null", O_RDWR) != fd)
+            return 1;
     std::vector<std::string> args(argv + 1, argv + argc);
     if (args.empty() || args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
         print_usage(args.empty() ? std::cerr : std::cout);

@@ -21,19 +21,6 @@ namespace treeflash {
 
 namespace {
 
-struct Pipe {
-    UniqueFd read_end;
-    UniqueFd write_end;
-    Pipe()
-    {
-        int fds[2];
-        if (::pipe2(fds, O_CLOEXEC) != 0)
-            throw_errno("pipe");
-        read_end.reset(fds[0]);
-        write_end.reset(fds[1]);
-    }
-};
-
 // The program argv[0] names: itself when it holds a slash, else the first
 // executable file of that name in PATH (from `env`).
 std::string find_program(const std::string& name, const std::vector<std::string>& env)
@@ -82,6 +69,15 @@ std::vector<std::string> child_environment(const std::vector<std::string>& overr
     return env;
 }
 
+Pipe::Pipe()
+{
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0)
+        throw_errno("pipe");
+    read_end.reset(fds[0]);
+    write_end.reset(fds[1]);
+}
+
 pid_t spawn_child(const std::vector<std::string>& argv, const ChildSetup& setup)
 {
     if (argv.empty())
@@ -89,7 +85,7 @@ pid_t spawn_child(const std::vector<std::string>& argv, const ChildSetup& setup)
     // Everything the child needs is made here: after fork it only makes
     // system calls, as a copy of a process with threads must.
     std::vector<std::string> env_storage = child_environment(setup.extra_environment);
-    std::string program = find_program(argv[0], env_storage);
+    std::string program = setup.program.empty() ? find_program(argv[0], env_storage) : setup.program;
     std::vector<char*> args;
     for (const auto& arg : argv)
         args.push_back(const_cast<char*>(arg.c_str()));
@@ -104,13 +100,23 @@ pid_t spawn_child(const std::vector<std::string>& argv, const ChildSetup& setup)
     bool maps_stdin = false;
     for (const auto& mapping : setup.descriptors)
         maps_stdin |= mapping.second == 0;
+    // Descriptors the child uses besides the mapped ones sit above every
+    // target number, so that no dup2 below replaces them.
+    auto above_targets = [](UniqueFd& fd) {
+        UniqueFd high(::fcntl(fd.get(), F_DUPFD_CLOEXEC, 64));
+        if (!high)
+            throw_errno("move a descriptor");
+        fd = std::move(high);
+    };
     UniqueFd null_input;
     if (!maps_stdin) {
         null_input.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
         if (!null_input)
             throw_errno("open /dev/null");
+        above_targets(null_input);
     }
     Pipe exec_error; // the child's errno when it cannot exec; a successful exec closes it
+    above_targets(exec_error.write_end);
     pid_t parent = ::getpid();
     pid_t pid = ::fork();
     if (pid < 0)
@@ -125,6 +131,8 @@ pid_t spawn_child(const std::vector<std::string>& argv, const ChildSetup& setup)
             fail();
         if (::getppid() != parent) // the parent died before the line above
             ::_exit(127);
+        if (setup.new_process_group && ::setpgid(0, 0) != 0)
+            fail();
         // Each descriptor is first copied above every target number, so
         // that no dup2 below overwrites one still to be moved.
         int moved[max_descriptors];
@@ -158,16 +166,20 @@ pid_t spawn_child(const std::vector<std::string>& argv, const ChildSetup& setup)
     return pid;
 }
 
-const std::string& treeflash_executable()
+std::vector<std::string> treeflash_command(const std::string& command, ChildSetup& setup)
 {
-    // Its own path names the program in ps (/proc/self/exe would show as
-    // "exe"); /proc/self/exe still works once the file was replaced.
-    static const std::string self = [] {
+    // argv[0] names the program in ps; what runs is this very file.
+    static const std::string name = [] {
         std::error_code ec;
         std::string path = std::filesystem::read_symlink("/proc/self/exe", ec).string();
-        return ec || path.ends_with(" (deleted)") ? std::string("/proc/self/exe") : path;
+        return ec ? std::string("treeflash") : path;
     }();
-    return executable_override().empty() ? self : executable_override();
+    if (!executable_override().empty()) {
+        setup.program = executable_override();
+        return {executable_override(), command};
+    }
+    setup.program = "/proc/self/exe";
+    return {name, command};
 }
 
 void set_treeflash_executable(const std::string& path)

@@ -2,6 +2,8 @@
 // captured, failures reported with the program's stderr.
 #pragma once
 
+#include "common/fd.hpp"
+
 #include <string>
 #include <sys/types.h>
 #include <utility>
@@ -31,12 +33,25 @@ struct ProcessOptions {
 // The caller's environment with `overrides` ("KEY=VALUE") set.
 std::vector<std::string> child_environment(const std::vector<std::string>& overrides);
 
+// A pipe whose ends close on exec (a child gets one only through
+// ChildSetup::descriptors) and when they go out of scope.
+struct Pipe {
+    Pipe();
+    UniqueFd read_end;
+    UniqueFd write_end;
+};
+
 // How spawn_child starts a program.
 struct ChildSetup {
     // Descriptors the child gets: {descriptor here, number in the child}.
     // Standard input is /dev/null unless 0 is named.
     std::vector<std::pair<int, int>> descriptors;
     std::vector<std::string> extra_environment; // as in ProcessOptions
+    // A process group of its own: a Ctrl-C at the terminal does not reach
+    // it, and the caller can kill it with everything it runs.
+    bool new_process_group = false;
+    // The file to execute when it is not argv[0] (which then only names it).
+    std::string program;
 };
 
 // Starts argv[0] (a path, or looked up in PATH) in a child that is killed
@@ -46,10 +61,11 @@ struct ChildSetup {
 // program cannot be started. The caller waits for the returned pid.
 pid_t spawn_child(const std::vector<std::string>& argv, const ChildSetup& setup);
 
-// The running treeflash executable, which internal steps re-execute
-// (`treeflash __pull ...`); /proc/self/exe unless set (test runners set
-// it to the treeflash binary).
-const std::string& treeflash_executable();
+// What internal steps re-execute (`treeflash __pull ...`): the running
+// executable itself (/proc/self/exe, even when its file was replaced
+// meanwhile), unless set (test runners set it to the treeflash binary).
+// Returns the argv of the command, ready for spawn_child with `setup`.
+std::vector<std::string> treeflash_command(const std::string& command, ChildSetup& setup);
 void set_treeflash_executable(const std::string& path);
 
 // Runs argv[0] (looked up in PATH) with stdin from /dev/null and waits for it.

@@ -60,7 +60,8 @@ void watched_pull(OstreeRepo* repo, const std::string& remote, GVariant* options
     // The pull runs in treeflash's own executable, started afresh: the
     // repository is named by its path (by its sysroot's when it has one,
     // which also holds its remotes), the options in GVariant text.
-    std::vector<std::string> argv{treeflash_executable(), pull_helper_command};
+    ChildSetup setup;
+    std::vector<std::string> argv = treeflash_command(pull_helper_command, setup);
     std::string repo_path = glib::take_string(g_file_get_path(ostree_repo_get_path(repo)));
     if (repo_path.rfind("/proc/self/", 0) == 0) // a repository opened at a descriptor of this process
         repo_path = std::filesystem::canonical(repo_path).string();
@@ -71,18 +72,17 @@ void watched_pull(OstreeRepo* repo, const std::string& remote, GVariant* options
     argv.insert(argv.end(), {"--remote", remote, "--options", glib::take_string(g_variant_print(options, TRUE))});
     if (ostree_repo_get_disable_fsync(repo))
         argv.push_back("--disable-fsync");
-    int fds[2];
-    if (::pipe2(fds, O_CLOEXEC) != 0)
-        throw_errno("pipe");
-    UniqueFd read_end(fds[0]), write_end(fds[1]);
-    ChildSetup setup;
+    Pipe report;
+    // Ctrl-C reaches treeflash, which stops the pull; the helper itself
+    // stays out of the terminal's process group.
+    setup.new_process_group = true;
     // Whatever libostree prints goes to stderr, as in treeflash itself:
     // stdout is for the command's own output (--json).
-    setup.descriptors = {{STDERR_FILENO, STDOUT_FILENO}, {write_end.get(), report_descriptor}};
+    setup.descriptors = {{STDERR_FILENO, STDOUT_FILENO}, {report.write_end.get(), report_descriptor}};
     if (!download_dir.empty())
         setup.extra_environment.push_back("TMPDIR=" + download_dir.string());
     pid_t pid = spawn_child(argv, setup);
-    write_end.reset();
+    report.write_end.reset();
 
     using clock = std::chrono::steady_clock;
     auto last_progress = clock::now();
@@ -97,7 +97,7 @@ void watched_pull(OstreeRepo* repo, const std::string& remote, GVariant* options
         }
     } release{cancellable};
     for (bool open = true; open;) {
-        struct pollfd pfd[2] = {{read_end.get(), POLLIN, 0}, {cancel_fd, POLLIN, 0}};
+        struct pollfd pfd[2] = {{report.read_end.get(), POLLIN, 0}, {cancel_fd, POLLIN, 0}};
         int ready = ::poll(pfd, 2, 1000);
         if (ready < 0 && errno != EINTR) {
             stop_child(pid);
@@ -109,7 +109,7 @@ void watched_pull(OstreeRepo* repo, const std::string& remote, GVariant* options
         }
         if (ready > 0 && (pfd[0].revents & (POLLIN | POLLHUP | POLLERR))) {
             char chunk[4096];
-            ssize_t n = ::read(read_end.get(), chunk, sizeof chunk);
+            ssize_t n = ::read(report.read_end.get(), chunk, sizeof chunk);
             if (n <= 0 && !(n < 0 && errno == EINTR)) {
                 open = false;
             } else if (n > 0) {
@@ -136,6 +136,8 @@ void watched_pull(OstreeRepo* repo, const std::string& remote, GVariant* options
     while (::waitpid(pid, &status, 0) < 0)
         if (errno != EINTR)
             throw_errno("wait for the pull");
+    if (cancellable && g_cancellable_is_cancelled(cancellable))
+        throw Cancelled();
     if (WIFEXITED(status) && WEXITSTATUS(status) == 0 && outcome == "ok")
         return;
     if (outcome.rfind("error ", 0) == 0)
@@ -145,6 +147,9 @@ void watched_pull(OstreeRepo* repo, const std::string& remote, GVariant* options
 
 int run_pull_helper(const std::vector<std::string>& args)
 {
+    // The report pipe is this process's alone: what it starts (gpg) does
+    // not inherit it.
+    ::fcntl(report_descriptor, F_SETFD, FD_CLOEXEC);
     std::string repo_path, sysroot_path, remote, options_text;
     bool disable_fsync = false;
     for (size_t i = 0; i < args.size(); ++i) {

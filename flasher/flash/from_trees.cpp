@@ -281,8 +281,11 @@ std::jthread write_image_from_directories(const FlashPlan& plan, Target& target,
     std::optional<std::pair<fs::TempDir, UniqueFd>> trees;
     if (!memory.empty())
         reclaim_stale_trees(memory, notice); // left there by killed flashes of older versions
-    if (!memory.empty() && !hidden_by_tmpfs) {
-        job["memory"] = free_bytes(memory).value_or(0);
+    // The tmpfs holds what the room check counted on, and never more than
+    // /dev/shm had free: parallel flashes then get ENOSPC, not the OOM killer.
+    uint64_t tmpfs_bytes = std::min<uint64_t>(free_bytes(memory).value_or(0), 3 * plan.source.content_bytes + 64 * MiB);
+    if (!memory.empty() && !hidden_by_tmpfs && tmpfs_bytes > 0) {
+        job["memory"] = tmpfs_bytes;
     } else {
         std::filesystem::path parent = memory;
         if (parent.empty()) {

@@ -56,18 +56,6 @@ void send(char kind, const std::string& text)
     fs::write_to_pipe(report_descriptor, line);
 }
 
-struct Pipe {
-    UniqueFd read_end, write_end;
-    Pipe()
-    {
-        int fds[2];
-        if (::pipe2(fds, O_CLOEXEC) != 0)
-            throw_errno("pipe");
-        read_end.reset(fds[0]);
-        write_end.reset(fds[1]);
-    }
-};
-
 // In the helper: a user namespace whose root is this process's user (as
 // root: every id maps to itself, which only the parent may write), and a
 // mount namespace of its own whose mounts reach nobody else.
@@ -108,9 +96,9 @@ void NamespaceChannel::data(const std::string& text) const
 
 int run_namespace_helper(const std::function<void(const NamespaceChannel&)>& work)
 {
-    // A process group of its own, so that a cancel kills the programs it
-    // runs with it (the parent does that).
-    ::setpgid(0, 0);
+    // The report pipe is this process's alone: the programs it runs do
+    // not inherit it.
+    ::fcntl(report_descriptor, F_SETFD, FD_CLOEXEC);
     try {
         enter_namespaces();
         work(NamespaceChannel{});
@@ -126,16 +114,18 @@ std::vector<std::string> run_as_namespace_root(const std::string& command, const
                                                const std::function<void()>& meanwhile)
 {
     Pipe report, ready, go;
-    std::vector<std::string> argv{treeflash_executable(), command};
-    argv.insert(argv.end(), args.begin(), args.end());
     ChildSetup setup;
+    std::vector<std::string> argv = treeflash_command(command, setup);
+    argv.insert(argv.end(), args.begin(), args.end());
+    // A process group of its own, which a cancel kills whole: the helper
+    // and every program it runs.
+    setup.new_process_group = true;
     // Its stdout is the command's stdout here: what it prints goes to stderr.
     setup.descriptors = {{STDERR_FILENO, STDOUT_FILENO},
                          {report.write_end.get(), report_descriptor},
                          {ready.write_end.get(), ready_descriptor},
                          {go.read_end.get(), go_descriptor}};
     pid_t pid = spawn_child(argv, setup);
-    ::setpgid(pid, pid); // also here: the group exists before any kill below
     report.write_end.reset();
     ready.write_end.reset();
     go.read_end.reset();
