@@ -276,7 +276,8 @@ std::jthread write_image_from_directories(const FlashPlan& plan, Target& target,
     // of the helper's own, which goes when it does; beside the image they
     // are locked, and the next flash removes what a killed one left.
     std::filesystem::path memory = memory_with_room(3 * plan.source.content_bytes, 3 * plan.source.content_entries + 1000);
-    bool hidden_by_tmpfs = in_shared_memory(target.device()) || (plan.source.url.rfind("file://", 0) == 0 && in_shared_memory(plan.source.url.substr(7)))
+    bool local_source = plan.source.url.rfind("file://", 0) == 0;
+    bool hidden_by_tmpfs = in_shared_memory(target.device()) || (local_source && in_shared_memory(plan.source.url.substr(7)))
                            || (sysroot.gpg_key && in_shared_memory(*sysroot.gpg_key));
     std::optional<std::pair<fs::TempDir, UniqueFd>> trees;
     if (!memory.empty())
@@ -310,7 +311,7 @@ std::jthread write_image_from_directories(const FlashPlan& plan, Target& target,
         if (as_root || std::string(e.what()).find("fchown") == std::string::npos)
             throw;
         std::vector<std::string> foreign;
-        if (plan.source.url.rfind("file://", 0) == 0)
+        if (local_source)
             foreign = files_not_owned_by_root(plan.source.url.substr(7), plan.source.commit, 10);
         std::string list;
         for (const auto& f : foreign)
