@@ -45,11 +45,8 @@ std::string find_program(const std::string& name, const std::vector<std::string>
     throw Error("run " + name + ": not found in PATH (" + path + ")");
 }
 
-std::string& executable_override()
-{
-    static std::string path;
-    return path;
-}
+// set_treeflash_executable's path; empty: this process's own file.
+std::string executable_override;
 
 } // namespace
 
@@ -94,29 +91,27 @@ pid_t spawn_child(const std::vector<std::string>& argv, const ChildSetup& setup)
     for (auto& e : env_storage)
         env.push_back(e.data());
     env.push_back(nullptr);
-    constexpr size_t max_descriptors = 16;
-    if (setup.descriptors.size() > max_descriptors)
-        throw Error("run " + argv[0] + ": too many descriptors to hand over");
-    bool maps_stdin = false;
-    for (const auto& mapping : setup.descriptors)
-        maps_stdin |= mapping.second == 0;
-    // Descriptors the child uses besides the mapped ones sit above every
-    // target number, so that no dup2 below replaces them.
-    auto above_targets = [](UniqueFd& fd) {
-        UniqueFd high(::fcntl(fd.get(), F_DUPFD_CLOEXEC, 64));
-        if (!high)
-            throw_errno("move a descriptor");
-        fd = std::move(high);
-    };
+    // Standard input is /dev/null unless the caller maps one.
+    std::vector<std::pair<int, int>> mappings = setup.descriptors;
     UniqueFd null_input;
+    bool maps_stdin = false;
+    for (const auto& mapping : mappings)
+        maps_stdin |= mapping.second == 0;
     if (!maps_stdin) {
         null_input.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
         if (!null_input)
             throw_errno("open /dev/null");
-        above_targets(null_input);
+        mappings.emplace_back(null_input.get(), 0);
     }
-    Pipe exec_error; // the child's errno when it cannot exec; a successful exec closes it
-    above_targets(exec_error.write_end);
+    constexpr size_t max_descriptors = 16;
+    if (mappings.size() > max_descriptors)
+        throw Error("run " + argv[0] + ": too many descriptors to hand over");
+    // The child's errno when it cannot exec; a successful exec closes it. It
+    // sits above every target number, so that no dup2 below replaces it.
+    Pipe exec_error;
+    exec_error.write_end.reset(::fcntl(exec_error.write_end.get(), F_DUPFD_CLOEXEC, 64));
+    if (!exec_error.write_end)
+        throw_errno("run " + argv[0]);
     pid_t parent = ::getpid();
     pid_t pid = ::fork();
     if (pid < 0)
@@ -136,15 +131,13 @@ pid_t spawn_child(const std::vector<std::string>& argv, const ChildSetup& setup)
         // Each descriptor is first copied above every target number, so
         // that no dup2 below overwrites one still to be moved.
         int moved[max_descriptors];
-        size_t count = setup.descriptors.size();
+        size_t count = mappings.size();
         for (size_t i = 0; i < count; ++i)
-            if ((moved[i] = ::fcntl(setup.descriptors[i].first, F_DUPFD_CLOEXEC, 64)) < 0)
+            if ((moved[i] = ::fcntl(mappings[i].first, F_DUPFD_CLOEXEC, 64)) < 0)
                 fail();
         for (size_t i = 0; i < count; ++i)
-            if (::dup2(moved[i], setup.descriptors[i].second) < 0)
+            if (::dup2(moved[i], mappings[i].second) < 0)
                 fail();
-        if (!maps_stdin && ::dup2(null_input.get(), 0) < 0)
-            fail();
         // The mask that keeps SIGINT for treeflash's handler thread is not
         // the program's.
         sigset_t none;
@@ -174,9 +167,9 @@ std::vector<std::string> treeflash_command(const std::string& command, ChildSetu
         std::string path = std::filesystem::read_symlink("/proc/self/exe", ec).string();
         return ec ? std::string("treeflash") : path;
     }();
-    if (!executable_override().empty()) {
-        setup.program = executable_override();
-        return {executable_override(), command};
+    if (!executable_override.empty()) {
+        setup.program = executable_override;
+        return {executable_override, command};
     }
     setup.program = "/proc/self/exe";
     return {name, command};
@@ -184,7 +177,7 @@ std::vector<std::string> treeflash_command(const std::string& command, ChildSetu
 
 void set_treeflash_executable(const std::string& path)
 {
-    executable_override() = path;
+    executable_override = path;
 }
 
 ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOptions& options)

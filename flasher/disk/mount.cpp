@@ -22,17 +22,14 @@ namespace {
 // the next boot.
 constexpr const char* private_mount_dir = "/run/treeflash";
 
-bool& in_own_namespace()
-{
-    static bool entered = false;
-    return entered;
-}
+// Whether enter_own_mount_namespace succeeded.
+bool in_own_namespace = false;
 
 } // namespace
 
 bool enter_own_mount_namespace()
 {
-    if (in_own_namespace())
+    if (in_own_namespace)
         return true;
     if (::unshare(CLONE_NEWNS) != 0)
         return false;
@@ -47,13 +44,13 @@ bool enter_own_mount_namespace()
         return false;
     if (::mount("treeflash", private_mount_dir, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0700,size=1m") != 0)
         return false;
-    in_own_namespace() = true;
+    in_own_namespace = true;
     return true;
 }
 
 std::filesystem::path mount_point_parent()
 {
-    return in_own_namespace() ? std::filesystem::path(private_mount_dir) : std::filesystem::temp_directory_path();
+    return in_own_namespace ? std::filesystem::path(private_mount_dir) : std::filesystem::temp_directory_path();
 }
 
 Mount::Mount(const std::string& source, const std::string& fstype, const std::string& options,
