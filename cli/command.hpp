@@ -47,6 +47,8 @@ std::string mib(uint64_t bytes);
 nlohmann::json deployment_json(const flasher::Deployment& d);
 
 void print_warning(const std::string& text);
+// An error that does not stop the command (its exit status says it failed).
+void print_error(const std::string& text);
 void print_notice(const std::string& text);
 void print_json(const nlohmann::json& value);
 

@@ -142,6 +142,11 @@ void print_warning(const std::string& text)
     std::cerr << "treeflash: warning: " << text << "\n";
 }
 
+void print_error(const std::string& text)
+{
+    std::cerr << "treeflash: error: " << text << "\n";
+}
+
 void print_notice(const std::string& text)
 {
     std::cerr << "treeflash: " << text << "\n";

@@ -2,6 +2,7 @@
 // -> a line (or a JSON object) per card, and the factory log.
 #include "cli/command.hpp"
 #include "common/error.hpp"
+#include "common/named_file.hpp"
 #include "flasher/write/write.hpp"
 
 #include <boost/program_options.hpp>
@@ -214,7 +215,10 @@ int run_write(const std::vector<std::string>& args, GCancellable* cancellable)
          "check the image and its bmap against this SHA256SUMS (default: SHA256SUMS beside the image, if it lists it)")
         ("no-verify", po::bool_switch(&no_verify), "do not read the cards back")
         ("grow", po::bool_switch(&options.grow), "grow the last partition and its ext4 file system to fill each card")
-        ("log", po::value(&log)->value_name("FILE"), "append one JSON line per card to FILE")
+        ("log", po::value(&log)->value_name("FILE")->notifier([](const std::string& value) {
+             if (value.empty())
+                 throw UsageError("--log: name a file (an empty name would turn the log off)");
+         }), "append one JSON line per card to FILE (a regular file; exit 1 when a line cannot be written)")
         ("yes,y", po::bool_switch(&yes), "do not ask before erasing the cards")
         ("force", po::bool_switch(&options.force), "allow devices that are not removable")
         ("json", po::bool_switch(&json), "print the results as a JSON array on stdout");
@@ -240,11 +244,13 @@ int run_write(const std::vector<std::string>& args, GCancellable* cancellable)
         options.confirm = ask_to_erase_all;
 
     // The log opens first: a factory that cannot record a card should not write it.
+    // It is a regular file (never a card, a device or a FIFO), and not one of
+    // the files the write reads (write_cards checks that).
     UniqueFd log_fd;
     if (!log.empty()) {
-        log_fd.reset(::open(log.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644));
-        if (!log_fd)
-            throw Error("open the log " + log + ": " + std::strerror(errno));
+        named::OpenFile opened = named::open_log(log, "the log");
+        options.outputs.push_back({"the log " + log, opened.st});
+        log_fd = std::move(opened.fd);
     }
 
     std::ostream& progress_out = json ? std::cerr : std::cout;
@@ -255,6 +261,7 @@ int run_write(const std::vector<std::string>& args, GCancellable* cancellable)
     flasher::WriteReport report = in_step("write " + image, [&] { return flasher::write_cards(options, cancellable); });
     view.finish();
 
+    bool logged = true;
     if (log_fd) {
         for (const auto& card : report.cards) {
             nlohmann::json line = card_json(card);
@@ -266,8 +273,13 @@ int run_write(const std::vector<std::string>& args, GCancellable* cancellable)
                 line["commits"] = report.commits;
             line["result"] = card.ok() ? "ok" : "failed";
             std::string text = line.dump() + "\n";
-            if (::write(log_fd.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size()))
-                print_warning("could not log " + card.disk.path + " to " + log + ": " + std::strerror(errno));
+            errno = ENOSPC; // a short write sets none
+            if (::write(log_fd.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size())
+                || ::fdatasync(log_fd.get()) != 0) {
+                print_error("could not log " + card.disk.path + " to " + log + ": " + std::strerror(errno)
+                            + "; the card is not recorded");
+                logged = false;
+            }
         }
     }
 
@@ -289,7 +301,7 @@ int run_write(const std::vector<std::string>& args, GCancellable* cancellable)
     }
     if (report.cancelled)
         return 130;
-    return report.all_ok() ? 0 : 1;
+    return report.all_ok() && logged ? 0 : 1;
 }
 
 } // namespace treeflash::cli

@@ -188,6 +188,7 @@ ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOpt
     ChildSetup setup;
     setup.descriptors = {{out.write_end.get(), 1}, {err.write_end.get(), 2}};
     setup.extra_environment = options.extra_environment;
+    setup.new_process_group = options.new_process_group;
     pid_t pid = spawn_child(argv, setup);
     out.write_end.reset();
     err.write_end.reset();

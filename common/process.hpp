@@ -28,6 +28,9 @@ struct ProcessOptions {
     // "KEY=VALUE": the child gets the caller's environment with each KEY set
     // to VALUE (a KEY the caller already has is replaced, not repeated).
     std::vector<std::string> extra_environment;
+    // A process group of its own, so a Ctrl-C at the terminal does not reach
+    // it: for a step that would damage what it works on if cut short.
+    bool new_process_group = false;
 };
 
 // The caller's environment with `overrides` ("KEY=VALUE") set.

@@ -76,6 +76,19 @@ void kernel_arg(std::string_view arg, std::string_view option)
     }
 }
 
+void kernel_command_line(const std::vector<std::string>& args, std::string_view option)
+{
+    size_t length = 0;
+    for (const auto& arg : args)
+        length += arg.size() + 1;
+    size_t room = kernel_command_line_size - 1 - kernel_command_line_reserve;
+    if (length > room)
+        throw Error(std::string(option) + ": the kernel command line would be " + std::to_string(length)
+                    + " bytes; arm64 takes " + std::to_string(kernel_command_line_size - 1) + ", of which "
+                    + std::to_string(kernel_command_line_reserve) + " stay for ostree= and boot counting, so at most "
+                    + std::to_string(room) + " for these arguments: this would not boot");
+}
+
 void url(std::string_view value, std::string_view option)
 {
     if (!(value.rfind("http://", 0) == 0 || value.rfind("https://", 0) == 0 || value.rfind("file://", 0) == 0))

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <string_view>
+#include <vector>
 
 namespace treeflash::validate {
 
@@ -19,6 +20,14 @@ void ref(std::string_view ref, std::string_view option);
 // One kernel argument: printable ASCII, no space, no quote, backslash, '$'
 // or ';' (it lands in uEnv.txt, a U-Boot setenv line and /proc/cmdline).
 void kernel_arg(std::string_view arg, std::string_view option);
+
+// arm64's COMMAND_LINE_SIZE (2048 bytes with the final NUL): a longer
+// command line is cut by the kernel and may not boot. `args` are the ones
+// treeflash writes; `reserve` bytes stay for what the boot adds (ostree=,
+// boot counting's treeflash.state= and treeflash.boot=).
+inline constexpr size_t kernel_command_line_size = 2048;
+inline constexpr size_t kernel_command_line_reserve = 200;
+void kernel_command_line(const std::vector<std::string>& args, std::string_view option);
 
 // An http://, https:// or file:// URL without spaces or control characters
 // (it becomes a line of the repository's config).

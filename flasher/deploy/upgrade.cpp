@@ -47,6 +47,7 @@ UpgradeResult upgrade(const UpgradeOptions& options, GCancellable* cancellable)
         validate::url(*options.repo, "--repo");
     for (const auto& arg : options.kernel_args_append)
         validate::kernel_arg(arg, "--karg");
+    validate::kernel_command_line(options.kernel_args_append, "--karg");
     // Held to the end: no other upgrade, flash or mount of this card meanwhile.
     ExclusiveCard card(options.target);
     if (options.repo && !is_url(*options.repo) && !std::filesystem::is_regular_file(std::filesystem::path(*options.repo) / "config"))
@@ -153,6 +154,10 @@ void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptio
             for (const auto& arg : options.kernel_args_append)
                 ostree_kernel_args_append(kargs.get(), arg.c_str());
             kernel_argv = glib::Strv(ostree_kernel_args_to_strv(kargs.get()));
+            std::vector<std::string> all_args;
+            for (char** arg = kernel_argv.get(); arg && *arg; ++arg)
+                all_args.emplace_back(*arg);
+            validate::kernel_command_line(all_args, "--karg with the inherited kernel arguments");
             deploy_options.override_kernel_argv = kernel_argv.get();
         }
         OstreeDeployment* raw_new = nullptr;

@@ -3,6 +3,7 @@
 #include "flasher/flash/steps.hpp"
 
 #include "common/error.hpp"
+#include "common/named_file.hpp"
 #include "common/validate.hpp"
 #include "flasher/write/publish.hpp"
 #include "flasher/boot/bootscript.hpp"
@@ -36,6 +37,7 @@ void check_options(const FlashOptions& options)
     validate::ref(options.ref, "--ref");
     for (const auto& arg : options.kernel_args)
         validate::kernel_arg(arg, "--karg");
+    validate::kernel_command_line(options.kernel_args, "--karg");
     if (!options.remote_url.empty())
         validate::url(options.remote_url, "--remote-url");
     if (options.gpg_import && options.no_gpg_verify)
@@ -143,6 +145,13 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
     if (options.device.has_value() == options.image.has_value())
         throw Error("name exactly one target: --device or --image");
     check_options(options);
+    if (options.image) {
+        // What flash leaves beside the image replaces regular files only.
+        named::check_output(*options.image, "the image");
+        named::check_output(options.image->string() + ".bmap", "the bmap");
+        if (!options.compress.empty())
+            named::check_output(options.image->parent_path() / "SHA256SUMS", "SHA256SUMS");
+    }
     if (!options.compress.empty()) {
         if (!options.image)
             throw Error("--compress is for --image");
@@ -187,6 +196,7 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
     sysroot.gpg_key = options.gpg_import;
     sysroot.kernel_args = plan.board.kernel_args;
     sysroot.kernel_args.insert(sysroot.kernel_args.end(), options.kernel_args.begin(), options.kernel_args.end());
+    validate::kernel_command_line(sysroot.kernel_args, "--karg with the board's kernel arguments");
     sysroot.network_timeout = options.network_timeout;
     if (sysroot.remote_url.rfind("file://", 0) == 0)
         plan.warnings.push_back("the card's origin remote points at " + sysroot.remote_url

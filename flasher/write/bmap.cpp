@@ -3,6 +3,7 @@
 #include "common/error.hpp"
 #include "common/fd.hpp"
 #include "common/fs.hpp"
+#include "common/named_file.hpp"
 #include "common/glib.hpp"
 #include "common/sha256.hpp"
 #include "common/text.hpp"
@@ -158,15 +159,8 @@ Bmap map_open_image(int fd, uint64_t size, const std::string& what, GCancellable
 
 Bmap map_image(const std::filesystem::path& image, GCancellable* cancellable)
 {
-    UniqueFd fd(::open(image.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd)
-        throw_errno("open " + image.string());
-    struct stat st {};
-    if (::fstat(fd.get(), &st) != 0)
-        throw_errno("stat " + image.string());
-    if (!S_ISREG(st.st_mode))
-        throw Error(image.string() + " is not an image file");
-    return map_open_image(fd.get(), static_cast<uint64_t>(st.st_size), image.string(), cancellable);
+    named::OpenFile file = named::open_input(image, "the image");
+    return map_open_image(file.fd.get(), static_cast<uint64_t>(file.st.st_size), image.string(), cancellable);
 }
 
 namespace {
@@ -293,12 +287,7 @@ Bmap parse_bmap(const std::string& xml, const std::string& what)
 
 Bmap read_bmap(const std::filesystem::path& file)
 {
-    struct stat st {};
-    if (::stat(file.c_str(), &st) != 0)
-        throw_errno("bmap " + file.string());
-    if (!S_ISREG(st.st_mode) || st.st_size > (64 << 20))
-        throw Error(file.string() + " is not a bmap file");
-    return parse_bmap(fs::read_file(file), file.string());
+    return parse_bmap(named::read_input(file, "the bmap", bmap_size_limit), file.string());
 }
 
 void check_image_against_bmap(int fd, const Bmap& map, const std::string& what, GCancellable* cancellable)
@@ -342,7 +331,12 @@ std::string bmap_xml(const Bmap& map)
 
 Bmap write_bmap(const std::filesystem::path& image, const std::filesystem::path& output, GCancellable* cancellable)
 {
-    Bmap map = map_image(image, cancellable);
+    named::check_output(output, "the bmap");
+    named::OpenFile file = named::open_input(image, "the image");
+    struct stat out {};
+    if (::stat(output.c_str(), &out) == 0 && named::same_file(out, file.st))
+        throw Error("the bmap " + output.string() + " would replace the image it maps; name another file");
+    Bmap map = map_open_image(file.fd.get(), static_cast<uint64_t>(file.st.st_size), image.string(), cancellable);
     fs::write_file_atomic(output, bmap_xml(map));
     return map;
 }

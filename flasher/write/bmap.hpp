@@ -46,6 +46,7 @@ std::string sha256_of_range(int fd, uint64_t from, uint64_t to, const std::strin
 // checks it: its own checksum, block numbers in order and inside the
 // image, counts that add up. Throws an Error naming the file otherwise.
 Bmap read_bmap(const std::filesystem::path& file);
+inline constexpr uint64_t bmap_size_limit = 64 << 20; // larger is not a bmap
 Bmap parse_bmap(const std::string& xml, const std::string& what);
 
 // Throws unless every range of `map` has its checksum in the image `fd`
@@ -56,7 +57,8 @@ void check_image_against_bmap(int fd, const Bmap& map, const std::string& what, 
 // text with that field all zeros), as bmaptool writes and checks it.
 std::string bmap_xml(const Bmap& map);
 
-// Writes the bmap of `image` to `output` (through a temporary file).
+// Writes the bmap of `image` to `output` (through a temporary file); the
+// output may only replace a regular file, never the image itself.
 Bmap write_bmap(const std::filesystem::path& image, const std::filesystem::path& output, GCancellable* cancellable = nullptr);
 
 } // namespace treeflash::flasher

@@ -2,6 +2,7 @@
 
 #include "common/error.hpp"
 #include "common/fs.hpp"
+#include "common/named_file.hpp"
 #include "common/sha256.hpp"
 
 #include <archive.h>
@@ -74,12 +75,12 @@ bool all_zero(const char* data, size_t size)
 // with the process, whatever happens). With a bmap only its ranges are kept,
 // each hashed on the way and compared; without one every block is written,
 // in 16 MiB ranges hashed here.
-void decompress(PreparedImage& prepared, const std::optional<Bmap>& bmap, uint64_t max_size, GCancellable* cancellable)
+void decompress(PreparedImage& prepared, int input, const std::optional<Bmap>& bmap, uint64_t max_size,
+                GCancellable* cancellable)
 {
     const std::string what = prepared.path.string();
-    UniqueFd input(::open(prepared.path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!input)
-        throw_errno("open " + what);
+    if (::lseek(input, 0, SEEK_SET) != 0)
+        throw_errno("read " + what);
     std::filesystem::path dir = staging_dir();
     if (bmap) {
         struct statvfs vfs {};
@@ -88,12 +89,14 @@ void decompress(PreparedImage& prepared, const std::optional<Bmap>& bmap, uint64
             throw Error("not enough space in " + dir.string() + " to decompress " + what + " (" + std::to_string(needed >> 20)
                         + " MiB of data); set TMPDIR to a roomier directory");
     }
+    // A full TMPDIR shows as ENOSPC in a write: the folder is named there.
+    const std::string staged = "the decompressed image in " + dir.string() + " (TMPDIR)";
     UniqueFd stage(::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600));
     if (!stage)
         throw_errno("create a temporary file in " + dir.string() + " (set TMPDIR elsewhere?)");
 
     CompressedInput in;
-    in.fd = input.get();
+    in.fd = input;
     ArchiveReader reader(archive_read_new());
     archive_read_support_filter_all(reader.get());
     archive_read_support_format_raw(reader.get());
@@ -143,7 +146,7 @@ void decompress(PreparedImage& prepared, const std::optional<Bmap>& bmap, uint64
                     break;
                 uint64_t a = std::max(from, at), b = std::min(to, end);
                 if (a < b) {
-                    fs::write_at(stage.get(), data + (a - at), b - a, a, "the decompressed image");
+                    fs::write_at(stage.get(), data + (a - at), b - a, a, staged);
                     range_sum.update(data + (a - at), b - a);
                 }
                 if (to > end)
@@ -161,7 +164,7 @@ void decompress(PreparedImage& prepared, const std::optional<Bmap>& bmap, uint64
             for (uint64_t blk = a; blk < b;) {
                 uint64_t blk_end = std::min(b, (blk / 4096 + 1) * 4096);
                 if (!all_zero(data + (blk - at), blk_end - blk))
-                    fs::write_at(stage.get(), data + (blk - at), blk_end - blk, blk, "the decompressed image");
+                    fs::write_at(stage.get(), data + (blk - at), blk_end - blk, blk, staged);
                 blk = blk_end;
             }
             if (b == range_end)
@@ -191,7 +194,7 @@ void decompress(PreparedImage& prepared, const std::optional<Bmap>& bmap, uint64
     if (position == 0)
         throw Error(what + " is empty");
     if (::ftruncate(stage.get(), static_cast<off_t>(position)) != 0)
-        throw_errno("size the decompressed image");
+        throw_errno("size " + staged);
     prepared.fd = std::move(stage);
 }
 
@@ -203,23 +206,42 @@ std::string file_sha256(int fd, const std::string& what, GCancellable* cancellab
     return sha256_of_range(fd, 0, static_cast<uint64_t>(st.st_size), what, cancellable);
 }
 
-// The sha256 SHA256SUMS lists for `name` ("" when it lists none), in
-// sha256sum's format: "HASH  NAME" or "HASH *NAME".
-std::string listed_sum(const std::string& sums, const std::string& name)
+// The sha256 SHA256SUMS lists for `name` ("" when it lists none), read as
+// `sha256sum -c` reads it: "HASH  NAME" or "HASH *NAME", hex in either
+// case, NAME also as "./NAME". A line for the name that is not a sha256 is
+// an error, not a line to skip.
+std::string listed_sum(const std::string& sums, const std::string& name, const std::string& sums_path)
 {
     std::istringstream lines(sums);
     std::string line;
+    std::string found;
     while (std::getline(lines, line)) {
-        if (line.size() < 67 || line[64] != ' ')
+        if (!line.empty() && line.back() == '\r')
+            line.pop_back();
+        auto space = line.find(' ');
+        if (space == std::string::npos || space + 1 >= line.size())
             continue;
-        std::string listed = line.substr(66);
-        if (!listed.empty() && listed.back() == '\r')
-            listed.pop_back();
-        if (listed == name)
-            return line.substr(0, 64);
+        std::string listed = line.substr(space + 2 <= line.size() ? space + 2 : line.size());
+        if (line[space + 1] != ' ' && line[space + 1] != '*')
+            continue;
+        if (listed.rfind("./", 0) == 0)
+            listed.erase(0, 2);
+        if (listed != name)
+            continue;
+        std::string hash = line.substr(0, space);
+        for (char& c : hash)
+            c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+        if (hash.size() != 64 || hash.find_first_not_of("0123456789abcdef") != std::string::npos)
+            throw Error(sums_path + " lists " + name + " with '" + line.substr(0, space) + "', which is not a sha256");
+        if (!found.empty() && found != hash)
+            throw Error(sums_path + " lists " + name + " twice, with different sums");
+        found = hash;
     }
-    return "";
+    return found;
 }
+
+// A SHA256SUMS or bmap is small: a larger file is not one (or a trap).
+constexpr uint64_t sums_limit = 16 << 20;
 
 std::optional<std::filesystem::path> bmap_beside(const std::filesystem::path& image, bool compressed)
 {
@@ -227,11 +249,63 @@ std::optional<std::filesystem::path> bmap_beside(const std::filesystem::path& im
     if (compressed && image.has_extension())
         candidates.push_back(image.parent_path() / (image.stem().string() + ".bmap"));
     for (const auto& candidate : candidates) {
-        std::error_code ec;
-        if (std::filesystem::is_regular_file(candidate, ec))
-            return candidate;
+        struct stat st {};
+        if (::lstat(candidate.c_str(), &st) == 0)
+            return candidate; // whatever it is: read_bmap says what is wrong with it
     }
     return std::nullopt;
+}
+
+// Formats that are not a disk image treeflash can write: an archive, or a
+// compression it does not read. Written raw they would be "verified" garbage.
+std::string unsupported_format(const unsigned char* magic, size_t n, const std::filesystem::path& file)
+{
+    auto starts = [&](std::initializer_list<unsigned> bytes) {
+        if (n < bytes.size())
+            return false;
+        size_t i = 0;
+        for (unsigned b : bytes)
+            if (magic[i++] != b)
+                return false;
+        return true;
+    };
+    if (starts({'P', 'K', 3, 4}) || starts({'P', 'K', 5, 6}))
+        return "a zip archive";
+    if (starts({'7', 'z', 0xbc, 0xaf, 0x27, 0x1c}))
+        return "a 7-Zip archive";
+    if (starts({'R', 'a', 'r', '!'}))
+        return "a RAR archive";
+    if (starts({'L', 'Z', 'I', 'P'}))
+        return "lzip-compressed";
+    if (starts({0x89, 'L', 'Z', 'O'}))
+        return "lzop-compressed";
+    if (starts({0x1f, 0x9d}))
+        return "compress(1)-compressed (.Z)";
+    // The old .lzma format has no magic: a properties byte below 225, a
+    // dictionary size, then the size or all ones. The name says it too.
+    std::string ext = file.extension().string();
+    for (char& c : ext)
+        c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (ext == ".lzma" || (n >= 13 && magic[0] == 0x5d && magic[1] == 0 && magic[2] == 0 && magic[5] == 0xff
+                           && magic[12] == 0xff && magic[6] == 0xff))
+        return "lzma-compressed (the old .lzma format)";
+    for (const char* archive : {".zip", ".7z", ".rar", ".lz", ".lzo", ".z", ".tar", ".tgz", ".cpio"})
+        if (ext == archive)
+            return "named as a " + ext + " file";
+    return "";
+}
+
+// Whether a zstd or lz4 stream declares a checksum of its content (its first
+// frame's descriptor); gzip, xz (unless made with --check=none), bzip2 carry one.
+bool stream_has_checksum(const std::string& compression, const unsigned char* magic, size_t n)
+{
+    if (compression == "zstd")
+        return n > 4 && (magic[4] & 0x04) != 0; // Frame_Header_Descriptor: Content_Checksum_flag
+    if (compression == "lz4")
+        return n > 4 && (magic[4] & 0x04) != 0; // FLG: C.Checksum
+    if (compression == "xz")
+        return n > 7 && (magic[7] & 0x0f) != 0; // stream flags: check type, 0 is none
+    return true;
 }
 
 } // namespace
@@ -249,17 +323,10 @@ bool image_changed(const PreparedImage& image)
            || now.st_ctim.tv_nsec != then.st_ctim.tv_nsec;
 }
 
-std::string compression_of(const std::filesystem::path& file)
+std::string compression_of(const unsigned char* magic, size_t n)
 {
-    UniqueFd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd)
-        throw_errno("open " + file.string());
-    unsigned char magic[6] = {};
-    ssize_t n = ::pread(fd.get(), magic, sizeof magic, 0);
-    if (n < 0)
-        throw_errno("read " + file.string());
     auto starts = [&](std::initializer_list<unsigned> bytes) {
-        if (static_cast<size_t>(n) < bytes.size())
+        if (n < bytes.size())
             return false;
         size_t i = 0;
         for (unsigned b : bytes)
@@ -289,18 +356,30 @@ PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptio
     PreparedImage prepared;
     prepared.path = image;
     const std::string what = image.string();
-    struct stat st {};
-    if (::stat(image.c_str(), &st) != 0)
-        throw_errno("image " + what);
-    if (!S_ISREG(st.st_mode))
-        throw Error(what + " is not an image file");
-    prepared.compression = compression_of(image);
+    // Opened once: every later read is of this file, whatever the name comes to mean.
+    named::OpenFile input = named::open_input(image, "the image");
+    if (input.st.st_size == 0)
+        throw Error(what + " is empty (0 bytes): not an image");
+    unsigned char magic[16] = {};
+    ssize_t magic_size = ::pread(input.fd.get(), magic, sizeof magic, 0);
+    if (magic_size < 0)
+        throw_errno("read " + what);
+    size_t n = static_cast<size_t>(magic_size);
+    prepared.compression = compression_of(magic, n);
     prepared.compressed = !prepared.compression.empty();
+    if (!prepared.compressed) {
+        std::string other = unsupported_format(magic, n, image);
+        if (!other.empty())
+            throw Error(what + " is " + other + ", not a disk image or a compression treeflash reads (gz, xz, zst, bz2, "
+                        "lz4); nothing was written");
+    }
 
     std::optional<Bmap> bmap;
     std::optional<std::filesystem::path> bmap_file = options.bmap ? options.bmap : bmap_beside(image, prepared.compressed);
+    std::string bmap_text;
     if (bmap_file) {
-        bmap = read_bmap(*bmap_file);
+        bmap_text = named::read_input(*bmap_file, "the bmap", bmap_size_limit);
+        bmap = parse_bmap(bmap_text, bmap_file->string());
         prepared.bmap_path = bmap_file->string();
         if (!options.bmap)
             notice("using the bmap beside the image: " + prepared.bmap_path);
@@ -309,17 +388,17 @@ PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptio
     // SHA256SUMS: the explicit one must list the image; the one beside it is used when it does.
     std::string sums_text, image_listed;
     if (options.sums) {
-        sums_text = fs::read_file(*options.sums);
-        image_listed = listed_sum(sums_text, image.filename().string());
+        sums_text = named::read_input(*options.sums, "SHA256SUMS", sums_limit);
+        image_listed = listed_sum(sums_text, image.filename().string(), options.sums->string());
         if (image_listed.empty())
             throw Error(options.sums->string() + " does not list " + image.filename().string());
         prepared.sums_path = options.sums->string();
     } else {
         std::filesystem::path beside = image.parent_path() / "SHA256SUMS";
-        std::error_code ec;
-        if (std::filesystem::is_regular_file(beside, ec)) {
-            sums_text = fs::read_file(beside);
-            image_listed = listed_sum(sums_text, image.filename().string());
+        struct stat st {};
+        if (::lstat(beside.c_str(), &st) == 0) {
+            sums_text = named::read_input(beside, "SHA256SUMS beside the image", sums_limit);
+            image_listed = listed_sum(sums_text, image.filename().string(), beside.string());
             if (!image_listed.empty())
                 prepared.sums_path = beside.string();
         }
@@ -328,24 +407,26 @@ PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptio
         return std::filesystem::weakly_canonical(file.parent_path().empty() ? "." : file.parent_path());
     };
     if (!prepared.sums_path.empty() && bmap_file && dir_of(*bmap_file) == dir_of(image)) {
-        std::string bmap_listed = listed_sum(sums_text, bmap_file->filename().string());
-        if (!bmap_listed.empty() && bmap_listed != sha256_hex(fs::read_file(*bmap_file)))
+        std::string bmap_listed = listed_sum(sums_text, bmap_file->filename().string(), prepared.sums_path);
+        if (!bmap_listed.empty() && bmap_listed != sha256_hex(bmap_text))
             throw Error(prepared.bmap_path + " does not match " + prepared.sums_path + "; nothing was written");
     }
 
     if (prepared.compressed) {
+        // "Verified" must mean the card holds the image that was published:
+        // a stream without a checksum of its own, with nothing else vouching
+        // for it, could decompress to anything.
+        if (!bmap && prepared.sums_path.empty() && !stream_has_checksum(prepared.compression, magic, n))
+            throw Error(what + " is " + prepared.compression + " without a checksum of its content, and no bmap or "
+                        "SHA256SUMS vouches for it: a corrupted file would be written and reported good. Recompress it "
+                        "with a checksum (zstd and xz have one by default), or give --bmap or --sums; nothing was written");
         if (!bmap)
             notice("no bmap for " + what + ": every block is written (make one with treeflash bmap before compressing)");
-        decompress(prepared, bmap, options.max_size, cancellable);
+        decompress(prepared, input.fd.get(), bmap, options.max_size, cancellable);
     } else {
-        prepared.fd.reset(::open(image.c_str(), O_RDONLY | O_CLOEXEC));
-        if (!prepared.fd)
-            throw_errno("open " + what);
-        if (::fstat(prepared.fd.get(), &prepared.file_state) != 0)
-            throw_errno("stat " + what);
-        uint64_t size = static_cast<uint64_t>(st.st_size);
-        if (size == 0)
-            throw Error(what + " is empty");
+        prepared.fd = std::move(input.fd);
+        prepared.file_state = input.st;
+        uint64_t size = static_cast<uint64_t>(input.st.st_size);
         if (bmap) {
             if (bmap->image_size != size)
                 throw Error(what + " holds " + std::to_string(size) + " bytes but its bmap " + prepared.bmap_path + " says "
@@ -363,6 +444,12 @@ PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptio
             throw Error(what + " does not match " + prepared.sums_path + " (sha256 " + prepared.image_sha256 + ", listed "
                         + image_listed + "); nothing was written");
         notice("checked " + what + " against " + prepared.sums_path);
+    }
+    prepared.inputs.push_back(input.st);
+    for (const std::string& other : {prepared.bmap_path, prepared.sums_path}) {
+        struct stat st {};
+        if (!other.empty() && ::stat(other.c_str(), &st) == 0)
+            prepared.inputs.push_back(st);
     }
     return prepared;
 }

@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <sys/stat.h>
+#include <vector>
 
 typedef struct _GCancellable GCancellable;
 
@@ -40,6 +41,7 @@ struct PreparedImage {
     std::string sums_path;          // the SHA256SUMS the image was checked against, or ""
     std::string image_sha256;       // of the file as given, when computed
     struct stat file_state {};      // a raw image as checked: size, modification and change times
+    std::vector<struct stat> inputs; // the image, bmap and SHA256SUMS files read: no output may be one of them
 };
 
 // Whether a raw image was modified since prepare_image checked it.
@@ -51,6 +53,6 @@ bool image_changed(const PreparedImage& image);
 PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptions& options, GCancellable* cancellable);
 
 // "zstd", "gzip", ... for a compressed file by its first bytes, "" for raw.
-std::string compression_of(const std::filesystem::path& file);
+std::string compression_of(const unsigned char* magic, size_t size);
 
 } // namespace treeflash::flasher

@@ -3,6 +3,7 @@
 #include "common/error.hpp"
 #include "common/fd.hpp"
 #include "common/fs.hpp"
+#include "common/named_file.hpp"
 #include "flasher/write/bmap.hpp"
 
 #include <archive.h>
@@ -11,6 +12,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <gio/gio.h>
+#include <functional>
 #include <map>
 #include <memory>
 #include <sstream>
@@ -18,6 +20,7 @@
 #include <sys/stat.h>
 #include <thread>
 #include <unistd.h>
+#include <zstd.h>
 
 namespace treeflash::flasher {
 
@@ -36,6 +39,68 @@ std::string archive_error(struct archive* a)
     return text ? text : "unknown libarchive error";
 }
 
+struct ZstdFree {
+    void operator()(ZSTD_CCtx* c) const { ZSTD_freeCCtx(c); }
+};
+
+// Reads `input` to its end in 4 MiB chunks, handing each to `consume`.
+void for_each_chunk(int input, const std::string& what, GCancellable* cancellable,
+                    const std::function<void(const char*, size_t)>& consume)
+{
+    std::string buffer(4 << 20, '\0');
+    for (;;) {
+        if (g_cancellable_is_cancelled(cancellable))
+            throw Cancelled();
+        ssize_t n = ::read(input, buffer.data(), buffer.size());
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            throw_errno("read " + what);
+        if (n == 0)
+            return;
+        consume(buffer.data(), static_cast<size_t>(n));
+    }
+}
+
+// zstd straight from libzstd, on every core: libarchive's writer leaves out
+// the content checksum, and without it a corrupted .zst decompresses to
+// wrong bytes that nothing notices.
+void compress_zstd(int input, uint64_t size, int output, const std::string& what, const std::string& temp,
+                   GCancellable* cancellable)
+{
+    std::unique_ptr<ZSTD_CCtx, ZstdFree> cctx(ZSTD_createCCtx());
+    if (!cctx)
+        throw Error("zstd: out of memory");
+    auto check = [&](size_t rc) {
+        if (ZSTD_isError(rc))
+            throw Error("compress " + what + " with zstd: " + ZSTD_getErrorName(rc));
+        return rc;
+    };
+    check(ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_compressionLevel, 3));
+    check(ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_checksumFlag, 1));
+    // Without multithreading built in, zstd refuses workers: one thread then.
+    ZSTD_CCtx_setParameter(cctx.get(), ZSTD_c_nbWorkers, static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+    check(ZSTD_CCtx_setPledgedSrcSize(cctx.get(), size));
+    std::string out(ZSTD_CStreamOutSize(), '\0');
+    auto drain = [&](ZSTD_inBuffer& in, ZSTD_EndDirective mode) {
+        for (;;) {
+            ZSTD_outBuffer buf{out.data(), out.size(), 0};
+            size_t left = check(ZSTD_compressStream2(cctx.get(), &buf, &in, mode));
+            if (buf.pos && ::write(output, out.data(), buf.pos) != static_cast<ssize_t>(buf.pos))
+                throw_errno("write " + temp);
+            bool done = mode == ZSTD_e_end ? left == 0 : in.pos == in.size;
+            if (done)
+                return;
+        }
+    };
+    for_each_chunk(input, what, cancellable, [&](const char* data, size_t n) {
+        ZSTD_inBuffer in{data, n, 0};
+        drain(in, ZSTD_e_continue);
+    });
+    ZSTD_inBuffer end{nullptr, 0, 0};
+    drain(end, ZSTD_e_end);
+}
+
 } // namespace
 
 void check_compression_name(const std::string& name)
@@ -52,16 +117,14 @@ std::filesystem::path compress_image(const std::filesystem::path& image, const s
     check_compression_name(compression);
     std::filesystem::path output = image;
     output += "." + compression;
+    named::check_output(output, "the compressed image");
     std::error_code ec;
     if (std::filesystem::exists(std::filesystem::symlink_status(output, ec)) && !overwrite)
         throw Error(output.string() + " exists; pass --overwrite to replace it");
 
-    UniqueFd input(::open(image.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!input)
-        throw_errno("open " + image.string());
-    struct stat st {};
-    if (::fstat(input.get(), &st) != 0)
-        throw_errno("stat " + image.string());
+    named::OpenFile opened = named::open_input(image, "the image");
+    UniqueFd input = std::move(opened.fd);
+    const struct stat& st = opened.st;
 
     std::filesystem::path dir = output.parent_path().empty() ? "." : output.parent_path();
     std::string temp = (dir / ("." + output.filename().string() + ".partial-XXXXXX")).string();
@@ -82,44 +145,33 @@ std::filesystem::path compress_image(const std::filesystem::path& image, const s
     // stale (Target::create_image removes what a killed one left).
     ::flock(out.get(), LOCK_EX | LOCK_NB);
 
-    std::unique_ptr<struct archive, ArchiveWriteFree> writer(archive_write_new());
-    std::string threads = std::to_string(std::max(1u, std::thread::hardware_concurrency()));
-    int rc = compression == "zst" ? archive_write_add_filter_zstd(writer.get())
-             : compression == "xz" ? archive_write_add_filter_xz(writer.get())
-                                   : archive_write_add_filter_gzip(writer.get());
-    if (rc != ARCHIVE_OK)
-        throw Error(std::string("libarchive cannot write ") + compression + ": " + archive_error(writer.get()));
-    if (compression == "zst")
-        archive_write_set_filter_option(writer.get(), "zstd", "threads", threads.c_str());
-    if (compression == "xz")
-        archive_write_set_filter_option(writer.get(), "xz", "threads", threads.c_str());
-    archive_write_set_format_raw(writer.get());
-    archive_write_set_bytes_in_last_block(writer.get(), 1);
-    if (archive_write_open_fd(writer.get(), out.get()) != ARCHIVE_OK)
-        throw Error("compress into " + temp + ": " + archive_error(writer.get()));
-    std::unique_ptr<struct archive_entry, EntryFree> entry(archive_entry_new());
-    archive_entry_set_pathname(entry.get(), image.filename().c_str());
-    archive_entry_set_filetype(entry.get(), AE_IFREG);
-    archive_entry_set_size(entry.get(), st.st_size);
-    if (archive_write_header(writer.get(), entry.get()) != ARCHIVE_OK)
-        throw Error("compress " + image.string() + ": " + archive_error(writer.get()));
-
-    std::string buffer(4 << 20, '\0');
-    for (;;) {
-        if (g_cancellable_is_cancelled(cancellable))
-            throw Cancelled();
-        ssize_t n = ::read(input.get(), buffer.data(), buffer.size());
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            throw_errno("read " + image.string());
-        if (n == 0)
-            break;
-        if (archive_write_data(writer.get(), buffer.data(), static_cast<size_t>(n)) != n)
+    if (compression == "zst") {
+        compress_zstd(input.get(), static_cast<uint64_t>(st.st_size), out.get(), image.string(), temp, cancellable);
+    } else {
+        std::unique_ptr<struct archive, ArchiveWriteFree> writer(archive_write_new());
+        std::string threads = std::to_string(std::max(1u, std::thread::hardware_concurrency()));
+        int rc = compression == "xz" ? archive_write_add_filter_xz(writer.get()) : archive_write_add_filter_gzip(writer.get());
+        if (rc != ARCHIVE_OK)
+            throw Error(std::string("libarchive cannot write ") + compression + ": " + archive_error(writer.get()));
+        if (compression == "xz")
+            archive_write_set_filter_option(writer.get(), "xz", "threads", threads.c_str());
+        archive_write_set_format_raw(writer.get());
+        archive_write_set_bytes_in_last_block(writer.get(), 1);
+        if (archive_write_open_fd(writer.get(), out.get()) != ARCHIVE_OK)
+            throw Error("compress into " + temp + ": " + archive_error(writer.get()));
+        std::unique_ptr<struct archive_entry, EntryFree> entry(archive_entry_new());
+        archive_entry_set_pathname(entry.get(), image.filename().c_str());
+        archive_entry_set_filetype(entry.get(), AE_IFREG);
+        archive_entry_set_size(entry.get(), st.st_size);
+        if (archive_write_header(writer.get(), entry.get()) != ARCHIVE_OK)
+            throw Error("compress " + image.string() + ": " + archive_error(writer.get()));
+        for_each_chunk(input.get(), image.string(), cancellable, [&](const char* data, size_t n) {
+            if (archive_write_data(writer.get(), data, n) != static_cast<la_ssize_t>(n))
+                throw Error("compress into " + temp + ": " + archive_error(writer.get()));
+        });
+        if (archive_write_close(writer.get()) != ARCHIVE_OK)
             throw Error("compress into " + temp + ": " + archive_error(writer.get()));
     }
-    if (archive_write_close(writer.get()) != ARCHIVE_OK)
-        throw Error("compress into " + temp + ": " + archive_error(writer.get()));
     if (::fsync(out.get()) != 0)
         throw_errno("sync " + temp);
     unsigned flags = overwrite ? 0 : RENAME_NOREPLACE;
@@ -139,9 +191,10 @@ std::filesystem::path update_sha256sums(const std::vector<std::filesystem::path>
     std::filesystem::path dir = files.front().parent_path();
     std::filesystem::path sums = (dir.empty() ? std::filesystem::path(".") : dir) / "SHA256SUMS";
     std::map<std::string, std::string> lines; // name -> line, sorted by name
-    std::error_code ec;
-    if (std::filesystem::is_regular_file(sums, ec)) {
-        std::istringstream in(fs::read_file(sums));
+    named::check_output(sums, "SHA256SUMS");
+    struct stat existing {};
+    if (::lstat(sums.c_str(), &existing) == 0) {
+        std::istringstream in(named::read_input(sums, "SHA256SUMS", 16 << 20));
         for (std::string line; std::getline(in, line);)
             if (line.size() > 66)
                 lines[line.substr(66)] = line;

@@ -1,6 +1,7 @@
 #include "flasher/write/write.hpp"
 
 #include "common/error.hpp"
+#include "common/named_file.hpp"
 #include "common/fs.hpp"
 #include "common/process.hpp"
 #include "common/sha256.hpp"
@@ -79,8 +80,11 @@ public:
                 grow();
             report(CardPhase::Done, 0, 0);
         } catch (const Cancelled&) {
-            m_result.error = m_head_written ? "interrupted after writing (not verified)"
-                                            : "interrupted; its first MiB was not written, so it keeps its old partition table";
+            m_result.error = !m_head_written ? "interrupted; its first MiB was not written, so it keeps its old partition table"
+                             : m_result.verified ? "interrupted after it was written and verified, before --grow: the card is "
+                                                   "good at the image's size (grow it with treeflash write --grow again, or "
+                                                   "resize2fs)"
+                                                 : "interrupted after writing (not verified)";
             report(CardPhase::Failed, 0, 0);
         } catch (const std::exception& e) {
             m_result.error = e.what();
@@ -243,8 +247,12 @@ private:
         // e2fsck and resize2fs claim the partition: the whole disk must be let go.
         m_target.release_exclusive_claim();
         std::string node = partition_node(device, grown.number);
+        // From here on the grow runs to its end, Ctrl-C or not: a resize2fs
+        // cut short leaves the file system half-grown ("clean with errors").
+        // It takes seconds; the card is then whole, and the run still ends
+        // as interrupted.
         ProcessOptions process;
-        process.cancellable = m_cancellable;
+        process.new_process_group = true;
         ProcessResult check = run_process({"e2fsck", "-f", "-p", node}, process);
         if (check.exit_code != 0 && check.exit_code != 1)
             throw Error("--grow: e2fsck " + node + " found problems it did not fix: " + check.out + check.err);
@@ -316,6 +324,11 @@ WriteReport write_cards(const WriteOptions& options, GCancellable* cancellable)
     for (const auto& card : report.cards)
         image_options.max_size = std::max(image_options.max_size, card.disk.size);
     PreparedImage image = prepare_image(options.image, image_options, cancellable);
+    for (const auto& output : options.outputs)
+        for (const auto& input : image.inputs)
+            if (named::same_file(output.st, input))
+                throw Error(output.what + " is a file this write reads (the image, its bmap or SHA256SUMS); "
+                            "name another file; nothing was written");
     report.image = options.image.string();
     report.image_sha256 = image.image_sha256;
     report.bmap = image.bmap_path;

@@ -39,6 +39,13 @@ struct WriteOptions {
     bool verify = true;
     bool grow = false;
     bool force = false; // allow disks that are not removable
+    // Files this run writes besides the cards (a log): refused before any
+    // card is touched when one is a file the write reads (image, bmap, sums).
+    struct Output {
+        std::string what;
+        struct stat st {};
+    };
+    std::vector<Output> outputs;
     // Asked once, with every target, before anything is written; false stops.
     std::function<bool(const std::vector<DiskInfo>&, const PreparedImage&)> confirm;
     std::function<void(const CardProgress&)> progress;

@@ -1,0 +1,56 @@
+// The one way to open a file the user named on the command line, or one
+// treeflash finds beside it (an image, its bmap, a SHA256SUMS, a log, an
+// output): every rule below holds whoever runs treeflash, root included.
+//
+// - A symlink is followed only when it sits in a folder no other user can
+//   write: in someone else's folder (or a group- or world-writable one) the
+//   link could be aimed at a file only root may read or write.
+// - Only regular files: a FIFO would block the open forever, a device would
+//   be read without end or written over, a folder is a mistake. Files are
+//   opened without blocking and checked after the open, on what was opened.
+// - Reads are bounded: a small file (bmap, SHA256SUMS) larger than its limit
+//   is refused instead of read into memory.
+// - An output that replaces a file (through a temporary file and rename) may
+//   only replace a regular file, never a symlink, device or folder.
+#pragma once
+
+#include "common/fd.hpp"
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <sys/stat.h>
+
+namespace treeflash::named {
+
+struct OpenFile {
+    UniqueFd fd;
+    struct stat st {};
+};
+
+// Whether users other than the caller and root may add or replace entries
+// in `folder` (another owner, or group/other write permission).
+bool folder_shared(const std::filesystem::path& folder);
+
+// Opens an input for reading: a regular file (see above). `what` names it in
+// errors ("the image", "the bmap", "SHA256SUMS").
+OpenFile open_input(const std::filesystem::path& path, std::string_view what);
+
+// The content of an input of at most `limit` bytes; a larger one is refused.
+std::string read_input(const std::filesystem::path& path, std::string_view what, uint64_t limit);
+
+// Opens a log for appending, created (0644) when missing: a regular file.
+OpenFile open_log(const std::filesystem::path& path, std::string_view what);
+
+// Throws unless `path` is free to be replaced by a new regular file: absent,
+// or a regular file reached without a symlink.
+void check_output(const std::filesystem::path& path, std::string_view what);
+
+// Whether two stats describe the same file (device and inode).
+bool same_file(const struct stat& a, const struct stat& b);
+
+// "a FIFO", "a block device", "a folder", ... for an error message.
+std::string kind_of(mode_t mode);
+
+} // namespace treeflash::named

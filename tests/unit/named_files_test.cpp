@@ -1,0 +1,273 @@
+// Paths a user names are opened one way (common/named_file.hpp): no
+// symlink followed out of a folder others can write, no FIFO or device,
+// bounded reads, no output over an input. And what write and flash make of
+// what they read: SHA256SUMS as sha256sum reads it, zstd with a checksum,
+// archives refused, kernel command lines that fit. Without root.
+#include "common/error.hpp"
+#include "common/named_file.hpp"
+#include "common/validate.hpp"
+#include "flasher/write/bmap.hpp"
+#include "flasher/write/image.hpp"
+#include "flasher/write/publish.hpp"
+#include "tests/support/fixtures.hpp"
+
+#include <doctest/doctest.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+using namespace treeflash;
+using namespace treeflash::test;
+
+namespace {
+
+constexpr uint64_t MiB = 1 << 20;
+
+// A small sparse "card image": a dos table and 2 MiB of data at 1 MiB.
+fs::path small_image(const fs::path& dir, const std::string& name = "card.img")
+{
+    fs::path image = dir / name;
+    write_file(image, "");
+    fs::resize_file(image, 8 * MiB);
+    auto table = run_process({"sh", "-c", "printf 'label: dos\\nstart=2048, type=83\\n' | sfdisk -q \"$0\"", image.string()});
+    REQUIRE_MESSAGE(table.ok(), table.err);
+    std::string data(2 * MiB, '\0');
+    for (size_t i = 0; i < data.size(); ++i)
+        data[i] = static_cast<char>((i * 2654435761u) >> 13);
+    int fd = ::open(image.c_str(), O_WRONLY | O_CLOEXEC);
+    REQUIRE(fd >= 0);
+    REQUIRE(::pwrite(fd, data.data(), data.size(), MiB) == static_cast<ssize_t>(data.size()));
+    ::close(fd);
+    return image;
+}
+
+flasher::ImageOptions no_notices()
+{
+    return {};
+}
+
+// A folder anyone may write in (as /tmp is): a symlink there may have been
+// put by anyone.
+fs::path shared_folder(const Scratch& tmp)
+{
+    fs::path dir = tmp / "shared";
+    fs::create_directories(dir);
+    fs::permissions(dir, fs::perms::all);
+    return dir;
+}
+
+// The result of `timeout 30 treeflash ...`: exit code 124 means it hung.
+ProcessResult run_treeflash_bounded(const std::vector<std::string>& args)
+{
+    std::vector<std::string> argv{"timeout", "-s", "KILL", "30", TREEFLASH_BINARY};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return run_process(argv);
+}
+
+} // namespace
+
+TEST_SUITE("trust") {
+
+TEST_CASE("named files: symlinks only out of folders no one else can write, regular files only, bounded")
+{
+    Scratch tmp;
+    write_file(tmp / "secret", "only root reads this\n", 0600);
+    fs::path shared = shared_folder(tmp);
+    fs::create_symlink(tmp / "secret", shared / "link");
+    CHECK(error_of([&] { named::open_input(shared / "link", "SHA256SUMS"); }).find("a folder other users can write")
+          != std::string::npos);
+    CHECK(error_of([&] { named::open_log(shared / "link", "the log"); }).find("is a symlink") != std::string::npos);
+    CHECK(read_text(tmp / "secret") == "only root reads this\n");
+    // In the caller's own folder, a link is the caller's choice.
+    fs::create_symlink(tmp / "secret", tmp / "own-link");
+    CHECK(named::read_input(tmp / "own-link", "the file", 1024) == "only root reads this\n");
+
+    // A FIFO is refused at once, for reading and for appending; so are a device and a folder.
+    REQUIRE(::mkfifo((tmp / "fifo").c_str(), 0600) == 0);
+    CHECK(error_of([&] { named::open_input(tmp / "fifo", "the bmap"); }).find("is a FIFO") != std::string::npos);
+    CHECK(error_of([&] { named::open_log(tmp / "fifo", "the log"); }).find("is a FIFO") != std::string::npos);
+    CHECK(error_of([&] { named::open_input("/dev/zero", "SHA256SUMS"); }).find("is a character device") != std::string::npos);
+    CHECK(error_of([&] { named::open_input(tmp.path(), "SHA256SUMS"); }).find("is a folder") != std::string::npos);
+    CHECK(error_of([&] { named::open_log("", "the log"); }).find("empty path") != std::string::npos);
+
+    // Bounded: a large (sparse) file is refused before a byte is read.
+    write_file(tmp / "huge", "");
+    fs::resize_file(tmp / "huge", 3ull << 30);
+    CHECK(error_of([&] { named::read_input(tmp / "huge", "SHA256SUMS", 16 * MiB); }).find("more than") != std::string::npos);
+
+    // An output replaces regular files only.
+    CHECK_NOTHROW(named::check_output(tmp / "new-file", "the bmap"));
+    CHECK_NOTHROW(named::check_output(tmp / "secret", "the bmap"));
+    CHECK(error_of([&] { named::check_output(tmp / "fifo", "the bmap"); }).find("is a FIFO") != std::string::npos);
+    CHECK(error_of([&] { named::check_output(tmp / "own-link", "the bmap"); }).find("is a symlink") != std::string::npos);
+}
+
+TEST_CASE("SHA256SUMS beside an image is neither read nor replaced through a symlink in a shared folder")
+{
+    Scratch tmp;
+    fs::path dir = shared_folder(tmp);
+    fs::path image = small_image(dir);
+    fs::path bmap = dir / "card.img.bmap";
+    flasher::write_bmap(image, bmap);
+    // Lines that look like sums, in a file only its owner may read.
+    std::string secret = std::string(64, 'a') + "  root-only-line\n";
+    write_file(tmp / "root-only", secret, 0600);
+    fs::create_symlink(tmp / "root-only", dir / "SHA256SUMS");
+
+    std::string message = error_of([&] { flasher::update_sha256sums({image, bmap}, nullptr); });
+    CHECK_MESSAGE(message.find("is a symlink") != std::string::npos, message);
+    CHECK(fs::is_symlink(dir / "SHA256SUMS"));
+    CHECK(read_text(tmp / "root-only") == secret);
+
+    message = error_of([&] { flasher::prepare_image(image, no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("a folder other users can write") != std::string::npos, message);
+}
+
+TEST_CASE("bmap: never over its own image, a FIFO or a symlink; a FIFO image is refused, not waited on")
+{
+    Scratch tmp;
+    fs::path image = small_image(tmp.path());
+    uintmax_t size = fs::file_size(image);
+    auto r = run_treeflash({"bmap", image.string(), "-o", image.string()});
+    CHECK(r.exit_code == 1);
+    CHECK_MESSAGE(r.err.find("would replace the image it maps") != std::string::npos, r.err);
+    CHECK(fs::file_size(image) == size);
+
+    REQUIRE(::mkfifo((tmp / "fifo").c_str(), 0600) == 0);
+    r = run_treeflash_bounded({"bmap", image.string(), "-o", (tmp / "fifo").string()});
+    CHECK_MESSAGE(r.err.find("is a FIFO") != std::string::npos, r.err);
+    CHECK(fs::is_fifo(tmp / "fifo"));
+    r = run_treeflash_bounded({"bmap", (tmp / "fifo").string()});
+    CHECK(r.exit_code == 1); // 124/137 when it hung
+    CHECK_MESSAGE(r.err.find("is a FIFO") != std::string::npos, r.err);
+
+    fs::create_symlink(tmp / "elsewhere.bmap", tmp / "link.bmap");
+    r = run_treeflash({"bmap", image.string(), "-o", (tmp / "link.bmap").string()});
+    CHECK_MESSAGE(r.err.find("is a symlink") != std::string::npos, r.err);
+    CHECK(!fs::exists(tmp / "elsewhere.bmap"));
+}
+
+TEST_CASE("an image's SHA256SUMS and bmap: FIFOs, devices and huge files are refused at once")
+{
+    Scratch tmp;
+    fs::path image = small_image(tmp.path());
+    REQUIRE(::mkfifo((tmp / "fifo").c_str(), 0600) == 0);
+    flasher::ImageOptions options;
+    options.sums = tmp / "fifo";
+    CHECK(error_of([&] { flasher::prepare_image(image, options, nullptr); }).find("is a FIFO") != std::string::npos);
+    options.sums = "/dev/zero";
+    CHECK(error_of([&] { flasher::prepare_image(image, options, nullptr); }).find("character device") != std::string::npos);
+    options.sums.reset();
+    options.bmap = tmp / "fifo";
+    CHECK(error_of([&] { flasher::prepare_image(image, options, nullptr); }).find("is a FIFO") != std::string::npos);
+
+    // 3 GiB of SHA256SUMS beside the image: refused, not read into memory.
+    write_file(tmp / "SHA256SUMS", "");
+    fs::resize_file(tmp / "SHA256SUMS", 3ull << 30);
+    std::string message = error_of([&] { flasher::prepare_image(image, no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("more than") != std::string::npos, message);
+}
+
+TEST_CASE("SHA256SUMS is read as sha256sum -c reads it")
+{
+    Scratch tmp;
+    fs::path image = small_image(tmp.path());
+    std::string sum = sha256sum_files({image});
+    flasher::ImageOptions options;
+    options.sums = tmp / "SUMS";
+
+    // "./card.img" names the image: a wrong sum there is a mismatch, not "not listed".
+    write_file(tmp / "SUMS", std::string(64, '0') + "  ./card.img\n");
+    std::string message = error_of([&] { flasher::prepare_image(image, options, nullptr); });
+    CHECK_MESSAGE(message.find("does not match") != std::string::npos, message);
+    // The same beside the image, unasked.
+    write_file(tmp / "SHA256SUMS", std::string(64, '0') + "  ./card.img\n");
+    message = error_of([&] { flasher::prepare_image(image, no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("does not match") != std::string::npos, message);
+    fs::remove(tmp / "SHA256SUMS");
+
+    // Upper-case hex and the binary marker are accepted.
+    std::string upper = sum;
+    for (char& c : upper)
+        c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    write_file(tmp / "SUMS", upper + " *card.img\n");
+    flasher::PreparedImage prepared = flasher::prepare_image(image, options, nullptr);
+    CHECK(prepared.sums_path == (tmp / "SUMS").string());
+    CHECK(prepared.image_sha256 == sum);
+
+    // A line for the image that is no sha256 is an error, not a line skipped.
+    write_file(tmp / "SUMS", "d41d8cd98f00b204e9800998ecf8427e  card.img\n");
+    message = error_of([&] { flasher::prepare_image(image, options, nullptr); });
+    CHECK_MESSAGE(message.find("not a sha256") != std::string::npos, message);
+
+    // A folder is named as such.
+    options.sums = tmp.path();
+    message = error_of([&] { flasher::prepare_image(image, options, nullptr); });
+    CHECK_MESSAGE(message.find("is a folder") != std::string::npos, message);
+}
+
+TEST_CASE("zstd images carry a content checksum; a corrupted one is never written as good")
+{
+    Scratch tmp;
+    fs::path image = small_image(tmp.path());
+    fs::path zst = flasher::compress_image(image, "zst", false, nullptr);
+    auto listing = run_process({"zstd", "-lv", zst.string()});
+    REQUIRE_MESSAGE(listing.ok(), listing.err);
+    CHECK_MESSAGE(listing.out.find("Check: XXH64") != std::string::npos, listing.out);
+    CHECK(run_process({"zstd", "-t", "-q", zst.string()}).ok());
+    CHECK(flasher::prepare_image(zst, no_notices(), nullptr).image_sha256 == sha256sum_files({zst}));
+
+    // One byte changed in the last 4 KiB of compressed data: found, by the checksum if by nothing else.
+    std::string bytes = read_text(zst);
+    REQUIRE(bytes.size() > 4096);
+    bytes[bytes.size() - 2000] ^= 0x01;
+    write_file(tmp / "corrupt.img.zst", bytes);
+    CHECK(!error_of([&] { flasher::prepare_image(tmp / "corrupt.img.zst", no_notices(), nullptr); }).empty());
+
+    // A foreign zstd without a checksum, with nothing vouching for it, is refused.
+    REQUIRE(run_process({"zstd", "-q", "--no-check", image.string(), "-o", (tmp / "unchecked.img.zst").string()}).ok());
+    std::string message = error_of([&] { flasher::prepare_image(tmp / "unchecked.img.zst", no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("without a checksum") != std::string::npos, message);
+    // With a bmap it is checked range by range, and accepted.
+    flasher::write_bmap(image, tmp / "unchecked.img.bmap");
+    CHECK_NOTHROW(flasher::prepare_image(tmp / "unchecked.img.zst", no_notices(), nullptr));
+}
+
+TEST_CASE("archives and compressions treeflash does not read are refused, not written raw")
+{
+    Scratch tmp;
+    fs::path image = small_image(tmp.path());
+    REQUIRE(run_process({"xz", "-k", "-q", "--format=lzma", image.string()}).ok());
+    std::string message = error_of([&] { flasher::prepare_image(tmp / "card.img.lzma", no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("lzma") != std::string::npos, message);
+    CHECK_MESSAGE(message.find("nothing was written") != std::string::npos, message);
+    // A zip archive (a local file header, then the image stored).
+    write_file(tmp / "card.zip", std::string("PK\x03\x04", 4) + read_text(image));
+    message = error_of([&] { flasher::prepare_image(tmp / "card.zip", no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("a zip archive") != std::string::npos, message);
+    write_file(tmp / "empty.img", "");
+    message = error_of([&] { flasher::prepare_image(tmp / "empty.img", no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("is empty") != std::string::npos, message);
+}
+
+TEST_CASE("--log must name a file; a kernel command line arm64 cannot take is refused")
+{
+    auto r = run_treeflash({"write", "card.img", "/dev/null", "--log", "", "--yes"});
+    CHECK(r.exit_code == 2);
+    CHECK_MESSAGE(r.err.find("--log: name a file") != std::string::npos, r.err);
+
+    Scratch tmp;
+    std::string long_arg = "x=" + std::string(10000, 'y');
+    r = run_treeflash({"flash", "--board", "qemu-arm64", "--image", (tmp / "card.img").string(), "--repo",
+                       (tmp / "none").string(), "--no-gpg-verify", "--karg", long_arg});
+    CHECK(r.exit_code != 0);
+    CHECK_MESSAGE(r.err.find("would not boot") != std::string::npos, r.err);
+    CHECK(!fs::exists(tmp / "card.img"));
+    // What fits passes; the limit counts every argument.
+    CHECK_NOTHROW(validate::kernel_command_line({"console=ttyAMA0", std::string(1500, 'a')}, "--karg"));
+    CHECK(error_of([&] { validate::kernel_command_line(std::vector<std::string>(100, std::string(20, 'a')), "--karg"); })
+              .find("would not boot")
+          != std::string::npos);
+}
+
+}
