@@ -11,9 +11,11 @@
 #include <csignal>
 #include <fcntl.h>
 #include <gio/gio.h>
+#include <dirent.h>
 #include <ostree.h>
 #include <poll.h>
 #include <string>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -140,10 +142,75 @@ void watched_pull(OstreeRepo* repo, const std::string& remote, GVariant* options
         throw Cancelled();
     if (WIFEXITED(status) && WEXITSTATUS(status) == 0 && outcome == "ok")
         return;
-    if (outcome.rfind("error ", 0) == 0)
-        throw Error(what + ": " + outcome.substr(6));
+    if (outcome.rfind("error ", 0) == 0) {
+        std::string text = outcome.substr(6);
+        // libostree says "No space left on device" without a folder: name the
+        // full one (its downloads' folder, or the repository's file system).
+        if (text.find("No space left") != std::string::npos) {
+            std::vector<std::pair<std::string, std::filesystem::path>> places{{"the repository", repo_path}};
+            places.emplace_back("the pull's downloads", download_dir.empty() ? std::filesystem::path(g_get_tmp_dir()) : download_dir);
+            std::string free_text;
+            for (const auto& [role, place] : places) {
+                struct statvfs vfs {};
+                if (::statvfs(place.c_str(), &vfs) == 0)
+                    free_text += (free_text.empty() ? "" : ", ") + role + " in " + place.string() + " has "
+                                 + std::to_string(static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize >> 20) + " MiB free";
+            }
+            text += " (" + free_text + ")";
+        }
+        throw Error(what + ": " + text);
+    }
     throw Error(what + ": the pull ended unexpectedly (" + (WIFSIGNALED(status) ? "signal " + std::to_string(WTERMSIG(status)) : "status " + std::to_string(WEXITSTATUS(status))) + ")");
 }
+
+namespace {
+
+struct DirClose {
+    void operator()(DIR* dir) const { ::closedir(dir); }
+};
+
+// A pull from a local repository copies its metadata objects (commits,
+// dirtrees, dirmetas) with their owner, so a repository owned by a user
+// would leave that user's uid on the card: on the board that uid could
+// rewrite them. They become the puller's, as an HTTP pull makes them.
+// Content objects keep their owner: in a bare repository it is the file's.
+void own_metadata_objects(OstreeRepo* repo)
+{
+    int objects = ::openat(ostree_repo_get_dfd(repo), "objects", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (objects < 0)
+        throw_errno("open the repository's objects");
+    UniqueFd objects_fd(objects);
+    const uid_t uid = ::geteuid();
+    const gid_t gid = ::getegid();
+    for (int prefix = 0; prefix < 256; ++prefix) {
+        char name[3];
+        std::snprintf(name, sizeof name, "%02x", prefix);
+        UniqueFd dir(::openat(objects, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+        if (!dir)
+            continue;
+        UniqueFd listed(::dup(dir.get()));
+        std::unique_ptr<DIR, DirClose> listing(listed ? ::fdopendir(listed.get()) : nullptr);
+        if (!listing)
+            continue;
+        listed.release(); // the DIR owns it now
+        while (struct dirent* entry = ::readdir(listing.get())) {
+            std::string_view object = entry->d_name;
+            bool metadata = object.ends_with(".commit") || object.ends_with(".commitmeta") || object.ends_with(".dirtree")
+                            || object.ends_with(".dirmeta");
+            struct stat st {};
+            if (!metadata || ::fstatat(dir.get(), entry->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0)
+                continue;
+            if ((st.st_uid == uid && st.st_gid == gid) || !S_ISREG(st.st_mode))
+                continue;
+            // In a user namespace a foreign owner cannot be changed (EPERM, EINVAL): it stays.
+            if (::fchownat(dir.get(), entry->d_name, uid, gid, AT_SYMLINK_NOFOLLOW) != 0 && errno != EPERM
+                && errno != EINVAL)
+                throw_errno(std::string("own the pulled object ") + name + "/" + entry->d_name);
+        }
+    }
+}
+
+} // namespace
 
 int run_pull_helper(const std::vector<std::string>& args)
 {
@@ -193,6 +260,12 @@ int run_pull_helper(const std::vector<std::string>& args)
     ostree_async_progress_finish(progress);
     if (!ok) {
         report_error(error ? error->message : "failed");
+        return 1;
+    }
+    try {
+        own_metadata_objects(repo.get());
+    } catch (const Error& e) {
+        report_error(e.what());
         return 1;
     }
     fs::write_to_pipe(report_descriptor, "ok\n");

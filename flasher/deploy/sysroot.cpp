@@ -231,6 +231,20 @@ void check_sysroot_links(const std::filesystem::path& root)
         auto rel = std::filesystem::path("ostree/deploy") / os.path().filename();
         walk(rel, 1);                 // OS/deploy, OS/var
         walk(rel / "deploy", 1);      // CSUM.SERIAL and CSUM.SERIAL.origin
+        // What libostree's /etc merge reads and copies from: a deployment's
+        // etc, usr and usr/etc are directories it made, never links (one
+        // pointing at a host folder would copy the host's files onto the card).
+        for (const auto& deployment : std::filesystem::directory_iterator(root / rel / "deploy", ec)) {
+            if (deployment.path().extension() == ".origin")
+                continue;
+            for (const char* part : {"etc", "usr", "usr/etc"}) {
+                auto inside = rel / "deploy" / deployment.path().filename() / part;
+                if (sfs::is_symlink(sfs::symlink_status(root / inside, ec)))
+                    throw Error("the card's " + inside.string() + " is a symlink (to "
+                                + sfs::read_symlink(root / inside, ec).string()
+                                + "); a deployment's " + part + " is a directory, refusing to use it");
+            }
+        }
     }
 }
 

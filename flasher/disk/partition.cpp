@@ -4,6 +4,7 @@
 #include "flasher/disk/handles.hpp"
 #include "flasher/disk/target.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -293,6 +294,10 @@ void show_new_partitions(int fd, const std::string& device_path)
         part.pno = static_cast<int>(fdisk_partition_get_partno(pa)) + 1;
         part.start = static_cast<long long>(fdisk_partition_get_start(pa) * sector);
         part.length = static_cast<long long>(fdisk_partition_get_size(pa) * sector);
+        // An MBR extended partition holds the logical ones: the kernel (and
+        // partx) shows it as its first 1 KiB only, else they would overlap it.
+        if (fdisk_partition_is_container(pa))
+            part.length = std::min<long long>(part.length, sector == 512 ? 1024 : static_cast<long long>(sector));
         struct blkpg_ioctl_arg arg {};
         arg.op = BLKPG_ADD_PARTITION;
         arg.datalen = sizeof part;

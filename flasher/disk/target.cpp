@@ -1,6 +1,7 @@
 #include "flasher/disk/target.hpp"
 
 #include "common/error.hpp"
+#include "common/named_file.hpp"
 #include "flasher/disk/handles.hpp"
 #include "flasher/write/publish.hpp"
 
@@ -92,6 +93,71 @@ void probe_existing_partition(const std::string& node, ExistingPartition& part)
         part.label = value;
 }
 
+dev_t devno_of(const std::filesystem::path& sys_dir)
+{
+    std::string text = sysfs_read(sys_dir / "dev");
+    auto colon = text.find(':');
+    if (colon == std::string::npos)
+        return 0;
+    try {
+        return makedev(std::stoul(text.substr(0, colon)), std::stoul(text.substr(colon + 1)));
+    } catch (const std::exception&) {
+        return 0;
+    }
+}
+
+// Everything that uses `disk` (a whole disk) or one of its partitions:
+// mounts, swap, kernel holders (device mapper, md), and loop devices set up
+// over it, with or without an offset, that are in turn used (the kernel does
+// not list those as holders). `via` names the loop device a use goes
+// through, for the message.
+void add_users(dev_t disk, DiskInfo& info, const std::string& via, int depth)
+{
+    std::string through = via.empty() ? "" : " (through " + via + ", a loop device over it)";
+    std::filesystem::path disk_sys = sysfs_block_dir(disk);
+    std::vector<std::filesystem::path> dirs{disk_sys}; // the disk, then its partitions
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(disk_sys, ec))
+        if (std::filesystem::exists(entry.path() / "partition"))
+            dirs.push_back(entry.path());
+    for (const auto& dir : dirs)
+        for (const auto& holder : std::filesystem::directory_iterator(dir / "holders", ec))
+            info.holders.push_back(holder.path().filename().string()
+                                   + (dir == disk_sys ? "" : " (on " + dir.filename().string() + ")") + through);
+    for (const auto& mount : mounts_on(disk)) {
+        if (mount.target == "/")
+            info.holds_root = true;
+        info.mounted.push_back(mount.source + " on " + mount.target + through);
+    }
+    struct libmnt_fs* fs = nullptr;
+    MntTable swaps(mnt_new_table());
+    if (swaps && mnt_table_parse_swaps(swaps.get(), nullptr) == 0) {
+        MntIter swap_it(mnt_new_iter(MNT_ITER_FORWARD));
+        while (mnt_table_next_fs(swaps.get(), swap_it.get(), &fs) == 0) {
+            const char* swap = mnt_fs_get_source(fs);
+            struct stat sw {};
+            if (swap && ::stat(swap, &sw) == 0 && S_ISBLK(sw.st_mode) && whole_disk_of(sw.st_rdev) == disk)
+                info.mounted.push_back(std::string(swap) + " as swap" + through);
+        }
+    }
+    if (depth >= 4) // loop over loop over loop...: enough
+        return;
+    for (const auto& entry : std::filesystem::directory_iterator("/sys/block", ec)) {
+        std::string name = entry.path().filename().string();
+        if (name.rfind("loop", 0) != 0)
+            continue;
+        std::string backing = sysfs_read(entry.path() / "loop/backing_file");
+        struct stat st {};
+        if (backing.empty() || ::stat(backing.c_str(), &st) != 0 || !S_ISBLK(st.st_mode))
+            continue;
+        if (st.st_rdev != disk && whole_disk_of(st.st_rdev) != disk)
+            continue;
+        dev_t loop = devno_of(entry.path());
+        if (loop && loop != disk)
+            add_users(loop, info, via.empty() ? "/dev/" + name : via, depth + 1);
+    }
+}
+
 } // namespace
 
 std::filesystem::path sysfs_block_dir(dev_t devno)
@@ -150,35 +216,16 @@ DiskInfo describe_disk(const std::string& path)
         info.partitions.push_back(part);
     }
     std::sort(info.partitions.begin(), info.partitions.end(), [](const auto& a, const auto& b) { return a.node < b.node; });
-    std::error_code ec;
-    for (const auto& dir : {disk_sys / "holders", sys / "holders"})
-        if (std::filesystem::is_directory(dir, ec))
-            for (const auto& holder : std::filesystem::directory_iterator(dir))
-                info.holders.push_back(holder.path().filename().string());
-    for (const auto& part : info.partitions) {
-        auto part_sys = disk_sys / part.node.substr(5) / "holders";
-        if (std::filesystem::is_directory(part_sys, ec))
-            for (const auto& holder : std::filesystem::directory_iterator(part_sys))
-                info.holders.push_back(holder.path().filename().string() + " (on " + part.node + ")");
-    }
-
-    for (const auto& mount : mounts_on(disk)) {
-        if (mount.target == "/")
-            info.holds_root = true;
-        info.mounted.push_back(mount.source + " on " + mount.target);
-    }
-    struct libmnt_fs* fs = nullptr;
-    MntTable swaps(mnt_new_table());
-    if (swaps && mnt_table_parse_swaps(swaps.get(), nullptr) == 0) {
-        MntIter swap_it(mnt_new_iter(MNT_ITER_FORWARD));
-        while (mnt_table_next_fs(swaps.get(), swap_it.get(), &fs) == 0) {
-            const char* swap = mnt_fs_get_source(fs);
-            struct stat sw {};
-            if (swap && ::stat(swap, &sw) == 0 && S_ISBLK(sw.st_mode) && whole_disk_of(sw.st_rdev) == disk)
-                info.mounted.push_back(std::string(swap) + " as swap");
-        }
-    }
+    add_users(disk, info, "", 0);
     return info;
+}
+
+void check_not_in_use(const DiskInfo& disk)
+{
+    if (!disk.mounted.empty())
+        throw Error(disk.path + " is in use: " + disk.mounted.front() + "; unmount it first");
+    if (!disk.holders.empty())
+        throw Error(disk.path + " is in use by " + disk.holders.front());
 }
 
 void check_safe_to_write(const DiskInfo& disk, uint64_t minimum_bytes, bool force)
@@ -187,10 +234,7 @@ void check_safe_to_write(const DiskInfo& disk, uint64_t minimum_bytes, bool forc
         throw Error(disk.path + " is a partition; name the whole disk (" + disk.whole_disk + ")");
     if (disk.holds_root)
         throw Error(disk.path + " holds the running system's root file system");
-    if (!disk.mounted.empty())
-        throw Error(disk.path + " is in use: " + disk.mounted.front() + "; unmount it first");
-    if (!disk.holders.empty())
-        throw Error(disk.path + " is in use by " + disk.holders.front());
+    check_not_in_use(disk);
     if (disk.read_only)
         throw Error(disk.path + " is read-only (write-protect switch?)");
     if (disk.size < minimum_bytes)
@@ -225,9 +269,13 @@ ExclusiveCard::ExclusiveCard(const std::string& path)
         throw_errno(path);
     if (S_ISREG(st.st_mode)) {
         m_image = true;
-        m_fd.reset(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+        // Not blocking: a FIFO swapped in after the stat is refused, not waited on.
+        m_fd.reset(::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
         if (!m_fd)
             throw_errno("open " + path);
+        struct stat opened {};
+        if (::fstat(m_fd.get(), &opened) != 0 || !S_ISREG(opened.st_mode) || !named::same_file(opened, st))
+            throw Error(path + " changed while it was opened; try again");
         if (::flock(m_fd.get(), LOCK_EX | LOCK_NB) != 0) {
             if (errno == EWOULDBLOCK)
                 throw Error(path + " is in use by another treeflash; try again when it has finished");
@@ -244,10 +292,7 @@ ExclusiveCard::ExclusiveCard(const std::string& path)
     DiskInfo disk = describe_disk(path);
     if (disk.is_partition)
         throw Error(path + " is a partition; name the whole card (" + disk.whole_disk + ")");
-    if (!disk.mounted.empty())
-        throw Error(path + " is in use: " + disk.mounted.front() + "; unmount it first");
-    if (!disk.holders.empty())
-        throw Error(path + " is in use by " + disk.holders.front());
+    check_not_in_use(disk);
     m_fd.reset(::open(disk.kernel_path.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC));
     if (!m_fd)
         throw_errno("open " + path + " exclusively");

@@ -34,8 +34,8 @@ struct DiskInfo {
     bool read_only = false;
     std::string vendor, model, serial;
     std::vector<ExistingPartition> partitions;
-    std::vector<std::string> mounted; // "/dev/sdb1 on /media/card"
-    std::vector<std::string> holders; // kernel users (device mapper, md)
+    std::vector<std::string> mounted; // "/dev/sdb1 on /media/card", also through a loop device over it
+    std::vector<std::string> holders; // kernel users (device mapper, md), also of a loop device over it
     bool holds_root = false;
 };
 
@@ -63,6 +63,11 @@ private:
     UniqueFd m_fd;
     bool m_image = false;
 };
+
+// The one check that a disk is free: throws when it or a partition is
+// mounted, used as swap, held by another kernel user, or backs a loop device
+// (with or without an offset) that is itself mounted or held.
+void check_not_in_use(const DiskInfo& disk);
 
 // Throws an Error naming the first rule `disk` breaks: a partition instead
 // of a disk, the disk holding /, anything mounted or held, read-only, too
