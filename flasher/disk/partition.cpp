@@ -16,6 +16,8 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <thread>
+#include <unistd.h>
+#include <zlib.h>
 
 namespace treeflash::flasher {
 
@@ -89,6 +91,114 @@ void wait_for_nodes(const std::string& device_path, struct fdisk_table* table)
             std::this_thread::sleep_for(std::chrono::milliseconds(20));
         }
     }
+}
+
+// The GPT header as the UEFI specification lays it out, little endian.
+uint32_t le32(const unsigned char* p)
+{
+    return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16
+           | static_cast<uint32_t>(p[3]) << 24;
+}
+
+uint64_t le64(const unsigned char* p)
+{
+    return static_cast<uint64_t>(le32(p)) | static_cast<uint64_t>(le32(p + 4)) << 32;
+}
+
+constexpr uint32_t gpt_entry_size = 128; // the only size libfdisk reads
+
+// The CRC32 of `bytes` bytes at `offset` of `fd`, read in pieces: a GPT's
+// entry array may be larger than one buffer. False when unreadable.
+bool crc32_of_range(int fd, uint64_t offset, uint64_t bytes, uint32_t& crc)
+{
+    std::vector<unsigned char> buffer(64 << 10);
+    uLong sum = ::crc32(0L, Z_NULL, 0);
+    while (bytes > 0) {
+        size_t want = static_cast<size_t>(std::min<uint64_t>(bytes, buffer.size()));
+        ssize_t got = ::pread(fd, buffer.data(), want, static_cast<off_t>(offset));
+        if (got <= 0)
+            return false;
+        sum = ::crc32(sum, buffer.data(), static_cast<uInt>(got));
+        offset += static_cast<uint64_t>(got);
+        bytes -= static_cast<uint64_t>(got);
+    }
+    crc = static_cast<uint32_t>(sum);
+    return true;
+}
+
+// Why the GPT header at `lba` is unusable, in words; "" when it passes the
+// checks the UEFI specification asks for. Only used to explain a GPT
+// libfdisk refused, so every field is hostile and every sum is checked.
+std::string gpt_header_problem(int fd, uint64_t lba, uint64_t sector, uint64_t nsectors)
+{
+    std::vector<unsigned char> h(sector);
+    if (sector < 92 || lba >= nsectors
+        || ::pread(fd, h.data(), h.size(), static_cast<off_t>(lba * sector)) != static_cast<ssize_t>(h.size()))
+        return "unreadable";
+    if (std::memcmp(h.data(), "EFI PART", 8) != 0)
+        return "no GPT signature";
+    uint32_t header_size = le32(&h[12]);
+    if (header_size < 92 || header_size > sector)
+        return "header size " + std::to_string(header_size) + " out of range (92 to " + std::to_string(sector) + ")";
+    uint32_t stored_crc = le32(&h[16]);
+    std::fill(&h[16], &h[20], 0);
+    if (static_cast<uint32_t>(::crc32(::crc32(0L, Z_NULL, 0), h.data(), header_size)) != stored_crc)
+        return "header checksum does not match";
+    if (le64(&h[24]) != lba)
+        return "header says it is at LBA " + std::to_string(le64(&h[24]));
+    uint64_t first_usable = le64(&h[40]), last_usable = le64(&h[48]), entries_lba = le64(&h[72]);
+    uint32_t count = le32(&h[80]), entry_size = le32(&h[84]);
+    if (entry_size != gpt_entry_size)
+        return "entry size " + std::to_string(entry_size) + " is not " + std::to_string(gpt_entry_size);
+    // 2^32 entries of 128 bytes fit in 64 bits; the sector sums below may not.
+    uint64_t array_bytes = uint64_t {count} * entry_size;
+    uint64_t array_end = 0;
+    if (count == 0 || entries_lba < 2 || __builtin_add_overflow(entries_lba, (array_bytes + sector - 1) / sector, &array_end)
+        || array_end > nsectors || (array_end > first_usable && entries_lba <= last_usable))
+        return "entry count " + std::to_string(count) + " out of range: " + std::to_string(count) + " entries of "
+               + std::to_string(entry_size) + " bytes at LBA " + std::to_string(entries_lba)
+               + " do not fit on the disk outside its usable sectors " + std::to_string(first_usable) + " to "
+               + std::to_string(last_usable);
+    uint32_t entries_crc = 0;
+    if (!crc32_of_range(fd, entries_lba * sector, array_bytes, entries_crc))
+        return "entry array unreadable";
+    if (entries_crc != le32(&h[88]))
+        return "entry array checksum does not match";
+    return "";
+}
+
+// libfdisk, finding neither GPT header usable, falls back to the
+// protective MBR and reports a "dos" table of one 0xee partition over the
+// disk: a misreport. An MBR that announces a GPT means the card has one,
+// so the table is refused, saying what is wrong with both headers.
+void refuse_unusable_gpt(struct fdisk_context* cxt, const PartitionTable& table, const std::string& path)
+{
+    if (table.label != "dos"
+        || std::none_of(table.partitions.begin(), table.partitions.end(), [](const PartitionEntry& e) { return e.type == "ee"; }))
+        return;
+    int fd = fdisk_get_devfd(cxt);
+    uint64_t sector = fdisk_get_sector_size(cxt), nsectors = fdisk_get_nsectors(cxt);
+    std::string primary = gpt_header_problem(fd, 1, sector, nsectors);
+    std::string backup = nsectors ? gpt_header_problem(fd, nsectors - 1, sector, nsectors) : "unreadable";
+    throw Error(path + ": its protective MBR announces a GPT, but the GPT is invalid: primary header (LBA 1): "
+                + (primary.empty() ? "refused by libfdisk" : primary) + "; backup header (LBA "
+                + std::to_string(nsectors ? nsectors - 1 : 0) + "): " + (backup.empty() ? "refused by libfdisk" : backup));
+}
+
+// A table entry in bytes. A hostile table may name sectors whose byte
+// offsets do not fit in 64 bits (sector 2^63-1 times 512 wraps to a small
+// number): such an entry lies far past the end of any disk, so the table
+// is refused with the entry's own figures, in sectors.
+void entry_bytes(uint64_t start, uint64_t size, uint64_t sector, uint64_t nsectors, unsigned number,
+                 const std::string& path, PartitionEntry& entry)
+{
+    uint64_t end = 0;
+    if (__builtin_mul_overflow(start, sector, &entry.start) || __builtin_mul_overflow(size, sector, &entry.size)
+        || __builtin_add_overflow(entry.start, entry.size, &end))
+        throw Error(path + ": partition " + std::to_string(number) + " starts at sector " + std::to_string(start)
+                    + " and holds " + std::to_string(size) + " sectors of " + std::to_string(sector)
+                    + " bytes: it ends past 2^64 bytes, far outside the disk (" + std::to_string(nsectors)
+                    + " sectors); the partition table is corrupt");
 }
 
 } // namespace
@@ -234,13 +344,13 @@ PartitionTable read_partition_table(const std::string& path)
     if ((rc = fdisk_get_partitions(cxt.get(), &raw)) != 0)
         throw Error(fdisk_error("list partitions of " + path, rc));
     FdiskTable entries(raw);
-    unsigned long sector = fdisk_get_sector_size(cxt.get());
+    uint64_t sector = fdisk_get_sector_size(cxt.get());
     for (size_t i = 0; i < fdisk_table_get_nents(entries.get()); ++i) {
         struct fdisk_partition* pa = fdisk_table_get_partition(entries.get(), i);
         PartitionEntry entry;
         entry.number = static_cast<unsigned>(fdisk_partition_get_partno(pa)) + 1;
-        entry.start = fdisk_partition_get_start(pa) * sector;
-        entry.size = fdisk_partition_get_size(pa) * sector;
+        entry_bytes(fdisk_partition_get_start(pa), fdisk_partition_get_size(pa), sector, fdisk_get_nsectors(cxt.get()),
+                    entry.number, path, entry);
         entry.bootable = fdisk_partition_is_bootable(pa) == 1;
         if (struct fdisk_parttype* type = fdisk_partition_get_type(pa)) {
             if (table.label == "dos") {
@@ -253,6 +363,7 @@ PartitionTable read_partition_table(const std::string& path)
         }
         table.partitions.push_back(entry);
     }
+    refuse_unusable_gpt(cxt.get(), table, path);
     fdisk_deassign_device(cxt.get(), 1);
     return table;
 }

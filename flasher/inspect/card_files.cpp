@@ -30,7 +30,7 @@ std::string read_on_card(const std::filesystem::path& root, const std::string& r
     // O_NONBLOCK: a FIFO where a file should be must not hang the reader.
     UniqueFd fd = open_on_card(root, relpath, O_RDONLY | O_NONBLOCK);
     struct stat st {};
-    if (!fd || ::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > (1 << 20))
+    if (!fd || ::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) || static_cast<uint64_t>(st.st_size) > CardView::max_read)
         return "";
     std::string data(static_cast<size_t>(st.st_size), '\0');
     ssize_t n = ::read(fd.get(), data.data(), data.size());
@@ -67,6 +67,13 @@ void write_on_card(const std::filesystem::path& root, const std::string& dir, co
 std::string MountedCard::read(const std::string& relpath) const
 {
     return read_on_card(m_root, relpath);
+}
+
+uint64_t MountedCard::size(const std::string& relpath) const
+{
+    UniqueFd fd = open_on_card(m_root, relpath, O_PATH);
+    struct stat st {};
+    return fd && ::fstat(fd.get(), &st) == 0 && S_ISREG(st.st_mode) ? static_cast<uint64_t>(st.st_size) : 0;
 }
 
 std::string MountedCard::link(const std::string& relpath) const
@@ -110,6 +117,21 @@ std::map<std::string, std::string> parse_env_lines(const std::string& text)
             values[line.substr(0, eq)] = line.substr(eq + 1);
     }
     return values;
+}
+
+std::string read_or_warn(const CardView& card, const std::string& relpath, const std::string& what,
+                         std::vector<std::string>& warnings)
+{
+    std::string data = card.read(relpath);
+    if (!data.empty())
+        return data;
+    // Whole MiB when the size is one (an inode set to 8 GiB says "8192 MiB").
+    uint64_t claimed = card.size(relpath);
+    if (claimed > CardView::max_read)
+        warnings.push_back(relpath + " claims "
+                           + (claimed % (1 << 20) ? std::to_string(claimed) + " bytes" : std::to_string(claimed >> 20) + " MiB")
+                           + ", more than " + what + " can be; ignored");
+    return data;
 }
 
 } // namespace treeflash::flasher

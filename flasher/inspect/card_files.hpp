@@ -2,6 +2,7 @@
 // way is followed, sizes are bounded, and a missing file is simply empty.
 #pragma once
 
+#include <cstdint>
 #include <filesystem>
 #include <map>
 #include <string>
@@ -14,8 +15,13 @@ namespace treeflash::flasher {
 // libext2fs (Ext4Card, ext4_reader.hpp). Missing things read as empty.
 class CardView {
 public:
+    // The most read() returns: every file treeflash reads on a card is a
+    // few KiB at most; a larger one reads as empty (size() tells why).
+    static constexpr uint64_t max_read = 1 << 20;
+
     virtual ~CardView() = default;
-    virtual std::string read(const std::string& relpath) const = 0;       // a regular file, up to 1 MiB
+    virtual std::string read(const std::string& relpath) const = 0;       // a regular file, up to max_read
+    virtual uint64_t size(const std::string& relpath) const = 0;          // the size a regular file claims; 0
     virtual std::string link(const std::string& relpath) const = 0;       // a symlink's target
     virtual unsigned type(const std::string& relpath) const = 0;          // S_IFDIR, S_IFREG, S_IFLNK, ...; 0
     virtual std::vector<std::string> list(const std::string& relpath) const = 0; // a directory's names
@@ -25,6 +31,7 @@ class MountedCard : public CardView {
 public:
     explicit MountedCard(std::filesystem::path root) : m_root(std::move(root)) {}
     std::string read(const std::string& relpath) const override;
+    uint64_t size(const std::string& relpath) const override;
     std::string link(const std::string& relpath) const override;
     unsigned type(const std::string& relpath) const override;
     std::vector<std::string> list(const std::string& relpath) const override;
@@ -45,5 +52,11 @@ void write_on_card(const std::filesystem::path& root, const std::string& dir, co
 
 // NAME=VALUE lines (uEnv.txt and treeflash's boot files); '#' lines skipped.
 std::map<std::string, std::string> parse_env_lines(const std::string& text);
+
+// card.read(relpath), for a file that is `what` ("a loader entry"): when
+// the file claims more than CardView::max_read, a warning naming it and its
+// claimed size goes to `warnings` instead of the file vanishing silently.
+std::string read_or_warn(const CardView& card, const std::string& relpath, const std::string& what,
+                         std::vector<std::string>& warnings);
 
 } // namespace treeflash::flasher

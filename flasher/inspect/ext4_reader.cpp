@@ -9,12 +9,6 @@
 
 namespace treeflash::flasher {
 
-namespace {
-
-constexpr size_t max_file = 1 << 20;
-
-} // namespace
-
 struct Ext4Card::Impl {
     Ext2Filesystem fs;
 
@@ -80,7 +74,15 @@ std::string Ext4Card::read(const std::string& relpath) const
     if (!m->inode(ino, inode) || !LINUX_S_ISREG(inode.i_mode))
         return "";
     uint64_t size = EXT2_I_SIZE(&inode);
-    return size > max_file ? "" : m->contents(ino, size);
+    return size > max_read ? "" : m->contents(ino, size);
+}
+
+uint64_t Ext4Card::size(const std::string& relpath) const
+{
+    ext2_inode inode {};
+    if (!m->inode(m->lookup(relpath), inode) || !LINUX_S_ISREG(inode.i_mode))
+        return 0;
+    return EXT2_I_SIZE(&inode);
 }
 
 std::string Ext4Card::link(const std::string& relpath) const

@@ -23,6 +23,7 @@ public:
     Ext4Card& operator=(const Ext4Card&) = delete;
 
     std::string read(const std::string& relpath) const override;
+    uint64_t size(const std::string& relpath) const override;
     std::string link(const std::string& relpath) const override;
     unsigned type(const std::string& relpath) const override;
     std::vector<std::string> list(const std::string& relpath) const override;

@@ -42,7 +42,8 @@ void read_origin(const std::string& repo_config, InspectResult& result)
 // through ostree/boot.N -> boot.N.M and the entry's symlink to
 // deploy/OS/deploy/COMMIT.SERIAL; its .origin and the commit object give
 // the refspec and version. Only fixed names are followed, each checked.
-std::vector<Deployment> read_deployments(const CardView& card)
+// Files too large to be what they claim are named in `warnings`.
+std::vector<Deployment> read_deployments(const CardView& card, std::vector<std::string>& warnings)
 {
     struct Entry {
         std::string version;
@@ -63,7 +64,7 @@ std::vector<Deployment> read_deployments(const CardView& card)
         if (++conf_files > max_loader_entries)
             break;
         std::map<std::string, std::string> fields;
-        std::istringstream in(card.read("boot/" + loader + "/entries/" + name));
+        std::istringstream in(read_or_warn(card, "boot/" + loader + "/entries/" + name, "a loader entry", warnings));
         for (std::string line; std::getline(in, line);) {
             auto space = line.find(' ');
             if (space != std::string::npos && line[0] != '#')
@@ -100,12 +101,13 @@ std::vector<Deployment> read_deployments(const CardView& card)
         d.deploy_serial = std::stoi(t[3]);
         std::string dir = "ostree/deploy/" + d.os + "/deploy/" + d.commit + "." + std::string(t[3]);
         glib::KeyFile origin(g_key_file_new());
-        std::string origin_text = card.read(dir + ".origin");
+        std::string origin_text = read_or_warn(card, dir + ".origin", "an origin file", warnings);
         if (g_key_file_load_from_data(origin.get(), origin_text.data(), origin_text.size(), G_KEY_FILE_NONE, nullptr)) {
             d.origin_refspec = glib::take_string(g_key_file_get_string(origin.get(), "origin", "refspec", nullptr));
             d.pinned = g_key_file_get_boolean(origin.get(), "libostree-transient", "pinned", nullptr);
         }
-        std::string commit_object = card.read("ostree/repo/objects/" + d.commit.substr(0, 2) + "/" + d.commit.substr(2) + ".commit");
+        std::string commit_object = read_or_warn(
+            card, "ostree/repo/objects/" + d.commit.substr(0, 2) + "/" + d.commit.substr(2) + ".commit", "a commit object", warnings);
         if (!commit_object.empty()) {
             glib::Variant commit(g_variant_ref_sink(g_variant_new_from_data(
                 G_VARIANT_TYPE("(a{sv}aya(say)sstayay)"), g_memdup2(commit_object.data(), commit_object.size()),
@@ -144,6 +146,12 @@ InspectResult inspect(const std::string& path, GCancellable* cancellable)
         if (!fd || ::ioctl(fd.get(), BLKGETSIZE64, &result.size) != 0)
             throw_errno("size of " + path);
     }
+    // libfdisk answers "Invalid argument" for less than one sector: say
+    // what it is instead.
+    if (result.size == 0)
+        throw Error(path + (S_ISREG(st.st_mode) ? " is empty (0 bytes): not an image" : " is empty (0 bytes): no card in the reader?"));
+    if (result.size < 512)
+        throw Error(path + " is " + std::to_string(result.size) + " bytes, less than one 512-byte sector: not an image");
     result.table = in_step("partition table", [&] { return read_partition_table(path); });
     // A truncated image, or a card smaller than its table: what is there is
     // still read, and the rest named.
@@ -195,13 +203,13 @@ InspectResult inspect(const std::string& path, GCancellable* cancellable)
         result.has_update_marker = card->type("update") == S_IFREG;
         result.has_newroot = card->type("newroot") == S_IFDIR;
         result.has_mnt = card->type("mnt") == S_IFDIR;
-        result.deployments = in_step("sysroot on " + node, [&] { return read_deployments(*card); });
+        result.deployments = in_step("sysroot on " + node, [&] { return read_deployments(*card, result.warnings); });
         // boot/loader is a symlink OSTree flips between loader.0 and loader.1:
         // resolved by hand, to a name inside boot/ only.
         std::string loader = card->link("boot/loader");
         if (loader == "loader.0" || loader == "loader.1")
-            result.uenv = parse_env_lines(card->read("boot/" + loader + "/uEnv.txt"));
-        read_origin(card->read("ostree/repo/config"), result);
+            result.uenv = parse_env_lines(read_or_warn(*card, "boot/" + loader + "/uEnv.txt", "a uEnv.txt", result.warnings));
+        read_origin(read_or_warn(*card, "ostree/repo/config", "a repository config", result.warnings), result);
         result.boot = boot_status(read_boot_files(*card, path), result.deployments);
     }
     return result;

@@ -34,7 +34,7 @@ struct InspectResult {
     bool has_mnt = false;
     bool has_boot_script = false;
     BootStatus boot; // boot counting: each deployment's state, the tries
-    std::vector<std::string> warnings; // file systems that could not be read, partitions past the end
+    std::vector<std::string> warnings; // file systems that could not be read, partitions past the end, files too large
 };
 
 // Reads a device or image without writing, mounting or attaching it: each
