@@ -248,6 +248,17 @@ int run_write(const std::vector<std::string>& args, GCancellable* cancellable)
     // the files the write reads (write_cards checks that).
     UniqueFd log_fd;
     if (!log.empty()) {
+        // Checked by name before the log is created: an empty file made
+        // under the bmap's name would read as a broken bmap.
+        auto same_name = [](const std::filesystem::path& a, const std::filesystem::path& b) {
+            std::error_code ec1, ec2;
+            auto ca = std::filesystem::weakly_canonical(a, ec1), cb = std::filesystem::weakly_canonical(b, ec2);
+            return !ec1 && !ec2 && ca == cb;
+        };
+        for (const auto& read : flasher::files_read_with(options.image, options.image_options))
+            if (same_name(log, read))
+                throw Error("the log " + log + " is a file this write reads (" + read.string()
+                            + ": the image, a bmap or SHA256SUMS); name another file");
         named::OpenFile opened = named::open_log(log, "the log");
         options.outputs.push_back({"the log " + log, opened.st});
         log_fd = std::move(opened.fd);

@@ -20,6 +20,25 @@ std::string named(const std::filesystem::path& path, std::string_view what)
     return std::string(what) + " " + path.string();
 }
 
+// Throws when a folder on the way to `path` is a symlink that sits in a
+// folder others can write (shared/d -> /root/private makes shared/d/x a
+// file in root's folder). The last component is open_regular's to check.
+void check_folders_on_the_way(const std::filesystem::path& path, std::string_view what)
+{
+    std::filesystem::path prefix;
+    std::filesystem::path folder = path.parent_path();
+    for (auto it = folder.begin(); it != folder.end(); ++it) {
+        std::filesystem::path parent = prefix.empty() ? std::filesystem::path(".") : prefix;
+        prefix /= *it;
+        if (*it == "/" || *it == "." || *it == "..")
+            continue;
+        struct stat st {};
+        if (::lstat(prefix.c_str(), &st) == 0 && S_ISLNK(st.st_mode) && folder_shared(parent))
+            throw Error(named(path, what) + ": " + prefix.string() + " is a symlink in " + parent.string()
+                        + ", a folder other users can write; name the folder it points to");
+    }
+}
+
 // Opens `path` with `flags` (plus O_NOFOLLOW, O_NONBLOCK) and, when its last
 // component is a symlink, follows it only out of a folder nobody else can
 // write. Then the open file must be a regular one.
@@ -27,6 +46,7 @@ OpenFile open_regular(const std::filesystem::path& path, std::string_view what, 
 {
     if (path.empty())
         throw Error(std::string(what) + ": an empty path names no file");
+    check_folders_on_the_way(path, what);
     const int common = O_CLOEXEC | O_NOCTTY | O_NONBLOCK;
     OpenFile file;
     file.fd.reset(::open(path.c_str(), flags | common | O_NOFOLLOW, 0644));
@@ -124,6 +144,7 @@ void check_output(const std::filesystem::path& path, std::string_view what)
 {
     if (path.empty())
         throw Error(std::string(what) + ": an empty path names no file");
+    check_folders_on_the_way(path, what);
     struct stat st {};
     if (::lstat(path.c_str(), &st) != 0) {
         if (errno == ENOENT)

@@ -2,9 +2,10 @@
 // treeflash finds beside it (an image, its bmap, a SHA256SUMS, a log, an
 // output): every rule below holds whoever runs treeflash, root included.
 //
-// - A symlink is followed only when it sits in a folder no other user can
-//   write: in someone else's folder (or a group- or world-writable one) the
-//   link could be aimed at a file only root may read or write.
+// - A symlink, the file's or a folder's on the way, is followed only when
+//   it sits in a folder no other user can write: in someone else's folder
+//   (or a group- or world-writable one) the link could be aimed at a file
+//   or folder only root may read or write.
 // - Only regular files: a FIFO would block the open forever, a device would
 //   be read without end or written over, a folder is a mistake. Files are
 //   opened without blocking and checked after the open, on what was opened.

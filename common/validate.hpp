@@ -23,10 +23,12 @@ void kernel_arg(std::string_view arg, std::string_view option);
 
 // arm64's COMMAND_LINE_SIZE (2048 bytes with the final NUL): a longer
 // command line is cut by the kernel and may not boot. `args` are the ones
-// treeflash writes; `reserve` bytes stay for what the boot adds (ostree=,
-// boot counting's treeflash.state= and treeflash.boot=).
+// treeflash writes; the reserve stays for what libostree and the boot add:
+// ostree= and init=, each with the deployment's path (up to ~155 bytes with
+// a 64-character OS name), and boot counting's treeflash.state= and
+// treeflash.boot= (~60).
 inline constexpr size_t kernel_command_line_size = 2048;
-inline constexpr size_t kernel_command_line_reserve = 200;
+inline constexpr size_t kernel_command_line_reserve = 448;
 void kernel_command_line(const std::vector<std::string>& args, std::string_view option);
 
 // An http://, https:// or file:// URL without spaces or control characters

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <stdio.h>
 #include <linux/fs.h>
+#include <linux/loop.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
@@ -106,6 +107,23 @@ dev_t devno_of(const std::filesystem::path& sys_dir)
     }
 }
 
+// Every attached loop device with its status: name ("loop3") -> loop_info64.
+std::vector<std::pair<std::string, struct loop_info64>> loop_devices()
+{
+    std::vector<std::pair<std::string, struct loop_info64>> found;
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator("/sys/block", ec)) {
+        std::string name = entry.path().filename().string();
+        if (name.rfind("loop", 0) != 0 || !std::filesystem::exists(entry.path() / "loop"))
+            continue;
+        UniqueFd fd(::open(("/dev/" + name).c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+        struct loop_info64 status {};
+        if (fd && ::ioctl(fd.get(), LOOP_GET_STATUS64, &status) == 0)
+            found.emplace_back(name, status);
+    }
+    return found;
+}
+
 // Everything that uses `disk` (a whole disk) or one of its partitions:
 // mounts, swap, kernel holders (device mapper, md), and loop devices set up
 // over it, with or without an offset, that are in turn used (the kernel does
@@ -140,21 +158,23 @@ void add_users(dev_t disk, DiskInfo& info, const std::string& via, int depth)
                 info.mounted.push_back(std::string(swap) + " as swap" + through);
         }
     }
-    if (depth >= 4) // loop over loop over loop...: enough
-        return;
-    for (const auto& entry : std::filesystem::directory_iterator("/sys/block", ec)) {
-        std::string name = entry.path().filename().string();
-        if (name.rfind("loop", 0) != 0)
+    for (const auto& [name, status] : loop_devices()) {
+        // lo_rdevice is the backing file's rdev: the block device itself,
+        // whatever the node it was set up through (even one deleted since).
+        dev_t backing = static_cast<dev_t>(status.lo_rdevice);
+        if (!backing || (backing != disk && whole_disk_of(backing) != disk))
             continue;
-        std::string backing = sysfs_read(entry.path() / "loop/backing_file");
-        struct stat st {};
-        if (backing.empty() || ::stat(backing.c_str(), &st) != 0 || !S_ISBLK(st.st_mode))
+        dev_t loop = devno_of("/sys/block/" + name);
+        if (!loop || loop == disk || depth > 32) // a loop over itself cannot be; 32 deep is enough
             continue;
-        if (st.st_rdev != disk && whole_disk_of(st.st_rdev) != disk)
-            continue;
-        dev_t loop = devno_of(entry.path());
-        if (loop && loop != disk)
-            add_users(loop, info, via.empty() ? "/dev/" + name : via, depth + 1);
+        std::string node = "/dev/" + name;
+        // An exclusive user of the loop device (a mount, a program's
+        // O_EXCL) is in no list: the kernel's refusal of O_EXCL shows it.
+        UniqueFd probe(::open(node.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK));
+        if (!probe && errno == EBUSY)
+            info.holders.push_back(node + ", a loop device over it" + (via.empty() ? "" : " (through " + via + ")")
+                                   + ", which is open exclusively (mounted or in use)");
+        add_users(loop, info, via.empty() ? node : via, depth + 1);
     }
 }
 
@@ -249,16 +269,11 @@ std::vector<std::string> loop_devices_backed_by(const std::filesystem::path& fil
     struct stat want {};
     if (::stat(file.c_str(), &want) != 0)
         return found;
-    std::error_code ec;
-    for (const auto& entry : std::filesystem::directory_iterator("/sys/block", ec)) {
-        std::string name = entry.path().filename().string();
-        if (name.rfind("loop", 0) != 0)
-            continue;
-        std::string backing = sysfs_read(entry.path() / "loop/backing_file");
-        struct stat st {};
-        if (!backing.empty() && ::stat(backing.c_str(), &st) == 0 && st.st_dev == want.st_dev && st.st_ino == want.st_ino)
+    // By device and inode, as the kernel holds it: a loop device set up
+    // through another name (a hardlink, deleted since) is found too.
+    for (const auto& [name, status] : loop_devices())
+        if (static_cast<dev_t>(status.lo_device) == want.st_dev && status.lo_inode == want.st_ino)
             found.push_back("/dev/" + name);
-    }
     return found;
 }
 

@@ -149,8 +149,10 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
         // What flash leaves beside the image replaces regular files only.
         named::check_output(*options.image, "the image");
         named::check_output(options.image->string() + ".bmap", "the bmap");
-        if (!options.compress.empty())
+        if (!options.compress.empty()) {
+            named::check_output(options.image->string() + "." + options.compress, "the compressed image");
             named::check_output(options.image->parent_path() / "SHA256SUMS", "SHA256SUMS");
+        }
     }
     if (!options.compress.empty()) {
         if (!options.image)

@@ -4,6 +4,8 @@
 #include "common/fs.hpp"
 #include "common/named_file.hpp"
 #include "common/sha256.hpp"
+#include "flasher/write/publish.hpp"
+#include "flasher/write/stream_check.hpp"
 
 #include <archive.h>
 #include <archive_entry.h>
@@ -15,6 +17,7 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
+#include <zlib.h>
 
 namespace treeflash::flasher {
 
@@ -71,12 +74,26 @@ bool all_zero(const char* data, size_t size)
     return true;
 }
 
+std::string unsupported_format(const unsigned char* magic, size_t n, const std::filesystem::path& file);
+
+// What a decompressed image must not start with: another compression, an
+// archive. "" when it may be a disk image.
+std::string not_an_image_inside(const char* data, size_t size, const std::filesystem::path& image)
+{
+    auto bytes = reinterpret_cast<const unsigned char*>(data);
+    size_t n = std::min<size_t>(size, 512);
+    std::string inner = compression_of(bytes, n);
+    if (!inner.empty())
+        return "more " + inner + "-compressed data";
+    return unsupported_format(bytes, n, image.stem());
+}
+
 // Decompresses `image` once into an unnamed sparse file in $TMPDIR (gone
 // with the process, whatever happens). With a bmap only its ranges are kept,
 // each hashed on the way and compared; without one every block is written,
 // in 16 MiB ranges hashed here.
 void decompress(PreparedImage& prepared, int input, const std::optional<Bmap>& bmap, uint64_t max_size,
-                GCancellable* cancellable)
+                bool check_gzip_trailer, GCancellable* cancellable)
 {
     const std::string what = prepared.path.string();
     if (::lseek(input, 0, SEEK_SET) != 0)
@@ -106,6 +123,11 @@ void decompress(PreparedImage& prepared, int input, const std::optional<Bmap>& b
     if (archive_read_next_header(reader.get(), &entry) != ARCHIVE_OK)
         throw Error("read " + what + ": " + archive_error(reader.get()));
     prepared.compression = archive_filter_name(reader.get(), 0);
+    if (archive_filter_count(reader.get()) > 2) // the compression, then "none"
+        throw Error(what + " is compressed twice (" + archive_filter_name(reader.get(), 1) + " inside "
+                    + prepared.compression + "), not a compressed disk image; nothing was written");
+    check_gzip_trailer = check_gzip_trailer && prepared.compression == "gzip";
+    uLong gzip_crc = ::crc32(0L, Z_NULL, 0);
 
     Bmap whole;              // without a bmap: every block, in 16 MiB ranges
     const uint64_t whole_range = 16 << 20;
@@ -134,7 +156,14 @@ void decompress(PreparedImage& prepared, int input, const std::optional<Bmap>& b
         uint64_t at = static_cast<uint64_t>(offset), end = at + size;
         if (at != position)
             throw Error("decompress " + what + ": the stream skipped from byte " + std::to_string(position));
+        if (at == 0 && size > 0) {
+            std::string inner = not_an_image_inside(data, size, prepared.path);
+            if (!inner.empty())
+                throw Error(what + " decompresses to " + inner + ", not a disk image; nothing was written");
+        }
         position = end;
+        if (check_gzip_trailer)
+            gzip_crc = ::crc32(gzip_crc, reinterpret_cast<const Bytef*>(data), static_cast<uInt>(size));
         uint64_t limit = bmap ? bmap->image_size : max_size;
         if (limit && end > limit)
             throw Error(what + " decompresses to more than " + std::to_string(limit) + " bytes ("
@@ -174,6 +203,20 @@ void decompress(PreparedImage& prepared, int input, const std::optional<Bmap>& b
     }
     if (in.fd >= 0 && !in.error.empty())
         throw Error("read " + what + ": " + in.error);
+    if (check_gzip_trailer) {
+        // libarchive does not check gzip's CRC32: the trailer (CRC32 and
+        // size mod 2^32, of the last member) is compared here.
+        struct stat st {};
+        unsigned char trailer[8];
+        if (::fstat(input, &st) != 0 || st.st_size < 18
+            || ::pread(input, trailer, 8, st.st_size - 8) != 8)
+            throw Error("read " + what + ": no gzip trailer");
+        uint32_t crc = trailer[0] | trailer[1] << 8 | trailer[2] << 16 | static_cast<uint32_t>(trailer[3]) << 24;
+        uint32_t length = trailer[4] | trailer[5] << 8 | trailer[6] << 16 | static_cast<uint32_t>(trailer[7]) << 24;
+        if (crc != static_cast<uint32_t>(gzip_crc) || length != static_cast<uint32_t>(position))
+            throw Error(what + " does not match the CRC32 in its gzip trailer: it is corrupted (or holds several gzip "
+                        "members, which only a bmap or SHA256SUMS can vouch for); nothing was written");
+    }
     prepared.image_sha256 = in.sum.hex();
     if (bmap) {
         if (position != bmap->image_size)
@@ -207,32 +250,20 @@ std::string file_sha256(int fd, const std::string& what, GCancellable* cancellab
 }
 
 // The sha256 SHA256SUMS lists for `name` ("" when it lists none), read as
-// `sha256sum -c` reads it: "HASH  NAME" or "HASH *NAME", hex in either
-// case, NAME also as "./NAME". A line for the name that is not a sha256 is
-// an error, not a line to skip.
+// `sha256sum -c` reads it (parse_sums_line). A line for the name that is
+// not a sha256 is an error, not a line to skip.
 std::string listed_sum(const std::string& sums, const std::string& name, const std::string& sums_path)
 {
     std::istringstream lines(sums);
     std::string line;
     std::string found;
     while (std::getline(lines, line)) {
-        if (!line.empty() && line.back() == '\r')
-            line.pop_back();
-        auto space = line.find(' ');
-        if (space == std::string::npos || space + 1 >= line.size())
+        auto entry = parse_sums_line(line);
+        if (!entry || entry->name != name)
             continue;
-        std::string listed = line.substr(space + 2 <= line.size() ? space + 2 : line.size());
-        if (line[space + 1] != ' ' && line[space + 1] != '*')
-            continue;
-        if (listed.rfind("./", 0) == 0)
-            listed.erase(0, 2);
-        if (listed != name)
-            continue;
-        std::string hash = line.substr(0, space);
-        for (char& c : hash)
-            c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+        const std::string& hash = entry->sha256;
         if (hash.size() != 64 || hash.find_first_not_of("0123456789abcdef") != std::string::npos)
-            throw Error(sums_path + " lists " + name + " with '" + line.substr(0, space) + "', which is not a sha256");
+            throw Error(sums_path + " lists " + name + " with '" + hash + "', which is not a sha256");
         if (!found.empty() && found != hash)
             throw Error(sums_path + " lists " + name + " twice, with different sums");
         found = hash;
@@ -281,6 +312,12 @@ std::string unsupported_format(const unsigned char* magic, size_t n, const std::
         return "lzop-compressed";
     if (starts({0x1f, 0x9d}))
         return "compress(1)-compressed (.Z)";
+    if (starts({0x02, 0x21, 0x4c, 0x18}))
+        return "in the legacy lz4 format (lz4 -l), which carries no checksum";
+    if (n >= 4 && (magic[0] & 0xf0) == 0x50 && magic[1] == 0x2a && magic[2] == 0x4d && magic[3] == 0x18)
+        return "a zstd or lz4 stream that starts with a skippable frame (recompress it plainly)";
+    if (n > 262 && std::memcmp(magic + 257, "ustar", 5) == 0)
+        return "a tar archive";
     // The old .lzma format has no magic: a properties byte below 225, a
     // dictionary size, then the size or all ones. The name says it too.
     std::string ext = file.extension().string();
@@ -289,26 +326,29 @@ std::string unsupported_format(const unsigned char* magic, size_t n, const std::
     if (ext == ".lzma" || (n >= 13 && magic[0] == 0x5d && magic[1] == 0 && magic[2] == 0 && magic[5] == 0xff
                            && magic[12] == 0xff && magic[6] == 0xff))
         return "lzma-compressed (the old .lzma format)";
-    for (const char* archive : {".zip", ".7z", ".rar", ".lz", ".lzo", ".z", ".tar", ".tgz", ".cpio"})
-        if (ext == archive)
-            return "named as a " + ext + " file";
+    std::string name = file.filename().string();
+    for (char& c : name)
+        c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    for (const char* archive : {".zip", ".7z", ".rar", ".lz", ".lzo", ".z", ".tar", ".tgz", ".tbz2", ".txz", ".cpio",
+                                ".tar.gz", ".tar.xz", ".tar.zst", ".tar.bz2", ".tar.lz4"})
+        if (name.size() > std::strlen(archive) && name.ends_with(archive))
+            return std::string("named as a ") + archive + " file";
     return "";
 }
 
-// Whether a zstd or lz4 stream declares a checksum of its content (its first
-// frame's descriptor); gzip, xz (unless made with --check=none), bzip2 carry one.
-bool stream_has_checksum(const std::string& compression, const unsigned char* magic, size_t n)
-{
-    if (compression == "zstd")
-        return n > 4 && (magic[4] & 0x04) != 0; // Frame_Header_Descriptor: Content_Checksum_flag
-    if (compression == "lz4")
-        return n > 4 && (magic[4] & 0x04) != 0; // FLG: C.Checksum
-    if (compression == "xz")
-        return n > 7 && (magic[7] & 0x0f) != 0; // stream flags: check type, 0 is none
-    return true;
-}
-
 } // namespace
+
+std::vector<std::filesystem::path> files_read_with(const std::filesystem::path& image, const ImageOptions& options)
+{
+    std::vector<std::filesystem::path> files{image, image.string() + ".bmap", image.parent_path() / "SHA256SUMS"};
+    if (image.has_extension())
+        files.push_back(image.parent_path() / (image.stem().string() + ".bmap"));
+    if (options.bmap)
+        files.push_back(*options.bmap);
+    if (options.sums)
+        files.push_back(*options.sums);
+    return files;
+}
 
 bool image_changed(const PreparedImage& image)
 {
@@ -360,7 +400,7 @@ PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptio
     named::OpenFile input = named::open_input(image, "the image");
     if (input.st.st_size == 0)
         throw Error(what + " is empty (0 bytes): not an image");
-    unsigned char magic[16] = {};
+    unsigned char magic[512] = {};
     ssize_t magic_size = ::pread(input.fd.get(), magic, sizeof magic, 0);
     if (magic_size < 0)
         throw_errno("read " + what);
@@ -377,7 +417,9 @@ PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptio
     std::optional<Bmap> bmap;
     std::optional<std::filesystem::path> bmap_file = options.bmap ? options.bmap : bmap_beside(image, prepared.compressed);
     std::string bmap_text;
+    std::vector<std::filesystem::path> read_files; // besides the image
     if (bmap_file) {
+        read_files.push_back(*bmap_file);
         bmap_text = named::read_input(*bmap_file, "the bmap", bmap_size_limit);
         bmap = parse_bmap(bmap_text, bmap_file->string());
         prepared.bmap_path = bmap_file->string();
@@ -389,6 +431,7 @@ PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptio
     std::string sums_text, image_listed;
     if (options.sums) {
         sums_text = named::read_input(*options.sums, "SHA256SUMS", sums_limit);
+        read_files.push_back(*options.sums);
         image_listed = listed_sum(sums_text, image.filename().string(), options.sums->string());
         if (image_listed.empty())
             throw Error(options.sums->string() + " does not list " + image.filename().string());
@@ -398,6 +441,7 @@ PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptio
         struct stat st {};
         if (::lstat(beside.c_str(), &st) == 0) {
             sums_text = named::read_input(beside, "SHA256SUMS beside the image", sums_limit);
+            read_files.push_back(beside);
             image_listed = listed_sum(sums_text, image.filename().string(), beside.string());
             if (!image_listed.empty())
                 prepared.sums_path = beside.string();
@@ -416,13 +460,16 @@ PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptio
         // "Verified" must mean the card holds the image that was published:
         // a stream without a checksum of its own, with nothing else vouching
         // for it, could decompress to anything.
-        if (!bmap && prepared.sums_path.empty() && !stream_has_checksum(prepared.compression, magic, n))
-            throw Error(what + " is " + prepared.compression + " without a checksum of its content, and no bmap or "
-                        "SHA256SUMS vouches for it: a corrupted file would be written and reported good. Recompress it "
-                        "with a checksum (zstd and xz have one by default), or give --bmap or --sums; nothing was written");
+        bool vouched = bmap || !prepared.sums_path.empty();
+        std::string unchecked = vouched ? "" : unchecked_part(input.fd.get(), static_cast<uint64_t>(input.st.st_size),
+                                                              prepared.compression);
+        if (!unchecked.empty())
+            throw Error(what + " cannot check itself (" + unchecked + "), and no bmap or SHA256SUMS vouches for it: a corrupted file "
+                        "would be written and reported good. Recompress it with a checksum (zstd and xz have one by "
+                        "default), or give --bmap or --sums; nothing was written");
         if (!bmap)
             notice("no bmap for " + what + ": every block is written (make one with treeflash bmap before compressing)");
-        decompress(prepared, input.fd.get(), bmap, options.max_size, cancellable);
+        decompress(prepared, input.fd.get(), bmap, options.max_size, !vouched, cancellable);
     } else {
         prepared.fd = std::move(input.fd);
         prepared.file_state = input.st;
@@ -446,9 +493,9 @@ PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptio
         notice("checked " + what + " against " + prepared.sums_path);
     }
     prepared.inputs.push_back(input.st);
-    for (const std::string& other : {prepared.bmap_path, prepared.sums_path}) {
+    for (const auto& file : read_files) {
         struct stat st {};
-        if (!other.empty() && ::stat(other.c_str(), &st) == 0)
+        if (::stat(file.c_str(), &st) == 0)
             prepared.inputs.push_back(st);
     }
     return prepared;

@@ -44,6 +44,11 @@ struct PreparedImage {
     std::vector<struct stat> inputs; // the image, bmap and SHA256SUMS files read: no output may be one of them
 };
 
+// The files prepare_image may read for `image`, present or not: the image,
+// the bmaps and SHA256SUMS it looks for beside it, and those `options` name.
+// A file the same run writes (a log) must be none of them.
+std::vector<std::filesystem::path> files_read_with(const std::filesystem::path& image, const ImageOptions& options);
+
 // Whether a raw image was modified since prepare_image checked it.
 bool image_changed(const PreparedImage& image);
 

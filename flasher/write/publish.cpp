@@ -184,6 +184,33 @@ std::filesystem::path compress_image(const std::filesystem::path& image, const s
     return output;
 }
 
+std::optional<SumsLine> parse_sums_line(std::string_view line)
+{
+    if (!line.empty() && line.back() == '\r')
+        line.remove_suffix(1);
+    SumsLine entry;
+    if (line.starts_with("SHA256 (")) {
+        auto close = line.rfind(") = ");
+        if (close == std::string_view::npos || close < 8)
+            return std::nullopt;
+        entry.name = line.substr(8, close - 8);
+        entry.sha256 = line.substr(close + 4);
+    } else {
+        auto space = line.find(' ');
+        if (space == std::string_view::npos || space + 2 > line.size() || (line[space + 1] != ' ' && line[space + 1] != '*'))
+            return std::nullopt;
+        entry.sha256 = line.substr(0, space);
+        entry.name = line.substr(space + 2);
+    }
+    if (entry.name.starts_with("./"))
+        entry.name.erase(0, 2);
+    for (char& c : entry.sha256)
+        c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (entry.name.empty() || entry.sha256.empty())
+        return std::nullopt;
+    return entry;
+}
+
 std::filesystem::path update_sha256sums(const std::vector<std::filesystem::path>& files, GCancellable* cancellable)
 {
     if (files.empty())
@@ -195,9 +222,13 @@ std::filesystem::path update_sha256sums(const std::vector<std::filesystem::path>
     struct stat existing {};
     if (::lstat(sums.c_str(), &existing) == 0) {
         std::istringstream in(named::read_input(sums, "SHA256SUMS", 16 << 20));
-        for (std::string line; std::getline(in, line);)
-            if (line.size() > 66)
-                lines[line.substr(66)] = line;
+        // One line per name, in sha256sum's own form: a file listed as
+        // "./NAME", with CRLF or tagged is the same file, listed once.
+        for (std::string line; std::getline(in, line);) {
+            auto entry = parse_sums_line(line);
+            if (entry)
+                lines[entry->name] = entry->sha256 + "  " + entry->name;
+        }
     }
     for (const auto& file : files) {
         UniqueFd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));

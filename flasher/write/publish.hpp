@@ -4,7 +4,9 @@
 #pragma once
 
 #include <filesystem>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 typedef struct _GCancellable GCancellable;
@@ -22,6 +24,15 @@ void check_compression_name(const std::string& name);
 // replaced only with `overwrite`. Returns the compressed file.
 std::filesystem::path compress_image(const std::filesystem::path& image, const std::string& compression, bool overwrite,
                                      GCancellable* cancellable);
+
+// One line of a SHA256SUMS as `sha256sum -c` reads it: "HASH  NAME",
+// "HASH *NAME" or the tagged "SHA256 (NAME) = HASH"; the hash in lower
+// case, the name without "./" or a trailing CR. nullopt for other lines.
+struct SumsLine {
+    std::string sha256;
+    std::string name;
+};
+std::optional<SumsLine> parse_sums_line(std::string_view line);
 
 // Adds (or updates) the lines for `files` in the SHA256SUMS of their
 // directory, in sha256sum's format, keeping the lines of other files.

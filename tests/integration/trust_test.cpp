@@ -4,6 +4,7 @@
 // FIFOs, the image or a target, a repository owned by another user, an
 // MBR with logical partitions, an interrupted --grow and full folders.
 #include "common/error.hpp"
+#include "common/fd.hpp"
 #include "common/glib.hpp"
 #include "flasher/deploy/sysroot.hpp"
 #include "flasher/write/write.hpp"
@@ -181,6 +182,45 @@ TEST_CASE("a card in use through a loop device layered on it is neither written 
         CHECK_MESSAGE(r.err.find("through " + layered.device) != std::string::npos, r.err);
     }
     CHECK(sha256sum_files({image}) == before);
+
+    // A loop device set up through a device node deleted since, and one
+    // that a program holds open exclusively: the kernel lists neither.
+    {
+        struct stat p3 {};
+        REQUIRE(::stat((card.device + "p3").c_str(), &p3) == 0);
+        REQUIRE(::mknod((tmp / "alias").c_str(), S_IFBLK | 0600, p3.st_rdev) == 0);
+        OffsetLoop layered((tmp / "alias").string(), 0);
+        fs::remove(tmp / "alias");
+        MountGuard mounted(layered.device, "ro,noload");
+        auto r = write({image.string(), card.device});
+        CHECK(r.exit_code == 1);
+        CHECK_MESSAGE(r.err.find("through " + layered.device) != std::string::npos, r.err);
+    }
+    {
+        OffsetLoop layered(card.device, 0);
+        UniqueFd held(::open(layered.device.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC));
+        REQUIRE(held);
+        auto r = write({image.string(), card.device});
+        CHECK(r.exit_code == 1);
+        CHECK_MESSAGE(r.err.find("open exclusively") != std::string::npos, r.err);
+    }
+    CHECK(sha256sum_files({image}) == before);
+}
+
+TEST_CASE("upgrade refuses an image attached and mounted through a hardlink deleted since" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    build_commit(tmp.path(), tmp / "repo");
+    fs::path image = tmp / "card.img";
+    REQUIRE(flash_image(tmp / "repo", image).ok());
+    fs::create_hard_link(image, tmp / "alias.img");
+    LoopGuard attached(tmp / "alias.img");
+    fs::remove(tmp / "alias.img");
+    MountGuard mounted(attached.device + "p3", "ro,noload");
+    auto r = run_treeflash({"upgrade", image.string(), "--repo", (tmp / "repo").string()});
+    CHECK(r.exit_code == 1);
+    CHECK_MESSAGE(r.err.find("is attached to " + attached.device) != std::string::npos, r.err);
 }
 
 TEST_CASE("--log is a regular file that is neither an input nor a target, and a line it cannot take fails the card"
@@ -213,6 +253,19 @@ TEST_CASE("--log is a regular file that is neither an input nor a target, and a 
         CHECK_MESSAGE(r.err.find("is a file this write reads") != std::string::npos, r.err);
     }
     CHECK(sha256sum_files({image, tmp / "card.img.bmap"}) == image_before);
+
+    // SHA256SUMS beside the image, listing it or not, and a bmap not there
+    // yet that write would look for: refused, and nothing is created.
+    write_file(tmp / "SHA256SUMS", std::string(64, 'a') + "  other.img\n");
+    fs::remove(tmp / "card.img.bmap");
+    for (const fs::path& log : {tmp / "SHA256SUMS", tmp / "card.img.bmap"}) {
+        auto r = write({image.string(), card.device, "--log", log.string()});
+        CHECK(r.exit_code == 1);
+        CHECK_MESSAGE(r.err.find("a file this write reads") != std::string::npos, r.err);
+    }
+    CHECK(read_text(tmp / "SHA256SUMS") == std::string(64, 'a') + "  other.img\n");
+    CHECK(!fs::exists(tmp / "card.img.bmap"));
+    fs::remove(tmp / "SHA256SUMS");
 
     // A symlink in a folder a user owns, to a file only root may write.
     write_file(tmp / "root-only", "root's\n", 0600);

@@ -95,6 +95,15 @@ TEST_CASE("named files: symlinks only out of folders no one else can write, regu
     fs::resize_file(tmp / "huge", 3ull << 30);
     CHECK(error_of([&] { named::read_input(tmp / "huge", "SHA256SUMS", 16 * MiB); }).find("more than") != std::string::npos);
 
+    // A symlinked folder on the way counts as much as a symlinked file.
+    fs::create_directories(tmp / "private");
+    fs::create_symlink(tmp / "private", shared / "d");
+    CHECK(error_of([&] { named::open_log(shared / "d/cards.jsonl", "the log"); }).find("a folder other users can write")
+          != std::string::npos);
+    CHECK(error_of([&] { named::check_output(shared / "d/out.bmap", "the bmap"); }).find("a folder other users can write")
+          != std::string::npos);
+    CHECK(fs::is_empty(tmp / "private"));
+
     // An output replaces regular files only.
     CHECK_NOTHROW(named::check_output(tmp / "new-file", "the bmap"));
     CHECK_NOTHROW(named::check_output(tmp / "secret", "the bmap"));
@@ -200,10 +209,46 @@ TEST_CASE("SHA256SUMS is read as sha256sum -c reads it")
     message = error_of([&] { flasher::prepare_image(image, options, nullptr); });
     CHECK_MESSAGE(message.find("not a sha256") != std::string::npos, message);
 
+    // The tagged form ("sha256sum --tag") is read too.
+    write_file(tmp / "SHA256SUMS", "SHA256 (card.img) = " + std::string(64, '0') + "\n");
+    message = error_of([&] { flasher::prepare_image(image, no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("does not match") != std::string::npos, message);
+    fs::remove(tmp / "SHA256SUMS");
+
     // A folder is named as such.
     options.sums = tmp.path();
     message = error_of([&] { flasher::prepare_image(image, options, nullptr); });
     CHECK_MESSAGE(message.find("is a folder") != std::string::npos, message);
+}
+
+TEST_CASE("SHA256SUMS updated beside an image lists each file once, in the form sha256sum -c reads")
+{
+    Scratch tmp;
+    fs::path image = small_image(tmp.path());
+    fs::path bmap = tmp / "card.img.bmap";
+    flasher::write_bmap(image, bmap);
+    std::string other = std::string(64, 'b');
+    write_file(tmp / "SHA256SUMS", std::string(64, 'a') + "  card.img\r\n" + std::string(64, 'a') + "  ./card.img.bmap\n"
+                                       + "SHA256 (card.img) = " + std::string(64, 'c') + "\n" + other + "  other.img\n");
+    flasher::update_sha256sums({image, bmap}, nullptr);
+    std::string text = read_text(tmp / "SHA256SUMS");
+    CHECK(text == sha256sum_files({image}) + "  card.img\n" + sha256sum_files({bmap}) + "  card.img.bmap\n" + other
+                       + "  other.img\n");
+    auto checked = run_process({"sh", "-c", "cd \"$0\" && sha256sum -c --ignore-missing SHA256SUMS", tmp.path().string()});
+    CHECK_MESSAGE(checked.ok(), checked.out << checked.err);
+}
+
+TEST_CASE("flash --image checks every file it will leave beside the image before it starts")
+{
+    Scratch tmp;
+    write_file(tmp / "card.img", "the old image");
+    fs::create_symlink(tmp / "elsewhere", tmp / "card.img.zst");
+    auto r = run_treeflash({"flash", "--board", "qemu-arm64", "--image", (tmp / "card.img").string(), "--repo",
+                            (tmp / "none").string(), "--no-gpg-verify", "--compress", "zst", "--overwrite"});
+    CHECK(r.exit_code == 1);
+    CHECK_MESSAGE(r.err.find("card.img.zst is a symlink") != std::string::npos, r.err);
+    CHECK(read_text(tmp / "card.img") == "the old image");
+    CHECK(!fs::exists(tmp / "elsewhere"));
 }
 
 TEST_CASE("zstd images carry a content checksum; a corrupted one is never written as good")
@@ -227,7 +272,35 @@ TEST_CASE("zstd images carry a content checksum; a corrupted one is never writte
     // A foreign zstd without a checksum, with nothing vouching for it, is refused.
     REQUIRE(run_process({"zstd", "-q", "--no-check", image.string(), "-o", (tmp / "unchecked.img.zst").string()}).ok());
     std::string message = error_of([&] { flasher::prepare_image(tmp / "unchecked.img.zst", no_notices(), nullptr); });
-    CHECK_MESSAGE(message.find("without a checksum") != std::string::npos, message);
+    CHECK_MESSAGE(message.find("the frame at byte 0 has no checksum") != std::string::npos, message);
+    // Every frame counts: a second frame without a checksum is refused too.
+    REQUIRE(run_process({"sh", "-c", "head -c 1M \"$0\" | zstd -q -C > \"$1\" && tail -c +1048577 \"$0\" | zstd -q --no-check >> \"$1\"",
+                         image.string(), (tmp / "two.img.zst").string()}).ok());
+    message = error_of([&] { flasher::prepare_image(tmp / "two.img.zst", no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("has no checksum") != std::string::npos, message);
+    CHECK_MESSAGE(message.find("at byte 0 ") == std::string::npos, message);
+    // So is an xz stream made with --check=none after a checked one.
+    REQUIRE(run_process({"sh", "-c", "head -c 1M \"$0\" | xz -q > \"$1\" && tail -c +1048577 \"$0\" | xz -q --check=none >> \"$1\"",
+                         image.string(), (tmp / "two.img.xz").string()}).ok());
+    message = error_of([&] { flasher::prepare_image(tmp / "two.img.xz", no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("has no check") != std::string::npos, message);
+    REQUIRE(run_process({"sh", "-c", "xz -q < \"$0\" > \"$1\"", image.string(), (tmp / "one.img.xz").string()}).ok());
+    CHECK_NOTHROW(flasher::prepare_image(tmp / "one.img.xz", no_notices(), nullptr));
+
+    // gzip: libarchive does not check its CRC32; treeflash does.
+    REQUIRE(run_process({"sh", "-c", "gzip -c \"$0\" > \"$1\"", image.string(), (tmp / "card.img.gz").string()}).ok());
+    CHECK_NOTHROW(flasher::prepare_image(tmp / "card.img.gz", no_notices(), nullptr));
+    std::string gz = read_text(tmp / "card.img.gz");
+    gz[gz.size() - 6] ^= 0x01; // in the trailer's CRC32
+    write_file(tmp / "bad.img.gz", gz);
+    message = error_of([&] { flasher::prepare_image(tmp / "bad.img.gz", no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("CRC32") != std::string::npos, message);
+
+    // A stream that starts with a skippable frame is not taken for raw bytes.
+    write_file(tmp / "skippable.img.zst", std::string("\x50\x2a\x4d\x18\0\0\0\0", 8) + read_text(zst));
+    message = error_of([&] { flasher::prepare_image(tmp / "skippable.img.zst", no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("skippable frame") != std::string::npos, message);
+
     // With a bmap it is checked range by range, and accepted.
     flasher::write_bmap(image, tmp / "unchecked.img.bmap");
     CHECK_NOTHROW(flasher::prepare_image(tmp / "unchecked.img.zst", no_notices(), nullptr));
@@ -245,6 +318,19 @@ TEST_CASE("archives and compressions treeflash does not read are refused, not wr
     write_file(tmp / "card.zip", std::string("PK\x03\x04", 4) + read_text(image));
     message = error_of([&] { flasher::prepare_image(tmp / "card.zip", no_notices(), nullptr); });
     CHECK_MESSAGE(message.find("a zip archive") != std::string::npos, message);
+    // A tarball, named so or not, and a compression inside a compression.
+    REQUIRE(run_process({"tar", "-C", tmp.path().string(), "-czf", (tmp / "card.tgz").string(), "card.img"}).ok());
+    fs::copy_file(tmp / "card.tgz", tmp / "card-tar.img.gz");
+    for (const char* name : {"card.tgz", "card-tar.img.gz"}) {
+        message = error_of([&] { flasher::prepare_image(tmp / name, no_notices(), nullptr); });
+        CHECK_MESSAGE((message.find(".tgz") != std::string::npos || message.find("a tar archive") != std::string::npos), message);
+    }
+    REQUIRE(run_process({"sh", "-c", "xz -c \"$0\" | gzip -c > \"$1\"", image.string(), (tmp / "twice.img.gz").string()}).ok());
+    message = error_of([&] { flasher::prepare_image(tmp / "twice.img.gz", no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("compressed twice") != std::string::npos, message);
+    write_file(tmp / "legacy.img.lz4", std::string("\x02\x21\x4c\x18", 4) + std::string(100, 'x'));
+    message = error_of([&] { flasher::prepare_image(tmp / "legacy.img.lz4", no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("legacy lz4") != std::string::npos, message);
     write_file(tmp / "empty.img", "");
     message = error_of([&] { flasher::prepare_image(tmp / "empty.img", no_notices(), nullptr); });
     CHECK_MESSAGE(message.find("is empty") != std::string::npos, message);
@@ -265,6 +351,9 @@ TEST_CASE("--log must name a file; a kernel command line arm64 cannot take is re
     CHECK(!fs::exists(tmp / "card.img"));
     // What fits passes; the limit counts every argument.
     CHECK_NOTHROW(validate::kernel_command_line({"console=ttyAMA0", std::string(1500, 'a')}, "--karg"));
+    // ostree= and init= with a 64-character OS name, and boot counting, still fit beside the most allowed.
+    CHECK(error_of([&] { validate::kernel_command_line({std::string(1700, 'a')}, "--karg"); }).find("would not boot")
+          != std::string::npos);
     CHECK(error_of([&] { validate::kernel_command_line(std::vector<std::string>(100, std::string(20, 'a')), "--karg"); })
               .find("would not boot")
           != std::string::npos);
