@@ -464,9 +464,9 @@ PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptio
         std::string unchecked = vouched ? "" : unchecked_part(input.fd.get(), static_cast<uint64_t>(input.st.st_size),
                                                               prepared.compression);
         if (!unchecked.empty())
-            throw Error(what + " cannot check itself (" + unchecked + "), and no bmap or SHA256SUMS vouches for it: a corrupted file "
-                        "would be written and reported good. Recompress it with a checksum (zstd and xz have one by "
-                        "default), or give --bmap or --sums; nothing was written");
+            throw Error(what + " cannot check itself (" + unchecked + "), and no bmap or SHA256SUMS vouches for "
+                        "it: a corrupted file would be written and reported good. Recompress it with a checksum (zstd "
+                        "and xz have one by default), or give --bmap or --sums; nothing was written");
         if (!bmap)
             notice("no bmap for " + what + ": every block is written (make one with treeflash bmap before compressing)");
         decompress(prepared, input.fd.get(), bmap, options.max_size, !vouched, cancellable);
