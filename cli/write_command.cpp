@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <iostream>
 #include <mutex>
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace po = boost::program_options;
@@ -250,10 +251,14 @@ int run_write(const std::vector<std::string>& args, GCancellable* cancellable)
     if (!log.empty()) {
         // Checked by name before the log is created: an empty file made
         // under the bmap's name would read as a broken bmap.
+        // The same name in the same folder, however the folder is reached
+        // (a symlink, a bind mount): compared by the folder's device and inode.
         auto same_name = [](const std::filesystem::path& a, const std::filesystem::path& b) {
-            std::error_code ec1, ec2;
-            auto ca = std::filesystem::weakly_canonical(a, ec1), cb = std::filesystem::weakly_canonical(b, ec2);
-            return !ec1 && !ec2 && ca == cb;
+            auto folder = [](const std::filesystem::path& p) { return p.has_parent_path() ? p.parent_path() : "."; };
+            struct stat fa {}, fb {};
+            if (::stat(folder(a).c_str(), &fa) != 0 || ::stat(folder(b).c_str(), &fb) != 0)
+                return false;
+            return named::same_file(fa, fb) && a.filename() == b.filename();
         };
         for (const auto& read : flasher::files_read_with(options.image, options.image_options))
             if (same_name(log, read))

@@ -10,63 +10,131 @@ namespace treeflash::named {
 
 namespace {
 
-std::filesystem::path folder_of(const std::filesystem::path& path)
-{
-    return path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
-}
-
 std::string named(const std::filesystem::path& path, std::string_view what)
 {
     return std::string(what) + " " + path.string();
 }
 
-// Throws when a folder on the way to `path` is a symlink that sits in a
-// folder others can write (shared/d -> /root/private makes shared/d/x a
-// file in root's folder). The last component is open_regular's to check.
-void check_folders_on_the_way(const std::filesystem::path& path, std::string_view what)
+bool shared(int folder_fd)
 {
-    std::filesystem::path prefix;
-    std::filesystem::path folder = path.parent_path();
-    for (auto it = folder.begin(); it != folder.end(); ++it) {
-        std::filesystem::path parent = prefix.empty() ? std::filesystem::path(".") : prefix;
-        prefix /= *it;
-        if (*it == "/" || *it == "." || *it == "..")
-            continue;
-        struct stat st {};
-        if (::lstat(prefix.c_str(), &st) == 0 && S_ISLNK(st.st_mode) && folder_shared(parent))
-            throw Error(named(path, what) + ": " + prefix.string() + " is a symlink in " + parent.string()
-                        + ", a folder other users can write; name the folder it points to");
-    }
+    struct stat st {};
+    if (::fstat(folder_fd, &st) != 0)
+        return true;
+    return (st.st_mode & (S_IWGRP | S_IWOTH)) || (st.st_uid != 0 && st.st_uid != ::geteuid());
 }
 
-// Opens `path` with `flags` (plus O_NOFOLLOW, O_NONBLOCK) and, when its last
-// component is a symlink, follows it only out of a folder nobody else can
-// write. Then the open file must be a regular one.
+// A symlink may be followed no more often than the kernel would.
+constexpr int max_links = 40;
+
+UniqueFd open_folder_at(int start, const std::filesystem::path& folder, const std::filesystem::path& path,
+                        std::string_view what, int& links);
+
+// Follows the symlink `name` in the open folder `at` to the folder it names,
+// when `at` is no folder others can write.
+UniqueFd follow_folder_link(int at, const std::string& name, const std::filesystem::path& path, std::string_view what,
+                            int& links)
+{
+    if (shared(at))
+        throw Error(named(path, what) + ": " + name + " is a symlink in a folder other users can write; name what "
+                    "it points to");
+    if (++links > max_links)
+        throw Error(named(path, what) + ": too many levels of symlinks");
+    char target[4096];
+    ssize_t n = ::readlinkat(at, name.c_str(), target, sizeof target - 1);
+    if (n < 0)
+        throw_errno("read the symlink " + name + " on the way to " + path.string());
+    std::filesystem::path to(std::string(target, static_cast<size_t>(n)));
+    if (to.is_absolute()) {
+        UniqueFd root(::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC));
+        return open_folder_at(root.get(), to.relative_path(), path, what, links);
+    }
+    return open_folder_at(at, to, path, what, links);
+}
+
+// Opens `folder` below the open folder `start`, one component at a time,
+// never following a symlink without the rule above: the checks are made on
+// open folders, so nothing can be swapped between a check and the use.
+UniqueFd open_folder_at(int start, const std::filesystem::path& folder, const std::filesystem::path& path,
+                        std::string_view what, int& links)
+{
+    UniqueFd current(::fcntl(start, F_DUPFD_CLOEXEC, 3));
+    for (const auto& part : folder) {
+        std::string name = part.string();
+        if (name.empty() || name == "." || name == "/")
+            continue;
+        struct stat st {};
+        if (name != ".." && ::fstatat(current.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISLNK(st.st_mode)) {
+            current = follow_folder_link(current.get(), name, path, what, links);
+            continue;
+        }
+        UniqueFd next(::openat(current.get(), name.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+        if (!next)
+            throw_errno("open the folder " + name + " on the way to " + path.string());
+        current = std::move(next);
+    }
+    return current;
+}
+
+// The open folder that holds `path`'s last component.
+UniqueFd open_folder_of(const std::filesystem::path& path, std::string_view what, int& links)
+{
+    UniqueFd start(::open(path.is_absolute() ? "/" : ".", O_PATH | O_DIRECTORY | O_CLOEXEC));
+    if (!start)
+        throw_errno("open the folder of " + path.string());
+    return open_folder_at(start.get(), path.relative_path().parent_path(), path, what, links);
+}
+
+// Opens the last component `name` in the open folder `folder` with `flags`
+// (plus O_NOFOLLOW, O_NONBLOCK): a symlink there is followed, by the same
+// rules, only out of a folder nobody else can write, and only to a file
+// that exists (a dangling link would create whatever it names).
+UniqueFd open_in_folder(int folder, const std::string& name, const std::filesystem::path& path, std::string_view what,
+                        int flags, int& links)
+{
+    const int common = O_CLOEXEC | O_NOCTTY | O_NONBLOCK | O_NOFOLLOW;
+    UniqueFd fd(::openat(folder, name.c_str(), flags | common, 0644));
+    if (fd || errno != ELOOP)
+        return fd;
+    struct stat link {};
+    if (::fstatat(folder, name.c_str(), &link, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISLNK(link.st_mode)) {
+        errno = ELOOP;
+        return fd;
+    }
+    if (shared(folder))
+        throw Error(named(path, what) + " is a symlink in a folder other users can write; name the file it points to");
+    if (++links > max_links)
+        throw Error(named(path, what) + ": too many levels of symlinks");
+    char target[4096];
+    ssize_t n = ::readlinkat(folder, name.c_str(), target, sizeof target - 1);
+    if (n < 0)
+        throw_errno("read the symlink " + path.string());
+    std::filesystem::path to(std::string(target, static_cast<size_t>(n)));
+    UniqueFd root(::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC));
+    UniqueFd to_folder = open_folder_at(to.is_absolute() ? root.get() : folder, to.relative_path().parent_path(), path,
+                                        what, links);
+    if (to.filename().empty())
+        throw Error(named(path, what) + " is a symlink to a folder, not a file");
+    return open_in_folder(to_folder.get(), to.filename().string(), path, what, flags & ~O_CREAT, links);
+}
+
+// Opens `path` with `flags` by the rules above; then the open file must be a
+// regular one.
 OpenFile open_regular(const std::filesystem::path& path, std::string_view what, int flags)
 {
     if (path.empty())
         throw Error(std::string(what) + ": an empty path names no file");
-    check_folders_on_the_way(path, what);
-    const int common = O_CLOEXEC | O_NOCTTY | O_NONBLOCK;
+    int links = 0;
+    UniqueFd folder = open_folder_of(path, what, links);
+    std::string name = path.filename().string();
+    if (name.empty() || name == "." || name == "..")
+        throw Error(named(path, what) + " names a folder, not a file");
     OpenFile file;
-    file.fd.reset(::open(path.c_str(), flags | common | O_NOFOLLOW, 0644));
-    if (!file.fd && errno == ELOOP) {
-        struct stat link {};
-        if (::lstat(path.c_str(), &link) == 0 && S_ISLNK(link.st_mode)) {
-            std::filesystem::path folder = folder_of(path);
-            if (folder_shared(folder))
-                throw Error(named(path, what) + " is a symlink in " + folder.string()
-                            + ", a folder other users can write; name the file it points to");
-            file.fd.reset(::open(path.c_str(), flags | common, 0644));
-        } else {
-            errno = ELOOP;
-        }
-    }
+    file.fd = open_in_folder(folder.get(), name, path, what, flags, links);
     if (!file.fd) {
         int err = errno;
         struct stat st {};
         // A FIFO without a reader (ENXIO), a folder (EISDIR): say what it is.
-        if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+        if (::fstatat(folder.get(), name.c_str(), &st, 0) == 0 && !S_ISREG(st.st_mode))
             throw Error(named(path, what) + " is " + kind_of(st.st_mode) + ", not a regular file");
         throw_errno("open " + named(path, what), err);
     }
@@ -140,15 +208,19 @@ OpenFile open_log(const std::filesystem::path& path, std::string_view what)
     return open_regular(path, what, O_WRONLY | O_APPEND | O_CREAT);
 }
 
-void check_output(const std::filesystem::path& path, std::string_view what)
+UniqueFd check_output(const std::filesystem::path& path, std::string_view what)
 {
     if (path.empty())
         throw Error(std::string(what) + ": an empty path names no file");
-    check_folders_on_the_way(path, what);
+    int links = 0;
+    UniqueFd folder = open_folder_of(path, what, links);
+    std::string name = path.filename().string();
+    if (name.empty() || name == "." || name == "..")
+        throw Error(named(path, what) + " names a folder, not a file");
     struct stat st {};
-    if (::lstat(path.c_str(), &st) != 0) {
+    if (::fstatat(folder.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
         if (errno == ENOENT)
-            return;
+            return folder;
         throw_errno("stat " + named(path, what));
     }
     if (S_ISLNK(st.st_mode))
@@ -156,6 +228,45 @@ void check_output(const std::filesystem::path& path, std::string_view what)
                     "name the file it points to");
     if (!S_ISREG(st.st_mode))
         throw Error(named(path, what) + " is " + kind_of(st.st_mode) + "; only a regular file can be replaced");
+    return folder;
+}
+
+void write_output(const std::filesystem::path& path, std::string_view what, std::string_view content,
+                  const struct stat* never_over)
+{
+    UniqueFd folder = check_output(path, what);
+    std::string name = path.filename().string();
+    struct stat existing {};
+    if (never_over && ::fstatat(folder.get(), name.c_str(), &existing, AT_SYMLINK_NOFOLLOW) == 0
+        && same_file(existing, *never_over))
+        throw Error(named(path, what) + " would replace a file this run reads; name another file");
+    // A new file beside it, never through a link someone put under that
+    // name: what a killed run left is removed first.
+    std::string temp = "." + name + ".tmp-" + std::to_string(::getpid());
+    ::unlinkat(folder.get(), temp.c_str(), 0);
+    UniqueFd out(::openat(folder.get(), temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
+    if (!out)
+        throw_errno("write " + named(path, what));
+    auto fail = [&](const std::string& step) {
+        int err = errno;
+        ::unlinkat(folder.get(), temp.c_str(), 0);
+        throw_errno(step + " " + named(path, what), err);
+    };
+    for (size_t done = 0; done < content.size();) {
+        ssize_t n = ::write(out.get(), content.data() + done, content.size() - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            if (n == 0)
+                errno = ENOSPC;
+            fail("write");
+        }
+        done += static_cast<size_t>(n);
+    }
+    if (::fsync(out.get()) != 0)
+        fail("sync");
+    if (::renameat(folder.get(), temp.c_str(), folder.get(), name.c_str()) != 0)
+        fail("move into place");
 }
 
 bool same_file(const struct stat& a, const struct stat& b)

@@ -45,8 +45,13 @@ std::string read_input(const std::filesystem::path& path, std::string_view what,
 OpenFile open_log(const std::filesystem::path& path, std::string_view what);
 
 // Throws unless `path` is free to be replaced by a new regular file: absent,
-// or a regular file reached without a symlink.
-void check_output(const std::filesystem::path& path, std::string_view what);
+// or a regular file that is not a symlink. Returns its folder, open.
+UniqueFd check_output(const std::filesystem::path& path, std::string_view what);
+
+// Writes `content` to `path` (checked as above) through a temporary file in
+// the same open folder and a rename, never over the file `never_over`.
+void write_output(const std::filesystem::path& path, std::string_view what, std::string_view content,
+                  const struct stat* never_over = nullptr);
 
 // Whether two stats describe the same file (device and inode).
 bool same_file(const struct stat& a, const struct stat& b);

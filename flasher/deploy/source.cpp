@@ -1,6 +1,7 @@
 #include "flasher/deploy/source.hpp"
 
 #include "common/error.hpp"
+#include "common/named_file.hpp"
 #include "common/fs.hpp"
 #include "common/glib.hpp"
 #include "flasher/deploy/pull.hpp"
@@ -82,6 +83,16 @@ std::string list_refs(OstreeRepo* repo)
 }
 
 } // namespace
+
+bool local_repository_untrusted(const std::filesystem::path& path)
+{
+    for (const auto& part : {path, path / "objects"}) {
+        struct stat st {};
+        if (::stat(part.c_str(), &st) != 0 || (st.st_uid != 0 && st.st_uid != ::geteuid()))
+            return true;
+    }
+    return named::folder_shared(path);
+}
 
 bool is_url(const std::string& text)
 {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <string>
 
 typedef struct _GCancellable GCancellable;
@@ -26,5 +27,11 @@ Source resolve_source(const std::string& repo_or_url, const std::string& ref, un
                       GCancellable* cancellable);
 
 bool is_url(const std::string& text);
+
+// Whether a pull from the local repository at `path` must check every
+// object rather than copy it: the repository or its objects belong to
+// another user (who could change a file under a signed commit), or its
+// folder is one others can write.
+bool local_repository_untrusted(const std::filesystem::path& path);
 
 } // namespace treeflash::flasher

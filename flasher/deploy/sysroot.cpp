@@ -7,7 +7,9 @@
 
 #include <fcntl.h>
 #include <functional>
+#include <linux/openat2.h>
 #include <ostree.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -200,6 +202,22 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
 void check_sysroot_links(const std::filesystem::path& root)
 {
     namespace sfs = std::filesystem;
+    UniqueFd root_fd(::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+    if (!root_fd)
+        throw_errno("open the card's root " + root.string());
+    // Whether `rel` resolves inside the card, every hop of every symlink on
+    // the way included (the kernel resolves it, refusing to leave the root).
+    auto stays_on_card = [&](const sfs::path& rel) {
+        struct open_how how {};
+        how.flags = O_PATH | O_CLOEXEC;
+        how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+        int fd = static_cast<int>(::syscall(SYS_openat2, root_fd.get(), rel.c_str(), &how, sizeof how));
+        if (fd >= 0) {
+            ::close(fd);
+            return true;
+        }
+        return errno == ENOENT || errno == ENOTDIR; // a link to nothing leads nowhere else
+    };
     // Walks `rel` (relative to root) to `depth` levels, checking every symlink.
     std::function<void(const sfs::path&, int)> walk = [&](const sfs::path& rel, int depth) {
         std::error_code ec;
@@ -209,9 +227,9 @@ void check_sysroot_links(const std::filesystem::path& root)
         if (sfs::is_symlink(status)) {
             sfs::path target = sfs::read_symlink(root / rel, ec);
             sfs::path resolved = (rel.parent_path() / target).lexically_normal();
-            if (ec || target.is_absolute() || resolved.empty() || *resolved.begin() == "..")
+            if (ec || target.is_absolute() || resolved.empty() || *resolved.begin() == ".." || !stays_on_card(rel))
                 throw Error("the card's " + rel.string() + " is a symlink to " + target.string()
-                            + ", outside its file system; refusing to use it");
+                            + ", which leads outside its file system; refusing to use it");
             return;
         }
         if (!sfs::is_directory(status) || depth == 0)

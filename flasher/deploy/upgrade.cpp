@@ -131,7 +131,10 @@ void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptio
     ostree_repo_set_disable_fsync(repo, TRUE); // the file system is synced on unmount
     if (options.notice)
         options.notice("pulling " + refspec + (override_url ? " from " + *override_url : ""));
-    in_step("pull", [&] { pull_ref(repo, remote, ref, override_url.value_or(""), options.network_timeout, cancellable); });
+    bool untrusted = options.repo && !is_url(*options.repo) && local_repository_untrusted(*options.repo);
+    in_step("pull", [&] {
+        pull_ref(repo, remote, ref, override_url.value_or(""), options.network_timeout, cancellable, untrusted);
+    });
     char* raw = nullptr;
     if (!ostree_repo_resolve_rev(repo, refspec.c_str(), FALSE, &raw, &error))
         throw_gerror(error, "resolve " + refspec);
@@ -154,9 +157,11 @@ void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptio
             for (const auto& arg : options.kernel_args_append)
                 ostree_kernel_args_append(kargs.get(), arg.c_str());
             kernel_argv = glib::Strv(ostree_kernel_args_to_strv(kargs.get()));
+            // ostree= and init= are libostree's, counted in the reserve.
             std::vector<std::string> all_args;
             for (char** arg = kernel_argv.get(); arg && *arg; ++arg)
-                all_args.emplace_back(*arg);
+                if (std::string_view(*arg).rfind("init=", 0) != 0 && std::string_view(*arg).rfind("ostree=", 0) != 0)
+                    all_args.emplace_back(*arg);
             validate::kernel_command_line(all_args, "--karg with the inherited kernel arguments");
             deploy_options.override_kernel_argv = kernel_argv.get();
         }

@@ -107,6 +107,32 @@ dev_t devno_of(const std::filesystem::path& sys_dir)
     }
 }
 
+// Opens the block device `devno` (the kernel's `name` for it): through
+// /dev/NAME when that node is it, else through a node of our own made for
+// the moment, since a device's node may have been deleted (a loop device
+// stays attached without one).
+UniqueFd open_block_device(dev_t devno, const std::string& name, int flags)
+{
+    flags |= O_CLOEXEC | O_NONBLOCK;
+    UniqueFd fd(::open(("/dev/" + name).c_str(), flags | O_NOFOLLOW));
+    struct stat st {};
+    if (fd && ::fstat(fd.get(), &st) == 0 && S_ISBLK(st.st_mode) && st.st_rdev == devno)
+        return fd;
+    int err = fd ? ENOENT : errno;
+    if (err == EBUSY)
+        return UniqueFd(); // the node is right and the device is claimed: errno says so
+    // /dev is the file system that allows device nodes (others are nodev).
+    std::string node = "/dev/.treeflash-" + std::to_string(::getpid()) + "-" + name;
+    ::unlink(node.c_str());
+    if (::mknod(node.c_str(), S_IFBLK | 0600, devno) != 0)
+        return UniqueFd();
+    fd.reset(::open(node.c_str(), flags | O_NOFOLLOW));
+    err = errno;
+    ::unlink(node.c_str());
+    errno = err;
+    return fd;
+}
+
 // Every attached loop device with its status: name ("loop3") -> loop_info64.
 std::vector<std::pair<std::string, struct loop_info64>> loop_devices()
 {
@@ -116,7 +142,7 @@ std::vector<std::pair<std::string, struct loop_info64>> loop_devices()
         std::string name = entry.path().filename().string();
         if (name.rfind("loop", 0) != 0 || !std::filesystem::exists(entry.path() / "loop"))
             continue;
-        UniqueFd fd(::open(("/dev/" + name).c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
+        UniqueFd fd = open_block_device(devno_of(entry.path()), name, O_RDONLY);
         struct loop_info64 status {};
         if (fd && ::ioctl(fd.get(), LOOP_GET_STATUS64, &status) == 0)
             found.emplace_back(name, status);
@@ -170,7 +196,7 @@ void add_users(dev_t disk, DiskInfo& info, const std::string& via, int depth)
         std::string node = "/dev/" + name;
         // An exclusive user of the loop device (a mount, a program's
         // O_EXCL) is in no list: the kernel's refusal of O_EXCL shows it.
-        UniqueFd probe(::open(node.c_str(), O_RDONLY | O_EXCL | O_CLOEXEC | O_NONBLOCK));
+        UniqueFd probe = open_block_device(loop, name, O_RDONLY | O_EXCL);
         if (!probe && errno == EBUSY)
             info.holders.push_back(node + ", a loop device over it" + (via.empty() ? "" : " (through " + via + ")")
                                    + ", which is open exclusively (mounted or in use)");

@@ -235,7 +235,7 @@ std::jthread write_image_from_directories(const FlashPlan& plan, Target& target,
     // As root every owner is mapped (userns.cpp), and objects may be copied
     // as files from a local repository; a plain user's namespace cannot give
     // them their owners, so each is checked and written instead.
-    sysroot.untrusted_pull = !as_root;
+    sysroot.untrusted_pull = sysroot.untrusted_pull || !as_root;
     json job = {{"image", target.device()},
                 {"sysroot", sysroot_to_json(sysroot)},
                 {"board_record", board.boot_count.enabled() ? boot_board_record(board) : ""},

@@ -194,6 +194,8 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
     sysroot.os = options.os;
     sysroot.remote_url = options.remote_url.empty() ? plan.source.url : options.remote_url;
     sysroot.pull_url = plan.source.url;
+    // Another user's repository is read object by object, each checked.
+    sysroot.untrusted_pull = !is_url(options.repo) && local_repository_untrusted(options.repo);
     sysroot.ref = options.ref;
     sysroot.gpg_key = options.gpg_import;
     sysroot.kernel_args = plan.board.kernel_args;

@@ -337,7 +337,7 @@ Bmap write_bmap(const std::filesystem::path& image, const std::filesystem::path&
     if (::stat(output.c_str(), &out) == 0 && named::same_file(out, file.st))
         throw Error("the bmap " + output.string() + " would replace the image it maps; name another file");
     Bmap map = map_open_image(file.fd.get(), static_cast<uint64_t>(file.st.st_size), image.string(), cancellable);
-    fs::write_file_atomic(output, bmap_xml(map));
+    named::write_output(output, "the bmap", bmap_xml(map), &file.st);
     return map;
 }
 

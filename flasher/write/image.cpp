@@ -76,6 +76,31 @@ bool all_zero(const char* data, size_t size)
 
 std::string unsupported_format(const unsigned char* magic, size_t n, const std::filesystem::path& file);
 
+// Whether the first 512 bytes are a tar header of any age (v7 has no
+// "ustar" mark): a name, and a checksum field that matches the header's
+// bytes summed with that field as spaces. A disk's first sector is not one.
+bool is_tar_header(const unsigned char* header, size_t n)
+{
+    if (n < 512 || header[0] == 0)
+        return false;
+    unsigned long recorded = 0;
+    int digits = 0;
+    size_t start = 148;
+    while (start < 156 && header[start] == ' ')
+        ++start;
+    for (size_t i = start; i < 156 && header[i] != 0 && header[i] != ' '; ++i, ++digits) {
+        if (header[i] < '0' || header[i] > '7')
+            return false;
+        recorded = recorded * 8 + (header[i] - '0');
+    }
+    if (digits == 0)
+        return false;
+    unsigned long sum = 0;
+    for (size_t i = 0; i < 512; ++i)
+        sum += (i >= 148 && i < 156) ? ' ' : header[i];
+    return sum == recorded;
+}
+
 // What a decompressed image must not start with: another compression, an
 // archive. "" when it may be a disk image.
 std::string not_an_image_inside(const char* data, size_t size, const std::filesystem::path& image)
@@ -316,7 +341,7 @@ std::string unsupported_format(const unsigned char* magic, size_t n, const std::
         return "in the legacy lz4 format (lz4 -l), which carries no checksum";
     if (n >= 4 && (magic[0] & 0xf0) == 0x50 && magic[1] == 0x2a && magic[2] == 0x4d && magic[3] == 0x18)
         return "a zstd or lz4 stream that starts with a skippable frame (recompress it plainly)";
-    if (n > 262 && std::memcmp(magic + 257, "ustar", 5) == 0)
+    if ((n > 262 && std::memcmp(magic + 257, "ustar", 5) == 0) || is_tar_header(magic, n))
         return "a tar archive";
     // The old .lzma format has no magic: a properties byte below 225, a
     // dictionary size, then the size or all ones. The name says it too.

@@ -245,7 +245,7 @@ std::filesystem::path update_sha256sums(const std::vector<std::filesystem::path>
     std::string text;
     for (const auto& [name, line] : lines)
         text += line + "\n";
-    fs::write_file_atomic(sums, text);
+    named::write_output(sums, "SHA256SUMS", text);
     return sums;
 }
 

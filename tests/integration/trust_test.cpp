@@ -161,6 +161,48 @@ TEST_CASE("upgrade refuses a card whose deployment's etc leads off the card" * d
     CHECK_MESSAGE(r.ok(), r.err);
 }
 
+TEST_CASE("upgrade refuses a sysroot whose symlinks leave the card in two hops" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    build_commit(tmp.path(), tmp / "repo");
+    fs::path image = tmp / "card.img";
+    REQUIRE(flash_image(tmp / "repo", image).ok());
+    fs::create_directories(tmp / "host/deploy");
+    auto [offset, size] = rootfs_extent(image);
+    {
+        // deploy -> var/x (relative, on the card), var/x -> a host folder.
+        MountedPartition rootfs(image, offset, size, true);
+        fs::path os = rootfs / "ostree/deploy/tcu";
+        fs::rename(os / "deploy", os / "deploy.real");
+        fs::create_symlink(tmp / "host/deploy", os / "var/x");
+        fs::create_symlink("var/x", os / "deploy");
+    }
+    auto r = run_treeflash({"upgrade", image.string(), "--repo", (tmp / "repo").string()});
+    CHECK(r.exit_code == 1);
+    CHECK_MESSAGE(r.err.find("leads outside its file system") != std::string::npos, r.err);
+    CHECK(fs::is_empty(tmp / "host/deploy"));
+}
+
+TEST_CASE("a root flash from another user's repository checks every object it copies" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    build_commit(tmp.path(), tmp / "repo");
+    // One file object replaced by another: `ostree fsck` calls it corrupted.
+    std::vector<fs::path> objects;
+    for (const auto& entry : fs::recursive_directory_iterator(tmp / "repo/objects"))
+        if (entry.path().extension() == ".filez")
+            objects.push_back(entry.path());
+    REQUIRE(objects.size() >= 2);
+    fs::copy_file(objects[0], objects[1], fs::copy_options::overwrite_existing);
+    REQUIRE(run_process({"chown", "-R", std::to_string(nobody) + ":" + std::to_string(nobody), (tmp / "repo").string()}).ok());
+    auto r = flash_image(tmp / "repo", tmp / "card.img");
+    CHECK(r.exit_code == 1);
+    CHECK_MESSAGE(r.err.find("orrupted") != std::string::npos, r.err);
+    CHECK(!fs::exists(tmp / "card.img"));
+}
+
 TEST_CASE("a card in use through a loop device layered on it is neither written nor upgraded" * doctest::skip(not_root))
 {
     NoLeftovers guard;
@@ -193,6 +235,18 @@ TEST_CASE("a card in use through a loop device layered on it is neither written 
         fs::remove(tmp / "alias");
         MountGuard mounted(layered.device, "ro,noload");
         auto r = write({image.string(), card.device});
+        CHECK(r.exit_code == 1);
+        CHECK_MESSAGE(r.err.find("through " + layered.device) != std::string::npos, r.err);
+    }
+    {
+        // The loop device's own node deleted: found by its number all the same.
+        OffsetLoop layered(card.device, offset);
+        MountGuard mounted(layered.device, "ro,noload");
+        struct stat node {};
+        REQUIRE(::stat(layered.device.c_str(), &node) == 0);
+        REQUIRE(::unlink(layered.device.c_str()) == 0);
+        auto r = write({image.string(), card.device});
+        ::mknod(layered.device.c_str(), S_IFBLK | 0660, node.st_rdev); // put back for the cleanup
         CHECK(r.exit_code == 1);
         CHECK_MESSAGE(r.err.find("through " + layered.device) != std::string::npos, r.err);
     }

@@ -104,6 +104,18 @@ TEST_CASE("named files: symlinks only out of folders no one else can write, regu
           != std::string::npos);
     CHECK(fs::is_empty(tmp / "private"));
 
+    // A link in the caller's folder whose target runs through a link in a
+    // shared one is held to the same rule, hop by hop.
+    fs::create_directories(tmp / "own");
+    fs::create_symlink(shared / "d/via-shared", tmp / "own/log-link");
+    CHECK(error_of([&] { named::open_log(tmp / "own/log-link", "the log"); }).find("other users can write")
+          != std::string::npos);
+    CHECK(fs::is_empty(tmp / "private"));
+    // A dangling link, even in the caller's own folder, creates nothing.
+    fs::create_symlink(tmp / "not-yet", tmp / "own/dangling");
+    CHECK(!error_of([&] { named::open_log(tmp / "own/dangling", "the log"); }).empty());
+    CHECK(!fs::exists(tmp / "not-yet"));
+
     // An output replaces regular files only.
     CHECK_NOTHROW(named::check_output(tmp / "new-file", "the bmap"));
     CHECK_NOTHROW(named::check_output(tmp / "secret", "the bmap"));
@@ -325,6 +337,9 @@ TEST_CASE("archives and compressions treeflash does not read are refused, not wr
         message = error_of([&] { flasher::prepare_image(tmp / name, no_notices(), nullptr); });
         CHECK_MESSAGE((message.find(".tgz") != std::string::npos || message.find("a tar archive") != std::string::npos), message);
     }
+    REQUIRE(run_process({"tar", "--format=v7", "-C", tmp.path().string(), "-cf", (tmp / "v7.img").string(), "card.img"}).ok());
+    message = error_of([&] { flasher::prepare_image(tmp / "v7.img", no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("a tar archive") != std::string::npos, message);
     REQUIRE(run_process({"sh", "-c", "xz -c \"$0\" | gzip -c > \"$1\"", image.string(), (tmp / "twice.img.gz").string()}).ok());
     message = error_of([&] { flasher::prepare_image(tmp / "twice.img.gz", no_notices(), nullptr); });
     CHECK_MESSAGE(message.find("compressed twice") != std::string::npos, message);
