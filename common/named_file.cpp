@@ -75,6 +75,21 @@ UniqueFd open_folder_at(int start, const std::filesystem::path& folder, const st
     return current;
 }
 
+// Whether the entry `name` of the open folder `at` can be renamed or
+// replaced by another user: `at` is writable by others, and not sticky with
+// `name` owned by the caller or root.
+bool others_can_replace(int at, const std::string& name)
+{
+    if (!shared(at))
+        return false;
+    struct stat folder {}, entry {};
+    if (::fstat(at, &folder) != 0 || !(folder.st_mode & S_ISVTX))
+        return true;
+    if (::fstatat(at, name.c_str(), &entry, AT_SYMLINK_NOFOLLOW) != 0)
+        return true;
+    return entry.st_uid != 0 && entry.st_uid != ::geteuid();
+}
+
 // The open folder that holds `path`'s last component.
 UniqueFd open_folder_of(const std::filesystem::path& path, std::string_view what, int& links)
 {
@@ -267,6 +282,26 @@ void write_output(const std::filesystem::path& path, std::string_view what, std:
         fail("sync");
     if (::renameat(folder.get(), temp.c_str(), folder.get(), name.c_str()) != 0)
         fail("move into place");
+}
+
+void check_folder_is_stable(const std::filesystem::path& folder, std::string_view what)
+{
+    UniqueFd current(::open(folder.is_absolute() ? "/" : ".", O_PATH | O_DIRECTORY | O_CLOEXEC));
+    if (!current)
+        throw_errno("open " + named(folder, what));
+    std::filesystem::path walked = folder.is_absolute() ? "/" : "";
+    for (const auto& part : folder.relative_path()) {
+        std::string name = part.string();
+        if (name.empty() || name == ".")
+            continue;
+        if (name != ".." && others_can_replace(current.get(), name))
+            throw Error(named(folder, what) + ": " + (walked / name).string() + " can be renamed or replaced by "
+                        "another user while treeflash works in it; choose a folder only you or root can change (or "
+                        "run as the user who owns it)");
+        walked /= name;
+        int links = 0;
+        current = open_folder_at(current.get(), name, folder, what, links);
+    }
 }
 
 bool same_file(const struct stat& a, const struct stat& b)

@@ -53,6 +53,12 @@ UniqueFd check_output(const std::filesystem::path& path, std::string_view what);
 void write_output(const std::filesystem::path& path, std::string_view what, std::string_view content,
                   const struct stat* never_over = nullptr);
 
+// Throws unless no folder on the way to `folder` (its own entry included,
+// not its contents) can be renamed or replaced by another user, so work
+// done by path in `folder` over time (flash --image) stays in it. A sticky
+// folder (/tmp) is fine for entries the caller or root owns.
+void check_folder_is_stable(const std::filesystem::path& folder, std::string_view what);
+
 // Whether two stats describe the same file (device and inode).
 bool same_file(const struct stat& a, const struct stat& b);
 

@@ -146,7 +146,10 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
         throw Error("name exactly one target: --device or --image");
     check_options(options);
     if (options.image) {
-        // What flash leaves beside the image replaces regular files only.
+        // The image and what flash leaves beside it are made by path, over a
+        // while: no other user may swap a folder on the way meanwhile. And
+        // they replace regular files only.
+        named::check_folder_is_stable(image_dir(*options.image), "the image's folder");
         named::check_output(*options.image, "the image");
         named::check_output(options.image->string() + ".bmap", "the bmap");
         if (!options.compress.empty()) {

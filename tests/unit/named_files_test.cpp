@@ -263,6 +263,26 @@ TEST_CASE("flash --image checks every file it will leave beside the image before
     CHECK(!fs::exists(tmp / "elsewhere"));
 }
 
+TEST_CASE("flash --image works only in a folder no other user can swap under it")
+{
+    Scratch tmp;
+    fs::path shared = shared_folder(tmp);
+    fs::create_directories(shared / "sub");
+    // Anyone may rename shared/sub and put a link to another folder in its place.
+    std::string message = error_of([&] { named::check_folder_is_stable(shared / "sub", "the image's folder"); });
+    CHECK_MESSAGE(message.find("can be renamed or replaced by another user") != std::string::npos, message);
+    auto r = run_treeflash({"flash", "--board", "qemu-arm64", "--image", (shared / "sub/card.img").string(), "--repo",
+                            (tmp / "none").string(), "--no-gpg-verify"});
+    CHECK(r.exit_code == 1);
+    CHECK_MESSAGE(r.err.find("can be renamed or replaced by another user") != std::string::npos, r.err);
+    // The shared folder itself may hold the image (only its entries change),
+    // and so may the caller's own folder in a sticky one (as in /tmp).
+    CHECK_NOTHROW(named::check_folder_is_stable(shared, "the image's folder"));
+    fs::create_directories(tmp / "sticky/mine");
+    fs::permissions(tmp / "sticky", fs::perms::all | fs::perms::sticky_bit);
+    CHECK_NOTHROW(named::check_folder_is_stable(tmp / "sticky/mine", "the image's folder"));
+}
+
 TEST_CASE("zstd images carry a content checksum; a corrupted one is never written as good")
 {
     Scratch tmp;
