@@ -174,6 +174,27 @@ std::string xz_unchecked(int fd, uint64_t size)
     return "";
 }
 
+// bzip2: every block has its CRC and libbz2 checks them, but a file cut
+// after a stream's header ends "cleanly" for libarchive. A complete file
+// ends with the end-of-stream mark (48 bits, 0x177245385090), the combined
+// CRC (32 bits) and 0 to 7 bits of padding.
+std::string bzip2_unchecked(int fd, uint64_t size)
+{
+    unsigned char tail[11];
+    if (size < sizeof tail || !read_bytes(fd, size, size - sizeof tail, tail, sizeof tail))
+        return "a truncated stream";
+    auto bit = [&](unsigned index) { return (tail[index / 8] >> (7 - index % 8)) & 1u; };
+    for (unsigned pad = 0; pad < 8; ++pad) {
+        unsigned start = 88 - pad - 32 - 48;
+        uint64_t mark = 0;
+        for (unsigned i = 0; i < 48; ++i)
+            mark = mark << 1 | bit(start + i);
+        if (mark == 0x177245385090ull)
+            return "";
+    }
+    return "a last stream without its end-of-stream mark (the file is cut short)";
+}
+
 } // namespace
 
 std::string unchecked_part(int fd, uint64_t size, const std::string& compression)
@@ -184,6 +205,8 @@ std::string unchecked_part(int fd, uint64_t size, const std::string& compression
         return lz4_unchecked(fd, size);
     if (compression == "xz")
         return xz_unchecked(fd, size);
+    if (compression == "bzip2")
+        return bzip2_unchecked(fd, size);
     return "";
 }
 

@@ -11,7 +11,8 @@
 
 namespace treeflash::flasher {
 
-// "" when every frame (stream) of the `compression` ("zstd", "xz", "lz4";
+// "" when every frame (stream) of the `compression` ("zstd", "xz", "lz4",
+// "bzip2": its last stream must be complete;
 // others check themselves or are checked elsewhere) file `fd` of `size`
 // bytes declares a content checksum; otherwise why not, naming the byte
 // offset ("the frame at byte 1048581 has no checksum").

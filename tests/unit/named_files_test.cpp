@@ -11,6 +11,8 @@
 #include "flasher/write/publish.hpp"
 #include "tests/support/fixtures.hpp"
 
+#include <archive.h>
+#include <archive_entry.h>
 #include <doctest/doctest.h>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -44,6 +46,29 @@ fs::path small_image(const fs::path& dir, const std::string& name = "card.img")
 flasher::ImageOptions no_notices()
 {
     return {};
+}
+
+// `data` compressed with bzip2, by libarchive (no bzip2 program needed).
+std::string bzip2_of(const std::string& data)
+{
+    struct archive* writer = archive_write_new();
+    REQUIRE(archive_write_add_filter_bzip2(writer) == ARCHIVE_OK);
+    archive_write_set_format_raw(writer);
+    archive_write_set_bytes_in_last_block(writer, 1);
+    std::string out(data.size() + (1 << 20), '\0');
+    size_t used = 0;
+    REQUIRE(archive_write_open_memory(writer, out.data(), out.size(), &used) == ARCHIVE_OK);
+    struct archive_entry* entry = archive_entry_new();
+    archive_entry_set_pathname(entry, "image");
+    archive_entry_set_filetype(entry, AE_IFREG);
+    archive_entry_set_size(entry, static_cast<la_int64_t>(data.size()));
+    REQUIRE(archive_write_header(writer, entry) == ARCHIVE_OK);
+    REQUIRE(archive_write_data(writer, data.data(), data.size()) == static_cast<la_ssize_t>(data.size()));
+    REQUIRE(archive_write_close(writer) == ARCHIVE_OK);
+    archive_entry_free(entry);
+    archive_write_free(writer);
+    out.resize(used);
+    return out;
 }
 
 // A folder anyone may write in (as /tmp is): a symlink there may have been
@@ -327,6 +352,14 @@ TEST_CASE("zstd images carry a content checksum; a corrupted one is never writte
     write_file(tmp / "bad.img.gz", gz);
     message = error_of([&] { flasher::prepare_image(tmp / "bad.img.gz", no_notices(), nullptr); });
     CHECK_MESSAGE(message.find("CRC32") != std::string::npos, message);
+
+    // bzip2 checks its blocks; a file cut after a later stream's header is found by its missing end mark.
+    std::string bz2 = bzip2_of(read_text(image));
+    write_file(tmp / "card.img.bz2", bz2);
+    CHECK_NOTHROW(flasher::prepare_image(tmp / "card.img.bz2", no_notices(), nullptr));
+    write_file(tmp / "cut.img.bz2", bz2 + "BZh91AY&SY");
+    message = error_of([&] { flasher::prepare_image(tmp / "cut.img.bz2", no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("end-of-stream mark") != std::string::npos, message);
 
     // A stream that starts with a skippable frame is not taken for raw bytes.
     write_file(tmp / "skippable.img.zst", std::string("\x50\x2a\x4d\x18\0\0\0\0", 8) + read_text(zst));
