@@ -29,26 +29,30 @@ constexpr int max_links = 40;
 UniqueFd open_folder_at(int start, const std::filesystem::path& folder, const std::filesystem::path& path,
                         std::string_view what, int& links);
 
-// Follows the symlink `name` in the open folder `at` to the folder it names,
-// when `at` is no folder others can write.
-UniqueFd follow_folder_link(int at, const std::string& name, const std::filesystem::path& path, std::string_view what,
-                            int& links)
+// The target of the symlink `name` in the open folder `at`, when `at` is
+// no folder others can write (`kind`: "file" or "folder", for the message).
+std::filesystem::path link_target(int at, const std::string& name, const std::filesystem::path& path,
+                                  std::string_view what, const char* kind, int& links)
 {
     if (shared(at))
-        throw Error(named(path, what) + ": " + name + " is a symlink in a folder other users can write; name what "
-                    "it points to");
+        throw Error(named(path, what) + ": " + name + " is a symlink in a folder other users can write; name the "
+                    + kind + " it points to");
     if (++links > max_links)
         throw Error(named(path, what) + ": too many levels of symlinks");
     char target[4096];
     ssize_t n = ::readlinkat(at, name.c_str(), target, sizeof target - 1);
     if (n < 0)
         throw_errno("read the symlink " + name + " on the way to " + path.string());
-    std::filesystem::path to(std::string(target, static_cast<size_t>(n)));
-    if (to.is_absolute()) {
-        UniqueFd root(::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC));
-        return open_folder_at(root.get(), to.relative_path(), path, what, links);
-    }
-    return open_folder_at(at, to, path, what, links);
+    return std::string(target, static_cast<size_t>(n));
+}
+
+// Follows the symlink `name` in the open folder `at` to the folder it names.
+UniqueFd follow_folder_link(int at, const std::string& name, const std::filesystem::path& path, std::string_view what,
+                            int& links)
+{
+    std::filesystem::path to = link_target(at, name, path, what, "folder", links);
+    UniqueFd root(::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC));
+    return open_folder_at(to.is_absolute() ? root.get() : at, to.relative_path(), path, what, links);
 }
 
 // Opens `folder` below the open folder `start`, one component at a time,
@@ -90,6 +94,15 @@ bool others_can_replace(int at, const std::string& name)
     return entry.st_uid != 0 && entry.st_uid != ::geteuid();
 }
 
+// `path`'s last component, which must name a file.
+std::string file_name(const std::filesystem::path& path, std::string_view what)
+{
+    std::string name = path.filename().string();
+    if (name.empty() || name == "." || name == "..")
+        throw Error(named(path, what) + " names a folder, not a file");
+    return name;
+}
+
 // The open folder that holds `path`'s last component.
 UniqueFd open_folder_of(const std::filesystem::path& path, std::string_view what, int& links)
 {
@@ -115,15 +128,7 @@ UniqueFd open_in_folder(int folder, const std::string& name, const std::filesyst
         errno = ELOOP;
         return fd;
     }
-    if (shared(folder))
-        throw Error(named(path, what) + " is a symlink in a folder other users can write; name the file it points to");
-    if (++links > max_links)
-        throw Error(named(path, what) + ": too many levels of symlinks");
-    char target[4096];
-    ssize_t n = ::readlinkat(folder, name.c_str(), target, sizeof target - 1);
-    if (n < 0)
-        throw_errno("read the symlink " + path.string());
-    std::filesystem::path to(std::string(target, static_cast<size_t>(n)));
+    std::filesystem::path to = link_target(folder, name, path, what, "file", links);
     UniqueFd root(::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC));
     UniqueFd to_folder = open_folder_at(to.is_absolute() ? root.get() : folder, to.relative_path().parent_path(), path,
                                         what, links);
@@ -140,9 +145,7 @@ OpenFile open_regular(const std::filesystem::path& path, std::string_view what, 
         throw Error(std::string(what) + ": an empty path names no file");
     int links = 0;
     UniqueFd folder = open_folder_of(path, what, links);
-    std::string name = path.filename().string();
-    if (name.empty() || name == "." || name == "..")
-        throw Error(named(path, what) + " names a folder, not a file");
+    std::string name = file_name(path, what);
     OpenFile file;
     file.fd = open_in_folder(folder.get(), name, path, what, flags, links);
     if (!file.fd) {
@@ -229,9 +232,7 @@ UniqueFd check_output(const std::filesystem::path& path, std::string_view what)
         throw Error(std::string(what) + ": an empty path names no file");
     int links = 0;
     UniqueFd folder = open_folder_of(path, what, links);
-    std::string name = path.filename().string();
-    if (name.empty() || name == "." || name == "..")
-        throw Error(named(path, what) + " names a folder, not a file");
+    std::string name = file_name(path, what);
     struct stat st {};
     if (::fstatat(folder.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
         if (errno == ENOENT)
@@ -286,22 +287,41 @@ void write_output(const std::filesystem::path& path, std::string_view what, std:
 
 void check_folder_is_stable(const std::filesystem::path& folder, std::string_view what)
 {
-    UniqueFd current(::open(folder.is_absolute() ? "/" : ".", O_PATH | O_DIRECTORY | O_CLOEXEC));
-    if (!current)
+    // Where the folder really is, its links followed by the rules above;
+    // then every folder on that real path is checked, the folder itself too.
+    int links = 0;
+    UniqueFd start(::open(folder.is_absolute() ? "/" : ".", O_PATH | O_DIRECTORY | O_CLOEXEC));
+    if (!start)
         throw_errno("open " + named(folder, what));
-    std::filesystem::path walked = folder.is_absolute() ? "/" : "";
-    for (const auto& part : folder.relative_path()) {
+    UniqueFd opened = open_folder_at(start.get(), folder.relative_path(), folder, what, links);
+    char real[4096];
+    ssize_t n = ::readlink(("/proc/self/fd/" + std::to_string(opened.get())).c_str(), real, sizeof real - 1);
+    if (n <= 0 || real[0] != '/')
+        throw Error(named(folder, what) + ": cannot tell where it is");
+    std::filesystem::path real_path(std::string(real, static_cast<size_t>(n)));
+    UniqueFd current(::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC));
+    std::filesystem::path walked = "/";
+    auto refuse = [&](const std::filesystem::path& at) {
+        throw Error(named(folder, what) + ": " + at.string() + " can be renamed, replaced or emptied by another user "
+                    "while treeflash works in it; choose a folder only you or root can change (or run as the user "
+                    "who owns it)");
+    };
+    for (const auto& part : real_path.relative_path()) {
         std::string name = part.string();
-        if (name.empty() || name == ".")
-            continue;
-        if (name != ".." && others_can_replace(current.get(), name))
-            throw Error(named(folder, what) + ": " + (walked / name).string() + " can be renamed or replaced by "
-                        "another user while treeflash works in it; choose a folder only you or root can change (or "
-                        "run as the user who owns it)");
+        if (others_can_replace(current.get(), name))
+            refuse(walked / name);
         walked /= name;
-        int links = 0;
-        current = open_folder_at(current.get(), name, folder, what, links);
+        UniqueFd next(::openat(current.get(), name.c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+        if (!next)
+            throw_errno("open " + walked.string());
+        current = std::move(next);
     }
+    // In the folder itself others may not rename what treeflash makes:
+    // writable by others only when sticky, and never another user's.
+    struct stat st {};
+    if (::fstat(current.get(), &st) != 0 || (st.st_uid != 0 && st.st_uid != ::geteuid())
+        || ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX)))
+        refuse(walked);
 }
 
 bool same_file(const struct stat& a, const struct stat& b)

@@ -53,10 +53,12 @@ UniqueFd check_output(const std::filesystem::path& path, std::string_view what);
 void write_output(const std::filesystem::path& path, std::string_view what, std::string_view content,
                   const struct stat* never_over = nullptr);
 
-// Throws unless no folder on the way to `folder` (its own entry included,
-// not its contents) can be renamed or replaced by another user, so work
-// done by path in `folder` over time (flash --image) stays in it. A sticky
-// folder (/tmp) is fine for entries the caller or root owns.
+// Throws unless no folder on the way to `folder`, as it really is (links
+// followed by the rules above), can be renamed or replaced by another user,
+// and no one else can rename entries in `folder` itself, so work done by
+// path in it over time (flash --image) stays in it. Sticky folders (/tmp)
+// are fine for entries the caller or root owns; `folder` itself may be
+// writable by others only when sticky.
 void check_folder_is_stable(const std::filesystem::path& folder, std::string_view what);
 
 // Whether two stats describe the same file (device and inode).

@@ -86,12 +86,24 @@ std::string list_refs(OstreeRepo* repo)
 
 bool local_repository_untrusted(const std::filesystem::path& path)
 {
-    for (const auto& part : {path, path / "objects"}) {
+    // Someone else may change the repository when they own or may write
+    // one of its folders, or its config: then every object is checked.
+    auto foreign = [](const std::filesystem::path& p) {
         struct stat st {};
-        if (::stat(part.c_str(), &st) != 0 || (st.st_uid != 0 && st.st_uid != ::geteuid()))
+        return ::lstat(p.c_str(), &st) != 0 || S_ISLNK(st.st_mode) || (st.st_uid != 0 && st.st_uid != ::geteuid())
+               || (st.st_mode & (S_IWGRP | S_IWOTH));
+    };
+    if (foreign(path) || foreign(path / "config") || foreign(path / "objects"))
+        return true;
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(path / "objects", ec))
+        if (foreign(entry.path()))
             return true;
-    }
-    return named::folder_shared(path);
+    for (auto it = std::filesystem::recursive_directory_iterator(path / "refs", ec);
+         !ec && it != std::filesystem::recursive_directory_iterator(); it.increment(ec))
+        if (it->is_directory(ec) && foreign(it->path()))
+            return true;
+    return ec.value() != 0 && ec != std::errc::no_such_file_or_directory;
 }
 
 bool is_url(const std::string& text)

@@ -207,16 +207,19 @@ void check_sysroot_links(const std::filesystem::path& root)
         throw_errno("open the card's root " + root.string());
     // Whether `rel` resolves inside the card, every hop of every symlink on
     // the way included (the kernel resolves it, refusing to leave the root).
-    auto stays_on_card = [&](const sfs::path& rel) {
+    // "" when it does, else why not.
+    auto leaves_card = [&](const sfs::path& rel) -> std::string {
         struct open_how how {};
         how.flags = O_PATH | O_CLOEXEC;
         how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
         int fd = static_cast<int>(::syscall(SYS_openat2, root_fd.get(), rel.c_str(), &how, sizeof how));
         if (fd >= 0) {
             ::close(fd);
-            return true;
+            return "";
         }
-        return errno == ENOENT || errno == ENOTDIR; // a link to nothing leads nowhere else
+        if (errno == ENOENT || errno == ENOTDIR) // a link to nothing leads nowhere else
+            return "";
+        return errno == ELOOP ? "is a loop of symlinks (or a chain too long)" : "leads outside its file system";
     };
     // Walks `rel` (relative to root) to `depth` levels, checking every symlink.
     std::function<void(const sfs::path&, int)> walk = [&](const sfs::path& rel, int depth) {
@@ -227,9 +230,12 @@ void check_sysroot_links(const std::filesystem::path& root)
         if (sfs::is_symlink(status)) {
             sfs::path target = sfs::read_symlink(root / rel, ec);
             sfs::path resolved = (rel.parent_path() / target).lexically_normal();
-            if (ec || target.is_absolute() || resolved.empty() || *resolved.begin() == ".." || !stays_on_card(rel))
-                throw Error("the card's " + rel.string() + " is a symlink to " + target.string()
-                            + ", which leads outside its file system; refusing to use it");
+            std::string why = ec || target.is_absolute() || resolved.empty() || *resolved.begin() == ".."
+                                  ? "leads outside its file system"
+                                  : leaves_card(rel);
+            if (!why.empty())
+                throw Error("the card's " + rel.string() + " is a symlink to " + target.string() + ", which " + why
+                            + "; refusing to use it");
             return;
         }
         if (!sfs::is_directory(status) || depth == 0)
@@ -241,6 +247,7 @@ void check_sysroot_links(const std::filesystem::path& root)
     walk("ostree", 2);              // ostree/repo, ostree/boot.N, ostree/deploy/OS
     walk("ostree/repo", 1);         // config, refs, objects, tmp
     walk("ostree/repo/refs", 3);
+    walk("ostree/repo/objects", 1); // libostree writes the pulled objects there
     for (const char* boot : {"ostree/boot.0", "ostree/boot.1"})
         for (int sub : {0, 1})
             walk(std::string(boot) + "." + std::to_string(sub), 4); // OS/BOOTCSUM/SERIAL -> deployments

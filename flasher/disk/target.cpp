@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <csignal>
+#include <cstdlib>
 #include <fcntl.h>
 #include <fstream>
 #include <stdio.h>
@@ -133,10 +135,26 @@ UniqueFd open_block_device(dev_t devno, const std::string& name, int flags)
     return fd;
 }
 
+// Removes the nodes open_block_device made for processes that are gone
+// (killed between mknod and unlink).
+void remove_stale_private_nodes()
+{
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator("/dev", ec)) {
+        std::string name = entry.path().filename().string();
+        if (name.rfind(".treeflash-", 0) != 0)
+            continue;
+        pid_t pid = static_cast<pid_t>(std::strtol(name.c_str() + 11, nullptr, 10));
+        if (pid > 0 && ::kill(pid, 0) != 0 && errno == ESRCH)
+            ::unlink(entry.path().c_str());
+    }
+}
+
 // Every attached loop device with its status: name ("loop3") -> loop_info64.
 std::vector<std::pair<std::string, struct loop_info64>> loop_devices()
 {
     std::vector<std::pair<std::string, struct loop_info64>> found;
+    remove_stale_private_nodes();
     std::error_code ec;
     for (const auto& entry : std::filesystem::directory_iterator("/sys/block", ec)) {
         std::string name = entry.path().filename().string();

@@ -76,6 +76,18 @@ bool all_zero(const char* data, size_t size)
 
 std::string unsupported_format(const unsigned char* magic, size_t n, const std::filesystem::path& file);
 
+// Whether the `n` bytes at `data` start with `bytes`.
+bool begins_with(const unsigned char* data, size_t n, std::initializer_list<unsigned> bytes)
+{
+    if (n < bytes.size())
+        return false;
+    size_t i = 0;
+    for (unsigned b : bytes)
+        if (data[i++] != b)
+            return false;
+    return true;
+}
+
 // Whether the first 512 bytes are a tar header of any age (v7 has no
 // "ustar" mark): a name, and a checksum field that matches the header's
 // bytes summed with that field as spaces. A disk's first sector is not one.
@@ -149,8 +161,8 @@ void decompress(PreparedImage& prepared, int input, const std::optional<Bmap>& b
         throw Error("read " + what + ": " + archive_error(reader.get()));
     prepared.compression = archive_filter_name(reader.get(), 0);
     if (archive_filter_count(reader.get()) > 2) // the compression, then "none"
-        throw Error(what + " is compressed twice (" + archive_filter_name(reader.get(), 1) + " inside "
-                    + prepared.compression + "), not a compressed disk image; nothing was written");
+        throw Error(what + " is compressed twice (" + prepared.compression + " inside "
+                    + archive_filter_name(reader.get(), 1) + "), not a compressed disk image; nothing was written");
     check_gzip_trailer = check_gzip_trailer && prepared.compression == "gzip";
     uLong gzip_crc = ::crc32(0L, Z_NULL, 0);
 
@@ -316,15 +328,7 @@ std::optional<std::filesystem::path> bmap_beside(const std::filesystem::path& im
 // compression it does not read. Written raw they would be "verified" garbage.
 std::string unsupported_format(const unsigned char* magic, size_t n, const std::filesystem::path& file)
 {
-    auto starts = [&](std::initializer_list<unsigned> bytes) {
-        if (n < bytes.size())
-            return false;
-        size_t i = 0;
-        for (unsigned b : bytes)
-            if (magic[i++] != b)
-                return false;
-        return true;
-    };
+    auto starts = [&](std::initializer_list<unsigned> bytes) { return begins_with(magic, n, bytes); };
     if (starts({'P', 'K', 3, 4}) || starts({'P', 'K', 5, 6}))
         return "a zip archive";
     if (starts({'7', 'z', 0xbc, 0xaf, 0x27, 0x1c}))
@@ -390,15 +394,7 @@ bool image_changed(const PreparedImage& image)
 
 std::string compression_of(const unsigned char* magic, size_t n)
 {
-    auto starts = [&](std::initializer_list<unsigned> bytes) {
-        if (n < bytes.size())
-            return false;
-        size_t i = 0;
-        for (unsigned b : bytes)
-            if (magic[i++] != b)
-                return false;
-        return true;
-    };
+    auto starts = [&](std::initializer_list<unsigned> bytes) { return begins_with(magic, n, bytes); };
     if (starts({0x1f, 0x8b}))
         return "gzip";
     if (starts({0xfd, '7', 'z', 'X', 'Z', 0}))
@@ -487,7 +483,7 @@ PreparedImage prepare_image(const std::filesystem::path& image, const ImageOptio
         // for it, could decompress to anything.
         bool vouched = bmap || !prepared.sums_path.empty();
         std::string unchecked = vouched ? "" : unchecked_part(input.fd.get(), static_cast<uint64_t>(input.st.st_size),
-                                                              prepared.compression);
+                                                              prepared.compression, cancellable);
         if (!unchecked.empty())
             throw Error(what + " cannot check itself (" + unchecked + "), and no bmap or SHA256SUMS vouches for "
                         "it: a corrupted file would be written and reported good. Recompress it with a checksum (zstd "

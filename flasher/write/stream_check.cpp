@@ -1,5 +1,8 @@
 #include "flasher/write/stream_check.hpp"
 
+#include "common/error.hpp"
+
+#include <gio/gio.h>
 #include <algorithm>
 #include <unistd.h>
 #include <vector>
@@ -27,27 +30,35 @@ std::string at_byte(uint64_t at)
     return " at byte " + std::to_string(at);
 }
 
-bool is_skippable(uint32_t magic)
+// Steps over a zstd or lz4 skippable frame at `pos` (its size follows the
+// magic). False when there is none; `error` set when it is cut short.
+bool skip_skippable(int fd, uint64_t size, uint64_t& pos, std::string& error)
 {
-    return (magic & 0xFFFFFFF0u) == 0x184D2A50u; // zstd and lz4 skippable frames
+    unsigned char head[8];
+    if (!read_bytes(fd, size, pos, head, 4) || (le32(head) & 0xFFFFFFF0u) != 0x184D2A50u)
+        return false;
+    if (!read_bytes(fd, size, pos, head, 8))
+        error = "a truncated skippable frame" + at_byte(pos);
+    pos += 8 + uint64_t {le32(head + 4)};
+    return true;
 }
 
 // zstd (RFC 8878): frames of a header and blocks, each block with its
 // compressed size in a 3-byte header; skippable frames carry their size.
-std::string zstd_unchecked(int fd, uint64_t size)
+std::string zstd_unchecked(int fd, uint64_t size, GCancellable* cancellable)
 {
-    uint64_t pos = 0;
+    uint64_t pos = 0, steps = 0;
     while (pos < size) {
+        std::string error;
+        if (skip_skippable(fd, size, pos, error)) {
+            if (!error.empty())
+                return error;
+            continue;
+        }
         unsigned char head[8];
         if (!read_bytes(fd, size, pos, head, 5))
             return "a truncated frame" + at_byte(pos);
         uint32_t magic = le32(head);
-        if (is_skippable(magic)) {
-            if (!read_bytes(fd, size, pos, head, 8))
-                return "a truncated skippable frame" + at_byte(pos);
-            pos += 8 + uint64_t {le32(head + 4)};
-            continue;
-        }
         if (magic != 0xFD2FB528u)
             return "data that is no zstd frame" + at_byte(pos);
         unsigned descriptor = head[4];
@@ -65,10 +76,14 @@ std::string zstd_unchecked(int fd, uint64_t size)
             if (!read_bytes(fd, size, block, b, 3))
                 return "a truncated frame" + at_byte(pos);
             uint32_t header = b[0] | b[1] << 8 | b[2] << 16;
-            unsigned type = (header >> 1) & 3;
-            if (type == 3)
+            unsigned type = (header >> 1) & 3, block_size = header >> 3;
+            // At most 128 KiB (Block_Maximum_Size), and no empty block but
+            // the last: so a hostile file is walked in few steps.
+            if (type == 3 || block_size > (128u << 10) || (block_size == 0 && !(header & 1)))
                 return "a corrupt block" + at_byte(block);
-            block += 3 + (type == 1 ? 1 : header >> 3); // an RLE block holds one byte
+            block += 3 + (type == 1 ? 1 : block_size); // an RLE block holds one byte
+            if (++steps % 4096 == 0 && g_cancellable_is_cancelled(cancellable))
+                throw Cancelled();
             if (header & 1)
                 break;
         }
@@ -80,20 +95,20 @@ std::string zstd_unchecked(int fd, uint64_t size)
 // LZ4 frame format: a descriptor (FLG, BD, optional content size and
 // dictionary id, header checksum), blocks each with a 4-byte size, an end
 // mark, then the content checksum when FLG says so.
-std::string lz4_unchecked(int fd, uint64_t size)
+std::string lz4_unchecked(int fd, uint64_t size, GCancellable* cancellable)
 {
-    uint64_t pos = 0;
+    uint64_t pos = 0, steps = 0;
     while (pos < size) {
+        std::string error;
+        if (skip_skippable(fd, size, pos, error)) {
+            if (!error.empty())
+                return error;
+            continue;
+        }
         unsigned char head[8];
         if (!read_bytes(fd, size, pos, head, 6))
             return "a truncated frame" + at_byte(pos);
         uint32_t magic = le32(head);
-        if (is_skippable(magic)) {
-            if (!read_bytes(fd, size, pos, head, 8))
-                return "a truncated skippable frame" + at_byte(pos);
-            pos += 8 + uint64_t {le32(head + 4)};
-            continue;
-        }
         if (magic != 0x184D2204u)
             return "data that is no lz4 frame" + at_byte(pos);
         unsigned flags = head[4];
@@ -109,6 +124,10 @@ std::string lz4_unchecked(int fd, uint64_t size)
             block += 4;
             if (le32(b) == 0)
                 break; // the end mark
+            if (length == 0 || length > (4u << 20)) // blocks hold 4 MiB at most
+                return "a corrupt block" + at_byte(block - 4);
+            if (++steps % 4096 == 0 && g_cancellable_is_cancelled(cancellable))
+                throw Cancelled();
             block += length + (block_checksums ? 4 : 0);
         }
         pos = block + 4; // the content checksum
@@ -119,23 +138,28 @@ std::string lz4_unchecked(int fd, uint64_t size)
 // xz (.xz file format 1.1): streams of a header, blocks, an index and a
 // footer, maybe padded with zeros; walked from the end, where each footer
 // gives its index's size and the index its blocks' sizes.
-std::string xz_unchecked(int fd, uint64_t size)
+std::string xz_unchecked(int fd, uint64_t size, GCancellable* cancellable)
 {
-    uint64_t end = size;
+    uint64_t end = size, steps = 0, padding = 0;
     while (end > 0) {
         unsigned char word[4];
         if (end >= 4 && read_bytes(fd, size, end - 4, word, 4) && le32(word) == 0) {
-            end -= 4; // stream padding
+            end -= 4; // stream padding: a few bytes in practice
+            if ((padding += 4) > (1u << 20))
+                return "more than 1 MiB of zeros before byte " + std::to_string(end + padding);
             continue;
         }
+        padding = 0;
         unsigned char footer[12];
         if (end < 24 || !read_bytes(fd, size, end - 12, footer, 12) || footer[10] != 'Y' || footer[11] != 'Z')
             return "data that is no xz stream before byte " + std::to_string(end);
         if ((footer[9] & 0x0F) == 0)
             return "the stream ending at byte " + std::to_string(end) + " has no check (made with --check=none)";
         uint64_t index_size = (uint64_t {le32(footer + 4)} + 1) * 4;
-        if (index_size > end - 24)
+        if (index_size > end - 24 || index_size > (64u << 20)) // 64 MiB: millions of blocks
             return "a corrupt stream footer before byte " + std::to_string(end);
+        if (++steps % 64 == 0 && g_cancellable_is_cancelled(cancellable))
+            throw Cancelled();
         uint64_t index_start = end - 12 - index_size;
         std::vector<unsigned char> index(index_size);
         if (!read_bytes(fd, size, index_start, index.data(), index.size()) || index[0] != 0)
@@ -197,14 +221,14 @@ std::string bzip2_unchecked(int fd, uint64_t size)
 
 } // namespace
 
-std::string unchecked_part(int fd, uint64_t size, const std::string& compression)
+std::string unchecked_part(int fd, uint64_t size, const std::string& compression, GCancellable* cancellable)
 {
     if (compression == "zstd")
-        return zstd_unchecked(fd, size);
+        return zstd_unchecked(fd, size, cancellable);
     if (compression == "lz4")
-        return lz4_unchecked(fd, size);
+        return lz4_unchecked(fd, size, cancellable);
     if (compression == "xz")
-        return xz_unchecked(fd, size);
+        return xz_unchecked(fd, size, cancellable);
     if (compression == "bzip2")
         return bzip2_unchecked(fd, size);
     return "";

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <string>
 
+typedef struct _GCancellable GCancellable;
+
 namespace treeflash::flasher {
 
 // "" when every frame (stream) of the `compression` ("zstd", "xz", "lz4",
@@ -16,6 +18,6 @@ namespace treeflash::flasher {
 // others check themselves or are checked elsewhere) file `fd` of `size`
 // bytes declares a content checksum; otherwise why not, naming the byte
 // offset ("the frame at byte 1048581 has no checksum").
-std::string unchecked_part(int fd, uint64_t size, const std::string& compression);
+std::string unchecked_part(int fd, uint64_t size, const std::string& compression, GCancellable* cancellable);
 
 } // namespace treeflash::flasher

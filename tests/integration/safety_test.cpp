@@ -25,22 +25,6 @@ namespace {
 const bool not_root = !is_root();
 constexpr uint64_t MiB = 1 << 20;
 
-ProcessResult flash_image(const fs::path& repo, const fs::path& image, const std::vector<std::string>& extra = {})
-{
-    std::vector<std::string> args{"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(),
-                                  "--repo", repo.string()};
-    args.insert(args.end(), extra.begin(), extra.end());
-    return run_treeflash(args);
-}
-
-// The rootfs partition (p3) of a qemu-arm64 image.
-std::pair<uint64_t, uint64_t> rootfs_extent(const fs::path& image)
-{
-    auto dump = run_process({"sfdisk", "-J", image.string()});
-    auto parts = json::parse(dump.out)["partitiontable"]["partitions"];
-    return {parts[2]["start"].get<uint64_t>() * 512, parts[2]["size"].get<uint64_t>() * 512};
-}
-
 } // namespace
 
 TEST_SUITE("safety") {

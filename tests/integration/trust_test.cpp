@@ -31,22 +31,6 @@ const bool not_root = !is_root();
 constexpr uint64_t MiB = 1 << 20;
 constexpr uid_t nobody = 65534;
 
-ProcessResult flash_image(const fs::path& repo, const fs::path& image, const std::vector<std::string>& extra = {})
-{
-    std::vector<std::string> args{"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(),
-                                  "--repo", repo.string()};
-    args.insert(args.end(), extra.begin(), extra.end());
-    return run_treeflash(args);
-}
-
-// The rootfs partition (p3) of a qemu-arm64 image: byte offset and size.
-std::pair<uint64_t, uint64_t> rootfs_extent(const fs::path& image)
-{
-    auto dump = run_process({"sh", "-c", "sfdisk -J \"$0\"", image.string()});
-    auto parts = json::parse(dump.out)["partitiontable"]["partitions"];
-    return {parts[2]["start"].get<uint64_t>() * 512, parts[2]["size"].get<uint64_t>() * 512};
-}
-
 // A 64 MiB raw image: a dos table, p1 an ext4 with a file; its bmap beside it.
 fs::path raw_image(const fs::path& dir, const std::string& table = "label: dos\\nstart=2048, type=83\\n")
 {
@@ -71,15 +55,6 @@ ProcessResult write(const std::vector<std::string>& args)
     all.insert(all.end(), args.begin(), args.end());
     return run_process(all);
 }
-
-struct SmallTmpfs {
-    Scratch dir;
-    explicit SmallTmpfs(uint64_t size)
-    {
-        REQUIRE(::mount("tmpfs", dir.path().c_str(), "tmpfs", 0, ("size=" + std::to_string(size)).c_str()) == 0);
-    }
-    ~SmallTmpfs() { ::umount2(dir.path().c_str(), MNT_DETACH); }
-};
 
 // A loop device over a block device, from `offset` (a partition, say), removed by the destructor.
 struct OffsetLoop {
@@ -182,6 +157,19 @@ TEST_CASE("upgrade refuses a sysroot whose symlinks leave the card in two hops" 
     CHECK(r.exit_code == 1);
     CHECK_MESSAGE(r.err.find("leads outside its file system") != std::string::npos, r.err);
     CHECK(fs::is_empty(tmp / "host/deploy"));
+    {
+        // A loop of links is named as such.
+        MountedPartition rootfs(image, offset, size, true);
+        fs::path os = rootfs / "ostree/deploy/tcu";
+        fs::remove(os / "deploy");
+        fs::remove(os / "var/x");
+        fs::create_symlink("y", os / "var/x");
+        fs::create_symlink("x", os / "var/y");
+        fs::create_symlink("var/x", os / "deploy");
+    }
+    r = run_treeflash({"upgrade", image.string(), "--repo", (tmp / "repo").string()});
+    CHECK(r.exit_code == 1);
+    CHECK_MESSAGE(r.err.find("is a loop of symlinks") != std::string::npos, r.err);
 }
 
 TEST_CASE("a root flash from another user's repository checks every object it copies" * doctest::skip(not_root))
@@ -196,11 +184,17 @@ TEST_CASE("a root flash from another user's repository checks every object it co
             objects.push_back(entry.path());
     REQUIRE(objects.size() >= 2);
     fs::copy_file(objects[0], objects[1], fs::copy_options::overwrite_existing);
-    REQUIRE(run_process({"chown", "-R", std::to_string(nobody) + ":" + std::to_string(nobody), (tmp / "repo").string()}).ok());
-    auto r = flash_image(tmp / "repo", tmp / "card.img");
-    CHECK(r.exit_code == 1);
-    CHECK_MESSAGE(r.err.find("orrupted") != std::string::npos, r.err);
-    CHECK(!fs::exists(tmp / "card.img"));
+    // The user owns one folder of objects (where they could have swapped the
+    // file), then the whole repository.
+    std::string user = std::to_string(nobody) + ":" + std::to_string(nobody);
+    for (const fs::path& owned : {objects[1].parent_path(), tmp / "repo"}) {
+        CAPTURE(owned);
+        REQUIRE(run_process({"chown", "-R", user, owned.string()}).ok());
+        auto r = flash_image(tmp / "repo", tmp / "card.img");
+        CHECK(r.exit_code == 1);
+        CHECK_MESSAGE(r.err.find("orrupted") != std::string::npos, r.err);
+        CHECK(!fs::exists(tmp / "card.img"));
+    }
 }
 
 TEST_CASE("a card in use through a loop device layered on it is neither written nor upgraded" * doctest::skip(not_root))

@@ -96,16 +96,6 @@ ProcessResult write(const std::vector<std::string>& args)
     return run_treeflash(all);
 }
 
-// A tmpfs mounted on a scratch directory, unmounted by the destructor.
-struct SmallTmpfs {
-    Scratch dir;
-    explicit SmallTmpfs(uint64_t size)
-    {
-        REQUIRE(::mount("tmpfs", dir.path().c_str(), "tmpfs", 0, ("size=" + std::to_string(size)).c_str()) == 0);
-    }
-    ~SmallTmpfs() { ::umount2(dir.path().c_str(), MNT_DETACH); }
-};
-
 flasher::WriteOptions library_options(const fs::path& image, const std::vector<std::string>& devices)
 {
     flasher::WriteOptions options;

@@ -9,8 +9,10 @@
 #include <map>
 #include <sstream>
 #include <netinet/in.h>
+#include <nlohmann/json.hpp>
 #include <spawn.h>
 #include <stdexcept>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -159,6 +161,31 @@ std::string build_commit(const fs::path& workdir, const fs::path& repo, const st
     if (!result.ok())
         throw std::runtime_error("build failed: " + result.err);
     return result.out.substr(0, 64);
+}
+
+SmallTmpfs::SmallTmpfs(uint64_t size)
+{
+    REQUIRE(::mount("tmpfs", dir.path().c_str(), "tmpfs", 0, ("size=" + std::to_string(size)).c_str()) == 0);
+}
+
+SmallTmpfs::~SmallTmpfs()
+{
+    ::umount2(dir.path().c_str(), MNT_DETACH);
+}
+
+ProcessResult flash_image(const fs::path& repo, const fs::path& image, const std::vector<std::string>& extra)
+{
+    std::vector<std::string> args{"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(),
+                                  "--repo", repo.string()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run_treeflash(args);
+}
+
+std::pair<uint64_t, uint64_t> rootfs_extent(const fs::path& image)
+{
+    auto dump = run_process({"sfdisk", "-J", image.string()});
+    auto parts = nlohmann::json::parse(dump.out)["partitiontable"]["partitions"];
+    return {parts[2]["start"].get<uint64_t>() * 512, parts[2]["size"].get<uint64_t>() * 512};
 }
 
 std::string read_bytes(const fs::path& file, uint64_t offset, size_t length)

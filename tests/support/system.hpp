@@ -6,8 +6,11 @@
 
 #include <doctest/doctest.h>
 
+#include <cstdint>
 #include <set>
 #include <string>
+#include <utility>
+#include <vector>
 #include <sys/types.h>
 
 namespace treeflash::test {
@@ -47,6 +50,19 @@ struct MountedPartition {
     }
     fs::path operator/(const std::string& name) const { return dir / name; }
 };
+
+// A tmpfs of `size` bytes mounted on a scratch directory, unmounted by the destructor.
+struct SmallTmpfs {
+    Scratch dir;
+    explicit SmallTmpfs(uint64_t size);
+    ~SmallTmpfs();
+};
+
+// treeflash flash of `repo`'s commit to a new qemu-arm64 `image`, unsigned.
+ProcessResult flash_image(const fs::path& repo, const fs::path& image, const std::vector<std::string>& extra = {});
+
+// The rootfs partition (p3) of a qemu-arm64 image: byte offset and size.
+std::pair<uint64_t, uint64_t> rootfs_extent(const fs::path& image);
 
 // An attached loop device over a file, for --device tests.
 struct LoopGuard {

@@ -293,18 +293,26 @@ TEST_CASE("flash --image works only in a folder no other user can swap under it"
     Scratch tmp;
     fs::path shared = shared_folder(tmp);
     fs::create_directories(shared / "sub");
-    // Anyone may rename shared/sub and put a link to another folder in its place.
-    std::string message = error_of([&] { named::check_folder_is_stable(shared / "sub", "the image's folder"); });
-    CHECK_MESSAGE(message.find("can be renamed or replaced by another user") != std::string::npos, message);
-    auto r = run_treeflash({"flash", "--board", "qemu-arm64", "--image", (shared / "sub/card.img").string(), "--repo",
-                            (tmp / "none").string(), "--no-gpg-verify"});
-    CHECK(r.exit_code == 1);
-    CHECK_MESSAGE(r.err.find("can be renamed or replaced by another user") != std::string::npos, r.err);
-    // The shared folder itself may hold the image (only its entries change),
-    // and so may the caller's own folder in a sticky one (as in /tmp).
-    CHECK_NOTHROW(named::check_folder_is_stable(shared, "the image's folder"));
+    const std::string refused = "can be renamed, replaced or emptied by another user";
+    // Anyone may rename shared/sub and put a link to another folder in its
+    // place, or swap the partial image in shared itself for a link.
+    for (const fs::path& folder : {shared / "sub", shared}) {
+        std::string message = error_of([&] { named::check_folder_is_stable(folder, "the image's folder"); });
+        CHECK_MESSAGE(message.find(refused) != std::string::npos, message);
+        auto r = run_treeflash({"flash", "--board", "qemu-arm64", "--image", (folder / "card.img").string(), "--repo",
+                                (tmp / "none").string(), "--no-gpg-verify"});
+        CHECK(r.exit_code == 1);
+        CHECK_MESSAGE(r.err.find(refused) != std::string::npos, r.err);
+    }
+    // Reached through a link in the caller's own folder: the same.
+    fs::create_directories(tmp / "own");
+    fs::create_symlink(shared / "sub", tmp / "own/images");
+    std::string message = error_of([&] { named::check_folder_is_stable(tmp / "own/images", "the image's folder"); });
+    CHECK_MESSAGE(message.find(refused) != std::string::npos, message);
+    // A sticky folder (as /tmp) is fine, and so is the caller's own folder in one.
     fs::create_directories(tmp / "sticky/mine");
     fs::permissions(tmp / "sticky", fs::perms::all | fs::perms::sticky_bit);
+    CHECK_NOTHROW(named::check_folder_is_stable(tmp / "sticky", "the image's folder"));
     CHECK_NOTHROW(named::check_folder_is_stable(tmp / "sticky/mine", "the image's folder"));
 }
 
@@ -361,6 +369,25 @@ TEST_CASE("zstd images carry a content checksum; a corrupted one is never writte
     message = error_of([&] { flasher::prepare_image(tmp / "cut.img.bz2", no_notices(), nullptr); });
     CHECK_MESSAGE(message.find("end-of-stream mark") != std::string::npos, message);
 
+    // Hostile frame metadata is refused at once, not walked for minutes: a
+    // zstd header then 64 MiB of zeros (empty blocks), an xz footer that
+    // claims a 300 MB index.
+    write_file(tmp / "zeros.img.zst", std::string("\x28\xb5\x2f\xfd\x04\x00", 6));
+    fs::resize_file(tmp / "zeros.img.zst", 64 * MiB);
+    message = error_of([&] { flasher::prepare_image(tmp / "zeros.img.zst", no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("a corrupt block") != std::string::npos, message);
+    std::string xz_head("\xfd" "7zXZ\0\0\x01", 8);
+    std::string footer = std::string(4, '\0') + std::string("\xff\xff\xff\x04", 4) + std::string("\0\x01YZ", 4);
+    write_file(tmp / "index.img.xz", xz_head);
+    fs::resize_file(tmp / "index.img.xz", 300 * MiB);
+    {
+        int fd = ::open((tmp / "index.img.xz").c_str(), O_WRONLY | O_CLOEXEC);
+        REQUIRE(::pwrite(fd, footer.data(), footer.size(), 300 * MiB - 12) == 12);
+        ::close(fd);
+    }
+    message = error_of([&] { flasher::prepare_image(tmp / "index.img.xz", no_notices(), nullptr); });
+    CHECK_MESSAGE(message.find("corrupt stream footer") != std::string::npos, message);
+
     // A stream that starts with a skippable frame is not taken for raw bytes.
     write_file(tmp / "skippable.img.zst", std::string("\x50\x2a\x4d\x18\0\0\0\0", 8) + read_text(zst));
     message = error_of([&] { flasher::prepare_image(tmp / "skippable.img.zst", no_notices(), nullptr); });
@@ -395,7 +422,7 @@ TEST_CASE("archives and compressions treeflash does not read are refused, not wr
     CHECK_MESSAGE(message.find("a tar archive") != std::string::npos, message);
     REQUIRE(run_process({"sh", "-c", "xz -c \"$0\" | gzip -c > \"$1\"", image.string(), (tmp / "twice.img.gz").string()}).ok());
     message = error_of([&] { flasher::prepare_image(tmp / "twice.img.gz", no_notices(), nullptr); });
-    CHECK_MESSAGE(message.find("compressed twice") != std::string::npos, message);
+    CHECK_MESSAGE(message.find("compressed twice (xz inside gzip)") != std::string::npos, message);
     write_file(tmp / "legacy.img.lz4", std::string("\x02\x21\x4c\x18", 4) + std::string(100, 'x'));
     message = error_of([&] { flasher::prepare_image(tmp / "legacy.img.lz4", no_notices(), nullptr); });
     CHECK_MESSAGE(message.find("legacy lz4") != std::string::npos, message);
