@@ -54,6 +54,13 @@ BuildResult build(const BuildOptions& options, GCancellable* cancellable, const 
     result.normalize = in_step("normalize", [&] { return normalize(tree, options.normalize); });
     append(result.warnings, result.normalize.warnings);
 
+    // A board updates itself with the ostree program (`ostree admin upgrade`):
+    // a commit without one leaves every board that runs it where it is.
+    const Node* ostree = tree.resolve("usr/bin/ostree");
+    if (!ostree || !ostree->is_regular() || !(ostree->mode & 0111))
+        result.warnings.push_back("the rootfs has no usr/bin/ostree: a board running this commit cannot update "
+                                  "itself; add the ostree program and the libraries it needs");
+
     result.kernel = in_step("kernel", [&] { return place_kernel(tree, options.kernel); });
     append(result.warnings, result.kernel.warnings);
     check_not_cancelled(cancellable);

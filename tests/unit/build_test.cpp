@@ -140,6 +140,26 @@ TEST_CASE("--json reports the commit, kernel and counts")
     CHECK(fsck_clean(ex.repo));
 }
 
+TEST_CASE("a build warns when the commit has no ostree program to update a board with")
+{
+    Example ex;
+    const std::string warning = "cannot update itself";
+    auto result = run_treeflash(ex.args({"--json"}));
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    CHECK(json::parse(result.out)["warnings"].dump().find(warning) != std::string::npos);
+    CHECK(result.err.find(warning) != std::string::npos);
+    // Once the rootfs carries it, executable, the warning goes.
+    write_file(ex.rootfs / "usr/bin/ostree", "#!fake ostree\n", 0755);
+    result = run_treeflash(ex.args({"--json"}));
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    CHECK(json::parse(result.out)["warnings"].dump().find(warning) == std::string::npos);
+    // Not executable: it cannot run.
+    fs::permissions(ex.rootfs / "usr/bin/ostree", fs::perms::owner_read | fs::perms::group_read);
+    result = run_treeflash(ex.args({"--json"}));
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    CHECK(json::parse(result.out)["warnings"].dump().find(warning) != std::string::npos);
+}
+
 TEST_CASE("an unchanged rebuild adds no commit and writes no object; a change adds a child commit")
 {
     Example ex;
