@@ -321,6 +321,24 @@ void generate_delta(OstreeRepo* repo, const std::string& from, const std::string
         throw_gerror(error, "static delta " + from.substr(0, 10) + " -> " + to.substr(0, 10));
 }
 
+// `commit` and up to `count` - 1 of its ancestors, newest first; fewer when
+// the history is shorter (or was pruned).
+std::vector<std::string> ancestors(OstreeRepo* repo, const std::string& commit, unsigned count)
+{
+    std::vector<std::string> found;
+    std::string current = commit;
+    while (!current.empty() && found.size() < count) {
+        found.push_back(current);
+        GVariant* raw = nullptr;
+        if (!ostree_repo_load_variant_if_exists(repo, OSTREE_OBJECT_TYPE_COMMIT, current.c_str(), &raw, nullptr) || !raw)
+            break;
+        glib::Variant variant = glib::adopt_variant(raw);
+        char* parent = ostree_commit_get_parent(variant.get());
+        current = parent ? glib::take_string(parent) : "";
+    }
+    return found;
+}
+
 void update_summary(OstreeRepo* repo, const std::optional<GpgSigning>& gpg, GCancellable* cancellable)
 {
     GError* error = nullptr;
@@ -414,11 +432,13 @@ CommitResult commit_tree(OstreeRepo* repo, Tree& tree, const CommitOptions& opti
 
     if (options.gpg)
         in_step("sign", [&] { sign_commit(repo, result.commit, *options.gpg, cancellable); });
-    if (options.static_delta) {
-        if (result.parent.empty())
+    if (options.static_deltas) {
+        std::vector<std::string> sources = ancestors(repo, result.parent, options.static_deltas);
+        if (sources.empty())
             result.warnings.push_back("no static delta: " + options.branch + " had no previous commit");
-        else
-            in_step("delta", [&] { generate_delta(repo, result.parent, result.commit, cancellable); });
+        for (const auto& from : sources)
+            in_step("delta", [&] { generate_delta(repo, from, result.commit, cancellable); });
+        result.deltas_from = sources;
     }
     // The branch moves last: everything before is invisible to clients.
     // From here on the few remaining writes are not cancellable, so an

@@ -133,7 +133,10 @@ struct CommitOptions {
     std::string version;
     std::optional<uint64_t> timestamp; // seconds since the epoch; now when unset
     std::optional<GpgSigning> gpg;
-    bool static_delta = false;
+    // Static deltas to the new commit from each of the last N commits of
+    // the branch (its parent, grandparent, ...): a board that is N releases
+    // behind still fetches one delta instead of every changed object.
+    unsigned static_deltas = 0;
     bool force = false; // commit even when tree and message equal the parent's
     unsigned jobs = 0;  // worker threads writing objects; 0 = one per CPU
 };
@@ -146,6 +149,7 @@ struct CommitResult {
     uint64_t directories = 0;
     uint64_t bytes = 0;     // bytes of regular files
     uint64_t objects_written = 0;
+    std::vector<std::string> deltas_from; // the commits a static delta to this one starts from
     std::vector<std::string> warnings;
 };
 

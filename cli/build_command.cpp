@@ -74,6 +74,7 @@ nlohmann::json to_json(const builder::BuildResult& result)
         {"commit", result.commit.commit},
         {"ref", result.ref},
         {"parent", result.commit.parent.empty() ? nlohmann::json(nullptr) : nlohmann::json(result.commit.parent)},
+        {"static_deltas_from", result.commit.deltas_from},
         {"unchanged", result.commit.unchanged},
         {"repo", result.repo.string()},
         {"created_repo", result.created_repo},
@@ -95,7 +96,7 @@ nlohmann::json to_json(const builder::BuildResult& result)
 int run_build(const std::vector<std::string>& args, GCancellable* cancellable)
 {
     builder::BuildOptions options;
-    std::string rootfs, repo, layout = "legacy", timestamp, kernel, initramfs, gpg_key, gpg_home, owner_uid, owner_gid, jobs;
+    std::string rootfs, repo, layout = "legacy", timestamp, kernel, initramfs, gpg_key, gpg_home, owner_uid, owner_gid, jobs, static_deltas;
     std::vector<std::string> devicetrees, os_release;
     bool json = false, static_delta = false, force = false, no_boot_health = false;
 
@@ -133,6 +134,8 @@ int run_build(const std::vector<std::string>& args, GCancellable* cancellable)
         ("gpg-sign", po::value(&gpg_key)->value_name("KEYID"), "sign the commit and the summary with this GPG key")
         ("gpg-homedir", po::value(&gpg_home)->value_name("DIR"), "GPG home directory holding the key")
         ("static-delta", po::bool_switch(&static_delta), "also generate a static delta from the previous commit")
+        ("static-deltas", po::value(&static_deltas)->value_name("N"),
+         "static deltas from each of the branch's last N commits (a board N releases behind fetches one delta)")
         ("force-commit", po::bool_switch(&force), "commit even when nothing changed since the last commit")
         ("owner-uid", po::value(&owner_uid)->value_name("UID"),
          "commit every file as owned by this user id (default: the files' own; 0 for a directory read without root)")
@@ -173,7 +176,12 @@ int run_build(const std::vector<std::string>& args, GCancellable* cancellable)
         options.commit.timestamp = parse_timestamp(epoch, "SOURCE_DATE_EPOCH");
     if (!gpg_key.empty())
         options.commit.gpg = builder::GpgSigning{gpg_key, gpg_home};
-    options.commit.static_delta = static_delta;
+    options.commit.static_deltas = static_delta ? 1 : 0;
+    if (!static_deltas.empty()) {
+        if (static_delta)
+            throw UsageError("--static-delta and --static-deltas: give one");
+        options.commit.static_deltas = static_cast<unsigned>(parse_count(static_deltas, "--static-deltas", 1, 64));
+    }
     if (!owner_uid.empty())
         options.owners.uid = static_cast<uid_t>(parse_count(owner_uid, "--owner-uid", 0, 0xfffffffe));
     if (!owner_gid.empty())

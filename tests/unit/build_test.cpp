@@ -345,6 +345,38 @@ TEST_CASE("--static-delta makes a delta from the previous commit")
     CHECK(fsck_clean(ex.repo));
 }
 
+TEST_CASE("--static-deltas N makes deltas from each of the last N commits, and the summary lists them")
+{
+    Example ex;
+    std::vector<std::string> commits;
+    for (const char* name : {"one", "two", "three"}) {
+        write_file(ex.rootfs / "etc/hostname", std::string(name) + "\n");
+        auto r = run_treeflash(ex.args());
+        REQUIRE_MESSAGE(r.ok(), r.err);
+        commits.push_back(first_line(r.out));
+    }
+    write_file(ex.rootfs / "etc/hostname", "four\n");
+    auto fourth = run_treeflash(ex.args({"--static-deltas", "2", "--json"}));
+    REQUIRE_MESSAGE(fourth.ok(), fourth.err);
+    json out = json::parse(fourth.out);
+    std::string to = out["commit"];
+    CHECK(out["static_deltas_from"] == json({commits[2], commits[1]}));
+    auto deltas = ostree(ex.repo, {"static-delta", "list"});
+    CHECK(deltas.out.find(commits[2] + "-" + to) != std::string::npos);
+    CHECK(deltas.out.find(commits[1] + "-" + to) != std::string::npos);
+    CHECK(deltas.out.find(commits[0] + "-" + to) == std::string::npos);
+    // The summary names them, so a pulling board finds them.
+    auto summary = ostree(ex.repo, {"summary", "--view"});
+    CHECK_MESSAGE(summary.out.find("Static Deltas") != std::string::npos, summary.out);
+    CHECK(fsck_clean(ex.repo));
+    // More than the history holds: as many as there are.
+    write_file(ex.rootfs / "etc/hostname", "five\n");
+    auto fifth = run_treeflash(ex.args({"--static-deltas", "64", "--json"}));
+    REQUIRE_MESSAGE(fifth.ok(), fifth.err);
+    CHECK(json::parse(fifth.out)["static_deltas_from"].size() == 4);
+    CHECK(run_treeflash(ex.args({"--static-deltas", "0"})).exit_code == 2);
+}
+
 TEST_CASE("a failing build into a new repository leaves nothing behind")
 {
     Example ex;
