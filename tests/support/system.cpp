@@ -121,6 +121,7 @@ RepoServer::RepoServer(const fs::path& repo)
     text::replace_all(conf, "@LISTEN@", "127.0.0.1:" + std::to_string(port));
     text::replace_all(conf, "@REPO@", fs::absolute(repo).string());
     text::replace_all(conf, "@RUNDIR@", m_run.path().string());
+    text::replace_all(conf, "@ACCESS_LOG@", (m_run / "access.log").string());
     write_file(m_run / "nginx.conf", conf);
     std::string conf_path = (m_run / "nginx.conf").string();
     std::vector<std::string> argv{"nginx", "-c", conf_path, "-g", "daemon off;"};
@@ -138,6 +139,11 @@ RepoServer::RepoServer(const fs::path& repo)
         throw std::runtime_error("nginx did not start on port " + std::to_string(port));
     }
     m_url = "http://127.0.0.1:" + std::to_string(port) + "/";
+}
+
+std::string RepoServer::access_log() const
+{
+    return read_text(m_run / "access.log");
 }
 
 RepoServer::~RepoServer()

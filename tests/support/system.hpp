@@ -86,6 +86,9 @@ public:
     RepoServer(const RepoServer&) = delete;
     RepoServer& operator=(const RepoServer&) = delete;
     const std::string& url() const { return m_url; }
+    // nginx's access log so far: a line per request (time, client address,
+    // "request", status, bytes sent, "user agent").
+    std::string access_log() const;
 
 private:
     Scratch m_run;

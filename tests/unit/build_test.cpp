@@ -1,6 +1,7 @@
 // treeflash build end to end through the executable, checked with the
 // ostree CLI: what a release engineer would look at.
 #include "tests/support/fixtures.hpp"
+#include "tests/support/system.hpp"
 
 #include <chrono>
 #include <fcntl.h>
@@ -375,6 +376,27 @@ TEST_CASE("--static-deltas N makes deltas from each of the last N commits, and t
     REQUIRE_MESSAGE(fifth.ok(), fifth.err);
     CHECK(json::parse(fifth.out)["static_deltas_from"].size() == 4);
     CHECK(run_treeflash(ex.args({"--static-deltas", "0"})).exit_code == 2);
+}
+
+TEST_CASE("the served repository's access log says which client fetched what, and how many bytes")
+{
+    Example ex;
+    auto built = run_treeflash(ex.args());
+    REQUIRE_MESSAGE(built.ok(), built.err);
+    RepoServer server(ex.repo);
+    REQUIRE(ostree(ex.tmp / "client", {"init", "--mode=archive"}).ok());
+    REQUIRE(ostree(ex.tmp / "client", {"remote", "add", "--no-gpg-verify", "origin", server.url()}).ok());
+    auto pulled = ostree(ex.tmp / "client", {"pull", "origin", "master"});
+    REQUIRE_MESSAGE(pulled.ok(), pulled.err);
+    std::string log = server.access_log();
+    CHECK_MESSAGE(log.find(" 127.0.0.1 \"GET /summary HTTP/1.1\" 200 ") != std::string::npos, log);
+    CHECK_MESSAGE(log.find("/objects/" + first_line(built.out).substr(0, 2) + "/") != std::string::npos, log);
+    CHECK_MESSAGE(log.find("libostree/") != std::string::npos, log);
+    // The bytes sent for the commit object are its size on the server.
+    std::string commit = first_line(built.out);
+    fs::path object = ex.repo / "objects" / commit.substr(0, 2) / (commit.substr(2) + ".commit");
+    CHECK_MESSAGE(log.find(".commit HTTP/1.1\" 200 " + std::to_string(fs::file_size(object)) + " ") != std::string::npos,
+                  log);
 }
 
 TEST_CASE("a failing build into a new repository leaves nothing behind")
