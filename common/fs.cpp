@@ -93,40 +93,44 @@ void write_to_pipe(int fd, std::string_view text) noexcept
     }
 }
 
+void write_file_atomic_at(int folder, const std::string& name, std::string_view content, const std::string& what)
+{
+    // A new file, never through a symlink someone put under that name (the
+    // folder may be shared): what a killed run left is removed first.
+    std::string temp = name + ".tmp-" + std::to_string(::getpid());
+    ::unlinkat(folder, temp.c_str(), 0);
+    UniqueFd fd(::openat(folder, temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
+    if (!fd)
+        throw_errno("write " + what);
+    auto fail = [&](const std::string& step) {
+        int err = errno;
+        ::unlinkat(folder, temp.c_str(), 0);
+        throw_errno(step + " " + what, err);
+    };
+    for (size_t done = 0; done < content.size();) {
+        ssize_t n = ::write(fd.get(), content.data() + done, content.size() - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            if (n == 0)
+                errno = ENOSPC;
+            fail("write");
+        }
+        done += static_cast<size_t>(n);
+    }
+    if (::fsync(fd.get()) != 0)
+        fail("sync");
+    if (::renameat(folder, temp.c_str(), folder, name.c_str()) != 0)
+        fail("move into place");
+}
+
 void write_file_atomic(const std::filesystem::path& path, std::string_view content)
 {
-    std::filesystem::path tmp = path;
-    tmp += ".tmp-" + std::to_string(::getpid());
-    {
-        // A new file, never through a symlink someone put under that name
-        // (the folder may be shared): what a killed run left is removed first.
-        ::unlink(tmp.c_str());
-        UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
-        if (!fd)
-            throw_errno("write " + tmp.string());
-        size_t done = 0;
-        while (done < content.size()) {
-            ssize_t n = ::write(fd.get(), content.data() + done, content.size() - done);
-            if (n < 0) {
-                if (errno == EINTR)
-                    continue;
-                int err = errno;
-                ::unlink(tmp.c_str());
-                throw_errno("write " + tmp.string(), err);
-            }
-            done += static_cast<size_t>(n);
-        }
-        if (::fsync(fd.get()) != 0) {
-            int err = errno;
-            ::unlink(tmp.c_str());
-            throw_errno("fsync " + tmp.string(), err);
-        }
-    }
-    if (::rename(tmp.c_str(), path.c_str()) != 0) {
-        int err = errno;
-        ::unlink(tmp.c_str());
-        throw_errno("rename to " + path.string(), err);
-    }
+    UniqueFd folder(::open(path.has_parent_path() ? path.parent_path().c_str() : ".",
+                           O_PATH | O_DIRECTORY | O_CLOEXEC));
+    if (!folder)
+        throw_errno("write " + path.string());
+    write_file_atomic_at(folder.get(), path.filename().string(), content, path.string());
 }
 
 bool still_at(int fd, const std::filesystem::path& path) noexcept

@@ -35,8 +35,11 @@ void write_at(int fd, const char* data, size_t size, uint64_t offset, const std:
 // quietly when the reader is gone (a child reporting to its parent).
 void write_to_pipe(int fd, std::string_view text) noexcept;
 
-// Writes `content` to `path` through a temporary file and rename.
+// Writes `content` to `path` through a temporary file (NAME.tmp-PID, never
+// through a symlink) and rename.
 void write_file_atomic(const std::filesystem::path& path, std::string_view content);
+// The same in the open folder `folder`; `what` names the file in errors.
+void write_file_atomic_at(int folder, const std::string& name, std::string_view content, const std::string& what);
 
 // A directory created under `parent` (mkdtemp) and removed, with everything
 // in it, when the object goes away unless keep() was called.

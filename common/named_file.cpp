@@ -1,6 +1,7 @@
 #include "common/named_file.hpp"
 
 #include "common/error.hpp"
+#include "common/fs.hpp"
 
 #include <cerrno>
 #include <fcntl.h>
@@ -18,9 +19,7 @@ std::string named(const std::filesystem::path& path, std::string_view what)
 bool shared(int folder_fd)
 {
     struct stat st {};
-    if (::fstat(folder_fd, &st) != 0)
-        return true;
-    return (st.st_mode & (S_IWGRP | S_IWOTH)) || (st.st_uid != 0 && st.st_uid != ::geteuid());
+    return ::fstat(folder_fd, &st) != 0 || others_may_change(st);
 }
 
 // A symlink may be followed no more often than the kernel would.
@@ -183,14 +182,15 @@ std::string kind_of(mode_t mode)
     }
 }
 
+bool others_may_change(const struct stat& st)
+{
+    return (st.st_mode & (S_IWGRP | S_IWOTH)) || (st.st_uid != 0 && st.st_uid != ::geteuid());
+}
+
 bool folder_shared(const std::filesystem::path& folder)
 {
     struct stat st {};
-    if (::stat(folder.c_str(), &st) != 0)
-        return true; // unknown: assume the worst
-    if (st.st_mode & (S_IWGRP | S_IWOTH))
-        return true;
-    return st.st_uid != 0 && st.st_uid != ::geteuid();
+    return ::stat(folder.c_str(), &st) != 0 || others_may_change(st); // unknown: assume the worst
 }
 
 OpenFile open_input(const std::filesystem::path& path, std::string_view what)
@@ -256,33 +256,7 @@ void write_output(const std::filesystem::path& path, std::string_view what, std:
     if (never_over && ::fstatat(folder.get(), name.c_str(), &existing, AT_SYMLINK_NOFOLLOW) == 0
         && same_file(existing, *never_over))
         throw Error(named(path, what) + " would replace a file this run reads; name another file");
-    // A new file beside it, never through a link someone put under that
-    // name: what a killed run left is removed first.
-    std::string temp = "." + name + ".tmp-" + std::to_string(::getpid());
-    ::unlinkat(folder.get(), temp.c_str(), 0);
-    UniqueFd out(::openat(folder.get(), temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
-    if (!out)
-        throw_errno("write " + named(path, what));
-    auto fail = [&](const std::string& step) {
-        int err = errno;
-        ::unlinkat(folder.get(), temp.c_str(), 0);
-        throw_errno(step + " " + named(path, what), err);
-    };
-    for (size_t done = 0; done < content.size();) {
-        ssize_t n = ::write(out.get(), content.data() + done, content.size() - done);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            if (n == 0)
-                errno = ENOSPC;
-            fail("write");
-        }
-        done += static_cast<size_t>(n);
-    }
-    if (::fsync(out.get()) != 0)
-        fail("sync");
-    if (::renameat(folder.get(), temp.c_str(), folder.get(), name.c_str()) != 0)
-        fail("move into place");
+    fs::write_file_atomic_at(folder.get(), name, content, named(path, what));
 }
 
 void check_folder_is_stable(const std::filesystem::path& folder, std::string_view what)
@@ -319,8 +293,10 @@ void check_folder_is_stable(const std::filesystem::path& folder, std::string_vie
     // In the folder itself others may not rename what treeflash makes:
     // writable by others only when sticky, and never another user's.
     struct stat st {};
-    if (::fstat(current.get(), &st) != 0 || (st.st_uid != 0 && st.st_uid != ::geteuid())
-        || ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX)))
+    if (::fstat(current.get(), &st) != 0)
+        refuse(walked);
+    bool foreign_owner = st.st_uid != 0 && st.st_uid != ::geteuid();
+    if (foreign_owner || (others_may_change(st) && !(st.st_mode & S_ISVTX)))
         refuse(walked);
 }
 

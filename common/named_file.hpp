@@ -30,8 +30,11 @@ struct OpenFile {
     struct stat st {};
 };
 
-// Whether users other than the caller and root may add or replace entries
-// in `folder` (another owner, or group/other write permission).
+// Whether users other than the caller and root may change the file or
+// folder `st` describes: another owner, or group/other write permission.
+bool others_may_change(const struct stat& st);
+
+// others_may_change for `folder` (followed), true when it cannot be read.
 bool folder_shared(const std::filesystem::path& folder);
 
 // Opens an input for reading: a regular file (see above). `what` names it in

@@ -90,8 +90,7 @@ bool local_repository_untrusted(const std::filesystem::path& path)
     // one of its folders, or its config: then every object is checked.
     auto foreign = [](const std::filesystem::path& p) {
         struct stat st {};
-        return ::lstat(p.c_str(), &st) != 0 || S_ISLNK(st.st_mode) || (st.st_uid != 0 && st.st_uid != ::geteuid())
-               || (st.st_mode & (S_IWGRP | S_IWOTH));
+        return ::lstat(p.c_str(), &st) != 0 || S_ISLNK(st.st_mode) || named::others_may_change(st);
     };
     if (foreign(path) || foreign(path / "config") || foreign(path / "objects"))
         return true;

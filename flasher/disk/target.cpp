@@ -173,7 +173,9 @@ std::vector<std::pair<std::string, struct loop_info64>> loop_devices()
 // over it, with or without an offset, that are in turn used (the kernel does
 // not list those as holders). `via` names the loop device a use goes
 // through, for the message.
-void add_users(dev_t disk, DiskInfo& info, const std::string& via, int depth)
+using LoopList = std::vector<std::pair<std::string, struct loop_info64>>;
+
+void add_users(dev_t disk, DiskInfo& info, const LoopList& loops, const std::string& via, int depth)
 {
     std::string through = via.empty() ? "" : " (through " + via + ", a loop device over it)";
     std::filesystem::path disk_sys = sysfs_block_dir(disk);
@@ -202,7 +204,7 @@ void add_users(dev_t disk, DiskInfo& info, const std::string& via, int depth)
                 info.mounted.push_back(std::string(swap) + " as swap" + through);
         }
     }
-    for (const auto& [name, status] : loop_devices()) {
+    for (const auto& [name, status] : loops) {
         // lo_rdevice is the backing file's rdev: the block device itself,
         // whatever the node it was set up through (even one deleted since).
         dev_t backing = static_cast<dev_t>(status.lo_rdevice);
@@ -218,7 +220,7 @@ void add_users(dev_t disk, DiskInfo& info, const std::string& via, int depth)
         if (!probe && errno == EBUSY)
             info.holders.push_back(node + ", a loop device over it" + (via.empty() ? "" : " (through " + via + ")")
                                    + ", which is open exclusively (mounted or in use)");
-        add_users(loop, info, via.empty() ? node : via, depth + 1);
+        add_users(loop, info, loops, via.empty() ? node : via, depth + 1);
     }
 }
 
@@ -280,7 +282,7 @@ DiskInfo describe_disk(const std::string& path)
         info.partitions.push_back(part);
     }
     std::sort(info.partitions.begin(), info.partitions.end(), [](const auto& a, const auto& b) { return a.node < b.node; });
-    add_users(disk, info, "", 0);
+    add_users(disk, info, loop_devices(), "", 0);
     return info;
 }
 

@@ -311,12 +311,19 @@ std::string listed_sum(const std::string& sums, const std::string& name, const s
 // A SHA256SUMS or bmap is small: a larger file is not one (or a trap).
 constexpr uint64_t sums_limit = 16 << 20;
 
-std::optional<std::filesystem::path> bmap_beside(const std::filesystem::path& image, bool compressed)
+// Where a bmap for `image` is looked for: IMAGE.bmap, and for card.img.zst
+// also card.img.bmap.
+std::vector<std::filesystem::path> bmap_candidates(const std::filesystem::path& image, bool compressed)
 {
     std::vector<std::filesystem::path> candidates{image.string() + ".bmap"};
     if (compressed && image.has_extension())
         candidates.push_back(image.parent_path() / (image.stem().string() + ".bmap"));
-    for (const auto& candidate : candidates) {
+    return candidates;
+}
+
+std::optional<std::filesystem::path> bmap_beside(const std::filesystem::path& image, bool compressed)
+{
+    for (const auto& candidate : bmap_candidates(image, compressed)) {
         struct stat st {};
         if (::lstat(candidate.c_str(), &st) == 0)
             return candidate; // whatever it is: read_bmap says what is wrong with it
@@ -369,9 +376,9 @@ std::string unsupported_format(const unsigned char* magic, size_t n, const std::
 
 std::vector<std::filesystem::path> files_read_with(const std::filesystem::path& image, const ImageOptions& options)
 {
-    std::vector<std::filesystem::path> files{image, image.string() + ".bmap", image.parent_path() / "SHA256SUMS"};
-    if (image.has_extension())
-        files.push_back(image.parent_path() / (image.stem().string() + ".bmap"));
+    std::vector<std::filesystem::path> files = bmap_candidates(image, true); // compressed or not: both names
+    files.push_back(image);
+    files.push_back(image.parent_path() / "SHA256SUMS");
     if (options.bmap)
         files.push_back(*options.bmap);
     if (options.sums)
