@@ -21,7 +21,9 @@ archive repository, created when missing) and regenerates its summary.
 The input is never modified. The rootfs is normalized as OSTree needs it:
 /etc moves to /usr/etc, usr/lib/os-release is written when missing, and
 sysroot/, ostree -> sysroot/ostree and empty dev proc sys run tmp var boot
-are added. Device nodes, FIFOs and sockets are dropped with a warning.
+are added. Device nodes, FIFOs and sockets are dropped with a warning, and
+a rootfs without an executable usr/bin/ostree is named in one (a board
+running it could not update itself).
 
 Prints the commit checksum on stdout. A build whose tree and message equal
 the branch's last commit adds no commit and prints that one.

@@ -31,7 +31,10 @@ written, unless --yes.
 
 An --image appears under its name only when complete, with IMAGE.bmap beside
 it. Flashes into one folder take turns, so an image, its .bmap, its
-compressed form and the folder's SHA256SUMS come from one flash.
+compressed form and the folder's SHA256SUMS come from one flash. The folder
+must be one no other user can swap or empty meanwhile (a sticky one such as
+/tmp is fine), and those files replace regular files only. A local --repo
+that another user owns or may write is pulled with every object checked.
 
 Examples:
   treeflash flash --board ls104x --device /dev/sdb --repo http://10.0.0.2:8000/ \
@@ -176,7 +179,7 @@ int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
         ("no-gpg-verify", po::bool_switch(&options.no_gpg_verify),
          "let the card's origin take unsigned commits (gpg-verify=false)")
         ("karg", po::value(&options.kernel_args)->value_name("ARG")->composing(),
-         "an extra kernel argument, e.g. --karg quiet; repeatable")
+         "an extra kernel argument, e.g. --karg quiet; repeatable (all must fit arm64's 2048-byte command line)")
         ("firmware", po::value(&firmware)->value_name("NAME=FILE")->composing(),
          "write FILE into the board's firmware slot NAME (ls104x: rcw, fip, uboot-env, fman, qe, phy); repeatable")
         ("force", po::bool_switch(&options.force), "allow a --device that is not removable")

@@ -20,7 +20,10 @@ origin remote's URL unless --repo says otherwise; the remote's GPG settings
 apply), deploys it with local /etc changes merged and /var kept, keeps the
 previous deployment for rollback, and leaves uEnv.txt pointing at the new
 one. On a board that counts boots the deployment kept for rollback is the
-known-good one: after a rollback the failed default is dropped. Needs root.
+known-good one: after a rollback the failed default is dropped. A card in
+use (mounted, held, or under a loop device that is), or whose sysroot links
+lead off the card, is refused. A local --repo that another user owns or may
+write is pulled with every object checked. Needs root.
 
 Examples:
   treeflash upgrade /dev/sdb

@@ -31,13 +31,17 @@ card.img.zst, or --bmap; without one the image's holes are skipped), the
 first MiB last, so a card pulled mid-write does not half-boot. Then every
 written block is read back from the card, past the page cache, and its
 sha256 compared. A SHA256SUMS beside the image that lists it is checked
-first. Needs root.
+first; a compressed image that carries no checksum of its own (every frame
+or stream) needs a bmap or SHA256SUMS to vouch for it. Archives (zip, tar,
+...) are refused. Needs root.
 
 Every DEVICE must be a whole disk, not the one holding /, not mounted or in
 use, removable (or --force), and at least as large as the image. All
 targets are listed and you are asked once, unless --yes. A card that fails
 is reported and the others finish; the exit status is 0 only when every
-card was written and verified.
+card was written, verified and, with --log, logged. Files named here are
+regular files; a symlink is followed only out of a folder no other user
+can write.
 
 Examples:
   treeflash write card.img.zst /dev/sdb /dev/sdc /dev/sdd --yes --log cards.jsonl
