@@ -53,6 +53,8 @@ BuildResult build(const BuildOptions& options, GCancellable* cancellable, const 
     Tree& tree = imported.tree;
     result.normalize = in_step("normalize", [&] { return normalize(tree, options.normalize); });
     append(result.warnings, result.normalize.warnings);
+    result.programs = in_step("programs", [&] { return add_programs(tree, options.programs); });
+    append(result.warnings, result.programs.warnings);
 
     // A board updates itself with the ostree program (`ostree admin upgrade`):
     // a commit without one leaves every board that runs it where it is.

@@ -15,6 +15,7 @@ struct BuildOptions {
     std::filesystem::path rootfs;
     std::filesystem::path repo;
     NormalizeOptions normalize;
+    ProgramsOptions programs;
     KernelOptions kernel;
     CommitOptions commit; // an empty subject becomes "<os> [<version> ]rootfs"
     // Owners for every entry. A directory read by a user other than root
@@ -29,6 +30,7 @@ struct BuildResult {
     CommitResult commit;
     KernelResult kernel;
     NormalizeResult normalize;
+    ProgramsResult programs;
     bool created_repo = false;
     std::vector<std::string> warnings; // every stage's, in pipeline order
 };

@@ -2,8 +2,14 @@
 
 #include "common/error.hpp"
 
+#include <cerrno>
 #include <cstring>
 #include <elf.h>
+#include <fcntl.h>
+#include <linux/openat2.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 namespace treeflash::builder {
 
@@ -109,6 +115,106 @@ std::vector<std::string> elf_modinfo(const std::string& bytes, const std::string
         return entries;
     }
     throw Error(what + ": no .modinfo section (not a kernel module?)");
+}
+
+bool read_in_root(int root, const std::string& path, std::string& bytes)
+{
+    struct open_how how {};
+    how.flags = O_RDONLY | O_CLOEXEC;
+    how.resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS;
+    UniqueFd fd(static_cast<int>(::syscall(SYS_openat2, root, path.c_str(), &how, sizeof how)));
+    if (!fd) {
+        if (errno == ENOENT || errno == ENOTDIR)
+            return false;
+        throw_errno("open " + path);
+    }
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0)
+        throw_errno("stat " + path);
+    if (!S_ISREG(st.st_mode))
+        throw Error(path + " is not a regular file");
+    bytes.clear();
+    char buffer[1 << 16];
+    for (;;) {
+        ssize_t n = ::read(fd.get(), buffer, sizeof buffer);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            throw_errno("read " + path);
+        if (n == 0)
+            return true;
+        bytes.append(buffer, static_cast<size_t>(n));
+    }
+}
+
+RuntimeResolver::RuntimeResolver(const std::filesystem::path& userland) : m_userland(userland)
+{
+    m_root.reset(::open(userland.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!m_root)
+        throw_errno("open " + userland.string());
+    std::error_code ec;
+    for (const char* base : {"lib", "usr/lib"})
+        for (const auto& entry : std::filesystem::directory_iterator(userland / base, ec))
+            if (entry.is_directory() && entry.path().filename().string().find("-linux-") != std::string::npos)
+                m_search.push_back(std::string(base) + "/" + entry.path().filename().string());
+    for (const char* dir : {"lib", "usr/lib", "lib64", "usr/lib64"})
+        m_search.emplace_back(dir);
+}
+
+std::vector<RuntimeFile> RuntimeResolver::resolve(const std::string& program, const Provided& provided)
+{
+    std::vector<RuntimeFile> out;
+    RuntimeFile file;
+    file.role = RuntimeFile::Role::Program;
+    file.name = program;
+    file.found = program;
+    if (!read_in_root(m_root.get(), program, file.bytes))
+        throw Error(program + " is not in " + m_userland.string());
+    std::string bytes = file.bytes;
+    out.push_back(std::move(file));
+    add_dependencies(bytes, program, provided, out);
+    return out;
+}
+
+void RuntimeResolver::add_dependencies(const std::string& bytes, const std::string& what, const Provided& provided,
+                                       std::vector<RuntimeFile>& out)
+{
+    ElfDependencies deps = elf_dependencies(bytes, what);
+    if (!deps.interpreter.empty() && !m_done.count(deps.interpreter)) {
+        // The loader may be named as a library too (libc names it).
+        m_done.insert(deps.interpreter);
+        m_done.insert(deps.interpreter.substr(deps.interpreter.rfind('/') + 1));
+        RuntimeFile loader;
+        loader.role = RuntimeFile::Role::Loader;
+        loader.name = deps.interpreter;
+        if (!provided || !provided(loader)) {
+            loader.found = deps.interpreter.substr(1);
+            if (!read_in_root(m_root.get(), loader.found, loader.bytes))
+                throw Error(what + ": its loader " + deps.interpreter + " is not in " + m_userland.string());
+            out.push_back(std::move(loader));
+        }
+    }
+    for (const auto& soname : deps.needed) {
+        if (m_done.count(soname))
+            continue;
+        m_done.insert(soname);
+        RuntimeFile library;
+        library.role = RuntimeFile::Role::Library;
+        library.name = soname;
+        if (provided && provided(library))
+            continue;
+        for (const auto& dir : m_search)
+            if (read_in_root(m_root.get(), dir + "/" + soname, library.bytes)) {
+                library.found = dir + "/" + soname;
+                break;
+            }
+        if (library.found.empty())
+            throw Error(what + " needs " + soname + ", which is not in " + m_userland.string());
+        std::string lib_bytes = library.bytes;
+        std::string found = library.found;
+        out.push_back(std::move(library));
+        add_dependencies(lib_bytes, found, provided, out);
+    }
 }
 
 } // namespace treeflash::builder

@@ -11,11 +11,9 @@
 #include <cerrno>
 #include <fcntl.h>
 #include <fstream>
-#include <linux/openat2.h>
 #include <map>
 #include <set>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 namespace treeflash::builder {
@@ -25,17 +23,6 @@ namespace {
 const char* const busybox_applets[] = {"sh",   "mount", "umount", "mkdir",  "cat",         "sleep",
                                        "insmod", "findfs", "switch_root", "poweroff", "reboot", "echo",
                                        "touch", "grep", "ls", "test", "["};
-
-// Opens `path` inside `root` as if `root` were `/`: absolute symlinks in
-// the tree resolve inside it, never on the host.
-UniqueFd open_in_root(int root, const std::string& path)
-{
-    struct open_how how {};
-    how.flags = O_RDONLY | O_CLOEXEC;
-    how.resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS;
-    int fd = static_cast<int>(::syscall(SYS_openat2, root, path.c_str(), &how, sizeof how));
-    return UniqueFd(fd);
-}
 
 std::string read_fd(int fd, const std::string& what)
 {
@@ -155,85 +142,6 @@ void add_parent_dirs(CpioTree& tree, const std::string& path)
         tree.dir(path.substr(0, pos));
 }
 
-// Adds an executable and, recursively, the loader and the libraries its
-// ELF headers name, found in `userland` the way the loader would.
-class LibraryResolver {
-public:
-    LibraryResolver(const std::filesystem::path& userland, CpioTree& tree) : m_userland(userland), m_tree(tree)
-    {
-        m_root.reset(::open(userland.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-        if (!m_root)
-            throw_errno("open " + userland.string());
-        std::error_code ec;
-        for (const char* base : {"lib", "usr/lib"})
-            for (const auto& entry : std::filesystem::directory_iterator(userland / base, ec))
-                if (entry.is_directory() && entry.path().filename().string().find("-linux-") != std::string::npos)
-                    m_search.push_back(std::string(base) + "/" + entry.path().filename().string());
-        for (const char* dir : {"lib", "usr/lib", "lib64", "usr/lib64"})
-            m_search.emplace_back(dir);
-    }
-
-    void add_executable(const std::string& path_in_userland, const std::string& path_in_initramfs)
-    {
-        UniqueFd fd = open_in_root(m_root.get(), path_in_userland);
-        if (!fd)
-            throw_errno(m_userland.string() + "/" + path_in_userland);
-        std::string bytes = read_fd(fd.get(), path_in_userland);
-        add_parent_dirs(m_tree, path_in_initramfs);
-        m_tree.file(path_in_initramfs, bytes, 0755);
-        m_files.push_back(path_in_initramfs);
-        add_dependencies(bytes, path_in_userland);
-    }
-
-    const std::vector<std::string>& files() const { return m_files; }
-
-private:
-    void add_dependencies(const std::string& bytes, const std::string& what)
-    {
-        ElfDependencies deps = elf_dependencies(bytes, what);
-        if (!deps.interpreter.empty() && !m_tree.has(deps.interpreter.substr(1))) {
-            UniqueFd fd = open_in_root(m_root.get(), deps.interpreter);
-            if (!fd)
-                throw Error(what + ": its loader " + deps.interpreter + " is not in " + m_userland.string());
-            std::string loader = deps.interpreter.substr(1);
-            add_parent_dirs(m_tree, loader);
-            m_tree.file(loader, read_fd(fd.get(), deps.interpreter), 0755);
-            m_files.push_back(loader);
-        }
-        for (const auto& soname : deps.needed) {
-            // The loader may be named both as interpreter and as a library.
-            if (m_done.count(soname) || m_tree.has("lib/" + soname))
-                continue;
-            m_done.insert(soname);
-            std::string found;
-            UniqueFd fd;
-            for (const auto& dir : m_search) {
-                fd = open_in_root(m_root.get(), dir + "/" + soname);
-                if (fd) {
-                    found = dir + "/" + soname;
-                    break;
-                }
-            }
-            if (!fd)
-                throw Error(what + " needs " + soname + ", which is not in " + m_userland.string());
-            std::string lib = read_fd(fd.get(), found);
-            // One directory the loader searches by default, whatever the source layout.
-            std::string target = "lib/" + soname;
-            add_parent_dirs(m_tree, target);
-            m_tree.file(target, lib, 0755);
-            m_files.push_back(target);
-            add_dependencies(lib, found);
-        }
-    }
-
-    std::filesystem::path m_userland;
-    CpioTree& m_tree;
-    UniqueFd m_root;
-    std::vector<std::string> m_search;
-    std::set<std::string> m_done;
-    std::vector<std::string> m_files;
-};
-
 // Module name -> file, and the built-in ones, for one kernel's modules tree.
 class ModuleIndex {
 public:
@@ -316,9 +224,17 @@ InitramfsResult build_initramfs(const InitramfsOptions& options)
     });
 
     in_step("ostree-prepare-root", [&] {
-        LibraryResolver resolver(options.userland, tree);
-        resolver.add_executable(options.prepare_root, "usr/lib/ostree/ostree-prepare-root");
-        result.files.insert(result.files.end(), resolver.files().begin(), resolver.files().end());
+        // The program at its place, the loader where PT_INTERP names it,
+        // every library in lib/, which the loader searches by default.
+        RuntimeResolver resolver(options.userland);
+        for (RuntimeFile& file : resolver.resolve(options.prepare_root)) {
+            std::string target = file.role == RuntimeFile::Role::Program ? "usr/lib/ostree/ostree-prepare-root"
+                                 : file.role == RuntimeFile::Role::Loader ? file.name.substr(1)
+                                                                           : "lib/" + file.name;
+            add_parent_dirs(tree, target);
+            tree.file(target, std::move(file.bytes), 0755);
+            result.files.push_back(target);
+        }
     });
 
     std::string module_list;

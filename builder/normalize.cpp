@@ -145,6 +145,40 @@ void write_os_release(Tree& tree, const NormalizeOptions& options, NormalizeResu
 }
 
 constexpr const char* boot_health_path = "usr/lib/treeflash/boot-health";
+constexpr const char* auto_update_path = "usr/lib/treeflash/auto-update";
+constexpr const char* auto_update_conf_path = "usr/etc/treeflash/auto-update.conf";
+
+// Adds "::once:/PROGRAM" to a busybox /etc/inittab (once), so init starts
+// `program` at every boot. Returns false, with a warning ending in `hint`,
+// when the rootfs has no such inittab.
+bool start_from_inittab(Tree& tree, const std::string& program, const std::string& comment, const std::string& hint,
+                        NormalizeResult& result)
+{
+    Node* inittab = tree.find("usr/etc/inittab");
+    if (!inittab) {
+        result.warnings.push_back("no /etc/inittab" + hint);
+        return false;
+    }
+    if (!inittab->is_regular()) {
+        result.warnings.push_back("/etc/inittab is not a plain file" + hint);
+        return false;
+    }
+    std::string text = tree.read_all(*inittab);
+    if (text.find("/" + program) != std::string::npos)
+        return true;
+    if (text.find("::") == std::string::npos) {
+        result.warnings.push_back("/etc/inittab is not busybox's (no ID:RUNLEVEL:ACTION:PROCESS line)" + hint);
+        return false;
+    }
+    if (!text.empty() && text.back() != '\n')
+        text += '\n';
+    text += "# Added by treeflash build: " + comment + "\n::once:/" + program + "\n";
+    auto node = Node::memory_file(text, inittab->mode);
+    node->uid = inittab->uid;
+    node->gid = inittab->gid;
+    tree.put("usr/etc/inittab", std::move(node));
+    return true;
+}
 
 // The script that marks a deployment good on boards that count boots
 // (templates/boot-health), started once per boot by a busybox inittab line.
@@ -153,33 +187,26 @@ void install_boot_health(Tree& tree, NormalizeResult& result)
     tree.put(boot_health_path, Node::memory_file(std::string(templates::get("boot-health")), 0755));
     std::string hint = std::string("; start /") + boot_health_path
                        + " once per boot from the image's init, or boards that count boots roll every upgrade back";
-    Node* inittab = tree.find("usr/etc/inittab");
-    if (!inittab) {
-        result.warnings.push_back(std::string("no /etc/inittab") + hint);
-        return;
-    }
-    if (!inittab->is_regular()) {
-        result.warnings.push_back(std::string("/etc/inittab is not a plain file") + hint);
-        return;
-    }
-    std::string text = tree.read_all(*inittab);
-    if (text.find(std::string("/") + boot_health_path) != std::string::npos) {
+    if (start_from_inittab(tree, boot_health_path, "marks this deployment good once its health checks pass.", hint,
+                           result))
         result.boot_health_hook = "inittab";
-        return;
+}
+
+// The board's own updater (templates/auto-update) and its settings, kept
+// when the rootfs brings its own; started once per boot like boot-health.
+void install_auto_update(Tree& tree, NormalizeResult& result)
+{
+    tree.put(auto_update_path, Node::memory_file(std::string(templates::get("auto-update")), 0755));
+    if (!tree.find(auto_update_conf_path)) {
+        if (Node* dir = tree.find("usr/etc/treeflash"); dir && !dir->is_dir())
+            throw Error("/etc/treeflash is not a directory");
+        tree.put(auto_update_conf_path, Node::memory_file(std::string(templates::get("auto-update.conf")), 0644));
     }
-    if (text.find("::") == std::string::npos) {
-        result.warnings.push_back(std::string("/etc/inittab is not busybox's (no ID:RUNLEVEL:ACTION:PROCESS line)") + hint);
-        return;
-    }
-    if (!text.empty() && text.back() != '\n')
-        text += '\n';
-    text += std::string("# Added by treeflash build: marks this deployment good once its health checks pass.\n::once:/")
-            + boot_health_path + "\n";
-    auto node = Node::memory_file(text, inittab->mode);
-    node->uid = inittab->uid;
-    node->gid = inittab->gid;
-    tree.put("usr/etc/inittab", std::move(node));
-    result.boot_health_hook = "inittab";
+    std::string hint = std::string("; start /") + auto_update_path
+                       + " once per boot from the image's init, or the board never updates itself";
+    if (start_from_inittab(tree, auto_update_path, "follows the origin: pulls, deploys and reboots into new commits.",
+                           hint, result))
+        result.auto_update_hook = "inittab";
 }
 
 void ensure_api_dirs(Tree& tree, NormalizeResult& result)
@@ -280,6 +307,8 @@ NormalizeResult normalize(Tree& tree, const NormalizeOptions& options)
     in_step("os-release", [&] { write_os_release(tree, options, result); });
     if (options.boot_health)
         in_step("boot health", [&] { install_boot_health(tree, result); });
+    if (options.auto_update)
+        in_step("auto-update", [&] { install_auto_update(tree, result); });
     in_step("layout", [&] {
         ensure_api_dirs(tree, result);
         report_layout(tree, result);

@@ -77,6 +77,7 @@ struct NormalizeOptions {
     std::string version; // VERSION_ID in a generated os-release
     std::map<std::string, std::string> os_release; // --os-release KEY=VALUE overrides
     bool boot_health = true; // add usr/lib/treeflash/boot-health and start it from a busybox inittab
+    bool auto_update = true; // add usr/lib/treeflash/auto-update, its settings, and start it likewise
 };
 
 struct NormalizeResult {
@@ -84,6 +85,7 @@ struct NormalizeResult {
     bool wrote_os_release = false;    // usr/lib/os-release was generated or rewritten
     std::vector<std::string> var_entries; // content under /var (not carried to existing deployments)
     std::string boot_health_hook; // "inittab" when the build added the line, "" otherwise
+    std::string auto_update_hook; // likewise for auto-update
     std::vector<std::string> warnings;
 };
 
@@ -93,6 +95,25 @@ NormalizeResult normalize(Tree& tree, const NormalizeOptions& options);
 
 // Renders os-release text from templates/os-release with `options` applied.
 std::string render_os_release(const NormalizeOptions& options, const std::string& existing = {});
+
+// ---- programs.cpp -------------------------------------------------------
+
+struct ProgramsOptions {
+    std::filesystem::path userland;    // a tree holding the programs and their libraries
+    std::vector<std::string> programs; // paths inside `userland` (usr/bin/ostree)
+};
+
+struct ProgramsResult {
+    std::vector<std::string> added; // paths in the commit: programs, loader, libraries
+    std::vector<std::string> kept;  // loader and sonames the rootfs already had (left as they are)
+    uint64_t bytes = 0;             // bytes added
+    std::vector<std::string> warnings;
+};
+
+// Adds each program at its own path, and (depth first) the loader its ELF
+// header names and each library it needs that the rootfs lacks, in usr/lib,
+// which the loader searches by default.
+ProgramsResult add_programs(Tree& tree, const ProgramsOptions& options);
 
 // ---- kernel.cpp ---------------------------------------------------------
 

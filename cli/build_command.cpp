@@ -23,7 +23,15 @@ The input is never modified. The rootfs is normalized as OSTree needs it:
 sysroot/, ostree -> sysroot/ostree and empty dev proc sys run tmp var boot
 are added. Device nodes, FIFOs and sockets are dropped with a warning, and
 a rootfs without an executable usr/bin/ostree is named in one (a board
-running it could not update itself).
+running it could not update itself). --program adds a program of another
+tree (ostree, gpg) with exactly the libraries it needs.
+
+Two scripts are added and started from a busybox /etc/inittab:
+usr/lib/treeflash/boot-health (marks a healthy boot good, for boot
+counting) and usr/lib/treeflash/auto-update (the board follows its origin:
+checks at boot and every four hours, pulls, deploys, reboots; settings in
+/etc/treeflash/auto-update.conf). --no-boot-health, --no-auto-update leave
+them out.
 
 Prints the commit checksum on stdout. A build whose tree and message equal
 the branch's last commit adds no commit and prints that one.
@@ -31,7 +39,8 @@ the branch's last commit adds no commit and prints that one.
 Examples:
   treeflash build --rootfs rootfs/ --repo repo \
       --kernel Image --devicetree fsl-ls1043a-rdb.dtb --initramfs initramfs.img \
-      --subject "image v1 (ls104x) rootfs" --version 1.0
+      --subject "image v1 (ls104x) rootfs" --version 1.0 \
+      --userland userland/ --program usr/bin/ostree --program usr/bin/gpg
   SOURCE_DATE_EPOCH=1700000000 treeflash build --rootfs rootfs.tar.zst --repo repo --json
 
 Options)";
@@ -89,6 +98,8 @@ nlohmann::json to_json(const builder::BuildResult& result)
         {"objects_written", result.commit.objects_written},
         {"var_entries", result.normalize.var_entries.size()},
         {"boot_health_hook", result.normalize.boot_health_hook},
+        {"auto_update_hook", result.normalize.auto_update_hook},
+        {"programs", {{"added", result.programs.added}, {"kept", result.programs.kept}, {"bytes", result.programs.bytes}}},
         {"warnings", result.warnings},
     };
 }
@@ -98,9 +109,9 @@ nlohmann::json to_json(const builder::BuildResult& result)
 int run_build(const std::vector<std::string>& args, GCancellable* cancellable)
 {
     builder::BuildOptions options;
-    std::string rootfs, repo, layout = "legacy", timestamp, kernel, initramfs, gpg_key, gpg_home, owner_uid, owner_gid, jobs, static_deltas;
-    std::vector<std::string> devicetrees, os_release;
-    bool json = false, static_delta = false, force = false, no_boot_health = false;
+    std::string rootfs, repo, userland, layout = "legacy", timestamp, kernel, initramfs, gpg_key, gpg_home, owner_uid, owner_gid, jobs, static_deltas;
+    std::vector<std::string> devicetrees, os_release, programs;
+    bool json = false, static_delta = false, force = false, no_boot_health = false, no_auto_update = false;
 
     po::options_description desc(build_usage);
     desc.add_options()
@@ -130,6 +141,15 @@ int run_build(const std::vector<std::string>& args, GCancellable* cancellable)
         ("no-boot-health", po::bool_switch(&no_boot_health),
          "do not add usr/lib/treeflash/boot-health (which marks a deployment good on boards that count boots) "
          "nor its line in a busybox /etc/inittab")
+        ("no-auto-update", po::bool_switch(&no_auto_update),
+         "do not add usr/lib/treeflash/auto-update (the board's own updater: it follows the card's origin, "
+         "pulls, deploys and reboots into new commits), its settings /etc/treeflash/auto-update.conf, nor its "
+         "inittab line")
+        ("userland", po::value(&userland)->value_name("DIR"),
+         "a tree (Debian packages unpacked into one folder) that --program reads from")
+        ("program", po::value(&programs)->value_name("PATH")->composing(),
+         "add this program of --userland (e.g. usr/bin/ostree) at its path, with the loader and the libraries "
+         "its ELF headers ask for that the rootfs lacks (into usr/lib); repeatable")
         ("timestamp", po::value(&timestamp)->value_name("T"),
          "commit time, seconds since the epoch or ISO 8601 (default: $SOURCE_DATE_EPOCH, else now); "
          "equal inputs and timestamp give an equal commit")
@@ -171,6 +191,11 @@ int run_build(const std::vector<std::string>& args, GCancellable* cancellable)
         options.kernel.devicetrees.emplace_back(dtb);
     options.normalize.version = options.commit.version;
     options.normalize.boot_health = !no_boot_health;
+    options.normalize.auto_update = !no_auto_update;
+    if (!userland.empty() && programs.empty())
+        throw UsageError("--userland needs --program, the programs to add from it");
+    options.programs.userland = userland;
+    options.programs.programs = programs;
     options.normalize.os_release = parse_key_values(os_release, "--os-release");
     if (!timestamp.empty())
         options.commit.timestamp = parse_timestamp(timestamp);

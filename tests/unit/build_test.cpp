@@ -161,6 +161,100 @@ TEST_CASE("a build warns when the commit has no ostree program to update a board
     CHECK(json::parse(result.out)["warnings"].dump().find(warning) != std::string::npos);
 }
 
+TEST_CASE("--program adds a program with exactly the libraries it needs: it runs inside the commit")
+{
+    // This machine's own root is a userland: its ostree program and libraries.
+    Example ex;
+    auto result = run_treeflash(ex.args({"--userland", "/", "--program", "/usr/bin/ostree", "--json"}));
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    json out = json::parse(result.out);
+    std::string added = out["programs"]["added"].dump();
+    CHECK(added.find("\"usr/bin/ostree\"") != std::string::npos);
+    CHECK(added.find("\"usr/lib/libostree-1.so.1\"") != std::string::npos);
+    CHECK(added.find("\"usr/lib/libc.so.6\"") != std::string::npos);
+    CHECK(added.find("ld-linux") != std::string::npos);
+    CHECK(out["warnings"].dump().find("cannot update itself") == std::string::npos);
+
+    // Checked out and run as the root of its own tree: nothing it needs is missing.
+    fs::path checkout = ex.tmp / "checkout";
+    auto co = run_process({"ostree", "checkout", "--repo=" + ex.repo.string(), "-U", "master", checkout.string()});
+    REQUIRE_MESSAGE(co.ok(), co.err);
+    auto probe = run_process({"unshare", "--user", "--map-root-user", "true"});
+    if (!probe.ok()) {
+        MESSAGE("no user namespaces here: the checkout is not run");
+        return;
+    }
+    auto run = run_process({"unshare", "--user", "--map-root-user", "chroot", checkout.string(), "/usr/bin/ostree", "--version"});
+    CHECK_MESSAGE(run.ok(), run.err);
+    CHECK(run.out.find("libostree") != std::string::npos);
+
+    // A library the rootfs already has is its own, and is left as it is.
+    write_file(ex.rootfs / "usr/lib/libc.so.6", "the rootfs's own libc\n", 0644);
+    result = run_treeflash(ex.args({"--userland", "/", "--program", "usr/bin/ostree", "--json"}));
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    out = json::parse(result.out);
+    CHECK(out["programs"]["kept"].dump().find("\"libc.so.6\"") != std::string::npos);
+    CHECK(out["programs"]["added"].dump().find("libc.so.6") == std::string::npos);
+    auto cat = run_process({"ostree", "cat", "--repo=" + ex.repo.string(), "master", "/usr/lib/libc.so.6"});
+    CHECK(cat.out == "the rootfs's own libc\n");
+}
+
+TEST_CASE("--program: paths that leave the userland or name nothing are refused")
+{
+    Example ex;
+    fs::path userland = ex.tmp / "userland";
+    fs::create_directories(userland / "usr/bin");
+    fs::create_symlink("/etc/passwd", userland / "usr/bin/escape"); // resolves inside the userland: absent
+    write_file(userland / "usr/bin/script", "#!/bin/sh\n", 0755);
+    struct Case {
+        std::vector<std::string> args;
+        std::string error;
+    };
+    for (const Case& c : std::vector<Case>{
+             {{"--program", "usr/bin/script"}, "--program needs --userland"},
+             {{"--userland", userland.string()}, "--userland needs --program"},
+             {{"--userland", userland.string(), "--program", "../../etc/passwd"}, "without empty, '.' or '..'"},
+             {{"--userland", userland.string(), "--program", "usr/bin/escape"}, "usr/bin/escape is not in"},
+             {{"--userland", userland.string(), "--program", "usr/bin/script"}, "not an ELF file"},
+         }) {
+        auto result = run_treeflash(ex.args(c.args));
+        CHECK(!result.ok());
+        CHECK_MESSAGE(result.err.find(c.error) != std::string::npos, result.err);
+    }
+    CHECK(!fs::exists(ex.repo)); // nothing committed, no repository left
+}
+
+TEST_CASE("the board's updater is in the commit, with its settings in /etc and its inittab line")
+{
+    Example ex;
+    auto result = run_treeflash(ex.args({"--json"}));
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    CHECK(json::parse(result.out)["auto_update_hook"] == "inittab");
+    auto show = [&](const std::string& path) {
+        return run_process({"ostree", "cat", "--repo=" + ex.repo.string(), "master", path});
+    };
+    CHECK(show("/usr/lib/treeflash/auto-update").out.find("treeflash auto-update") != std::string::npos);
+    CHECK(show("/usr/etc/treeflash/auto-update.conf").out.find("#interval=14400") != std::string::npos);
+    CHECK(show("/usr/etc/inittab").out.find("::once:/usr/lib/treeflash/auto-update\n") != std::string::npos);
+    auto ls = run_process({"ostree", "ls", "--repo=" + ex.repo.string(), "master", "/usr/lib/treeflash/auto-update"});
+    CHECK(ls.out.find("-00755 ") != std::string::npos);
+
+    // A rootfs's own settings are kept.
+    write_file(ex.rootfs / "etc/treeflash/auto-update.conf", "reboot=never\n");
+    result = run_treeflash(ex.args());
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    CHECK(show("/usr/etc/treeflash/auto-update.conf").out == "reboot=never\n");
+
+    // --no-auto-update leaves the script and its line out.
+    fs::remove_all(ex.rootfs / "etc/treeflash");
+    result = run_treeflash(ex.args({"--no-auto-update", "--json"}));
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    CHECK(json::parse(result.out)["auto_update_hook"] == "");
+    CHECK(!show("/usr/lib/treeflash/auto-update").ok());
+    CHECK(!show("/usr/etc/treeflash/auto-update.conf").ok());
+    CHECK(show("/usr/etc/inittab").out.find("auto-update") == std::string::npos);
+}
+
 TEST_CASE("an unchanged rebuild adds no commit and writes no object; a change adds a child commit")
 {
     Example ex;
