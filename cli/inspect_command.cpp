@@ -121,6 +121,7 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
                     {"mnt", r.has_mnt},
                     {"boot_script", r.has_boot_script},
                     {"boot_counting", boot_json(r.boot)},
+                    {"auto_update", r.auto_update.empty() ? nlohmann::json(nullptr) : nlohmann::json(r.auto_update)},
                     {"warnings", r.warnings}});
         return 0;
     }
@@ -158,6 +159,16 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
             std::cout << "; rolled back from "
                       << printable(flasher::deployment_name(r.boot.rolled_back_version, r.boot.rolled_back_deployment));
         std::cout << "\n";
+    }
+    if (!r.auto_update.empty()) {
+        auto value = [&](const char* key) {
+            auto it = r.auto_update.find(key);
+            return it == r.auto_update.end() ? std::string() : printable(it->second);
+        };
+        std::cout << "updater: " << (value("outcome").empty() ? "?" : value("outcome")) << " at "
+                  << (value("checked").empty() ? "?" : value("checked")) << ": " << value("message") << "\n";
+        if (!value("refused").empty())
+            std::cout << "    refuses " << value("refused") << " (it rolled back on this board)\n";
     }
     if (r.uenv.count("bootargs"))
         std::cout << "uEnv.txt bootargs: " << printable(r.uenv["bootargs"]) << "\n";

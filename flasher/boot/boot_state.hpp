@@ -12,6 +12,8 @@
 //       the tries of an old one.
 //   boot/treeflash/board.env          written by flash: bootlimit and where
 //       the tries are kept, for inspect and upgrade.
+//   boot/treeflash/auto-update.env    written by the board's updater after
+//       each check: its outcome and the commits it saw, for inspect.
 //   a 512-byte U-Boot environment at the board's boot_count.state offset:
 //       treeflash_tries and treeflash_serial, written by U-Boot on trial boots.
 #pragma once
@@ -33,6 +35,8 @@ inline constexpr size_t boot_state_bytes = 512;
 inline constexpr const char* boot_mark_name = "treeflash-good.env";
 inline constexpr const char* boot_ack_path = "boot/treeflash/ack.env";
 inline constexpr const char* boot_board_record_path = "boot/treeflash/board.env";
+// What the board's updater (templates/auto-update) found at its last check.
+inline constexpr const char* auto_update_state_path = "boot/treeflash/auto-update.env";
 
 // The block flash writes at boot_count.state: no tries, serial 0.
 std::vector<uint8_t> initial_boot_state();

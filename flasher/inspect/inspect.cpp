@@ -211,6 +211,9 @@ InspectResult inspect(const std::string& path, GCancellable* cancellable)
             result.uenv = parse_env_lines(read_or_warn(*card, "boot/" + loader + "/uEnv.txt", "a uEnv.txt", result.warnings));
         read_origin(read_or_warn(*card, "ostree/repo/config", "a repository config", result.warnings), result);
         result.boot = boot_status(read_boot_files(*card, path), result.deployments);
+        if (card->type(auto_update_state_path) == S_IFREG)
+            result.auto_update = parse_env_lines(
+                read_or_warn(*card, auto_update_state_path, "the updater's state", result.warnings));
     }
     return result;
 }

@@ -34,6 +34,10 @@ struct InspectResult {
     bool has_mnt = false;
     bool has_boot_script = false;
     BootStatus boot; // boot counting: each deployment's state, the tries
+    // The board's updater after its last check (boot/treeflash/auto-update.env,
+    // written by usr/lib/treeflash/auto-update): checked, outcome, booted,
+    // offered, refused, deployed, message. Empty: it never ran.
+    std::map<std::string, std::string> auto_update;
     std::vector<std::string> warnings; // file systems that could not be read, partitions past the end, files too large
 };
 

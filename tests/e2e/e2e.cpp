@@ -39,6 +39,7 @@ if [ -e /run/ostree-booted ]; then echo "E2E-OSTREE-BOOTED: yes"; else echo "E2E
 echo "E2E-VERSION: $(/usr/bin/e2e-version)"
 echo "E2E-HOSTNAME: $(cat /etc/hostname)"
 echo "E2E-MOTD: $(cat /etc/motd)"
+/etc/init.d/network
 )RCS", 0755);
     write_file(dir / "usr/bin/e2e-finish", R"SH(#!/bin/sh
 i=0
@@ -48,6 +49,22 @@ echo "E2E-BOOT-STATE: ${state:-none}"
 sed 's/^/E2E-STATE-FILE: /' /run/treeflash/boot-state 2>/dev/null
 # A failed health check on a trial boot reboots the board by itself.
 [ "$state" = trial-failed ] && exec sleep 1000
+# With /etc/e2e-update-checks, the board's updater makes that many checks
+# first (a deployed update reboots the board by itself).
+if [ -f /etc/e2e-update-checks ]; then
+    want=$(cat /etc/e2e-update-checks)
+    i=0
+    while [ $i -lt 1800 ]; do
+        n=$(sed -n 's/^checks=//p' /run/treeflash/auto-update 2>/dev/null)
+        [ "${n:-0}" -ge "$want" ] && break
+        sleep 0.1
+        i=$((i + 1))
+    done
+    outcome=$(sed -n 's/^outcome=//p' /run/treeflash/auto-update 2>/dev/null)
+    echo "E2E-UPDATE: ${outcome:-none}"
+    sed 's/^/E2E-UPDATE-FILE: /' /run/treeflash/auto-update 2>/dev/null
+    [ "$outcome" = deployed ] && exec sleep 1000
+fi
 echo "E2E-DONE"
 poweroff -f
 )SH", 0755);
@@ -61,7 +78,7 @@ fs::path initramfs_for(const fs::path& dir, const std::string& board, const std:
 {
     fs::path out = dir / ("initramfs-" + fs::path(board).filename().string() + ".img");
     std::vector<std::string> args{"initramfs", "--board", board, "--busybox", (example / "rootfs/usr/bin/busybox").string(),
-                                  "--userland", (example / "prepare-root").string(), "--modules",
+                                  "--userland", (example / "userland").string(), "--modules",
                                   (modules.empty() ? example / "kernel/modules" / kver() : modules).string(),
                                   "--output", out.string()};
     args.insert(args.end(), extra.begin(), extra.end());

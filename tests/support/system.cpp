@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <chrono>
 #include <csignal>
+#include <fcntl.h>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -113,32 +114,42 @@ std::set<std::string> system_leftovers()
     return out;
 }
 
+// scripts/serve-repo, as a user runs it, with its access log in a file.
 RepoServer::RepoServer(const fs::path& repo)
 {
-    ::chmod(m_run.path().c_str(), 0755);
     int port = free_port();
-    std::string conf = read_text(fs::path(TREEFLASH_SOURCE_DIR) / "templates/nginx-repo.conf");
-    text::replace_all(conf, "@LISTEN@", "127.0.0.1:" + std::to_string(port));
-    text::replace_all(conf, "@REPO@", fs::absolute(repo).string());
-    text::replace_all(conf, "@RUNDIR@", m_run.path().string());
-    text::replace_all(conf, "@ACCESS_LOG@", (m_run / "access.log").string());
-    write_file(m_run / "nginx.conf", conf);
-    std::string conf_path = (m_run / "nginx.conf").string();
-    std::vector<std::string> argv{"nginx", "-c", conf_path, "-g", "daemon off;"};
-    std::vector<char*> raw;
+    std::string script = (fs::path(TREEFLASH_SOURCE_DIR) / "scripts/serve-repo").string();
+    std::string listen = "127.0.0.1:" + std::to_string(port);
+    std::vector<std::string> argv{script, fs::absolute(repo).string(), listen};
+    std::vector<std::string> env{"ACCESS_LOG=" + (m_run / "access.log").string()};
+    for (char** e = environ; *e; ++e)
+        if (std::string_view(*e).rfind("ACCESS_LOG=", 0) != 0)
+            env.emplace_back(*e);
+    std::vector<char*> raw_argv, raw_env;
     for (auto& a : argv)
-        raw.push_back(a.data());
-    raw.push_back(nullptr);
-    if (posix_spawnp(&m_pid, "nginx", nullptr, nullptr, raw.data(), environ) != 0)
-        throw std::runtime_error("cannot start nginx");
-    for (int i = 0; i < 200 && !port_open(port); ++i)
+        raw_argv.push_back(a.data());
+    raw_argv.push_back(nullptr);
+    for (auto& e : env)
+        raw_env.push_back(e.data());
+    raw_env.push_back(nullptr);
+    // Its own lines ("serving ...") go to a file beside the access log.
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    std::string output = (m_run / "serve-repo.log").string();
+    posix_spawn_file_actions_addopen(&actions, 1, output.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_adddup2(&actions, 1, 2);
+    int spawned = posix_spawn(&m_pid, script.c_str(), &actions, nullptr, raw_argv.data(), raw_env.data());
+    posix_spawn_file_actions_destroy(&actions);
+    if (spawned != 0)
+        throw std::runtime_error("cannot start " + script);
+    for (int i = 0; i < 250 && !port_open(port); ++i)
         std::this_thread::sleep_for(std::chrono::milliseconds(20));
     if (!port_open(port)) {
-        ::kill(m_pid, SIGKILL);
+        ::kill(m_pid, SIGTERM);
         ::waitpid(m_pid, nullptr, 0);
-        throw std::runtime_error("nginx did not start on port " + std::to_string(port));
+        throw std::runtime_error("serve-repo did not start on port " + std::to_string(port));
     }
-    m_url = "http://127.0.0.1:" + std::to_string(port) + "/";
+    m_url = "http://" + listen + "/";
 }
 
 std::string RepoServer::access_log() const

@@ -77,8 +77,8 @@ struct LoopGuard {
     ~LoopGuard() { run_process({"losetup", "-d", device}); }
 };
 
-// nginx serving `repo` on 127.0.0.1 with the project's template; stopped
-// (and its files removed) by the destructor.
+// scripts/serve-repo serving `repo` on 127.0.0.1 (nginx with the project's
+// template); stopped, with its files removed, by the destructor.
 class RepoServer {
 public:
     explicit RepoServer(const fs::path& repo);

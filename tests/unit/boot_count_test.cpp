@@ -360,4 +360,45 @@ TEST_CASE("boot-health marks the running deployment on a sysroot laid out as OST
     }
 }
 
+TEST_CASE("auto-update: settings are read as written, and the reboot window is kept, across midnight too")
+{
+    Scratch tmp;
+    write_file(tmp / "auto-update", std::string(templates::get("auto-update")), 0755);
+    write_file(tmp / "auto-update.conf", "interval = 60 \n#retry=5\nreboot=never\nreboot=window\ntimeout=soon\n");
+    // Runs the script's functions by the host's POSIX shell; the first line of what they print.
+    auto call = [&](const std::string& code) {
+        auto r = run_process({"sh", "-c",
+                              "cd \"$1\" && TREEFLASH_AUTO_UPDATE_FUNCTIONS_ONLY=1 "
+                              "TREEFLASH_AUTO_UPDATE_CONF=\"$1/auto-update.conf\" . ./auto-update && "
+                                  + code,
+                              "sh", tmp.path().string()});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+        return r.out;
+    };
+    CHECK(call("setting interval 14400") == "60\n");
+    CHECK(call("setting retry 600") == "600\n"); // commented out: the default
+    CHECK(call("setting reboot now") == "window\n"); // the last line wins
+    CHECK(call("seconds interval 14400") == "60\n");
+    CHECK(call("seconds timeout 300 | tail -n 1") == "300\n");
+    CHECK(call("seconds timeout 300 | head -n 1").find("timeout=soon is not a number of seconds") != std::string::npos);
+
+    CHECK(call("minutes_of 02:00") == "120\n");
+    CHECK(call("minutes_of 9:05") == "545\n");
+    CHECK(call("minutes_of 23:59") == "1439\n");
+    for (const char* bad : {"24:00", "2:5", "12:60", "noon", ""})
+        CHECK_MESSAGE(call(std::string("minutes_of '") + bad + "'") == "", bad);
+
+    auto until = [&](int now, int start, int end) {
+        return std::stoi(call("minutes_until_window " + std::to_string(now) + " " + std::to_string(start) + " "
+                              + std::to_string(end)));
+    };
+    CHECK(until(100, 120, 240) == 20);  // before the window
+    CHECK(until(120, 120, 240) == 0);   // it opens
+    CHECK(until(239, 120, 240) == 0);
+    CHECK(until(240, 120, 240) == 1320); // closed: tomorrow's
+    CHECK(until(1430, 1380, 60) == 0);   // 23:00-01:00, at 23:50
+    CHECK(until(30, 1380, 60) == 0);     // at 00:30
+    CHECK(until(60, 1380, 60) == 1320);  // at 01:00: tonight's
+}
+
 } // TEST_SUITE
