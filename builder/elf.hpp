@@ -53,8 +53,6 @@ public:
     // Throws Error naming the program when one is missing.
     std::vector<RuntimeFile> resolve(const std::string& program, const Provided& provided = {});
 
-    const std::filesystem::path& userland() const { return m_userland; }
-
 private:
     void add_dependencies(const std::string& bytes, const std::string& what, const Provided& provided,
                           std::vector<RuntimeFile>& out);

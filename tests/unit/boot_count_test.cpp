@@ -364,7 +364,8 @@ TEST_CASE("auto-update: settings are read as written, and the reboot window is k
 {
     Scratch tmp;
     write_file(tmp / "auto-update", std::string(templates::get("auto-update")), 0755);
-    write_file(tmp / "auto-update.conf", "interval = 60 \n#retry=5\nreboot=never\nreboot=window\ntimeout=soon\n");
+    write_file(tmp / "auto-update.conf", "interval = 60 \n#retry=5\nreboot=never\nreboot=window\ntimeout=soon\n"
+                                         "health_wait=010\nzero=0\nhuge=12345678901\n");
     // Runs the script's functions by the host's POSIX shell; the first line of what they print.
     auto call = [&](const std::string& code) {
         auto r = run_process({"sh", "-c",
@@ -378,13 +379,20 @@ TEST_CASE("auto-update: settings are read as written, and the reboot window is k
     CHECK(call("setting interval 14400") == "60\n");
     CHECK(call("setting retry 600") == "600\n"); // commented out: the default
     CHECK(call("setting reboot now") == "window\n"); // the last line wins
-    CHECK(call("seconds interval 14400") == "60\n");
-    CHECK(call("seconds timeout 300 | tail -n 1") == "300\n");
-    CHECK(call("seconds timeout 300 | head -n 1").find("timeout=soon is not a number of seconds") != std::string::npos);
+    CHECK(call("seconds interval 14400 1") == "60\n");
+    // A bad value is named on stderr, never mixed into the value.
+    CHECK(call("seconds timeout 300 1 2>/dev/null") == "300\n");
+    CHECK(call("seconds timeout 300 1 2>&1 >/dev/null").find("timeout=soon is not a number of seconds") != std::string::npos);
+    CHECK(call("seconds health_wait 300 0") == "10\n"); // decimal, not octal
+    CHECK(call("seconds zero 600 1 2>/dev/null") == "1\n"); // never a loop without a pause
+    CHECK(call("seconds huge 600 1") == "999999999\n");
 
     CHECK(call("minutes_of 02:00") == "120\n");
     CHECK(call("minutes_of 9:05") == "545\n");
     CHECK(call("minutes_of 23:59") == "1439\n");
+    CHECK(call("minutes_of 08:09") == "489\n"); // not octal
+    CHECK(call("minutes_of 0:30") == "30\n");
+    CHECK(call("minutes_of 00:00") == "0\n");
     for (const char* bad : {"24:00", "2:5", "12:60", "noon", ""})
         CHECK_MESSAGE(call(std::string("minutes_of '") + bad + "'") == "", bad);
 
