@@ -171,6 +171,14 @@ void apply_key(BoardProfile& board, const std::string& key, const std::string& v
     } else if (key == "uboot.fdt_fallback") {
         validate::uboot_word(value, key);
         board.uboot_fdt_fallback = value;
+    } else if (key == "image_size") {
+        if (value != "any" && value != "power-of-two")
+            throw Error("image_size '" + value + "': any or power-of-two");
+        board.image_size_power_of_two = value == "power-of-two";
+    } else if (key == "devicetree") {
+        if (value != "optional" && value != "required")
+            throw Error("devicetree '" + value + "': optional or required");
+        board.devicetree_required = value == "required";
     } else if (starts("uboot.default.")) {
         std::string name = key.substr(14);
         validate::uboot_word(name, key);

@@ -61,6 +61,13 @@ struct BoardProfile {
     unsigned initramfs_root_wait = 10;          // seconds
     BootCounting boot_count;
     std::optional<UbootEnvironment> uboot_env;
+    // image_size = power-of-two: the card model (QEMU's SD card) takes only
+    // such sizes, so an image's default size is rounded up to one and a
+    // --size that is not one is refused.
+    bool image_size_power_of_two = false;
+    // devicetree = required: no devicetree the board has at boot survives
+    // the kernel's load, so a commit must carry one.
+    bool devicetree_required = false;
 
     const PartitionRole& partition(unsigned number) const;
     const FirmwareSlot* slot(const std::string& name) const;

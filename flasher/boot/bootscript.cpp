@@ -85,7 +85,15 @@ std::string render_boot_script(const BoardProfile& board)
     text::replace_all(script, "@DEVTYPE@", board.uboot_devtype);
     text::replace_all(script, "@DEVNUM@", board.uboot_devnum);
     text::replace_all(script, "@ROOTFS_PART@", std::to_string(board.rootfs_partition));
-    text::replace_all(script, "@FDT_FALLBACK@", board.uboot_fdt_fallback.empty() ? "${fdtcontroladdr}" : board.uboot_fdt_fallback);
+    // A deployment without a devicetree boots on the board's fallback, or,
+    // where the board has none that survives the kernel's load, not at all.
+    std::string fallback = board.uboot_fdt_fallback.empty() ? "${fdtcontroladdr}" : board.uboot_fdt_fallback;
+    text::replace_all(script, "@NO_DEVICETREE@",
+                      board.devicetree_required
+                          ? "  echo \"treeflash: no devicetree in the deployment; board " + board.name
+                                + " boots only with one from the commit\"\n  exit"
+                          : "  echo \"treeflash: no devicetree in the deployment, using " + fallback
+                                + "\"\n  setenv fdt " + fallback);
     text::replace_all(script, "@DEFAULTS@", defaults);
 
     std::string missing;

@@ -195,7 +195,14 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
         glib::PtrArray deployments(ostree_sysroot_get_deployments(sysroot.get()));
         if (!deployments || deployments->len == 0)
             throw Error("no deployment after deploy");
-        return describe(sysroot.get(), static_cast<OstreeDeployment*>(deployments->pdata[0]));
+        auto* deployed = static_cast<OstreeDeployment*>(deployments->pdata[0]);
+        OstreeBootconfigParser* bootconfig = ostree_deployment_get_bootconfig(deployed);
+        if (options.require_devicetree
+            && (!bootconfig || (!ostree_bootconfig_parser_get(bootconfig, "devicetree")
+                                && !ostree_bootconfig_parser_get(bootconfig, "fdtdir"))))
+            throw Error("commit " + commit + " carries no devicetree, and the board boots only with one from the "
+                        "commit (treeflash build --devicetree FILE)");
+        return describe(sysroot.get(), deployed);
     });
 }
 

@@ -25,6 +25,7 @@ struct SysrootOptions {
     std::vector<std::string> kernel_args;
     unsigned network_timeout = 30;       // seconds without progress before a pull fails
     std::filesystem::path download_dir;  // see watched_pull; empty: $TMPDIR
+    bool require_devicetree = false;     // the board boots only with a devicetree from the commit
 };
 
 struct Deployment {

@@ -83,7 +83,8 @@ json sysroot_to_json(const SysrootOptions& o)
             {"ref", o.ref},
             {"gpg_key", o.gpg_key ? o.gpg_key->string() : ""},
             {"kernel_args", o.kernel_args},
-            {"network_timeout", o.network_timeout}};
+            {"network_timeout", o.network_timeout},
+            {"require_devicetree", o.require_devicetree}};
 }
 
 SysrootOptions sysroot_from_json(const json& j)
@@ -98,6 +99,7 @@ SysrootOptions sysroot_from_json(const json& j)
     if (std::string key = j.at("gpg_key"); !key.empty())
         o.gpg_key = key;
     o.kernel_args = j.at("kernel_args").get<std::vector<std::string>>();
+    o.require_devicetree = j.at("require_devicetree");
     o.network_timeout = j.at("network_timeout");
     return o;
 }

@@ -14,6 +14,8 @@
 #include <system_error>
 #include <unistd.h>
 
+#include <bit>
+
 namespace treeflash::flasher {
 
 namespace {
@@ -202,6 +204,7 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
     sysroot.ref = options.ref;
     sysroot.gpg_key = options.gpg_import;
     sysroot.kernel_args = plan.board.kernel_args;
+    sysroot.require_devicetree = plan.board.devicetree_required;
     sysroot.kernel_args.insert(sysroot.kernel_args.end(), options.kernel_args.begin(), options.kernel_args.end());
     validate::kernel_command_line(sysroot.kernel_args, "--karg with the board's kernel arguments");
     sysroot.network_timeout = options.network_timeout;
@@ -217,6 +220,11 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
             if (!plan.source.content_bytes)
                 throw Error("image: the commit does not record its size; pass --size");
             size = default_image_size(plan.layout, plan.source.content_bytes, plan.source.content_entries);
+            if (plan.board.image_size_power_of_two)
+                size = std::bit_ceil(size);
+        } else if (plan.board.image_size_power_of_two && !std::has_single_bit(size)) {
+            throw Error("image: --size " + std::to_string(size / MiB) + " MiB: board " + plan.board.name
+                        + " takes only images whose size is a power of two (512M, 1G, 2G, ...)");
         }
         uint64_t minimum = plan.layout.minimum_disk_bytes(64 * MiB);
         if (size < minimum)

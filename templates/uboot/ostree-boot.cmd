@@ -76,7 +76,6 @@ elif test -n "${fdtdir}"; then
   load ${devtype} ${ostree_part} ${fdt_addr_r} ${fdtdir}/${fdtfile} || exit
   setenv fdt ${fdt_addr_r}
 else
-  echo "treeflash: no devicetree in the deployment, using @FDT_FALLBACK@"
-  setenv fdt @FDT_FALLBACK@
+@NO_DEVICETREE@
 fi
 booti ${kernel_addr_r} ${initrd} ${fdt}

@@ -17,34 +17,6 @@ using nlohmann::json;
 
 namespace {
 
-// The qemu-arm64 board's boot_count.state block.
-constexpr uint64_t tries_offset = 0x5ff000;
-
-std::string tries_block(const fs::path& image)
-{
-    std::ifstream in(image, std::ios::binary);
-    in.seekg(static_cast<std::streamoff>(tries_offset));
-    std::string block(512, '\0');
-    in.read(block.data(), static_cast<std::streamsize>(block.size()));
-    REQUIRE(in.good());
-    return block;
-}
-
-size_t count(const std::string& text, const std::string& what)
-{
-    size_t n = 0;
-    for (size_t pos = text.find(what); pos != std::string::npos; pos = text.find(what, pos + what.size()))
-        ++n;
-    return n;
-}
-
-json inspect(const fs::path& image)
-{
-    auto r = run_treeflash({"inspect", image.string(), "--json"});
-    REQUIRE_MESSAGE(r.ok(), r.err);
-    return json::parse(r.out);
-}
-
 json upgrade(const fs::path& image, const std::vector<std::string>& extra = {})
 {
     std::vector<std::string> args{"upgrade", image.string(), "--json"};

@@ -186,6 +186,31 @@ fs::path default_deployment(const fs::path& sysroot, const std::string& commit)
 }
 
 
+json inspect(const fs::path& image)
+{
+    auto r = run_treeflash({"inspect", image.string(), "--json"});
+    REQUIRE_MESSAGE(r.ok(), r.err);
+    return json::parse(r.out);
+}
+
+size_t count(const std::string& text, const std::string& what)
+{
+    size_t n = 0;
+    for (size_t pos = text.find(what); pos != std::string::npos; pos = text.find(what, pos + what.size()))
+        ++n;
+    return n;
+}
+
+std::string tries_block(const fs::path& image)
+{
+    std::ifstream in(image, std::ios::binary);
+    in.seekg(static_cast<std::streamoff>(0x5ff000));
+    std::string block(512, '\0');
+    in.read(block.data(), static_cast<std::streamsize>(block.size()));
+    REQUIRE(in.good());
+    return block;
+}
+
 // The error itself is one line (after any progress notices).
 bool one_line(const std::string& err)
 {

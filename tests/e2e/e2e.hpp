@@ -5,6 +5,7 @@
 #include "tests/support/system.hpp"
 
 #include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
 
 #include <string>
 #include <vector>
@@ -72,6 +73,16 @@ struct MountedRootfs {
     }
     ~MountedRootfs() { run_process({"umount", dir.path().string()}); }
 };
+
+// `treeflash inspect --json` of an image or a card, checked.
+nlohmann::json inspect(const fs::path& image);
+
+// How often `what` occurs in `text`.
+size_t count(const std::string& text, const std::string& what);
+
+// The 512-byte tries block boot counting keeps at 0x5ff000 on both qemu
+// boards (and ls104x), read from an image file or a card.
+std::string tries_block(const fs::path& image);
 
 // The error itself is one line (after any progress notices).
 bool one_line(const std::string& err);

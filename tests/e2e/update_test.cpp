@@ -80,21 +80,6 @@ Fetched fetched(const std::string& log)
     return f;
 }
 
-json inspect(const fs::path& image)
-{
-    auto r = run_treeflash({"inspect", image.string(), "--json"});
-    REQUIRE_MESSAGE(r.ok(), r.err);
-    return json::parse(r.out);
-}
-
-size_t count(const std::string& text, const std::string& what)
-{
-    size_t n = 0;
-    for (size_t pos = text.find(what); pos != std::string::npos; pos = text.find(what, pos + what.size()))
-        ++n;
-    return n;
-}
-
 // A release line of commits that can update a board: the e2e rootfs with
 // Debian's ostree and gpg, the updater's settings, and how many of its
 // checks a boot waits for before it powers off.

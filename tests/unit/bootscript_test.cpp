@@ -65,6 +65,39 @@ TEST_CASE("a board that leaves an address undefined is refused before anything i
                          Error);
 }
 
+TEST_CASE("devicetree = required: a deployment without one stops the script; image_size and devicetree are checked")
+{
+    BoardProfile raspi = load_board((boards / "qemu-raspi3b").string());
+    CHECK(raspi.devicetree_required);
+    CHECK(raspi.image_size_power_of_two);
+    std::string script = render_boot_script(raspi);
+    CHECK(script.find("treeflash: no devicetree in the deployment; board qemu-raspi3b boots only with one from the "
+                      "commit\"\n  exit\n")
+          != std::string::npos);
+    CHECK(script.find("setenv fdt ${fdtcontroladdr}") == std::string::npos);
+    // A board with a fallback boots on it.
+    BoardProfile virt = load_board((boards / "qemu-arm64").string());
+    CHECK(!virt.devicetree_required);
+    CHECK(render_boot_script(virt).find("using ${fdt_addr}\"\n  setenv fdt ${fdt_addr}\n") != std::string::npos);
+
+    Scratch tmp;
+    for (const auto& [line, error] : std::vector<std::pair<std::string, std::string>>{
+             {"image_size = 512M", "image_size '512M': any or power-of-two"},
+             {"devicetree = yes", "devicetree 'yes': optional or required"}}) {
+        fs::remove_all(tmp / "board");
+        fs::copy(boards / "qemu-raspi3b", tmp / "board", fs::copy_options::recursive);
+        std::string key = line.substr(0, line.find(' '));
+        std::string conf = std::regex_replace(read_text(tmp / "board/board.conf"), std::regex(key + " = .*"), line);
+        write_file(tmp / "board/board.conf", conf);
+        try {
+            load_board((tmp / "board").string());
+            FAIL("accepted " << line);
+        } catch (const Error& e) {
+            CHECK_MESSAGE(std::string(e.what()).find(error) != std::string::npos, e.what());
+        }
+    }
+}
+
 TEST_CASE("what counts as a variable with a value")
 {
     // Read unguarded and never set: reported.
