@@ -93,7 +93,8 @@ std::string boot_board_record(const BoardProfile& board)
     return "# Written by treeflash flash: how this card's board counts boots.\n"
            "board=" + board.name + "\n"
            "bootlimit=" + std::to_string(board.boot_count.limit) + "\n"
-           "boot_state_offset=" + text::hex(board.boot_count.state_offset) + "\n";
+           "boot_state_offset=" + text::hex(board.boot_count.state_offset) + "\n"
+           "devicetree=" + (board.devicetree_required ? "required" : "optional") + "\n";
 }
 
 BootFiles read_boot_files(const CardView& sysroot, const std::string& card)

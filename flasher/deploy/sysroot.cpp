@@ -131,6 +131,39 @@ glib::Object<OstreeSysroot> open_sysroot(const std::filesystem::path& root)
 
 } // namespace
 
+bool deployment_has_devicetree(const std::filesystem::path& deployment_dir)
+{
+    namespace sfs = std::filesystem;
+    std::error_code ec;
+    auto is = [&](const sfs::path& path, sfs::file_type type) { return sfs::symlink_status(path, ec).type() == type; };
+    sfs::path modules = deployment_dir / "usr/lib/modules";
+    if (is(modules, sfs::file_type::directory))
+        for (const auto& kver : sfs::directory_iterator(modules, ec))
+            if (is(kver.path() / "devicetree", sfs::file_type::regular) || is(kver.path() / "dtb", sfs::file_type::directory))
+                return true;
+    for (const char* dir : {"usr/lib/ostree-boot", "boot"}) {
+        sfs::path boot = deployment_dir / dir;
+        if (!is(boot, sfs::file_type::directory))
+            continue;
+        for (const auto& entry : sfs::directory_iterator(boot, ec)) {
+            std::string name = entry.path().filename().string();
+            if ((name.rfind("devicetree-", 0) == 0 && is(entry.path(), sfs::file_type::regular))
+                || (name.rfind("dtbs-", 0) == 0 && is(entry.path(), sfs::file_type::directory)))
+                return true;
+        }
+    }
+    return false;
+}
+
+void require_devicetree(OstreeSysroot* sysroot, OstreeDeployment* deployment, const std::string& commit)
+{
+    std::string dirpath = glib::take_string(ostree_sysroot_get_deployment_dirpath(sysroot, deployment));
+    std::filesystem::path root = glib::take_string(g_file_get_path(ostree_sysroot_get_path(sysroot)));
+    if (!deployment_has_devicetree(root / dirpath))
+        throw Error("commit " + commit + " carries no devicetree, and the board boots only with one from the "
+                    "commit (treeflash build --devicetree FILE)");
+}
+
 Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOptions& options,
                              const std::function<void(const std::string&)>& notice, GCancellable* cancellable)
 {
@@ -185,6 +218,8 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
                                                      nullptr, &deploy_options, &raw, cancellable, &error))
             throw_gerror(error);
         glib::Object<OstreeDeployment> deployment(raw);
+        if (options.require_devicetree)
+            require_devicetree(sysroot.get(), deployment.get(), commit);
         if (!ostree_sysroot_simple_write_deployment(sysroot.get(), options.os.c_str(), deployment.get(), nullptr,
                                                     OSTREE_SYSROOT_SIMPLE_WRITE_DEPLOYMENT_FLAGS_NONE, cancellable,
                                                     &error))
@@ -195,14 +230,7 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
         glib::PtrArray deployments(ostree_sysroot_get_deployments(sysroot.get()));
         if (!deployments || deployments->len == 0)
             throw Error("no deployment after deploy");
-        auto* deployed = static_cast<OstreeDeployment*>(deployments->pdata[0]);
-        OstreeBootconfigParser* bootconfig = ostree_deployment_get_bootconfig(deployed);
-        if (options.require_devicetree
-            && (!bootconfig || (!ostree_bootconfig_parser_get(bootconfig, "devicetree")
-                                && !ostree_bootconfig_parser_get(bootconfig, "fdtdir"))))
-            throw Error("commit " + commit + " carries no devicetree, and the board boots only with one from the "
-                        "commit (treeflash build --devicetree FILE)");
-        return describe(sysroot.get(), deployed);
+        return describe(sysroot.get(), static_cast<OstreeDeployment*>(deployments->pdata[0]));
     });
 }
 

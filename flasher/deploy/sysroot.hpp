@@ -11,6 +11,7 @@
 typedef struct _GCancellable GCancellable;
 typedef struct OstreeRepo OstreeRepo;
 typedef struct OstreeSysroot OstreeSysroot;
+typedef struct _OstreeDeployment OstreeDeployment;
 
 namespace treeflash::flasher {
 
@@ -27,6 +28,15 @@ struct SysrootOptions {
     std::filesystem::path download_dir;  // see watched_pull; empty: $TMPDIR
     bool require_devicetree = false;     // the board boots only with a devicetree from the commit
 };
+
+// Whether a deployment's tree carries a devicetree where OSTree looks for
+// one (usr/lib/modules/KVER/devicetree or dtb/, usr/lib/ostree-boot/
+// devicetree-* or dtbs-*), read without following links.
+bool deployment_has_devicetree(const std::filesystem::path& deployment_dir);
+
+// Throws unless the deployment `deployment` of `sysroot` (deployed, not yet
+// written) carries a devicetree: for boards with `devicetree = required`.
+void require_devicetree(OstreeSysroot* sysroot, OstreeDeployment* deployment, const std::string& commit);
 
 struct Deployment {
     std::string os;

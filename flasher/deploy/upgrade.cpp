@@ -170,6 +170,9 @@ void upgrade_sysroot(const std::filesystem::path& mountpoint, const UpgradeOptio
                                                      &deploy_options, &raw_new, cancellable, &error))
             throw_gerror(error);
         glib::Object<OstreeDeployment> created(raw_new);
+        // The card's board record says when a commit must bring its devicetree.
+        if (boot_files.board.count("devicetree") && boot_files.board.at("devicetree") == "required")
+            require_devicetree(sysroot.get(), created.get(), commit);
         if (!ostree_sysroot_simple_write_deployment(sysroot.get(), os.c_str(), created.get(), merge.get(),
                                                     OSTREE_SYSROOT_SIMPLE_WRITE_DEPLOYMENT_FLAGS_NONE, cancellable, &error))
             throw_gerror(error, "write deployment");

@@ -99,6 +99,14 @@ TEST_CASE("qemu-raspi3b: a card boots over U-Boot's mmc driver, upgrades, counts
     CHECK(b.last_line("E2E-MODEL").find("Raspberry Pi 3 Model B") != std::string::npos);
     CHECK(b.last_line("E2E-BOOT-STATE") == "known-good");
 
+    // A commit without its devicetree is refused by upgrade too (the card's
+    // board record says so), and the card keeps what it had.
+    commit(tmp / "rootfs-bare", repo, initramfs, "1b");
+    auto bare_upgrade = run_treeflash({"upgrade", image.string()});
+    CHECK(!bare_upgrade.ok());
+    CHECK_MESSAGE(bare_upgrade.err.find("carries no devicetree") != std::string::npos, bare_upgrade.err);
+    CHECK(inspect(image)["deployments"].size() == 1);
+
     // 2. v2, upgraded on the host: a trial, counted by U-Boot with mmc write
     // (the host reads the count in the image), then known good.
     std::string v2 = release("2");

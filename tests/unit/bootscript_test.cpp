@@ -3,6 +3,7 @@
 #include "common/error.hpp"
 #include "flasher/board.hpp"
 #include "flasher/boot/bootscript.hpp"
+#include "flasher/deploy/sysroot.hpp"
 #include "tests/support/fixtures.hpp"
 
 #include <doctest/doctest.h>
@@ -81,6 +82,16 @@ TEST_CASE("devicetree = required: a deployment without one stops the script; ima
     CHECK(render_boot_script(virt).find("using ${fdt_addr}\"\n  setenv fdt ${fdt_addr}\n") != std::string::npos);
 
     Scratch tmp;
+    // Where OSTree finds a deployment's devicetree, in both kernel layouts.
+    fs::create_directories(tmp / "legacy/usr/lib/ostree-boot");
+    CHECK(!deployment_has_devicetree(tmp / "legacy"));
+    write_file(tmp / "legacy/usr/lib/ostree-boot/devicetree-0123", "dtb");
+    CHECK(deployment_has_devicetree(tmp / "legacy"));
+    fs::create_directories(tmp / "modules/usr/lib/modules/6.1.0/dtb");
+    CHECK(deployment_has_devicetree(tmp / "modules"));
+    fs::remove(tmp / "modules/usr/lib/modules/6.1.0/dtb");
+    fs::create_symlink("/etc/passwd", tmp / "modules/usr/lib/modules/6.1.0/devicetree"); // a link is not one
+    CHECK(!deployment_has_devicetree(tmp / "modules"));
     for (const auto& [line, error] : std::vector<std::pair<std::string, std::string>>{
              {"image_size = 512M", "image_size '512M': any or power-of-two"},
              {"devicetree = yes", "devicetree 'yes': optional or required"}}) {
