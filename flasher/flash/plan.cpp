@@ -9,12 +9,11 @@
 #include "flasher/boot/bootscript.hpp"
 #include "flasher/unprivileged/userns.hpp"
 
+#include <bit>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <system_error>
 #include <unistd.h>
-
-#include <bit>
 
 namespace treeflash::flasher {
 
