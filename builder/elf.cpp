@@ -1,6 +1,7 @@
 #include "builder/elf.hpp"
 
 #include "common/error.hpp"
+#include "common/fs.hpp"
 
 #include <cerrno>
 #include <cstring>
@@ -133,18 +134,8 @@ bool read_in_root(int root, const std::string& path, std::string& bytes)
         throw_errno("stat " + path);
     if (!S_ISREG(st.st_mode))
         throw Error(path + " is not a regular file");
-    bytes.clear();
-    char buffer[1 << 16];
-    for (;;) {
-        ssize_t n = ::read(fd.get(), buffer, sizeof buffer);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            throw_errno("read " + path);
-        if (n == 0)
-            return true;
-        bytes.append(buffer, static_cast<size_t>(n));
-    }
+    bytes = fs::read_all(fd.get(), path);
+    return true;
 }
 
 RuntimeResolver::RuntimeResolver(const std::filesystem::path& userland) : m_userland(userland)

@@ -2,6 +2,7 @@
 
 #include "builder/elf.hpp"
 #include "common/error.hpp"
+#include "common/fs.hpp"
 #include "common/text.hpp"
 #include "common/fd.hpp"
 #include "common/templates.hpp"
@@ -24,28 +25,12 @@ const char* const busybox_applets[] = {"sh",   "mount", "umount", "mkdir",  "cat
                                        "insmod", "findfs", "switch_root", "poweroff", "reboot", "echo",
                                        "touch", "grep", "ls", "test", "["};
 
-std::string read_fd(int fd, const std::string& what)
-{
-    std::string data;
-    char buffer[1 << 16];
-    for (;;) {
-        ssize_t n = ::read(fd, buffer, sizeof buffer);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            throw_errno("read " + what);
-        if (n == 0)
-            return data;
-        data.append(buffer, static_cast<size_t>(n));
-    }
-}
-
 std::string read_host_file(const std::filesystem::path& path)
 {
     UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
     if (!fd)
         throw_errno("open " + path.string());
-    return read_fd(fd.get(), path.string());
+    return fs::read_all(fd.get(), path.string());
 }
 
 std::string normalize_module_name(std::string name)

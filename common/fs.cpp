@@ -81,6 +81,22 @@ std::string read_file(const std::filesystem::path& path)
     return buffer.str();
 }
 
+std::string read_all(int fd, const std::string& what)
+{
+    std::string data;
+    char buffer[1 << 16];
+    for (;;) {
+        ssize_t n = ::read(fd, buffer, sizeof buffer);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            throw_errno("read " + what);
+        if (n == 0)
+            return data;
+        data.append(buffer, static_cast<size_t>(n));
+    }
+}
+
 void write_to_pipe(int fd, std::string_view text) noexcept
 {
     for (size_t done = 0; done < text.size();) {

@@ -26,6 +26,9 @@ UniqueFd open_directory(const std::filesystem::path& path);
 
 std::string read_file(const std::filesystem::path& path);
 
+// Everything left to read from `fd` (EINTR retried); Error naming `what`.
+std::string read_all(int fd, const std::string& what);
+
 // pread/pwrite of exactly `size` bytes at `offset` (EINTR and short transfers
 // retried); Error naming `what` and the offset otherwise.
 void read_at(int fd, char* data, size_t size, uint64_t offset, const std::string& what);
