@@ -167,7 +167,8 @@ int run_flash(const std::vector<std::string>& args, GCancellable* cancellable)
         ("device", po::value(&device)->value_name("/dev/sdX"), "the whole card to erase and write")
         ("image", po::value(&image)->value_name("FILE"), "write an image file instead of a card")
         ("size", po::value(&size)->value_name("SIZE"),
-         "image size, e.g. 2G or 512M (default: what the commit needs plus headroom)")
+         "image size, e.g. 2G or 512M (default: what the commit needs plus headroom, rounded up to a power "
+         "of two on boards whose card needs one, such as qemu-raspi3b)")
         ("repo", po::value(&options.repo)->value_name("PATH|URL"),
          "the repository to pull from: a local path or http://HOST:PORT/ (required)")
         ("ref", po::value(&options.ref)->value_name("REF")->default_value("master"), "the branch to deploy")

@@ -19,8 +19,9 @@ Shows what is on a flashed card or image without writing to it: partition
 table, labels and file systems, the OSTree deployments (commit, version,
 serial, default and rollback), on a board that counts boots each
 deployment's state (known good, trial with the tries used, rolled back), the
-origin URL, the bootargs in uEnv.txt and whether newroot/, mnt/ and the
-update marker are present. File systems are read in place through
+origin URL, the bootargs in uEnv.txt, whether newroot/, mnt/ and the
+update marker are present, and the board updater's last check (its outcome
+and the commits it saw). File systems are read in place through
 libext2fs: nothing is mounted or attached, no symlink on the card is
 followed, and read permission on the card or image is all it needs. A file
 system that cannot be read, or a partition past the end of a truncated image
