@@ -409,4 +409,33 @@ TEST_CASE("auto-update: settings are read as written, and the reboot window is k
     CHECK(until(60, 1380, 60) == 1320);  // at 01:00: tonight's
 }
 
+TEST_CASE("auto-update: without boot-health's verdict only an uncounted or known-good boot may update")
+{
+    Scratch tmp;
+    write_file(tmp / "auto-update", std::string(templates::get("auto-update")), 0755);
+    write_file(tmp / "auto-update.conf", "health_wait=0\n");
+    fs::create_directories(tmp / "run/treeflash");
+    auto verdict = [&](const std::string& cmdline) {
+        write_file(tmp / "cmdline", cmdline + "\n");
+        auto r = run_process({"sh", "-c",
+                              "cd \"$1\" && TREEFLASH_AUTO_UPDATE_FUNCTIONS_ONLY=1 TREEFLASH_RUN=\"$1/run\" "
+                              "TREEFLASH_CMDLINE=\"$1/cmdline\" TREEFLASH_AUTO_UPDATE_CONF=\"$1/auto-update.conf\" "
+                              ". ./auto-update && verdict",
+                              "sh", tmp.path().string()});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+        return r.out;
+    };
+    CHECK(verdict("console=ttyS0 ostree=/x") == "known-good\n"); // not counted
+    CHECK(verdict("ostree=/x treeflash.state=good") == "known-good\n");
+    CHECK(verdict("ostree=/x treeflash.state=only") == "known-good\n");
+    CHECK(verdict("ostree=/x treeflash.state=trial") == "trial-without-verdict\n");
+    CHECK(verdict("ostree=/x treeflash.state=rollback") == "rollback-without-verdict\n");
+    CHECK(verdict("ostree=/x treeflash.state=manual") == "manual-without-verdict\n");
+    // An empty boot-state (being written) is no verdict; a whole one is.
+    write_file(tmp / "run/treeflash/boot-state", "");
+    CHECK(verdict("ostree=/x treeflash.state=rollback") == "rollback-without-verdict\n");
+    write_file(tmp / "run/treeflash/boot-state", "deployment=abc.0\nstate=rolled-back\n");
+    CHECK(verdict("ostree=/x treeflash.state=rollback") == "rolled-back\n");
+}
+
 } // TEST_SUITE
