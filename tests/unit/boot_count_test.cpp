@@ -409,6 +409,28 @@ TEST_CASE("auto-update: settings are read as written, and the reboot window is k
     CHECK(until(60, 1380, 60) == 1320);  // at 01:00: tonight's
 }
 
+TEST_CASE("auto-update: the first check waits for a route through a network interface, up to network_wait")
+{
+    Scratch tmp;
+    write_file(tmp / "auto-update", std::string(templates::get("auto-update")), 0755);
+    write_file(tmp / "auto-update.conf", "network_wait=1\n");
+    auto wait_for_network = [&](const std::string& routes) {
+        write_file(tmp / "route", routes);
+        auto r = run_process({"sh", "-c",
+                              "cd \"$1\" && TREEFLASH_AUTO_UPDATE_FUNCTIONS_ONLY=1 TREEFLASH_ROUTES=\"$1/route\" "
+                              "TREEFLASH_AUTO_UPDATE_CONF=\"$1/auto-update.conf\" . ./auto-update && "
+                              "if wait_for_network; then echo up; else echo down; fi",
+                              "sh", tmp.path().string()});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+        return r.out;
+    };
+    const std::string header = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n";
+    CHECK(wait_for_network(header + "usb0\t0002000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n") == "up\n");
+    CHECK(wait_for_network(header + "lo\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n")
+          == "treeflash-update: no network after 1s; checking anyway\ndown\n");
+    CHECK(wait_for_network(header).find("down") != std::string::npos);
+}
+
 TEST_CASE("auto-update: without boot-health's verdict only an uncounted or known-good boot may update")
 {
     Scratch tmp;
