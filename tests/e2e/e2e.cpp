@@ -186,6 +186,13 @@ fs::path default_deployment(const fs::path& sysroot, const std::string& commit)
 }
 
 
+std::string board_url(const std::string& host_url)
+{
+    const std::string local = "http://127.0.0.1:";
+    REQUIRE(host_url.rfind(local, 0) == 0);
+    return "http://10.0.2.2:" + host_url.substr(local.size());
+}
+
 json inspect(const fs::path& image)
 {
     auto r = run_treeflash({"inspect", image.string(), "--json"});

@@ -74,6 +74,14 @@ struct MountedRootfs {
     ~MountedRootfs() { run_process({"umount", dir.path().string()}); }
 };
 
+// How a board booted with `qemu-boot --net` sees a server on the host's
+// 127.0.0.1: http://127.0.0.1:PORT/ becomes http://10.0.2.2:PORT/.
+std::string board_url(const std::string& host_url);
+
+// The updater's settings (auto-update.conf) for tests: a failed check is
+// retried after 2 s.
+inline const std::string quick_updates = "interval=3600\nretry=2\ntimeout=20\n";
+
 // `treeflash inspect --json` of an image or a card, checked.
 nlohmann::json inspect(const fs::path& image);
 

@@ -2,7 +2,7 @@
 // U-Boot for the Raspberry Pi 3, whose mmc driver reads and writes the card
 // as an LS104x's U-Boot does (load mmc 0:N, mmc read, mmc write). The
 // qemu-raspi3b board boots through it; the ls104x boot script, as flashed,
-// runs on it up to booti.
+// runs on it up to booti. With a USB network card, the board updates itself.
 #include "tests/e2e/e2e.hpp"
 
 #include <doctest/doctest.h>
@@ -139,6 +139,57 @@ TEST_CASE("qemu-raspi3b: a card boots over U-Boot's mmc driver, upgrades, counts
     CHECK(state["deployments"][0]["commit"] == v3);
     CHECK(state["deployments"][0]["boot_state"] == "rolled back");
     CHECK(state["deployments"][1]["commit"] == v2);
+}
+
+TEST_CASE("qemu-raspi3b: the board updates itself over a USB network card; the update's trial is counted over mmc"
+          * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::path initramfs = initramfs_for(tmp.path(), "qemu-raspi3b");
+    fs::path repo = tmp / "repo";
+    // Each release carries Debian's ostree (the updater runs it) and makes
+    // one check of the server before the test's finish line powers off.
+    auto release = [&](const std::string& version) {
+        fs::path rootfs = tmp / ("rootfs-" + version);
+        make_e2e_rootfs(rootfs, "v" + version, "motd v" + version);
+        write_file(rootfs / "etc/treeflash/auto-update.conf", quick_updates);
+        write_file(rootfs / "etc/e2e-update-checks", "1\n");
+        return commit(rootfs, repo, initramfs, version,
+                      {"--devicetree", rpi_devicetree().string(), "--userland", (example / "userland").string(),
+                       "--program", "usr/bin/ostree"});
+    };
+    std::string v1 = release("1");
+    RepoServer server(repo);
+    fs::path image = tmp / "sd.img";
+    auto flashed = run_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-raspi3b", "--image", image.string(),
+                                  "--repo", repo.string(), "--remote-url", board_url(server.url())});
+    REQUIRE_MESSAGE(flashed.ok(), flashed.err);
+    std::string v2 = release("2");
+
+    // v1 boots, finds v2, pulls and deploys it, and reboots into it; U-Boot
+    // counts v2's first trial with mmc write; v2 passes its health checks.
+    Boot b = boot_raspi(image, {"--net", "--timeout", "360"});
+    CHECK(b.line("E2E-VERSION") == "v1");
+    CHECK(b.console.find("cdc_ether") != std::string::npos);
+    CHECK(b.console.find("network: usb0 is 10.0.2.15 (DHCP)") != std::string::npos);
+    CHECK(b.console.find("treeflash-update: pulling " + v2.substr(0, 12) + " from origin:") != std::string::npos);
+    CHECK(b.console.find("treeflash-update: deployed: " + v2.substr(0, 12)) != std::string::npos);
+    CHECK(b.console.find("treeflash: trial boot 1 of 3 of the current deployment") != std::string::npos);
+    CHECK(tries_written(image) == "1");
+    CHECK(b.last_line("E2E-VERSION") == "v2");
+    CHECK(b.last_line("E2E-BOOT-STATE") == "known-good");
+    CHECK(b.last_line("E2E-UPDATE") == "up-to-date");
+
+    json state = inspect(image);
+    CHECK(state["deployments"][0]["commit"] == v2);
+    CHECK(state["deployments"][0]["boot_state"] == "known good");
+    CHECK(state["deployments"][1]["commit"] == v1);
+    CHECK(state["auto_update"]["outcome"] == "up-to-date");
+    CHECK(state["auto_update"]["booted"] == v2);
+    // The pull went through the test's server: the board asked for v2's commit.
+    CHECK(server.access_log().find("/objects/" + v2.substr(0, 2) + "/" + v2.substr(2) + ".commit")
+          != std::string::npos);
 }
 
 TEST_CASE("the ls104x boot script, as flashed, runs on this U-Boot over mmc up to booti: loads, tries, rollback"

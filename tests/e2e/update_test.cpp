@@ -23,14 +23,6 @@ using nlohmann::json;
 
 namespace {
 
-// How the board sees a server on the host's 127.0.0.1.
-std::string board_url(const std::string& host_url)
-{
-    const std::string local = "http://127.0.0.1:";
-    REQUIRE(host_url.rfind(local, 0) == 0);
-    return "http://10.0.2.2:" + host_url.substr(local.size());
-}
-
 // A port on 127.0.0.1 that accepts connections and never answers.
 class SilentServer {
 public:
@@ -118,9 +110,6 @@ struct Releases {
     }
 };
 
-// Quick checks for tests: a failed check is retried after 2 s.
-const std::string quick = "interval=3600\nretry=2\ntimeout=20\n";
-
 // Boots with a network card until the system shows E2E-DONE, through any
 // reboots the updater or boot counting make.
 Boot boot_online(const fs::path& image, const std::vector<std::string>& extra = {})
@@ -165,10 +154,10 @@ TEST_CASE("the board finds v2 on the server, deploys it, reboots, and v2 becomes
             write_file(rootfs / "usr/share/e2e-data", data);
         };
     };
-    line.release("1", quick, 1, {}, patch(0, "1"));
+    line.release("1", quick_updates, 1, {}, patch(0, "1"));
     RepoServer server(line.repo);
     fs::path image = line.flash(server.url());
-    std::string v2 = line.release("2", quick, 1, {}, patch(1u << 20, "2"));
+    std::string v2 = line.release("2", quick_updates, 1, {}, patch(1u << 20, "2"));
 
     Boot b = boot_online(image);
     CHECK(b.line("E2E-VERSION") == "v1");
@@ -192,7 +181,7 @@ TEST_CASE("the board finds v2 on the server, deploys it, reboots, and v2 becomes
     // v3 changes the data file as v2 did, and the server has a delta to it
     // from v2: the board fetches the delta, not the objects.
     size_t log_before = server.access_log().size();
-    std::string v3 = line.release("3", quick, 1, {"--static-deltas", "1"}, patch(3u << 19, "3"));
+    std::string v3 = line.release("3", quick_updates, 1, {"--static-deltas", "1"}, patch(3u << 19, "3"));
     b = boot_online(image);
     CHECK(b.line("E2E-VERSION") == "v2");
     CHECK(b.last_line("E2E-VERSION") == "v3");
@@ -217,7 +206,7 @@ TEST_CASE("a GPG-signed line: a commit signed by another key is refused on the b
     auto signed_by = [&](const std::string& key, const fs::path& home) {
         return std::vector<std::string>{"--gpg-sign", key, "--gpg-homedir", home.string()};
     };
-    std::string v1 = line.release("1", quick, 1, signed_by(release_key, line.tmp / "gpg-release"));
+    std::string v1 = line.release("1", quick_updates, 1, signed_by(release_key, line.tmp / "gpg-release"));
     auto exported = run_process({"gpg", "--homedir", (line.tmp / "gpg-release").string(), "--export", "--output",
                                  (line.tmp / "release.gpg").string(), release_key});
     REQUIRE_MESSAGE(exported.ok(), exported.err);
@@ -225,7 +214,7 @@ TEST_CASE("a GPG-signed line: a commit signed by another key is refused on the b
     fs::path image = line.flash(server.url(), {"--gpg-import", (line.tmp / "release.gpg").string()});
     CHECK(inspect(image)["origin_gpg_verify"] != "false");
 
-    std::string forged = line.release("2", quick, 1, signed_by(other_key, line.tmp / "gpg-other"));
+    std::string forged = line.release("2", quick_updates, 1, signed_by(other_key, line.tmp / "gpg-other"));
     Boot b = boot_online(image);
     CHECK(b.last_line("E2E-VERSION") == "v1");
     CHECK(b.last_line("E2E-UPDATE") == "failed");
@@ -237,7 +226,7 @@ TEST_CASE("a GPG-signed line: a commit signed by another key is refused on the b
     CHECK(state["deployments"].size() == 1);
     CHECK(state["auto_update"]["outcome"] == "failed");
 
-    std::string v3 = line.release("3", quick, 1, signed_by(release_key, line.tmp / "gpg-release"));
+    std::string v3 = line.release("3", quick_updates, 1, signed_by(release_key, line.tmp / "gpg-release"));
     b = boot_online(image);
     CHECK(b.line("E2E-VERSION") == "v1");
     CHECK(b.last_line("E2E-VERSION") == "v3");
@@ -281,10 +270,10 @@ TEST_CASE("v2 fails its health check and rolls back; the board does not take v2 
 {
     NoLeftovers guard;
     Releases line;
-    std::string v1 = line.release("1", quick, 1);
+    std::string v1 = line.release("1", quick_updates, 1);
     RepoServer server(line.repo);
     fs::path image = line.flash(server.url());
-    std::string v2 = line.release("2", quick, 1, {}, [](const fs::path& rootfs) {
+    std::string v2 = line.release("2", quick_updates, 1, {}, [](const fs::path& rootfs) {
         write_file(rootfs / "etc/treeflash/health.d/10-fails", "#!/bin/sh\necho E2E-HEALTH-FAILS\nexit 1\n", 0755);
     });
 
@@ -308,7 +297,7 @@ TEST_CASE("v2 fails its health check and rolls back; the board does not take v2 
     CHECK(b.console.find("treeflash-update: pulling") == std::string::npos);
 
     // v3 moves the branch on: taken, and known good.
-    std::string v3 = line.release("3", quick, 1);
+    std::string v3 = line.release("3", quick_updates, 1);
     b = boot_online(image);
     CHECK(b.console.find("treeflash-update: origin:master moved on from " + short_commit(v2)) != std::string::npos);
     CHECK(b.last_line("E2E-VERSION") == "v3");
@@ -324,11 +313,11 @@ TEST_CASE("power cut while the board pulls, then while it deploys: v1 runs on, a
 {
     NoLeftovers guard;
     Releases line;
-    std::string v1 = line.release("1", quick, 1);
+    std::string v1 = line.release("1", quick_updates, 1);
     RepoServer server(line.repo);
     fs::path image = line.flash(server.url());
     // A release with 24 MB of new content, so the pull takes a while.
-    std::string v2 = line.release("2", quick, 1, {}, [](const fs::path& rootfs) {
+    std::string v2 = line.release("2", quick_updates, 1, {}, [](const fs::path& rootfs) {
         write_file(rootfs / "usr/share/e2e-blob", noise(24u << 20));
     });
 
@@ -355,7 +344,7 @@ TEST_CASE("reboot policies: never waits for someone else's reboot, window waits 
 {
     NoLeftovers guard;
     Releases line;
-    line.release("1", quick + "reboot=never\n", 1);
+    line.release("1", quick_updates + "reboot=never\n", 1);
     RepoServer server(line.repo);
     fs::path image = line.flash(server.url());
 
@@ -372,7 +361,7 @@ TEST_CASE("reboot policies: never waits for someone else's reboot, window waits 
         return std::string(text);
     };
     std::string later = window_from(120, 60);
-    std::string v2 = line.release("2", quick + "reboot=window\nreboot_window=" + later + "\n", 1);
+    std::string v2 = line.release("2", quick_updates + "reboot=window\nreboot_window=" + later + "\n", 1);
 
     // reboot=never (v1's setting): deployed, and the board keeps running v1.
     Boot b = boot_online(image, {"--marker", "reboot=never: it runs from the next reboot"});
@@ -385,14 +374,14 @@ TEST_CASE("reboot policies: never waits for someone else's reboot, window waits 
 
     // The next reboot, whoever makes it, runs v2's trial; v2's own setting
     // (window, two hours away) then holds v3 until the window opens.
-    std::string v3 = line.release("3", quick + "reboot=window\nreboot_window=" + window_from(-1, 10) + "\n", 1);
+    std::string v3 = line.release("3", quick_updates + "reboot=window\nreboot_window=" + window_from(-1, 10) + "\n", 1);
     b = boot_online(image, {"--marker", "rebooting in the window " + later});
     CHECK(b.line("E2E-VERSION") == "v2");
     CHECK(b.console.find("treeflash-update: deployed: " + short_commit(v3)) != std::string::npos);
     CHECK(b.console.find("treeflash-update: rebooting into") == std::string::npos);
 
     // v3's window is open now: v4 is deployed and rebooted into at once.
-    std::string v4 = line.release("4", quick, 1);
+    std::string v4 = line.release("4", quick_updates, 1);
     b = boot_online(image);
     CHECK(b.line("E2E-VERSION") == "v3");
     CHECK(b.console.find("treeflash-update: rebooting into " + short_commit(v4)) != std::string::npos);
