@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <ctime>
 #include <string>
 
 namespace treeflash::text {
@@ -15,6 +16,17 @@ inline void replace_all(std::string& text, const std::string& from, const std::s
         return;
     for (size_t pos = 0; (pos = text.find(from, pos)) != std::string::npos; pos += to.size())
         text.replace(pos, from.size(), to);
+}
+
+// The time now in UTC as logs write it: "2026-12-07T03:04:05Z".
+inline std::string utc_now()
+{
+    std::time_t now = std::time(nullptr);
+    std::tm tm {};
+    ::gmtime_r(&now, &tm);
+    char out[32];
+    std::strftime(out, sizeof out, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    return out;
 }
 
 // "0x1f": offsets and block numbers as board profiles and U-Boot write them.
