@@ -25,6 +25,7 @@ int run_upgrade(const std::vector<std::string>& args, GCancellable* cancellable)
 int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable);
 int run_bmap(const std::vector<std::string>& args, GCancellable* cancellable);
 int run_write(const std::vector<std::string>& args, GCancellable* cancellable);
+int run_station(const std::vector<std::string>& args, GCancellable* cancellable);
 
 // Thrown for bad command lines: printed with a hint to --help, exit 2.
 struct UsageError : std::runtime_error {

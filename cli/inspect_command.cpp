@@ -123,6 +123,7 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
                     {"boot_script", r.has_boot_script},
                     {"boot_counting", boot_json(r.boot)},
                     {"auto_update", r.auto_update.empty() ? nlohmann::json(nullptr) : nlohmann::json(r.auto_update)},
+                    {"unit", r.unit.empty() ? nlohmann::json(nullptr) : nlohmann::json(r.unit)},
                     {"warnings", r.warnings}});
         return 0;
     }
@@ -170,6 +171,12 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
                   << (value("checked").empty() ? "?" : value("checked")) << ": " << value("message") << "\n";
         if (!value("refused").empty())
             std::cout << "    refuses " << value("refused") << " (it rolled back on this board)\n";
+    }
+    if (!r.unit.empty()) {
+        std::cout << "unit:";
+        for (const auto& [key, value] : r.unit)
+            std::cout << " " << printable(key) << "=" << printable(value);
+        std::cout << "\n";
     }
     if (r.uenv.count("bootargs"))
         std::cout << "uEnv.txt bootargs: " << printable(r.uenv["bootargs"]) << "\n";

@@ -2,6 +2,7 @@
 // -> a line (or a JSON object) per card, and the factory log.
 #include "cli/command.hpp"
 #include "common/error.hpp"
+#include "common/text.hpp"
 #include "common/named_file.hpp"
 #include "flasher/write/write.hpp"
 
@@ -193,15 +194,6 @@ std::string seconds_text(double seconds)
     return text;
 }
 
-std::string utc_now()
-{
-    std::time_t now = std::time(nullptr);
-    struct tm tm {};
-    gmtime_r(&now, &tm);
-    char text[32];
-    std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &tm);
-    return text;
-}
 
 } // namespace
 
@@ -255,17 +247,8 @@ int run_write(const std::vector<std::string>& args, GCancellable* cancellable)
     if (!log.empty()) {
         // Checked by name before the log is created: an empty file made
         // under the bmap's name would read as a broken bmap.
-        // The same name in the same folder, however the folder is reached
-        // (a symlink, a bind mount): compared by the folder's device and inode.
-        auto same_name = [](const std::filesystem::path& a, const std::filesystem::path& b) {
-            auto folder = [](const std::filesystem::path& p) { return p.has_parent_path() ? p.parent_path() : "."; };
-            struct stat fa {}, fb {};
-            if (::stat(folder(a).c_str(), &fa) != 0 || ::stat(folder(b).c_str(), &fb) != 0)
-                return false;
-            return named::same_file(fa, fb) && a.filename() == b.filename();
-        };
         for (const auto& read : flasher::files_read_with(options.image, options.image_options))
-            if (same_name(log, read))
+            if (named::same_name(log, read))
                 throw Error("the log " + log + " is a file this write reads (" + read.string()
                             + ": the image, a bmap or SHA256SUMS); name another file");
         named::OpenFile opened = named::open_log(log, "the log");
@@ -285,7 +268,7 @@ int run_write(const std::vector<std::string>& args, GCancellable* cancellable)
     if (log_fd) {
         for (const auto& card : report.cards) {
             nlohmann::json line = card_json(card);
-            line["time"] = utc_now();
+            line["time"] = text::utc_now();
             line["image"] = report.image;
             line["image_sha256"] = report.image_sha256;
             line["commit"] = report.commits.size() == 1 ? nlohmann::json(report.commits.front()) : nlohmann::json(nullptr);

@@ -305,4 +305,13 @@ bool same_file(const struct stat& a, const struct stat& b)
     return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
 }
 
+bool same_name(const std::filesystem::path& a, const std::filesystem::path& b)
+{
+    auto folder = [](const std::filesystem::path& p) { return p.has_parent_path() ? p.parent_path() : "."; };
+    struct stat fa {}, fb {};
+    if (::stat(folder(a).c_str(), &fa) != 0 || ::stat(folder(b).c_str(), &fb) != 0)
+        return false;
+    return same_file(fa, fb) && a.filename() == b.filename();
+}
+
 } // namespace treeflash::named

@@ -67,6 +67,11 @@ void check_folder_is_stable(const std::filesystem::path& folder, std::string_vie
 // Whether two stats describe the same file (device and inode).
 bool same_file(const struct stat& a, const struct stat& b);
 
+// Whether two paths name the same entry: the same name in the same folder,
+// however the folder is reached (a symlink, a bind mount). For files that
+// may not exist yet.
+bool same_name(const std::filesystem::path& a, const std::filesystem::path& b);
+
 // "a FIFO", "a block device", "a folder", ... for an error message.
 std::string kind_of(mode_t mode);
 

@@ -214,6 +214,13 @@ InspectResult inspect(const std::string& path, GCancellable* cancellable)
         if (card->type(auto_update_state_path) == S_IFREG)
             result.auto_update = parse_env_lines(
                 read_or_warn(*card, auto_update_state_path, "the updater's state", result.warnings));
+        if (!result.deployments.empty()) {
+            const Deployment& d = result.deployments.front();
+            std::string unit_file = "ostree/deploy/" + d.os + "/deploy/" + d.commit + "."
+                                    + std::to_string(d.deploy_serial) + "/etc/treeflash/unit";
+            if (card->type(unit_file) == S_IFREG)
+                result.unit = parse_env_lines(read_or_warn(*card, unit_file, "the unit's identity", result.warnings));
+        }
     }
     return result;
 }

@@ -38,6 +38,9 @@ struct InspectResult {
     // written by usr/lib/treeflash/auto-update): checked, outcome, booted,
     // offered, refused, deployed, message. Empty: it never ran.
     std::map<std::string, std::string> auto_update;
+    // The unit a factory station gave the card: /etc/treeflash/unit of the
+    // default deployment (serial, hostname, ethaddr, ...). Empty: none.
+    std::map<std::string, std::string> unit;
     std::vector<std::string> warnings; // file systems that could not be read, partitions past the end, files too large
 };
 

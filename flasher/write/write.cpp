@@ -289,6 +289,12 @@ const char* phase_name(CardPhase phase)
     return "?";
 }
 
+void write_one_card(size_t index, Target& target, const PreparedImage& image, const WriteOptions& options,
+                    GCancellable* cancellable, CardResult& result)
+{
+    CardWriter(index, target, image, options, cancellable, result).run();
+}
+
 bool WriteReport::all_ok() const
 {
     if (cancelled || cards.empty())

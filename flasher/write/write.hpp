@@ -80,6 +80,13 @@ struct WriteReport {
 // boot firmware, so a card pulled mid-write does not half-boot.
 constexpr uint64_t held_back_bytes = 1 << 20;
 
+// Writes the prepared image onto one card open in `target`, reads it back
+// (options.verify) and grows it (options.grow), on the caller's thread: what
+// write_cards does for each card. Never throws; `result` says how it ended.
+// `index` names the card in progress reports.
+void write_one_card(size_t index, Target& target, const PreparedImage& image, const WriteOptions& options,
+                    GCancellable* cancellable, CardResult& result);
+
 // Checks every device (the rules of flash, plus: named once), prepares the
 // image, opens all devices exclusively, asks, re-identifies each, then
 // writes them in parallel. Throws before any write when a device is unsafe

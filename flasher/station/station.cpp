@@ -1,0 +1,434 @@
+#include "flasher/station/station.hpp"
+
+#include "common/error.hpp"
+#include "common/text.hpp"
+#include "common/fs.hpp"
+#include "flasher/disk/target.hpp"
+#include "flasher/inspect/image_commits.hpp"
+#include "flasher/station/provision.hpp"
+#include "flasher/station/units.hpp"
+#include "flasher/write/write.hpp"
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <ctime>
+#include <fcntl.h>
+#include <gio/gio.h>
+#include <linux/fs.h>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <thread>
+#include <unistd.h>
+
+#ifndef BLKGETDISKSEQ
+#define BLKGETDISKSEQ _IOR(0x12, 128, __u64)
+#endif
+
+namespace treeflash::flasher {
+
+namespace {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+
+// What a slot holds right now: the medium's size (0: no card) and the
+// kernel's disk sequence number, which changes with each new medium.
+struct Medium {
+    uint64_t size = 0;
+    uint64_t diskseq = 0;
+};
+
+Medium look_at(const std::string& device)
+{
+    Medium medium;
+    // O_NONBLOCK: an empty reader answers at once. A slot whose node is gone
+    // (a USB reader unplugged) or that has no medium reads as empty.
+    UniqueFd fd(::open(device.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC));
+    if (!fd)
+        return medium;
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0 || !S_ISBLK(st.st_mode))
+        return medium;
+    if (::ioctl(fd.get(), BLKGETSIZE64, &medium.size) != 0)
+        medium.size = 0;
+    if (::ioctl(fd.get(), BLKGETDISKSEQ, &medium.diskseq) != 0)
+        medium.diskseq = 0;
+    return medium;
+}
+
+std::string read_sysfs(const std::filesystem::path& file)
+{
+    UniqueFd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+    if (!fd)
+        return "";
+    char buffer[256];
+    ssize_t n = ::read(fd.get(), buffer, sizeof buffer - 1);
+    if (n <= 0)
+        return "";
+    std::string text(buffer, static_cast<size_t>(n));
+    while (!text.empty() && (text.back() == '\n' || text.back() == ' '))
+        text.pop_back();
+    return text;
+}
+
+class Station {
+public:
+    Station(const StationOptions& options, GCancellable* cancellable)
+        : m_options(options), m_cancellable(cancellable)
+    {
+    }
+
+    StationReport run()
+    {
+        check_slots();
+        if (m_options.manifest)
+            m_units = std::make_unique<UnitPool>(*m_options.manifest);
+        ImageOptions image_options = m_options.image_options;
+        image_options.hash_image = true; // the log names the image by its sha256
+        m_image = prepare_image(m_options.image, image_options, m_cancellable);
+        try {
+            m_commits = deployed_commits("/proc/self/fd/" + std::to_string(m_image.fd.get()));
+        } catch (const std::exception&) {
+            // Not an image with a partition table: no commit to name.
+        }
+        read_earlier_log();
+        notice("station: " + std::to_string(m_options.slots.size()) + " slot(s), image " + m_options.image.string()
+               + " (sha256 " + m_image.image_sha256.substr(0, 12) + ")"
+               + (m_units ? ", " + std::to_string(m_units->left()) + " of " + std::to_string(m_units->total())
+                                + " units left"
+                          : ""));
+
+        m_status.resize(m_options.slots.size());
+        for (size_t i = 0; i < m_status.size(); ++i) {
+            m_status[i].slot = i;
+            m_status[i].device = m_options.slots[i];
+        }
+        std::vector<std::thread> threads;
+        for (size_t i = 0; i < m_options.slots.size(); ++i)
+            threads.emplace_back([this, i] { slot_loop(i); });
+        for (auto& thread : threads)
+            thread.join();
+
+        StationReport report;
+        report.image_sha256 = m_image.image_sha256;
+        report.commits = m_commits;
+        report.ok = m_ok;
+        report.failed = m_failed;
+        report.cancelled = g_cancellable_is_cancelled(m_cancellable);
+        report.slots = m_status;
+        if (m_units) {
+            report.unfinished_units = m_units->unfinished();
+            report.units_left = m_units->left();
+            report.units_total = m_units->total();
+        }
+        return report;
+    }
+
+private:
+    void notice(const std::string& text)
+    {
+        if (m_options.notice)
+            m_options.notice(text);
+    }
+
+    void check_slots()
+    {
+        if (m_options.slots.empty())
+            throw Error("name at least one slot (--slot DEVICE)");
+        std::map<dev_t, std::string> seen;
+        for (const auto& slot : m_options.slots) {
+            struct stat st {};
+            if (::stat(slot.c_str(), &st) != 0)
+                throw_errno("slot " + slot);
+            if (!S_ISBLK(st.st_mode))
+                throw Error("slot " + slot + " is not a block device (a card reader's device, such as /dev/sdb)");
+            auto [it, added] = seen.emplace(st.st_rdev, slot);
+            if (!added)
+                throw Error("slot " + slot + " is named twice (as " + it->second + " too)");
+        }
+    }
+
+    // Cards the log already records as written with this image.
+    void read_earlier_log()
+    {
+        std::istringstream lines(m_options.log_text);
+        std::string line;
+        while (std::getline(lines, line)) {
+            json entry = json::parse(line, nullptr, false);
+            if (entry.is_discarded() || !entry.is_object())
+                continue;
+            if (entry.value("result", "") == "ok" && entry.value("image_sha256", "") == m_image.image_sha256
+                && entry.contains("card") && entry["card"].is_string())
+                m_done[entry["card"].get<std::string>()] = entry.contains("unit") && entry["unit"].is_string()
+                                                              ? entry["unit"].get<std::string>()
+                                                              : "";
+        }
+    }
+
+    // The unit of a card the log records as done with this image.
+    std::optional<std::string> done_unit(const std::string& identity)
+    {
+        std::lock_guard lock(m_log_mutex);
+        auto it = m_done.find(identity);
+        if (it == m_done.end())
+            return std::nullopt;
+        return it->second;
+    }
+
+    bool stopping() const
+    {
+        return g_cancellable_is_cancelled(m_cancellable)
+               || (m_options.stop_after && m_ok.load() >= m_options.stop_after);
+    }
+
+    void sleep_a_poll() const { std::this_thread::sleep_for(std::chrono::milliseconds(m_options.poll_ms)); }
+
+    void update(size_t slot, const std::function<void(SlotStatus&)>& change)
+    {
+        SlotStatus copy;
+        {
+            std::lock_guard lock(m_status_mutex);
+            change(m_status[slot]);
+            copy = m_status[slot];
+        }
+        if (m_options.status) {
+            try {
+                m_options.status(copy);
+            } catch (...) {
+                // Showing a state fails no card.
+            }
+        }
+    }
+
+    void slot_loop(size_t slot)
+    {
+        const std::string& device = m_options.slots[slot];
+        uint64_t handled_diskseq = 0;
+        bool holding = false; // a card we handled is still in the slot
+        while (!stopping()) {
+            Medium medium = look_at(device);
+            if (holding) {
+                // The card handled stays until it is taken out (or replaced).
+                if (medium.size == 0 || (medium.diskseq && medium.diskseq != handled_diskseq)) {
+                    holding = false;
+                    update(slot, [](SlotStatus& s) {
+                        s = SlotStatus{s.slot, s.device};
+                    });
+                    continue;
+                }
+                sleep_a_poll();
+                continue;
+            }
+            if (medium.size == 0) {
+                sleep_a_poll();
+                continue;
+            }
+            handle_card(slot, medium);
+            handled_diskseq = medium.diskseq;
+            holding = true;
+        }
+    }
+
+    void log(const json& line)
+    {
+        if (m_options.log_fd < 0)
+            return;
+        std::string text = line.dump() + "\n";
+        std::lock_guard lock(m_log_mutex);
+        errno = ENOSPC; // a short write sets none
+        if (::write(m_options.log_fd, text.data(), text.size()) != static_cast<ssize_t>(text.size())
+            || ::fdatasync(m_options.log_fd) != 0)
+            throw_errno("write the card log");
+    }
+
+    void handle_card(size_t slot, const Medium& medium)
+    {
+        const std::string& device = m_options.slots[slot];
+        auto started = Clock::now();
+        auto seconds = [&] { return std::chrono::duration<double>(Clock::now() - started).count(); };
+        std::string identity;
+        std::optional<Unit> unit;
+        json line{{"slot", slot + 1}, {"device", device}, {"image", m_options.image.string()},
+                  {"image_sha256", m_image.image_sha256},
+                  {"commit", m_commits.size() == 1 ? json(m_commits.front()) : json(nullptr)}};
+        auto fail = [&](const std::string& why) {
+            ++m_failed;
+            update(slot, [&](SlotStatus& s) {
+                s.state = SlotState::Failed;
+                s.message = why + " — remove the card";
+            });
+            line["result"] = g_cancellable_is_cancelled(m_cancellable) ? "interrupted" : "failed";
+            line["error"] = why;
+        };
+        try {
+            identity = card_identity(device);
+            line["card"] = identity;
+            update(slot, [&](SlotStatus& s) {
+                s = SlotStatus{s.slot, s.device};
+                s.card = identity;
+                s.state = SlotState::Writing;
+            });
+            DiskInfo disk = describe_disk(device);
+            line["size"] = disk.size;
+            if (medium.diskseq && disk.diskseq && disk.diskseq != medium.diskseq)
+                throw Error("the card changed while it was looked at; take it out and put it back");
+            check_safe_to_write(disk, 0, m_options.force);
+            if (disk.size < m_image.map.image_size)
+                throw Error("too small: " + std::to_string(disk.size >> 20) + " MiB, the image needs "
+                            + std::to_string((m_image.map.image_size + (1 << 20) - 1) >> 20)
+                            + " MiB; nothing was written");
+            std::optional<std::string> done_before = done_unit(identity);
+            if (!m_options.rewrite && identity.rfind("diskseq:", 0) != 0 && done_before) {
+                update(slot, [&](SlotStatus& s) {
+                    s.state = SlotState::Done;
+                    s.unit = *done_before;
+                    s.message = "already written with this image"
+                                + (done_before->empty() ? "" : " (unit " + *done_before + ")")
+                                + "; not written again — remove the card";
+                });
+                notice("slot " + std::to_string(slot + 1) + ": " + identity
+                       + " was already written with this image; not written again (--rewrite writes it)");
+                line["result"] = "already-done";
+                if (!done_before->empty())
+                    line["unit"] = *done_before;
+            } else {
+                write_and_provision(slot, disk, identity, unit, line);
+            }
+        } catch (const std::exception& e) {
+            if (unit) {
+                try {
+                    m_units->finish(*unit, false, e.what());
+                } catch (const std::exception& journal) {
+                    notice(std::string("station: ") + journal.what());
+                }
+            }
+            // A card pulled out mid-write makes the write fail; say so first.
+            Medium now = look_at(device);
+            bool taken_out = now.size == 0 || (medium.diskseq && now.diskseq && now.diskseq != medium.diskseq);
+            fail(taken_out ? std::string("the card was taken out before it was done (") + e.what() + ")" : e.what());
+        }
+        line["time"] = text::utc_now();
+        line["seconds"] = seconds();
+        try {
+            log(line);
+            if (line["result"] == "ok") {
+                std::lock_guard lock(m_log_mutex);
+                m_done[identity] = unit ? unit->serial : "";
+            }
+        } catch (const std::exception& e) {
+            // A factory that cannot record its cards stops taking them.
+            notice(std::string("station: ") + e.what() + "; stopping");
+            g_cancellable_cancel(m_cancellable);
+        }
+    }
+
+    // Writes, reads back and provisions the checked card `disk`; throws when
+    // any of it fails. `unit` is set once a unit is given to the card.
+    void write_and_provision(size_t slot, const DiskInfo& disk, const std::string& identity, std::optional<Unit>& unit,
+                             json& line)
+    {
+        auto target = Target::open_device(disk);
+        target->verify_identity(disk);
+        WriteOptions write;
+        write.verify = true;
+        write.progress = [&](const CardProgress& p) {
+            update(slot, [&](SlotStatus& s) {
+                if (p.phase == CardPhase::Writing || p.phase == CardPhase::Verifying) {
+                    s.state = p.phase == CardPhase::Writing ? SlotState::Writing : SlotState::Verifying;
+                    s.done = p.done;
+                    s.total = p.total;
+                    s.seconds = p.seconds;
+                }
+            });
+        };
+        CardResult result;
+        result.disk = disk;
+        write_one_card(slot, *target, m_image, write, m_cancellable, result);
+        line["bytes_written"] = result.bytes_written;
+        line["verified"] = result.verified;
+        if (!result.ok())
+            throw Error(result.error);
+
+        if (m_units) {
+            update(slot, [](SlotStatus& s) { s.state = SlotState::Provisioning; });
+            unit = m_units->take(std::to_string(slot + 1), identity);
+            if (!unit)
+                throw Error("no unit left in " + m_options.manifest->string()
+                            + ": the card is written but has no identity");
+            line["unit"] = unit->serial;
+            update(slot, [&](SlotStatus& s) { s.unit = unit->serial; });
+            // Through the open device: the card provisioned is the one written.
+            Provisioned provisioned = provision_card("/proc/self/fd/" + std::to_string(target->fd()), *unit);
+            line["provisioned"] = provisioned.files;
+            m_units->finish(*unit, true, "");
+        }
+        ++m_ok;
+        line["result"] = "ok";
+        update(slot, [&](SlotStatus& s) {
+            s.state = SlotState::Done;
+            s.seconds = result.seconds;
+            s.message = "done — remove the card";
+        });
+    }
+
+    const StationOptions& m_options;
+    GCancellable* m_cancellable;
+    PreparedImage m_image;
+    std::vector<std::string> m_commits;
+    std::unique_ptr<UnitPool> m_units;
+    std::map<std::string, std::string> m_done; // card identity -> unit, written with this image
+    std::mutex m_status_mutex, m_log_mutex;
+    std::vector<SlotStatus> m_status;
+    std::atomic<size_t> m_ok{0}, m_failed{0};
+};
+
+} // namespace
+
+const char* slot_state_name(SlotState state)
+{
+    switch (state) {
+    case SlotState::Empty: return "empty";
+    case SlotState::Writing: return "writing";
+    case SlotState::Verifying: return "verifying";
+    case SlotState::Provisioning: return "provisioning";
+    case SlotState::Done: return "done";
+    case SlotState::Failed: return "failed";
+    }
+    return "?";
+}
+
+std::string card_identity(const std::string& device)
+{
+    struct stat st {};
+    if (::stat(device.c_str(), &st) != 0 || !S_ISBLK(st.st_mode))
+        return "";
+    std::filesystem::path sys;
+    try {
+        sys = sysfs_block_dir(st.st_rdev);
+    } catch (const std::exception&) {
+        return "";
+    }
+    if (std::string cid = read_sysfs(sys / "device/cid"); !cid.empty())
+        return "cid:" + cid;
+    if (std::string serial = read_sysfs(sys / "device/serial"); !serial.empty())
+        return "serial:" + serial;
+    if (std::string wwid = read_sysfs(sys / "device/wwid"); !wwid.empty())
+        return "wwid:" + wwid;
+    if (std::string backing = read_sysfs(sys / "loop/backing_file"); !backing.empty())
+        return "file:" + backing;
+    return "diskseq:" + read_sysfs(sys / "diskseq");
+}
+
+StationReport run_station(const StationOptions& options, GCancellable* cancellable)
+{
+    return Station(options, cancellable).run();
+}
+
+} // namespace treeflash::flasher

@@ -1,0 +1,398 @@
+// treeflash station as a line uses it, on loop devices as card readers: a
+// slot is a loop device; a card is put in by attaching its file, and taken
+// out by attaching an empty file again (a reader without media has size 0).
+// Cards go in and out of four slots at random times; one is too small, one
+// fails mid-write (its file lives on a full tmpfs), one comes back after it
+// was done. Checked: the log, the journal, and every good card (inspect, the
+// card's own bytes, e2fsck). Needs root; runs alone (CTest RUN_SERIAL).
+#include "flasher/inspect/ext4_reader.hpp"
+#include "tests/support/system.hpp"
+
+#include <chrono>
+#include <csignal>
+#include <doctest/doctest.h>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <set>
+#include <sstream>
+#include <thread>
+#include <unistd.h>
+
+using namespace treeflash;
+using namespace treeflash::test;
+using nlohmann::json;
+
+namespace {
+
+const bool not_root = !is_root();
+constexpr uint64_t MiB = 1 << 20;
+
+// A card reader's slot: a loop device over an empty file while it holds no
+// card (size 0, as a reader without media reads). A card is put in by
+// attaching its file instead, and taken out by attaching the empty file
+// again: the device is never left unbound, where another process's
+// `losetup -f` could take it.
+struct Slot {
+    fs::path empty;
+    std::string device;
+    explicit Slot(const fs::path& empty_file) : empty(empty_file)
+    {
+        auto r = run_process({"losetup", "-f", "--show", empty.string()});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+        device = r.out.substr(0, r.out.find('\n'));
+    }
+    ~Slot() { run_process({"losetup", "-d", device}); }
+    Slot(const Slot&) = delete;
+    Slot& operator=(const Slot&) = delete;
+
+    bool insert(const fs::path& card) const { return swap(card); }
+    bool remove() const { return swap(empty); }
+
+private:
+    // The station's brief looks at the slot defer a detach until it closes
+    // the device: retried until the new file is attached.
+    bool swap(const fs::path& file) const
+    {
+        for (int i = 0; i < 200; ++i) {
+            run_process({"losetup", "-d", device});
+            if (run_process({"losetup", "-P", device, file.string()}).ok())
+                return true;
+            std::this_thread::sleep_for(std::chrono::milliseconds(25));
+        }
+        return false;
+    }
+};
+
+fs::path blank_card(const fs::path& path, uint64_t size)
+{
+    write_file(path, "");
+    fs::resize_file(path, size);
+    return path;
+}
+
+std::vector<json> log_lines(const fs::path& log)
+{
+    std::vector<json> out;
+    std::istringstream lines(read_text(log));
+    std::string line;
+    while (std::getline(lines, line))
+        out.push_back(json::parse(line));
+    return out;
+}
+
+size_t lines_for(const fs::path& log, const std::string& card)
+{
+    size_t n = 0;
+    for (const auto& line : log_lines(log))
+        n += line.value("card", "") == card;
+    return n;
+}
+
+bool wait_until(const std::function<bool()>& done, int seconds)
+{
+    for (int i = 0; i < seconds * 20; ++i) {
+        if (done())
+            return true;
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return done();
+}
+
+// The golden image (a flashed qemu-arm64 commit) and a manifest of units with
+// a key file each.
+struct Line {
+    Scratch tmp;
+    fs::path golden = tmp / "golden.img";
+    fs::path manifest = tmp / "units.jsonl";
+    fs::path log = tmp / "cards.jsonl";
+
+    explicit Line(int units)
+    {
+        build_commit(tmp.path(), tmp / "repo");
+        auto flashed = flash_image(tmp / "repo", golden);
+        REQUIRE_MESSAGE(flashed.ok(), flashed.err);
+        std::string text;
+        for (int i = 1; i <= units; ++i) {
+            char serial[16], mac[32];
+            std::snprintf(serial, sizeof serial, "TCU-%04d", i);
+            std::snprintf(mac, sizeof mac, "02:00:00:00:00:%02x", i);
+            write_file(tmp / "keys" / (std::string(serial) + ".key"), std::string("key of ") + serial + "\n");
+            text += std::string(R"({"serial": ")") + serial + R"(", "hostname": "tcu-)" + std::to_string(i)
+                    + R"(", "mac": [")" + mac + R"("], "files": [{"path": "ssl/private/device.key", "source": "keys/)"
+                    + serial + R"(.key", "mode": "0600"}]})" + "\n";
+        }
+        write_file(manifest, text);
+    }
+
+    pid_t start(const std::vector<const Slot*>& slots, const fs::path& err) const
+    {
+        std::vector<std::string> args{"station", golden.string(), "--manifest", manifest.string(), "--log",
+                                      log.string(), "--force", "--json"};
+        for (const Slot* slot : slots) {
+            args.push_back("--slot");
+            args.push_back(slot->device);
+        }
+        return spawn_treeflash(args, err.string());
+    }
+};
+
+// Checks a card the log says is good: the image's bytes before the rootfs
+// partition, a clean rootfs, and the unit's identity in the deployment's /etc.
+void check_good_card(const fs::path& golden, const fs::path& card, const std::string& serial, int number)
+{
+    auto [offset, size] = rootfs_extent(golden);
+    CHECK(read_bytes(card, 0, offset) == read_bytes(golden, 0, offset));
+    auto r = run_treeflash({"inspect", card.string(), "--json"});
+    REQUIRE_MESSAGE(r.ok(), r.err);
+    json state = json::parse(r.out);
+    CHECK(state["unit"]["serial"] == serial);
+    CHECK(state["unit"]["hostname"] == "tcu-" + std::to_string(number));
+    char mac[32];
+    std::snprintf(mac, sizeof mac, "02:00:00:00:00:%02x", number);
+    CHECK(state["unit"]["ethaddr"] == mac);
+    std::string deployment = "ostree/deploy/" + state["deployments"][0]["os"].get<std::string>() + "/deploy/"
+                             + state["deployments"][0]["commit"].get<std::string>() + ".0/etc/";
+    flasher::Ext4Card files(card.string(), offset);
+    CHECK(files.read(deployment + "hostname") == "tcu-" + std::to_string(number) + "\n");
+    CHECK(files.read(deployment + "ssl/private/device.key") == "key of " + serial + "\n");
+    // The rootfs as provisioned is a clean file system.
+    fs::path part = card.string() + ".p3";
+    auto copy = run_process({"dd", "if=" + card.string(), "of=" + part.string(), "bs=1M",
+                             "skip=" + std::to_string(offset / MiB), "count=" + std::to_string(size / MiB),
+                             "conv=sparse", "status=none"});
+    REQUIRE_MESSAGE(copy.ok(), copy.err);
+    auto clean = run_process({"e2fsck", "-f", "-n", part.string()});
+    CHECK_MESSAGE(clean.exit_code == 0, clean.out << clean.err);
+    fs::remove(part);
+}
+
+} // namespace
+
+TEST_SUITE("station") {
+
+TEST_CASE("four slots, cards in and out at random times: good ones provisioned once each, the others fail alone"
+          * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Line line(8);
+    const uint64_t size = fs::file_size(line.golden);
+    fs::path cards = line.tmp / "cards";
+    fs::create_directories(cards);
+    SmallTmpfs full(2 * MiB); // a card that fails mid-write: its bytes have nowhere to go
+    write_file(line.tmp / "empty", "");
+    Slot s1(line.tmp / "empty"), s2(line.tmp / "empty"), s3(line.tmp / "empty"), s4(line.tmp / "empty");
+
+    fs::path a = blank_card(cards / "a", size), b = blank_card(cards / "b", size), c = blank_card(cards / "c", size),
+             d = blank_card(cards / "d", size), e = blank_card(cards / "e", size + 64 * MiB);
+    fs::path small = blank_card(cards / "small", 64 * MiB);
+    fs::path failing = blank_card(full.dir / "failing", size);
+
+    fs::path err = line.tmp / "station.err";
+    pid_t station = line.start({&s1, &s2, &s3, &s4}, err);
+
+    std::mt19937 random(20261207);
+    std::uniform_int_distribution<int> pause(0, 1500);
+    std::vector<std::pair<const Slot*, std::vector<fs::path>>> plan{
+        {&s1, {a, e}}, {&s2, {b, small}}, {&s3, {failing, c}}, {&s4, {d, a}}};
+    std::map<const Slot*, std::vector<int>> pauses;
+    for (auto& [slot, sequence] : plan)
+        for (size_t i = 0; i < sequence.size() * 2; ++i)
+            pauses[slot].push_back(pause(random));
+    std::vector<std::thread> hands;
+    std::mutex failures_mutex;
+    std::vector<std::string> failures;
+    for (auto& [slot, sequence] : plan) {
+        hands.emplace_back([&, slot = slot, sequence = sequence] {
+            size_t step = 0;
+            for (const auto& card : sequence) {
+                std::this_thread::sleep_for(std::chrono::milliseconds(pauses[slot][step++]));
+                std::string identity = "file:" + card.string();
+                size_t before = lines_for(line.log, identity);
+                std::string failure;
+                if (!slot->insert(card))
+                    failure = "cannot put " + card.string() + " into " + slot->device;
+                else if (!wait_until([&] { return lines_for(line.log, identity) > before; }, 120))
+                    failure = "no log line for " + card.string() + " in " + slot->device;
+                std::this_thread::sleep_for(std::chrono::milliseconds(pauses[slot][step++]));
+                if (!slot->remove() && failure.empty())
+                    failure = "cannot take " + card.string() + " out of " + slot->device;
+                if (!failure.empty()) {
+                    std::lock_guard lock(failures_mutex);
+                    failures.push_back(failure);
+                }
+            }
+        });
+    }
+    for (auto& hand : hands)
+        hand.join();
+    ::kill(station, SIGINT);
+    int status = wait_exit(station);
+    std::string station_err = read_text(err);
+    CHECK_MESSAGE(failures.empty(), (failures.empty() ? "" : failures.front()) << "\n" << station_err);
+    CHECK_MESSAGE(status == 130, station_err); // Ctrl-C: interrupted
+
+    // One line per card put in; the good ones each got their own unit.
+    auto lines = log_lines(line.log);
+    CHECK(lines.size() == 8);
+    std::map<std::string, json> last;
+    for (const auto& l : lines)
+        last[l["card"].get<std::string>()] = l;
+    std::set<std::string> units;
+    for (const fs::path& good : {b, c, d, e}) {
+        const json& l = last["file:" + good.string()];
+        CHECK_MESSAGE(l["result"] == "ok", l.dump());
+        CHECK(l["verified"] == true);
+        units.insert(l.value("unit", ""));
+    }
+    // a was done in slot 1; put into slot 4 later it is not written again.
+    size_t a_ok = 0, a_again = 0;
+    for (const auto& l : lines)
+        if (l["card"] == "file:" + a.string()) {
+            a_ok += l["result"] == "ok";
+            a_again += l["result"] == "already-done";
+        }
+    CHECK(a_ok == 1);
+    CHECK(a_again == 1);
+    units.insert(last["file:" + a.string()].value("unit", ""));
+    CHECK(units.size() == 5);
+    CHECK(!units.count(""));
+    CHECK(last["file:" + small.string()]["result"] == "failed");
+    CHECK(last["file:" + small.string()]["error"].get<std::string>().find("too small") != std::string::npos);
+    CHECK(!last["file:" + small.string()].contains("unit"));
+    CHECK(last["file:" + failing.string()]["result"] == "failed");
+    CHECK(!last["file:" + failing.string()].contains("unit"));
+    MESSAGE("the failing card: " << last["file:" + failing.string()].dump());
+
+    // The journal: five units given, each once, each ok; three still free.
+    std::map<std::string, int> given;
+    std::istringstream journal(read_text(line.manifest.string() + ".journal"));
+    std::string entry;
+    size_t oks = 0;
+    while (std::getline(journal, entry)) {
+        json j = json::parse(entry);
+        if (j["event"] == "given")
+            ++given[j["serial"].get<std::string>()];
+        oks += j["event"] == "ok";
+    }
+    CHECK(given.size() == 5);
+    for (const auto& [serial, times] : given)
+        CHECK_MESSAGE(times == 1, serial);
+    CHECK(oks == 5);
+
+    // Every good card: the image, plus its unit.
+    for (const fs::path& good : {a, b, c, d, e}) {
+        std::string serial = last["file:" + good.string()]["unit"];
+        int number = std::stoi(serial.substr(4));
+        check_good_card(line.golden, good, serial, number);
+    }
+}
+
+TEST_CASE("a station killed with SIGKILL is restarted: no unit is given twice, the log goes on"
+          * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Line line(3);
+    const uint64_t size = fs::file_size(line.golden);
+    write_file(line.tmp / "empty", "");
+    Slot slot(line.tmp / "empty");
+    fs::path a = blank_card(line.tmp / "a", size), b = blank_card(line.tmp / "b", size);
+
+    pid_t station = line.start({&slot}, line.tmp / "first.err");
+    REQUIRE(slot.insert(a));
+    REQUIRE_MESSAGE(wait_until([&] { return lines_for(line.log, "file:" + a.string()) == 1; }, 120),
+                    read_text(line.tmp / "first.err"));
+    ::kill(station, SIGKILL);
+    wait_exit(station);
+    REQUIRE(slot.remove());
+
+    // The journal's lock died with the killed station: a new one starts.
+    station = line.start({&slot}, line.tmp / "second.err");
+    REQUIRE(slot.insert(b));
+    REQUIRE_MESSAGE(wait_until([&] { return lines_for(line.log, "file:" + b.string()) == 1; }, 120),
+                    read_text(line.tmp / "second.err"));
+    ::kill(station, SIGINT);
+    CHECK(wait_exit(station) == 130);
+    CHECK(slot.remove());
+
+    auto lines = log_lines(line.log);
+    REQUIRE(lines.size() == 2);
+    CHECK(lines[0]["unit"] == "TCU-0001");
+    CHECK(lines[1]["unit"] == "TCU-0002");
+    check_good_card(line.golden, b, "TCU-0002", 2);
+}
+
+TEST_CASE("a card taken out mid-write fails its slot with a clear line, and the slot takes the next card"
+          * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    // A raw image of 256 MiB of noise: long enough to write that the card
+    // can be taken out while it is.
+    fs::path image = tmp / "noise.img";
+    {
+        std::string chunk(16 * MiB, '\0');
+        uint32_t x = 12345;
+        std::ofstream out(image, std::ios::binary);
+        for (int i = 0; i < 16; ++i) {
+            for (auto& c : chunk) {
+                x ^= x << 13, x ^= x >> 17, x ^= x << 5;
+                c = static_cast<char>(x);
+            }
+            out.write(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+        }
+    }
+    write_file(tmp / "empty", "");
+    Slot slot(tmp / "empty");
+    fs::path pulled = blank_card(tmp / "pulled", 256 * MiB), next = blank_card(tmp / "next", 256 * MiB);
+    fs::path log = tmp / "cards.jsonl", err = tmp / "station.err";
+    pid_t station = spawn_treeflash({"station", image.string(), "--slot", slot.device, "--log", log.string(), "--force",
+                                     "--json"},
+                                    err.string());
+    REQUIRE(slot.insert(pulled));
+    // The moment the slot shows "writing", the station is frozen and the
+    // card taken out: its size drops to 0, as a reader's does.
+    bool frozen = wait_until([&] { return read_text(err).find(" writing  file:" + pulled.string()) != std::string::npos; }, 60);
+    ::kill(station, SIGSTOP);
+    REQUIRE_MESSAGE(frozen, read_text(err));
+    bool stopped = wait_until([&] {
+        std::string stat = read_text("/proc/" + std::to_string(station) + "/stat");
+        auto end = stat.rfind(')');
+        return end != std::string::npos && stat.compare(end + 2, 1, "T") == 0;
+    }, 10);
+    bool mid_write = lines_for(log, "file:" + pulled.string()) == 0;
+    // Writes already queued in the loop device may still grow the file
+    // after it is cut: cut until the device reads as empty.
+    bool emptied = wait_until([&] {
+        fs::resize_file(pulled, 0);
+        run_process({"losetup", "-c", slot.device});
+        return run_process({"blockdev", "--getsize64", slot.device}).out == "0\n";
+    }, 10);
+    ::kill(station, SIGCONT);
+    REQUIRE(stopped);
+    REQUIRE(emptied);
+    REQUIRE_MESSAGE(mid_write, "the write ended before the card was taken out");
+    REQUIRE(wait_until([&] { return lines_for(log, "file:" + pulled.string()) == 1; }, 60));
+    json failed = log_lines(log).back();
+    CHECK(failed["result"] == "failed");
+    CHECK_MESSAGE(failed["error"].get<std::string>().find("the card was taken out before it was done") == 0,
+                  failed.dump());
+
+    // The slot is empty again; the next card is written and verified.
+    REQUIRE(slot.insert(next));
+    REQUIRE_MESSAGE(wait_until([&] { return lines_for(log, "file:" + next.string()) == 1; }, 120), read_text(err));
+    ::kill(station, SIGINT);
+    CHECK(wait_exit(station) == 130);
+    CHECK(slot.remove());
+    json good = log_lines(log).back();
+    CHECK(good["result"] == "ok");
+    CHECK(good["verified"] == true);
+    CHECK(read_bytes(next, 0, 256 * MiB) == read_bytes(image, 0, 256 * MiB));
+    CHECK(read_text(err).find("slot 1 " + slot.device + "  failed  file:" + pulled.string()
+                              + "  the card was taken out before it was done")
+          != std::string::npos);
+}
+
+} // TEST_SUITE
