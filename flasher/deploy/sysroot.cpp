@@ -247,11 +247,21 @@ void check_sysroot_links(const std::filesystem::path& root)
         struct open_how how {};
         how.flags = O_PATH | O_CLOEXEC;
         how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
-        int fd = static_cast<int>(::syscall(SYS_openat2, root_fd.get(), rel.c_str(), &how, sizeof how));
+        // EAGAIN: a rename anywhere on the machine during a lookup through
+        // ".." makes the kernel unsure the path stayed beneath; it asks to
+        // retry (a busy machine does this often).
+        int fd = -1;
+        for (int attempt = 0; attempt < 100; ++attempt) {
+            fd = static_cast<int>(::syscall(SYS_openat2, root_fd.get(), rel.c_str(), &how, sizeof how));
+            if (fd >= 0 || errno != EAGAIN)
+                break;
+        }
         if (fd >= 0) {
             ::close(fd);
             return "";
         }
+        if (errno == EAGAIN)
+            return "could not be resolved (the kernel kept asking to retry)";
         if (errno == ENOENT || errno == ENOTDIR) // a link to nothing leads nowhere else
             return "";
         return errno == ELOOP ? "is a loop of symlinks (or a chain too long)" : "leads outside its file system";
