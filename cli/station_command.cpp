@@ -5,6 +5,7 @@
 #include "common/fs.hpp"
 #include "common/named_file.hpp"
 #include "common/text.hpp"
+#include "flasher/station/page.hpp"
 #include "flasher/station/station.hpp"
 
 #include <boost/program_options.hpp>
@@ -31,6 +32,8 @@ of --manifest, and recorded in --log; then the slot waits for the card to
 be taken out before it takes the next one. Slots work in parallel and fail
 alone; no disk but the named slots is ever written. Runs until Ctrl-C
 (cards being written are cancelled as write cancels them) or --cards N.
+--http serves a live page of every slot for the line (server-sent events,
+no outside assets), readable across a room.
 
 With --manifest, each card gets a unit of its own: one JSON object per line,
   {"serial": "TCU-0001", "hostname": "tcu-0001", "mac": ["02:00:00:00:00:01"],
@@ -59,7 +62,7 @@ Options)";
 int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
 {
     flasher::StationOptions options;
-    std::string image, bmap, sums, manifest, log;
+    std::string image, bmap, sums, manifest, log, http;
     uint64_t cards = 0;
     std::string cards_text;
     bool json = false;
@@ -75,6 +78,8 @@ int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
         ("cards", po::value(&cards_text)->value_name("N"), "stop after N cards are done (default: run until Ctrl-C)")
         ("rewrite", po::bool_switch(&options.rewrite), "write cards the log records as done with this image")
         ("force", po::bool_switch(&options.force), "allow slots that are not removable disks")
+        ("http", po::value(&http)->value_name("HOST:PORT"),
+         "serve a live page of the line at http://HOST:PORT/ (e.g. 0.0.0.0:8080; default: none)")
         ("json", po::bool_switch(&json), "print the summary as JSON on stdout");
     po::positional_options_description positional;
     positional.add("image", 1);
@@ -149,7 +154,32 @@ int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
         out << std::endl;
     };
 
+    std::unique_ptr<flasher::StationPage> page;
+    if (!http.empty()) {
+        page = std::make_unique<flasher::StationPage>(http, options.slots);
+        print_notice("the line's page: " + page->url());
+        options.started = [&](const flasher::StationStart& start) {
+            flasher::PageInfo info;
+            info.image = image;
+            info.image_sha256 = start.image_sha256;
+            info.commit = start.commits.size() == 1 ? start.commits.front() : "";
+            info.ok_today = start.ok_today;
+            info.failed_today = start.failed_today;
+            info.units = options.manifest.has_value();
+            info.units_left = start.units_left;
+            info.units_total = start.units_total;
+            page->set_info(info);
+        };
+    }
+    auto print_status = options.status;
+    options.status = [&, print_status](const flasher::SlotStatus& s) {
+        print_status(s);
+        if (page)
+            page->update(s);
+    };
+
     flasher::StationReport report = in_step("station", [&] { return flasher::run_station(options, cancellable); });
+    page.reset();
 
     if (json) {
         nlohmann::json slots = nlohmann::json::array();

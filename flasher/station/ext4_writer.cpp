@@ -19,6 +19,19 @@ void check(errcode_t rc, const std::string& what)
         throw Error(what + ": " + ext2_error(rc));
 }
 
+// The names of `relpath`, each a valid ext4 name: libext2fs takes some of
+// them as C strings, so a NUL inside would cut a name short.
+std::vector<std::string> names_of(const std::string& relpath, const char* what)
+{
+    if (relpath.find('\0') != std::string::npos)
+        throw Error(std::string(what) + ": a path holds a NUL byte");
+    auto parts = fs::split_relative_path(relpath, what);
+    for (const auto& part : parts)
+        if (part.size() > EXT2_NAME_LEN)
+            throw Error(std::string(what) + " " + relpath + ": a name is longer than 255 bytes");
+    return parts;
+}
+
 } // namespace
 
 struct Ext4Writer::Impl {
@@ -56,25 +69,55 @@ struct Ext4Writer::Impl {
         check(rc, "add " + name + " to its directory in " + where);
     }
 
-    // Drops the name `name` (inode `ino`) from `dir`; frees the inode and
-    // its blocks when that was its last link.
-    void remove(ext2_ino_t dir, const std::string& name, ext2_ino_t ino)
+    // Points the entry `name` of `dir` at inode `ino` (a regular file), in
+    // the directory block itself: the name never goes missing.
+    void repoint(ext2_ino_t dir, const std::string& name, ext2_ino_t ino)
     {
-        check(ext2fs_unlink(fs.get(), dir, name.c_str(), ino, 0), "remove the old " + name + " in " + where);
-        ext2_inode inode {};
-        check(ext2fs_read_inode(fs.get(), ino, &inode), "read the inode of the old " + name);
+        struct Change {
+            const std::string* name;
+            ext2_ino_t ino;
+            bool done;
+        } change{&name, ino, false};
+        auto each = [](ext2_ino_t, int, struct ext2_dir_entry* entry, int, int, char*, void* data) -> int {
+            auto* c = static_cast<Change*>(data);
+            if (entry->inode == 0
+                || static_cast<size_t>(ext2fs_dirent_name_len(entry)) != c->name->size()
+                || c->name->compare(0, c->name->size(), entry->name, c->name->size()) != 0)
+                return 0;
+            entry->inode = c->ino;
+            ext2fs_dirent_set_file_type(entry, EXT2_FT_REG_FILE);
+            c->done = true;
+            return DIRENT_CHANGED | DIRENT_ABORT;
+        };
+        check(ext2fs_dir_iterate2(fs.get(), dir, 0, nullptr, each, &change), "update " + name + " in " + where);
+        if (!change.done)
+            throw Error(name + " vanished from its directory in " + where);
+    }
+
+    // One link fewer to inode `ino`, which no longer has the name `name`;
+    // the inode, its blocks and its extended attribute block are freed when
+    // that was its last link.
+    void release(const std::string& name, ext2_ino_t ino)
+    {
+        ext2_inode_large inode {};
+        check(ext2fs_read_inode_full(fs.get(), ino, reinterpret_cast<ext2_inode*>(&inode), sizeof inode),
+              "read the inode of the old " + name);
         if (inode.i_links_count > 1) {
             --inode.i_links_count;
-            check(ext2fs_write_inode(fs.get(), ino, &inode), "write the inode of the old " + name);
+            check(ext2fs_write_inode_full(fs.get(), ino, reinterpret_cast<ext2_inode*>(&inode), sizeof inode),
+                  "write the inode of the old " + name);
             return;
         }
+        check(ext2fs_free_ext_attr(fs.get(), ino, &inode), "free the attributes of the old " + name);
         inode.i_links_count = 0;
         inode.i_dtime = static_cast<uint32_t>(::time(nullptr));
-        if (ext2fs_inode_has_valid_blocks2(fs.get(), &inode))
-            check(ext2fs_punch(fs.get(), ino, &inode, nullptr, 0, ~0ULL), "free the blocks of the old " + name);
-        check(ext2fs_write_inode(fs.get(), ino, &inode), "write the inode of the old " + name);
+        auto* plain = reinterpret_cast<ext2_inode*>(&inode);
+        if (ext2fs_inode_has_valid_blocks2(fs.get(), plain))
+            check(ext2fs_punch(fs.get(), ino, plain, nullptr, 0, ~0ULL), "free the blocks of the old " + name);
+        check(ext2fs_write_inode_full(fs.get(), ino, plain, sizeof inode), "write the inode of the old " + name);
         ext2fs_inode_alloc_stats2(fs.get(), ino, -1, 0);
     }
+
 };
 
 Ext4Writer::Ext4Writer(const std::string& path, uint64_t offset) : m(std::make_unique<Impl>())
@@ -96,7 +139,7 @@ Ext4Writer::~Ext4Writer() = default;
 
 void Ext4Writer::make_directories(const std::string& relpath)
 {
-    auto parts = fs::split_relative_path(relpath, "create");
+    auto parts = names_of(relpath, "create");
     ext2_ino_t dir = EXT2_ROOT_INO;
     for (size_t i = 0; i < parts.size(); ++i) {
         ext2_ino_t next = 0;
@@ -132,7 +175,7 @@ void Ext4Writer::make_directories(const std::string& relpath)
 void Ext4Writer::write_file(const std::string& relpath, const std::string& data, unsigned mode, unsigned uid,
                             unsigned gid)
 {
-    auto parts = fs::split_relative_path(relpath, "write");
+    auto parts = names_of(relpath, "write");
     if (parts.empty())
         throw Error("write: no file name in '" + relpath + "'");
     ext2_filsys fs = m->fs.get();
@@ -183,9 +226,12 @@ void Ext4Writer::write_file(const std::string& relpath, const std::string& data,
                     + std::to_string(data.size()) + " bytes written");
 
     // The new file takes the name only now: until here, the old one stayed.
-    if (old)
-        m->remove(dir, name, old);
-    m->link(dir, name, ino, EXT2_FT_REG_FILE);
+    if (old) {
+        m->repoint(dir, name, ino);
+        m->release(relpath, old);
+    } else {
+        m->link(dir, name, ino, EXT2_FT_REG_FILE);
+    }
 }
 
 void Ext4Writer::close()

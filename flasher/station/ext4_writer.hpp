@@ -28,15 +28,18 @@ public:
 
     // Writes `data` as the regular file `relpath` (its directory must
     // exist), with `mode` (permission bits) and owner uid/gid. A file that
-    // was there is replaced by a new inode: another hard link to the old one
+    // was there is replaced by a new inode, its directory entry repointed in
+    // place (the name is never missing); another hard link to the old inode
     // keeps the old bytes. Anything but a regular file there is an error.
+    // New files carry no extended attributes (no SELinux label).
     void write_file(const std::string& relpath, const std::string& data, unsigned mode, unsigned uid = 0,
                     unsigned gid = 0);
 
     // Writes the bitmaps, group descriptors and superblock, and flushes the
     // device; throws when that fails. A writer destroyed without close()
-    // (an error on the way) flushes as well, ignoring errors: every call
-    // above leaves the file system's in-memory state whole.
+    // (an error on the way) flushes as well, ignoring errors: a call that
+    // failed half-way may leave an inode allocated that no name reaches,
+    // which e2fsck reclaims; names and their files stay as they were.
     void close();
 
 private:

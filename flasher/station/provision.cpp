@@ -1,11 +1,15 @@
 #include "flasher/station/provision.hpp"
 
 #include "common/error.hpp"
+#include "common/fd.hpp"
+#include "common/text.hpp"
 #include "flasher/inspect/ext4_reader.hpp"
 #include "flasher/inspect/inspect.hpp"
 #include "flasher/station/ext4_writer.hpp"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 namespace treeflash::flasher {
 
@@ -20,7 +24,27 @@ std::string parent_of(const std::string& relpath)
 
 } // namespace
 
-Provisioned provision_card(const std::string& path, const Unit& unit)
+namespace {
+
+Provisioned provision(const std::string& path, const Unit& unit);
+
+} // namespace
+
+Provisioned provision_card(const std::string& path, const Unit& unit, const std::string& name)
+{
+    try {
+        return provision(path, unit);
+    } catch (const Error& e) {
+        // Named as the user knows the card, not by the descriptor it is written through.
+        std::string message = e.what();
+        text::replace_all(message, path, name);
+        throw Error(message);
+    }
+}
+
+namespace {
+
+Provisioned provision(const std::string& path, const Unit& unit)
 {
     InspectResult card = inspect(path, nullptr);
     if (!card.sysroot_partition)
@@ -64,12 +88,20 @@ Provisioned provision_card(const std::string& path, const Unit& unit)
         writer.close();
     }
 
-    // Read back through a reader of its own, as inspect would.
+    // Read back through a reader of its own, as inspect would, from the card
+    // rather than from what the kernel kept of the writes.
+    {
+        UniqueFd device(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+        if (!device || ::fsync(device.get()) != 0 || ::posix_fadvise(device.get(), 0, 0, POSIX_FADV_DONTNEED) != 0)
+            throw_errno("drop the cached blocks of " + path);
+    }
     Ext4Card check(path, offset);
     for (const auto& file : planned)
         if (check.type(etc + "/" + file.path) != S_IFREG || check.read(etc + "/" + file.path) != file.data)
             throw Error("/etc/" + file.path + " read back differently from what was written to " + path);
     return done;
 }
+
+} // namespace
 
 } // namespace treeflash::flasher

@@ -20,6 +20,7 @@ struct Provisioned {
 // Throws (nothing half-claimed: the caller records the unit as failed) when
 // the card holds no OSTree sysroot, more than one deployment, an /etc that
 // leads elsewhere, or reads back differently.
-Provisioned provision_card(const std::string& path, const Unit& unit);
+// `name` is the card as errors name it (the slot's device).
+Provisioned provision_card(const std::string& path, const Unit& unit, const std::string& name);
 
 } // namespace treeflash::flasher

@@ -98,7 +98,15 @@ public:
         } catch (const std::exception&) {
             // Not an image with a partition table: no commit to name.
         }
-        read_earlier_log();
+        StationStart start = read_earlier_log();
+        start.image_sha256 = m_image.image_sha256;
+        start.commits = m_commits;
+        if (m_units) {
+            start.units_left = m_units->left();
+            start.units_total = m_units->total();
+        }
+        if (m_options.started)
+            m_options.started(start);
         notice("station: " + std::to_string(m_options.slots.size()) + " slot(s), image " + m_options.image.string()
                + " (sha256 " + m_image.image_sha256.substr(0, 12) + ")"
                + (m_units ? ", " + std::to_string(m_units->left()) + " of " + std::to_string(m_units->total())
@@ -152,24 +160,38 @@ private:
             auto [it, added] = seen.emplace(st.st_rdev, slot);
             if (!added)
                 throw Error("slot " + slot + " is named twice (as " + it->second + " too)");
+            m_slot_devno.push_back(st.st_rdev);
         }
     }
 
-    // Cards the log already records as written with this image.
-    void read_earlier_log()
+    // Cards the log already records as written with this image; today's
+    // counts.
+    StationStart read_earlier_log()
     {
+        StationStart start;
+        const std::string today = text::utc_now().substr(0, 10);
+        // A field as a string; "" when absent or not a string (the log is a
+        // file anyone with access may have edited).
+        auto field = [](const json& entry, const char* key) {
+            auto it = entry.find(key);
+            return it != entry.end() && it->is_string() ? it->get<std::string>() : std::string();
+        };
         std::istringstream lines(m_options.log_text);
         std::string line;
         while (std::getline(lines, line)) {
             json entry = json::parse(line, nullptr, false);
             if (entry.is_discarded() || !entry.is_object())
                 continue;
-            if (entry.value("result", "") == "ok" && entry.value("image_sha256", "") == m_image.image_sha256
-                && entry.contains("card") && entry["card"].is_string())
-                m_done[entry["card"].get<std::string>()] = entry.contains("unit") && entry["unit"].is_string()
-                                                              ? entry["unit"].get<std::string>()
-                                                              : "";
+            std::string result = field(entry, "result");
+            if (field(entry, "time").rfind(today, 0) == 0) {
+                start.ok_today += result == "ok";
+                start.failed_today += result == "failed" || result == "interrupted";
+            }
+            std::string card = field(entry, "card");
+            if (result == "ok" && !card.empty() && field(entry, "image_sha256") == m_image.image_sha256)
+                m_done[card] = field(entry, "unit");
         }
+        return start;
     }
 
     // The unit of a card the log records as done with this image.
@@ -240,7 +262,8 @@ private:
     {
         if (m_options.log_fd < 0)
             return;
-        std::string text = line.dump() + "\n";
+        // Bytes that are not UTF-8 (in a message from the card) become U+FFFD.
+        std::string text = line.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
         std::lock_guard lock(m_log_mutex);
         errno = ENOSPC; // a short write sets none
         if (::write(m_options.log_fd, text.data(), text.size()) != static_cast<ssize_t>(text.size())
@@ -270,12 +293,18 @@ private:
         try {
             identity = card_identity(device);
             line["card"] = identity;
+            if (std::string reader = reader_identity(device); !reader.empty())
+                line["reader"] = reader;
             update(slot, [&](SlotStatus& s) {
                 s = SlotStatus{s.slot, s.device};
                 s.card = identity;
-                s.state = SlotState::Writing;
             });
             DiskInfo disk = describe_disk(device);
+            // The name must still lead to the slot's device: a reader
+            // unplugged and another disk plugged in may take its name.
+            if (disk.devno != m_slot_devno[slot])
+                throw Error(device + " now names another device than when the station started (a reader unplugged "
+                                     "and plugged back?); nothing was written; restart the station");
             line["size"] = disk.size;
             if (medium.diskseq && disk.diskseq && disk.diskseq != medium.diskseq)
                 throw Error("the card changed while it was looked at; take it out and put it back");
@@ -284,8 +313,11 @@ private:
                 throw Error("too small: " + std::to_string(disk.size >> 20) + " MiB, the image needs "
                             + std::to_string((m_image.map.image_size + (1 << 20) - 1) >> 20)
                             + " MiB; nothing was written");
+            // Only an identity of the card itself (an SD card's CID, a
+            // loop device's file) says the card was seen before.
             std::optional<std::string> done_before = done_unit(identity);
-            if (!m_options.rewrite && identity.rfind("diskseq:", 0) != 0 && done_before) {
+            bool card_known = identity.rfind("cid:", 0) == 0 || identity.rfind("file:", 0) == 0;
+            if (!m_options.rewrite && card_known && done_before) {
                 update(slot, [&](SlotStatus& s) {
                     s.state = SlotState::Done;
                     s.unit = *done_before;
@@ -316,6 +348,15 @@ private:
         }
         line["time"] = text::utc_now();
         line["seconds"] = seconds();
+        update(slot, [&](SlotStatus& s) {
+            s.result = line.value("result", "failed");
+            s.units_left = m_units ? static_cast<long>(m_units->left()) : -1;
+        });
+        if (m_units && m_units->broken()) {
+            notice("station: the journal of " + m_options.manifest->string()
+                   + " cannot be written; stopping (no unit is given out without it)");
+            g_cancellable_cancel(m_cancellable);
+        }
         try {
             log(line);
             if (line["result"] == "ok") {
@@ -336,6 +377,7 @@ private:
     {
         auto target = Target::open_device(disk);
         target->verify_identity(disk);
+        update(slot, [](SlotStatus& s) { s.state = SlotState::Writing; });
         WriteOptions write;
         write.verify = true;
         write.progress = [&](const CardProgress& p) {
@@ -358,6 +400,9 @@ private:
 
         if (m_units) {
             update(slot, [](SlotStatus& s) { s.state = SlotState::Provisioning; });
+            if (m_units->left() == 0)
+                throw Error("no unit left in " + m_options.manifest->string()
+                            + ": the card is written but has no identity");
             unit = m_units->take(std::to_string(slot + 1), identity);
             if (!unit)
                 throw Error("no unit left in " + m_options.manifest->string()
@@ -365,7 +410,9 @@ private:
             line["unit"] = unit->serial;
             update(slot, [&](SlotStatus& s) { s.unit = unit->serial; });
             // Through the open device: the card provisioned is the one written.
-            Provisioned provisioned = provision_card("/proc/self/fd/" + std::to_string(target->fd()), *unit);
+            Provisioned provisioned =
+                provision_card("/proc/self/fd/" + std::to_string(target->fd()), *unit, disk.path);
+            target->verify_identity(disk);
             line["provisioned"] = provisioned.files;
             m_units->finish(*unit, true, "");
         }
@@ -386,6 +433,7 @@ private:
     std::map<std::string, std::string> m_done; // card identity -> unit, written with this image
     std::mutex m_status_mutex, m_log_mutex;
     std::vector<SlotStatus> m_status;
+    std::vector<dev_t> m_slot_devno; // each slot's device as named at start
     std::atomic<size_t> m_ok{0}, m_failed{0};
 };
 
@@ -417,13 +465,27 @@ std::string card_identity(const std::string& device)
     }
     if (std::string cid = read_sysfs(sys / "device/cid"); !cid.empty())
         return "cid:" + cid;
+    if (std::string backing = read_sysfs(sys / "loop/backing_file"); !backing.empty())
+        return "file:" + backing;
+    return "diskseq:" + read_sysfs(sys / "diskseq");
+}
+
+std::string reader_identity(const std::string& device)
+{
+    struct stat st {};
+    if (::stat(device.c_str(), &st) != 0 || !S_ISBLK(st.st_mode))
+        return "";
+    std::filesystem::path sys;
+    try {
+        sys = sysfs_block_dir(st.st_rdev);
+    } catch (const std::exception&) {
+        return "";
+    }
     if (std::string serial = read_sysfs(sys / "device/serial"); !serial.empty())
         return "serial:" + serial;
     if (std::string wwid = read_sysfs(sys / "device/wwid"); !wwid.empty())
         return "wwid:" + wwid;
-    if (std::string backing = read_sysfs(sys / "loop/backing_file"); !backing.empty())
-        return "file:" + backing;
-    return "diskseq:" + read_sysfs(sys / "diskseq");
+    return "";
 }
 
 StationReport run_station(const StationOptions& options, GCancellable* cancellable)

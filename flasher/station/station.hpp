@@ -32,6 +32,19 @@ struct SlotStatus {
     std::string card;             // its identity (SD CID, disk serial, ...)
     std::string unit;             // the serial of the unit it got
     std::string message;          // why it failed, or what to do now
+    // Set once the card is handled: "ok", "failed", "interrupted" or
+    // "already-done" (as the log says), with the units then left (-1: no
+    // manifest).
+    std::string result;
+    long units_left = -1;
+};
+
+// What the station knows once the image is checked, before any card.
+struct StationStart {
+    std::string image_sha256;
+    std::vector<std::string> commits;
+    size_t ok_today = 0, failed_today = 0; // in the log, today (UTC)
+    size_t units_left = 0, units_total = 0;
 };
 
 struct StationOptions {
@@ -47,6 +60,7 @@ struct StationOptions {
     unsigned poll_ms = 200;      // how often an idle slot looks for a card
     size_t stop_after = 0;       // stop once this many cards are done (0: until cancelled)
     std::function<void(const SlotStatus&)> status;  // each change of a slot, from its thread
+    std::function<void(const StationStart&)> started;
     std::function<void(const std::string&)> notice;
 };
 
@@ -60,10 +74,13 @@ struct StationReport {
     size_t units_left = 0, units_total = 0;
 };
 
-// The card's identity for the log: "cid:..." (an SD card on an MMC host),
-// "serial:..." (the disk's serial), "file:..." (a loop device's backing
-// file) or "diskseq:N".
+// The card's identity for the log: "cid:..." (an SD card on an MMC host,
+// which names the card itself), "file:..." (a loop device's backing file),
+// else "diskseq:N" (the kernel's number for this medium, new each time).
 std::string card_identity(const std::string& device);
+// The reader's own identity ("serial:...", "wwid:..."), "" when it shows
+// none: a USB reader's serial names the reader, not the card in it.
+std::string reader_identity(const std::string& device);
 
 // Runs until cancelled (Ctrl-C) or stop_after cards are done. Throws before
 // any card is touched when a slot is not a block device or is named twice,

@@ -58,7 +58,7 @@ std::string checked_mac(std::string mac)
         return "";
     for (auto& c : mac)
         c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    if (std::stoi(mac.substr(0, 2), nullptr, 16) & 1)
+    if ((std::stoi(mac.substr(0, 2), nullptr, 16) & 1) || mac == "00:00:00:00:00:00")
         return "";
     return mac;
 }
@@ -109,14 +109,17 @@ std::vector<Unit> read_manifest(const std::filesystem::path& manifest)
         unit.line = number;
         unit.serial = string_field(entry, "serial", where);
         if (!valid_serial(unit.serial))
-            throw Error(where + ": serial '" + unit.serial + "' must be 1 to 64 of A-Z a-z 0-9 . _ -");
+            throw Error(where + ": serial '" + text::printable(unit.serial) + "' must be 1 to 64 of A-Z a-z 0-9 . _ -");
         if (!serials.insert(unit.serial).second)
             throw Error(where + ": serial " + unit.serial + " is listed twice");
         unit.hostname = string_field(entry, "hostname", where);
         if (!unit.hostname.empty()) {
             if (!valid_hostname(unit.hostname))
-                throw Error(where + ": hostname '" + unit.hostname + "' is not a DNS name");
-            if (!hostnames.insert(unit.hostname).second)
+                throw Error(where + ": hostname '" + text::printable(unit.hostname) + "' is not a DNS name");
+            std::string folded = unit.hostname;
+            for (auto& c : folded)
+                c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+            if (!hostnames.insert(folded).second)
                 throw Error(where + ": hostname " + unit.hostname + " is listed twice");
         }
         if (entry.contains("mac")) {
@@ -138,6 +141,9 @@ std::vector<Unit> read_manifest(const std::filesystem::path& manifest)
             for (const auto& file : entry["files"]) {
                 if (!file.is_object())
                     throw Error(where + ": each of \"files\" must be an object (path, source, mode)");
+                for (const auto& [key, value] : file.items())
+                    if (key != "path" && key != "source" && key != "mode")
+                        throw Error(where + ": unknown key \"" + key + "\" in a file (path, source, mode)");
                 UnitFile out;
                 std::string path = string_field(file, "path", where);
                 // Inside /etc: "/etc/x", "etc/x" and "x" all name /etc/x.
@@ -146,14 +152,19 @@ std::vector<Unit> read_manifest(const std::filesystem::path& manifest)
                 else if (path.rfind("etc/", 0) == 0)
                     path = path.substr(4);
                 try {
+                    if (path.find('\0') != std::string::npos)
+                        throw Error("it holds a NUL byte");
                     auto parts = fs::split_relative_path(path, "a unit file");
                     if (parts.empty())
                         throw Error("no file name");
+                    for (const auto& part : parts)
+                        if (part.size() > 255)
+                            throw Error("a name is longer than 255 bytes");
                     out.path.clear();
                     for (const auto& part : parts)
                         out.path += (out.path.empty() ? "" : "/") + part;
                 } catch (const std::exception& e) {
-                    throw Error(where + ": file path '" + string_field(file, "path", where)
+                    throw Error(where + ": file path '" + text::printable(string_field(file, "path", where))
                                 + "' must name a file inside /etc: " + e.what());
                 }
                 if (out.path == "treeflash/unit" || out.path == "hostname")
@@ -177,7 +188,7 @@ std::vector<Unit> read_manifest(const std::filesystem::path& manifest)
                         throw Error("larger than 1 MiB");
                     out.data = fs::read_all(fd.get(), source);
                 } catch (const std::exception& e) {
-                    throw Error(where + ": source " + source + " (below " + folder.string() + "): " + e.what());
+                    throw Error(where + ": source " + text::printable(source) + " (below " + folder.string() + "): " + e.what());
                 }
                 unit.files.push_back(std::move(out));
             }
@@ -191,7 +202,11 @@ std::vector<Unit> read_manifest(const std::filesystem::path& manifest)
 
 UnitPool::UnitPool(const std::filesystem::path& manifest) : m_units(read_manifest(manifest))
 {
-    m_journal_path = manifest.string() + ".journal";
+    // Beside the manifest's real file: a symlink or another name for the
+    // same manifest finds the same journal, and its lock.
+    std::error_code ec;
+    std::filesystem::path real = std::filesystem::canonical(manifest, ec);
+    m_journal_path = (ec ? manifest : real).string() + ".journal";
     named::OpenFile journal = named::open_log(m_journal_path, "the journal");
     // One station per manifest: two would hand out the same units.
     if (::flock(journal.fd.get(), LOCK_EX | LOCK_NB) != 0)
@@ -234,11 +249,21 @@ UnitPool::UnitPool(const std::filesystem::path& manifest) : m_units(read_manifes
 
 void UnitPool::append(const std::string& line)
 {
+    if (m_broken)
+        throw Error(m_journal_path.string() + " could not be written before; no unit is given out");
     std::string text = line + "\n";
+    off_t before = ::lseek(m_journal.get(), 0, SEEK_END);
     errno = ENOSPC; // a short write sets none
-    if (::write(m_journal.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size())
-        || ::fdatasync(m_journal.get()) != 0)
-        throw_errno("write to " + m_journal_path.string());
+    if (before < 0 || ::write(m_journal.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size())
+        || ::fdatasync(m_journal.get()) != 0) {
+        int saved = errno;
+        // Whatever part of the line got in goes; no unit is given out after this.
+        if (before >= 0 && ::ftruncate(m_journal.get(), before) == 0)
+            ::fdatasync(m_journal.get());
+        m_broken = true;
+        errno = saved;
+        throw_errno("write to the journal " + m_journal_path.string());
+    }
 }
 
 std::optional<Unit> UnitPool::take(const std::string& slot, const std::string& card)

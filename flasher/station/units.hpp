@@ -8,6 +8,7 @@
 
 #include "common/fd.hpp"
 
+#include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -63,6 +64,8 @@ public:
     // while their card was being provisioned (they are not given again).
     std::vector<std::string> unfinished() const;
     const std::filesystem::path& journal_path() const { return m_journal_path; }
+    // The journal could not be written: no unit can be given out safely.
+    bool broken() const { return m_broken; }
 
 private:
     void append(const std::string& line);
@@ -73,6 +76,7 @@ private:
     mutable std::mutex m_mutex;
     std::set<std::string> m_given;               // serials journalled as given
     std::map<std::string, std::string> m_ended;  // serial -> "ok" | "failed"
+    std::atomic<bool> m_broken{false};
 };
 
 } // namespace treeflash::flasher

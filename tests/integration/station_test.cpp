@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <csignal>
+#include <cstdlib>
 #include <doctest/doctest.h>
 #include <fstream>
 #include <functional>
@@ -127,10 +128,12 @@ struct Line {
         write_file(manifest, text);
     }
 
-    pid_t start(const std::vector<const Slot*>& slots, const fs::path& err) const
+    pid_t start(const std::vector<const Slot*>& slots, const fs::path& err,
+                const std::vector<std::string>& extra = {}) const
     {
         std::vector<std::string> args{"station", golden.string(), "--manifest", manifest.string(), "--log",
                                       log.string(), "--force", "--json"};
+        args.insert(args.end(), extra.begin(), extra.end());
         for (const Slot* slot : slots) {
             args.push_back("--slot");
             args.push_back(slot->device);
@@ -393,6 +396,83 @@ TEST_CASE("a card taken out mid-write fails its slot with a clear line, and the 
     CHECK(read_text(err).find("slot 1 " + slot.device + "  failed  file:" + pulled.string()
                               + "  the card was taken out before it was done")
           != std::string::npos);
+}
+
+// Debian's chromium, headless, on `url`: the page's DOM once it loaded and
+// its script drew the state it was served with, or with `screenshot` a PNG.
+std::string browse(const Scratch& tmp, const std::string& url, const fs::path& screenshot = {})
+{
+    // Its profile, crash reports included, stays in the test's folder.
+    std::vector<std::string> args{"env", "HOME=" + (tmp / "home").string(), "chromium", "--headless", "--no-sandbox",
+                                  "--disable-gpu", "--user-data-dir=" + (tmp / "chromium").string(), "--timeout=3000"};
+    if (!screenshot.empty()) {
+        args.push_back("--window-size=1600,900");
+        args.push_back("--screenshot=" + screenshot.string());
+    } else {
+        args.push_back("--dump-dom");
+    }
+    args.push_back(url);
+    auto r = run_process(args);
+    REQUIRE_MESSAGE(r.ok(), r.err);
+    return r.out;
+}
+
+TEST_CASE("the line's page, read in a real browser while the station runs, shows each slot's state"
+          * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Line line(2);
+    const uint64_t size = fs::file_size(line.golden);
+    write_file(line.tmp / "empty", "");
+    Slot s1(line.tmp / "empty"), s2(line.tmp / "empty");
+    fs::path a = blank_card(line.tmp / "a", size), small = blank_card(line.tmp / "small", 16 * MiB);
+    fs::path err = line.tmp / "station.err";
+    pid_t station = line.start({&s1, &s2}, err, {"--http", "127.0.0.1:0"});
+    std::string url;
+    REQUIRE_MESSAGE(wait_until([&] {
+        std::string text = read_text(err);
+        auto at = text.find("the line's page: ");
+        if (at == std::string::npos)
+            return false;
+        url = text.substr(at + 17, text.find('\n', at) - at - 17);
+        return true;
+    }, 30), read_text(err));
+
+    std::string dom = browse(line.tmp, url);
+    CHECK(dom.find(R"(data-slot="1" data-state="empty")") != std::string::npos);
+    CHECK(dom.find(R"(data-slot="2" data-state="empty")") != std::string::npos);
+
+    REQUIRE(s1.insert(a));
+    REQUIRE(s2.insert(small));
+    REQUIRE_MESSAGE(wait_until([&] { return log_lines(line.log).size() == 2; }, 120), read_text(err));
+    dom = browse(line.tmp, url);
+    CHECK_MESSAGE(dom.find(R"(data-slot="1" data-state="done")") != std::string::npos, dom);
+    CHECK(dom.find("unit TCU-0001") != std::string::npos);
+    CHECK(dom.find("DONE") != std::string::npos);
+    CHECK(dom.find(R"(data-slot="2" data-state="failed")") != std::string::npos);
+    CHECK(dom.find("too small") != std::string::npos);
+    CHECK(dom.find(R"(<b class="ok" id="ok">1</b>)") != std::string::npos);
+    CHECK(dom.find(R"(<b class="failed-count" id="failed">1</b>)") != std::string::npos);
+    CHECK(dom.find("1 of 2 units left") != std::string::npos);
+    // The live stream: a snapshot at once, then one per change.
+    auto events = run_process({"curl", "-s", "-N", "--max-time", "2", url + "events"});
+    CHECK(events.out.rfind("retry: 1000\ndata: {", 0) == 0);
+    CHECK(events.out.find(R"("state":"done")") != std::string::npos);
+    fs::path png = line.tmp / "page.png";
+    browse(line.tmp, url, png);
+    CHECK(read_text(png).rfind("\x89PNG", 0) == 0);
+    if (const char* keep = std::getenv("TREEFLASH_STATION_SCREENSHOT"))
+        fs::copy_file(png, keep, fs::copy_options::overwrite_existing);
+
+    // Taken out, the slots read as empty again.
+    REQUIRE(s1.remove());
+    REQUIRE(s2.remove());
+    REQUIRE(wait_until([&] { return read_text(err).find("slot 2 " + s2.device + "  empty") != std::string::npos; }, 30));
+    dom = browse(line.tmp, url);
+    CHECK(dom.find(R"(data-slot="1" data-state="empty")") != std::string::npos);
+    CHECK(dom.find(R"(data-slot="2" data-state="empty")") != std::string::npos);
+    ::kill(station, SIGINT);
+    CHECK(wait_exit(station) == 130);
 }
 
 } // TEST_SUITE

@@ -92,6 +92,19 @@ TEST_CASE("a bad manifest is refused, naming the line and what is wrong")
               .find("line 2: MAC 02:00:00:00:00:01 is listed twice")
           != std::string::npos);
     CHECK(manifest_error(tmp, R"({"serial": "A", "serail": "B"})").find("unknown key \"serail\"") != std::string::npos);
+    CHECK(manifest_error(tmp, R"({"serial": "A", "mac": "00:00:00:00:00:00"})").find("is not a unicast")
+          != std::string::npos);
+    CHECK(manifest_error(tmp, "{\"serial\": \"A\", \"hostname\": \"tcu\"}\n{\"serial\": \"B\", \"hostname\": \"TCU\"}\n")
+              .find("hostname TCU is listed twice")
+          != std::string::npos);
+    // A key misspelt in a file would silently leave a private key 0644.
+    CHECK(manifest_error(tmp, R"({"serial": "A", "files": [{"path": "k", "source": "keys/0001.key", "Mode": "0600"}]})")
+              .find("unknown key \"Mode\" in a file")
+          != std::string::npos);
+    // A NUL would cut the name short where libext2fs takes C strings.
+    CHECK(manifest_error(tmp, R"({"serial": "A", "files": [{"path": "hostname\u0000x", "source": "keys/0001.key"}]})")
+              .find("holds a NUL byte")
+          != std::string::npos);
     // Files stay inside /etc, come from below the manifest's folder, and are regular files.
     CHECK(manifest_error(tmp, R"({"serial": "A", "files": [{"path": "../shadow", "source": "keys/0001.key"}]})")
               .find("must name a file inside /etc")
@@ -183,6 +196,12 @@ TEST_CASE("files are written into an ext4 in place: new folders, modes, a replac
     CHECK(error_of([&] { writer.write_file("deploy/etc/passwd-link", "x", 0644); }).find("not a regular file")
           != std::string::npos);
     CHECK(error_of([&] { writer.write_file("deploy/etc/../../x", "x", 0644); }) != "");
+    CHECK(error_of([&] { writer.write_file(std::string("deploy/etc/hostname\0x", 21), "x", 0644); })
+              .find("NUL")
+          != std::string::npos);
+    CHECK(error_of([&] { writer.write_file("deploy/etc/" + std::string(256, 'n'), "x", 0644); })
+              .find("longer than 255 bytes")
+          != std::string::npos);
     // Many names in one folder: the folder grows past its first block.
     for (int i = 0; i < 200; ++i)
         writer.write_file("deploy/etc/ssl/file-with-a-long-name-" + std::to_string(i), std::to_string(i), 0644);

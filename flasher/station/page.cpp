@@ -1,0 +1,277 @@
+#include "flasher/station/page.hpp"
+
+#include "common/error.hpp"
+#include "common/glib.hpp"
+#include "common/templates.hpp"
+#include "common/text.hpp"
+
+#include <chrono>
+#include <deque>
+#include <future>
+#include <libsoup/soup.h>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <thread>
+
+namespace treeflash::flasher {
+
+namespace {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+constexpr size_t errors_kept = 8;
+constexpr guint push_every_ms = 250;
+
+} // namespace
+
+struct StationPage::Impl {
+    // Shared with the slot threads, under `mutex`.
+    std::mutex mutex;
+    PageInfo info;
+    std::vector<SlotStatus> slots;
+    std::vector<Clock::time_point> done_times; // cards ok in this run, for cards per hour
+    size_t ok = 0, failed = 0;
+    std::deque<json> errors;
+    bool dirty = true;
+
+    // Owned by the server thread.
+    GMainContext* context = nullptr;
+    GMainLoop* loop = nullptr;
+    SoupServer* server = nullptr;
+    std::set<SoupServerMessage*> clients;
+    std::thread thread;
+    std::string url;
+
+    json snapshot()
+    {
+        std::lock_guard lock(mutex);
+        auto now = Clock::now();
+        size_t last_hour = 0;
+        for (auto t : done_times)
+            last_hour += now - t < std::chrono::hours(1);
+        json out{{"image", info.image}, {"image_sha256", info.image_sha256}, {"commit", info.commit},
+                 {"ok", info.ok_today + ok}, {"failed", info.failed_today + failed}, {"per_hour", last_hour},
+                 {"units_left", info.units ? json(info.units_left) : json(nullptr)},
+                 {"units_total", info.units_total}, {"errors", json(errors)}};
+        json list = json::array();
+        for (const auto& s : slots) {
+            double rate = s.seconds > 0 ? static_cast<double>(s.done) / s.seconds : 0;
+            list.push_back({{"slot", s.slot + 1}, {"device", text::printable(s.device)},
+                            {"state", slot_state_name(s.state)}, {"done", s.done}, {"total", s.total},
+                            {"rate", rate}, {"eta", rate > 0 ? static_cast<double>(s.total - s.done) / rate : 0.0},
+                            {"card", text::printable(s.card)}, {"unit", s.unit},
+                            {"message", text::printable(s.message)}});
+        }
+        out["slots"] = list;
+        dirty = false;
+        return out;
+    }
+
+    // On the server thread: the snapshot to every open page.
+    void push()
+    {
+        {
+            std::lock_guard lock(mutex);
+            if (!dirty || clients.empty())
+                return;
+        }
+        std::string event = "data: " + snapshot().dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n";
+        for (SoupServerMessage* msg : clients) {
+            soup_message_body_append(soup_server_message_get_response_body(msg), SOUP_MEMORY_COPY, event.data(),
+                                     event.size());
+            soup_server_message_unpause(msg);
+        }
+    }
+
+    static void on_finished(SoupServerMessage* msg, gpointer data)
+    {
+        auto* self = static_cast<Impl*>(data);
+        if (self->clients.erase(msg))
+            g_object_unref(msg);
+    }
+
+    static void handle(SoupServer*, SoupServerMessage* msg, const char* path, GHashTable*, gpointer data)
+    {
+        auto* self = static_cast<Impl*>(data);
+        if (g_strcmp0(soup_server_message_get_method(msg), "GET") != 0) {
+            soup_server_message_set_status(msg, SOUP_STATUS_METHOD_NOT_ALLOWED, nullptr);
+            return;
+        }
+        SoupMessageHeaders* headers = soup_server_message_get_response_headers(msg);
+        soup_message_headers_replace(headers, "Cache-Control", "no-store");
+        std::string where = path ? path : "";
+        if (where == "/") {
+            // The page with the state as of now in it; "<" escaped, so no
+            // text from a card can close the script.
+            std::string state = self->snapshot().dump(-1, ' ', false, json::error_handler_t::replace);
+            text::replace_all(state, "<", "\\u003c");
+            std::string page(templates::get("station.html"));
+            text::replace_all(page, "/*STATE*/null", state);
+            soup_server_message_set_status(msg, SOUP_STATUS_OK, nullptr);
+            soup_server_message_set_response(msg, "text/html; charset=utf-8", SOUP_MEMORY_COPY, page.data(),
+                                             page.size());
+        } else if (where == "/state") {
+            std::string body = self->snapshot().dump(-1, ' ', false, json::error_handler_t::replace);
+            soup_server_message_set_status(msg, SOUP_STATUS_OK, nullptr);
+            soup_server_message_set_response(msg, "application/json", SOUP_MEMORY_COPY, body.data(), body.size());
+        } else if (where == "/events") {
+            soup_server_message_set_status(msg, SOUP_STATUS_OK, nullptr);
+            soup_message_headers_set_encoding(headers, SOUP_ENCODING_CHUNKED);
+            soup_message_headers_set_content_type(headers, "text/event-stream", nullptr);
+            std::string first = "retry: 1000\ndata: " + self->snapshot().dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n";
+            soup_message_body_append(soup_server_message_get_response_body(msg), SOUP_MEMORY_COPY, first.data(),
+                                     first.size());
+            g_object_ref(msg);
+            self->clients.insert(msg);
+            g_signal_connect(msg, "finished", G_CALLBACK(on_finished), self);
+        } else {
+            soup_server_message_set_status(msg, SOUP_STATUS_NOT_FOUND, nullptr);
+        }
+    }
+
+    static gboolean on_tick(gpointer data)
+    {
+        static_cast<Impl*>(data)->push();
+        return G_SOURCE_CONTINUE;
+    }
+
+    // The server thread: listens (reporting how through `started`), then
+    // serves until the loop is quit.
+    void serve(const std::string& host, guint16 port, std::promise<std::string>& started)
+    {
+        g_main_context_push_thread_default(context);
+        server = soup_server_new("server-header", "treeflash-station", nullptr);
+        soup_server_add_handler(server, nullptr, handle, this, nullptr);
+        GError* raw = nullptr;
+        glib::Object<GInetAddress> inet(g_inet_address_new_from_string(host.c_str()));
+        bool listening = false;
+        if (inet) {
+            glib::Object<GSocketAddress> address(g_inet_socket_address_new(inet.get(), port));
+            listening = soup_server_listen(server, address.get(), static_cast<SoupServerListenOptions>(0), &raw);
+        }
+        if (!listening) {
+            std::string why = raw ? raw->message : "not an IP address: " + host;
+            if (raw)
+                g_error_free(raw);
+            started.set_exception(std::make_exception_ptr(Error("--http " + host + ":" + std::to_string(port) + ": " + why)));
+            g_object_unref(server);
+            server = nullptr;
+            g_main_context_pop_thread_default(context);
+            return;
+        }
+        GSList* uris = soup_server_get_uris(server);
+        std::string bound;
+        if (uris) {
+            char* text = g_uri_to_string(static_cast<GUri*>(uris->data));
+            bound = text;
+            g_free(text);
+        }
+        g_slist_free_full(uris, reinterpret_cast<GDestroyNotify>(g_uri_unref));
+        started.set_value(bound);
+        GSource* tick = g_timeout_source_new(push_every_ms);
+        g_source_set_callback(tick, on_tick, this, nullptr);
+        g_source_attach(tick, context);
+        g_main_loop_run(loop);
+        g_source_destroy(tick);
+        g_source_unref(tick);
+        // Open pages see the end of their stream and retry.
+        for (SoupServerMessage* msg : std::set<SoupServerMessage*>(clients)) {
+            soup_message_body_complete(soup_server_message_get_response_body(msg));
+            soup_server_message_unpause(msg);
+        }
+        soup_server_disconnect(server);
+        for (SoupServerMessage* msg : clients)
+            g_object_unref(msg);
+        clients.clear();
+        g_object_unref(server);
+        server = nullptr;
+        g_main_context_pop_thread_default(context);
+    }
+};
+
+StationPage::StationPage(const std::string& address, const std::vector<std::string>& slots)
+    : m(std::make_unique<Impl>())
+{
+    auto colon = address.rfind(':');
+    if (colon == std::string::npos || colon == 0)
+        throw Error("--http " + address + ": give HOST:PORT, such as 0.0.0.0:8080");
+    std::string host = address.substr(0, colon);
+    if (host.size() > 2 && host.front() == '[' && host.back() == ']')
+        host = host.substr(1, host.size() - 2);
+    std::string port_text = address.substr(colon + 1);
+    if (port_text.empty() || port_text.size() > 5 || port_text.find_first_not_of("0123456789") != std::string::npos
+        || std::stoul(port_text) > 65535)
+        throw Error("--http " + address + ": the port must be a number from 0 to 65535");
+    for (size_t i = 0; i < slots.size(); ++i) {
+        SlotStatus s;
+        s.slot = i;
+        s.device = slots[i];
+        m->slots.push_back(s);
+    }
+    m->context = g_main_context_new();
+    m->loop = g_main_loop_new(m->context, FALSE);
+    std::promise<std::string> started;
+    auto bound = started.get_future();
+    guint16 port = static_cast<guint16>(std::stoul(port_text));
+    m->thread = std::thread([this, host, port, &started] { m->serve(host, port, started); });
+    try {
+        m->url = bound.get();
+    } catch (...) {
+        m->thread.join();
+        g_main_loop_unref(m->loop);
+        g_main_context_unref(m->context);
+        throw;
+    }
+}
+
+StationPage::~StationPage()
+{
+    g_main_context_invoke(
+        m->context,
+        [](gpointer loop) -> gboolean {
+            g_main_loop_quit(static_cast<GMainLoop*>(loop));
+            return G_SOURCE_REMOVE;
+        },
+        m->loop);
+    m->thread.join();
+    g_main_loop_unref(m->loop);
+    g_main_context_unref(m->context);
+}
+
+void StationPage::set_info(const PageInfo& info)
+{
+    std::lock_guard lock(m->mutex);
+    m->info = info;
+    m->dirty = true;
+}
+
+void StationPage::update(const SlotStatus& status)
+{
+    std::lock_guard lock(m->mutex);
+    if (status.slot >= m->slots.size())
+        return;
+    SlotStatus& before = m->slots[status.slot];
+    // A card's result counts once, when it first shows.
+    if (!status.result.empty() && before.result.empty()) {
+        if (status.result == "ok") {
+            ++m->ok;
+            m->done_times.push_back(Clock::now());
+        } else if (status.result == "failed" || status.result == "interrupted") {
+            ++m->failed;
+            m->errors.push_front({{"time", text::utc_now()}, {"slot", status.slot + 1},
+                                  {"error", text::printable(status.message)}});
+            if (m->errors.size() > errors_kept)
+                m->errors.pop_back();
+        }
+        if (status.units_left >= 0)
+            m->info.units_left = static_cast<size_t>(status.units_left);
+    }
+    before = status;
+    m->dirty = true;
+}
+
+std::string StationPage::url() const { return m->url; }
+
+} // namespace treeflash::flasher
