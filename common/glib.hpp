@@ -42,6 +42,24 @@ struct StrvFree {
 struct ErrorFree {
     void operator()(GError* e) const { g_error_free(e); }
 };
+struct MainContextUnref {
+    void operator()(GMainContext* c) const { g_main_context_unref(c); }
+};
+struct MainLoopUnref {
+    void operator()(GMainLoop* l) const { g_main_loop_unref(l); }
+};
+// A source is destroyed (detached from its context) as well as unreferenced.
+struct SourceDestroy {
+    void operator()(GSource* s) const
+    {
+        g_source_destroy(s);
+        g_source_unref(s);
+    }
+};
+// A list of GUri (soup_server_get_uris).
+struct UriListFree {
+    void operator()(GSList* l) const { g_slist_free_full(l, reinterpret_cast<GDestroyNotify>(g_uri_unref)); }
+};
 
 template <typename T>
 using Object = std::unique_ptr<T, ObjectUnref>;
@@ -56,6 +74,10 @@ using CString = std::unique_ptr<char, Free>;
 using Bytes = std::unique_ptr<guchar, Free>;
 using Checksum = std::unique_ptr<GChecksum, ChecksumFree>;
 using Strv = std::unique_ptr<char*, StrvFree>;
+using MainContext = std::unique_ptr<GMainContext, MainContextUnref>;
+using MainLoop = std::unique_ptr<GMainLoop, MainLoopUnref>;
+using Source = std::unique_ptr<GSource, SourceDestroy>;
+using UriList = std::unique_ptr<GSList, UriListFree>;
 
 // Adopts a floating or full reference (g_variant_ref_sink).
 inline Variant adopt_variant(GVariant* v)

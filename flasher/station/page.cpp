@@ -11,7 +11,7 @@
 #include <libsoup/soup.h>
 #include <mutex>
 #include <nlohmann/json.hpp>
-#include <set>
+#include <map>
 #include <thread>
 
 namespace treeflash::flasher {
@@ -36,11 +36,12 @@ struct StationPage::Impl {
     std::deque<json> errors;
     bool dirty = true;
 
-    // Owned by the server thread.
-    GMainContext* context = nullptr;
-    GMainLoop* loop = nullptr;
-    SoupServer* server = nullptr;
-    std::set<SoupServerMessage*> clients;
+    // Owned by the server thread (the context and loop by both).
+    glib::MainContext context;
+    glib::MainLoop loop;
+    glib::Object<SoupServer> server;
+    // The open /events streams, each held until it is finished.
+    std::map<SoupServerMessage*, glib::Object<SoupServerMessage>> clients;
     std::thread thread;
     std::string url;
 
@@ -78,7 +79,7 @@ struct StationPage::Impl {
                 return;
         }
         std::string event = "data: " + snapshot().dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n";
-        for (SoupServerMessage* msg : clients) {
+        for (const auto& [msg, held] : clients) {
             soup_message_body_append(soup_server_message_get_response_body(msg), SOUP_MEMORY_COPY, event.data(),
                                      event.size());
             soup_server_message_unpause(msg);
@@ -87,9 +88,7 @@ struct StationPage::Impl {
 
     static void on_finished(SoupServerMessage* msg, gpointer data)
     {
-        auto* self = static_cast<Impl*>(data);
-        if (self->clients.erase(msg))
-            g_object_unref(msg);
+        static_cast<Impl*>(data)->clients.erase(msg);
     }
 
     static void handle(SoupServer*, SoupServerMessage* msg, const char* path, GHashTable*, gpointer data)
@@ -123,8 +122,8 @@ struct StationPage::Impl {
             std::string first = "retry: 1000\ndata: " + self->snapshot().dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n";
             soup_message_body_append(soup_server_message_get_response_body(msg), SOUP_MEMORY_COPY, first.data(),
                                      first.size());
-            g_object_ref(msg);
-            self->clients.insert(msg);
+            self->clients.emplace(msg, glib::Object<SoupServerMessage>(
+                                           static_cast<SoupServerMessage*>(g_object_ref(msg))));
             g_signal_connect(msg, "finished", G_CALLBACK(on_finished), self);
         } else {
             soup_server_message_set_status(msg, SOUP_STATUS_NOT_FOUND, nullptr);
@@ -141,53 +140,49 @@ struct StationPage::Impl {
     // serves until the loop is quit.
     void serve(const std::string& host, guint16 port, std::promise<std::string>& started)
     {
-        g_main_context_push_thread_default(context);
-        server = soup_server_new("server-header", "treeflash-station", nullptr);
-        soup_server_add_handler(server, nullptr, handle, this, nullptr);
+        g_main_context_push_thread_default(context.get());
+        serve_on_context(host, port, started);
+        g_main_context_pop_thread_default(context.get());
+    }
+
+    void serve_on_context(const std::string& host, guint16 port, std::promise<std::string>& started)
+    {
+        server.reset(soup_server_new("server-header", "treeflash-station", nullptr));
+        soup_server_add_handler(server.get(), nullptr, handle, this, nullptr);
         GError* raw = nullptr;
         glib::Object<GInetAddress> inet(g_inet_address_new_from_string(host.c_str()));
         bool listening = false;
         if (inet) {
             glib::Object<GSocketAddress> address(g_inet_socket_address_new(inet.get(), port));
-            listening = soup_server_listen(server, address.get(), static_cast<SoupServerListenOptions>(0), &raw);
+            listening = soup_server_listen(server.get(), address.get(), static_cast<SoupServerListenOptions>(0), &raw);
         }
+        glib::ErrorPtr error(raw);
         if (!listening) {
-            std::string why = raw ? raw->message : "not an IP address: " + host;
-            if (raw)
-                g_error_free(raw);
-            started.set_exception(std::make_exception_ptr(Error("--http " + host + ":" + std::to_string(port) + ": " + why)));
-            g_object_unref(server);
-            server = nullptr;
-            g_main_context_pop_thread_default(context);
+            std::string why = error ? error->message : "not an IP address: " + host;
+            started.set_exception(
+                std::make_exception_ptr(Error("--http " + host + ":" + std::to_string(port) + ": " + why)));
+            server.reset();
             return;
         }
-        GSList* uris = soup_server_get_uris(server);
-        std::string bound;
-        if (uris) {
-            char* text = g_uri_to_string(static_cast<GUri*>(uris->data));
-            bound = text;
-            g_free(text);
-        }
-        g_slist_free_full(uris, reinterpret_cast<GDestroyNotify>(g_uri_unref));
+        glib::UriList uris(soup_server_get_uris(server.get()));
+        std::string bound = uris ? glib::take_string(g_uri_to_string(static_cast<GUri*>(uris->data))) : "";
         started.set_value(bound);
-        GSource* tick = g_timeout_source_new(push_every_ms);
-        g_source_set_callback(tick, on_tick, this, nullptr);
-        g_source_attach(tick, context);
-        g_main_loop_run(loop);
-        g_source_destroy(tick);
-        g_source_unref(tick);
+        {
+            glib::Source tick(g_timeout_source_new(push_every_ms));
+            g_source_set_callback(tick.get(), on_tick, this, nullptr);
+            g_source_attach(tick.get(), context.get());
+            g_main_loop_run(loop.get());
+        }
         // Open pages see the end of their stream and retry.
-        for (SoupServerMessage* msg : std::set<SoupServerMessage*>(clients)) {
+        for (const auto& [msg, held] : clients) {
             soup_message_body_complete(soup_server_message_get_response_body(msg));
             soup_server_message_unpause(msg);
         }
-        soup_server_disconnect(server);
-        for (SoupServerMessage* msg : clients)
-            g_object_unref(msg);
+        soup_server_disconnect(server.get());
+        for (const auto& [msg, held] : clients)
+            g_signal_handlers_disconnect_by_data(msg, this);
         clients.clear();
-        g_object_unref(server);
-        server = nullptr;
-        g_main_context_pop_thread_default(context);
+        server.reset();
     }
 };
 
@@ -210,8 +205,8 @@ StationPage::StationPage(const std::string& address, const std::vector<std::stri
         s.device = slots[i];
         m->slots.push_back(s);
     }
-    m->context = g_main_context_new();
-    m->loop = g_main_loop_new(m->context, FALSE);
+    m->context.reset(g_main_context_new());
+    m->loop.reset(g_main_loop_new(m->context.get(), FALSE));
     std::promise<std::string> started;
     auto bound = started.get_future();
     guint16 port = static_cast<guint16>(std::stoul(port_text));
@@ -220,8 +215,6 @@ StationPage::StationPage(const std::string& address, const std::vector<std::stri
         m->url = bound.get();
     } catch (...) {
         m->thread.join();
-        g_main_loop_unref(m->loop);
-        g_main_context_unref(m->context);
         throw;
     }
 }
@@ -229,15 +222,13 @@ StationPage::StationPage(const std::string& address, const std::vector<std::stri
 StationPage::~StationPage()
 {
     g_main_context_invoke(
-        m->context,
+        m->context.get(),
         [](gpointer loop) -> gboolean {
             g_main_loop_quit(static_cast<GMainLoop*>(loop));
             return G_SOURCE_REMOVE;
         },
-        m->loop);
+        m->loop.get());
     m->thread.join();
-    g_main_loop_unref(m->loop);
-    g_main_context_unref(m->context);
 }
 
 void StationPage::set_info(const PageInfo& info)
