@@ -313,11 +313,14 @@ TEST_CASE("power cut while the board pulls, then while it deploys: v1 runs on, a
 {
     NoLeftovers guard;
     Releases line;
-    std::string v1 = line.release("1", quick_updates, 1);
+    // The pull of 24 MB under emulation on a busy machine may take longer
+    // than the quick settings' 20 s (the last line of a setting wins).
+    const std::string settings = quick_updates + "timeout=120\n";
+    std::string v1 = line.release("1", settings, 1);
     RepoServer server(line.repo);
     fs::path image = line.flash(server.url());
     // A release with 24 MB of new content, so the pull takes a while.
-    std::string v2 = line.release("2", quick_updates, 1, {}, [](const fs::path& rootfs) {
+    std::string v2 = line.release("2", settings, 1, {}, [](const fs::path& rootfs) {
         write_file(rootfs / "usr/share/e2e-blob", noise(24u << 20));
     });
 
@@ -331,7 +334,10 @@ TEST_CASE("power cut while the board pulls, then while it deploys: v1 runs on, a
 
     b = boot_online(image);
     CHECK(b.line("E2E-VERSION") == "v1");
-    CHECK(b.console.find("treeflash-update: deployed: " + short_commit(v2)) != std::string::npos);
+    auto updater_said = b.console.find("E2E-UPDATE-FILE: message=");
+    CHECK_MESSAGE(b.console.find("treeflash-update: deployed: " + short_commit(v2)) != std::string::npos,
+                  (updater_said == std::string::npos ? std::string("no updater state")
+                                                     : b.console.substr(updater_said, b.console.find('\n', updater_said) - updater_said)));
     CHECK(b.last_line("E2E-VERSION") == "v2");
     CHECK(b.last_line("E2E-UPDATE") == "up-to-date");
     state = inspect(image);
