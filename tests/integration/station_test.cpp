@@ -402,8 +402,10 @@ TEST_CASE("a card taken out mid-write fails its slot with a clear line, and the 
 // its script drew the state it was served with, or with `screenshot` a PNG.
 std::string browse(const Scratch& tmp, const std::string& url, const fs::path& screenshot = {})
 {
-    // Its profile, crash reports included, stays in the test's folder.
-    std::vector<std::string> args{"env", "HOME=" + (tmp / "home").string(), "chromium", "--headless", "--no-sandbox",
+    // Its profile, crash reports and temporary files stay in the test's folder.
+    fs::create_directories(tmp / "chromium-tmp");
+    std::vector<std::string> args{"env", "HOME=" + (tmp / "home").string(), "TMPDIR=" + (tmp / "chromium-tmp").string(),
+                                  "chromium", "--headless", "--no-sandbox",
                                   "--disable-gpu", "--user-data-dir=" + (tmp / "chromium").string(), "--timeout=3000"};
     if (!screenshot.empty()) {
         args.push_back("--window-size=1600,900");
