@@ -219,7 +219,13 @@ void kill_flash_at_each_phase(const std::string& method)
     const Phase phases[] = {
         {"pull", [](pid_t pid, const fs::path&) { return pulling(pid); }},
         {"deploy", [](pid_t, const fs::path& log) { return log_says(log, "deploying"); }},
-        {"mkfs", [](pid_t pid, const fs::path&) { return running("mkfs.ext4", pid); }},
+        // With loop devices each mkfs.ext4 of an empty partition may end
+        // between two looks at the process tree; the notice that starts the
+        // formatting is the sure sign there ("formatting" comes only from
+        // that path; the unprivileged one runs one long mkfs.ext4 -d).
+        {"mkfs", [](pid_t pid, const fs::path& log) {
+             return running("mkfs.ext4", pid) || log_says(log, "treeflash: formatting ");
+         }},
         {"bmap and publish", [&](pid_t, const fs::path&) { return fs::exists(image); }},
     };
     for (const auto& phase : phases) {
