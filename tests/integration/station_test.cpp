@@ -204,6 +204,11 @@ TEST_CASE("four slots, cards in and out at random times: good ones provisioned o
     for (auto& [slot, sequence] : plan)
         for (size_t i = 0; i < sequence.size() * 2; ++i)
             pauses[slot].push_back(pause(random));
+    // A card is in one slot at a time: its hand holds it from in to out.
+    std::map<fs::path, std::mutex> in_hand;
+    for (auto& [slot, sequence] : plan)
+        for (const auto& card : sequence)
+            in_hand[card];
     std::vector<std::thread> hands;
     std::mutex failures_mutex;
     std::vector<std::string> failures;
@@ -212,6 +217,7 @@ TEST_CASE("four slots, cards in and out at random times: good ones provisioned o
             size_t step = 0;
             for (const auto& card : sequence) {
                 std::this_thread::sleep_for(std::chrono::milliseconds(pauses[slot][step++]));
+                std::lock_guard held(in_hand[card]);
                 std::string identity = "file:" + card.string();
                 size_t before = lines_for(line.log, identity);
                 std::string failure;
