@@ -22,8 +22,6 @@
 
 namespace treeflash::flasher {
 
-namespace {
-
 std::string sysfs_read(const std::filesystem::path& path)
 {
     std::ifstream in(path);
@@ -33,6 +31,8 @@ std::string sysfs_read(const std::filesystem::path& path)
         value.pop_back();
     return value;
 }
+
+namespace {
 
 dev_t whole_disk_of(dev_t devno)
 {

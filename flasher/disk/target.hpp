@@ -42,6 +42,9 @@ struct DiskInfo {
 // The sysfs directory of a block device (/sys/devices/.../block/sdb).
 std::filesystem::path sysfs_block_dir(dev_t devno);
 
+// The first line of a sysfs attribute, trailing blanks cut; "" when absent.
+std::string sysfs_read(const std::filesystem::path& path);
+
 // Looks at a block device without writing (sysfs, libblkid, libmount).
 DiskInfo describe_disk(const std::string& path);
 

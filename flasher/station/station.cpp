@@ -63,19 +63,17 @@ Medium look_at(const std::string& device)
     return medium;
 }
 
-std::string read_sysfs(const std::filesystem::path& file)
+// The sysfs directory of the block device `device` names, or nullopt.
+std::optional<std::filesystem::path> sysfs_dir_of(const std::string& device)
 {
-    UniqueFd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
-    if (!fd)
-        return "";
-    char buffer[256];
-    ssize_t n = ::read(fd.get(), buffer, sizeof buffer - 1);
-    if (n <= 0)
-        return "";
-    std::string text(buffer, static_cast<size_t>(n));
-    while (!text.empty() && (text.back() == '\n' || text.back() == ' '))
-        text.pop_back();
-    return text;
+    struct stat st {};
+    if (::stat(device.c_str(), &st) != 0 || !S_ISBLK(st.st_mode))
+        return std::nullopt;
+    try {
+        return sysfs_block_dir(st.st_rdev);
+    } catch (const std::exception&) {
+        return std::nullopt;
+    }
 }
 
 class Station {
@@ -454,36 +452,24 @@ const char* slot_state_name(SlotState state)
 
 std::string card_identity(const std::string& device)
 {
-    struct stat st {};
-    if (::stat(device.c_str(), &st) != 0 || !S_ISBLK(st.st_mode))
+    auto sys = sysfs_dir_of(device);
+    if (!sys)
         return "";
-    std::filesystem::path sys;
-    try {
-        sys = sysfs_block_dir(st.st_rdev);
-    } catch (const std::exception&) {
-        return "";
-    }
-    if (std::string cid = read_sysfs(sys / "device/cid"); !cid.empty())
+    if (std::string cid = sysfs_read(*sys / "device/cid"); !cid.empty())
         return "cid:" + cid;
-    if (std::string backing = read_sysfs(sys / "loop/backing_file"); !backing.empty())
+    if (std::string backing = sysfs_read(*sys / "loop/backing_file"); !backing.empty())
         return "file:" + backing;
-    return "diskseq:" + read_sysfs(sys / "diskseq");
+    return "diskseq:" + sysfs_read(*sys / "diskseq");
 }
 
 std::string reader_identity(const std::string& device)
 {
-    struct stat st {};
-    if (::stat(device.c_str(), &st) != 0 || !S_ISBLK(st.st_mode))
+    auto sys = sysfs_dir_of(device);
+    if (!sys)
         return "";
-    std::filesystem::path sys;
-    try {
-        sys = sysfs_block_dir(st.st_rdev);
-    } catch (const std::exception&) {
-        return "";
-    }
-    if (std::string serial = read_sysfs(sys / "device/serial"); !serial.empty())
+    if (std::string serial = sysfs_read(*sys / "device/serial"); !serial.empty())
         return "serial:" + serial;
-    if (std::string wwid = read_sysfs(sys / "device/wwid"); !wwid.empty())
+    if (std::string wwid = sysfs_read(*sys / "device/wwid"); !wwid.empty())
         return "wwid:" + wwid;
     return "";
 }
