@@ -6,6 +6,7 @@
 
 #include <boost/program_options.hpp>
 #include <iostream>
+#include <regex>
 
 namespace po = boost::program_options;
 
@@ -124,6 +125,7 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
                     {"boot_counting", boot_json(r.boot)},
                     {"auto_update", r.auto_update.empty() ? nlohmann::json(nullptr) : nlohmann::json(r.auto_update)},
                     {"unit", r.unit.empty() ? nlohmann::json(nullptr) : nlohmann::json(r.unit)},
+                    {"uboot_env", r.uboot_env.empty() ? nlohmann::json(nullptr) : nlohmann::json(r.uboot_env)},
                     {"warnings", r.warnings}});
         return 0;
     }
@@ -178,6 +180,14 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
             std::cout << " " << printable(key) << "=" << printable(value);
         std::cout << "\n";
     }
+    // A unit's identity in U-Boot's environment, as the board's U-Boot
+    // hands it to the kernel and the network.
+    std::string uboot_identity;
+    for (const auto& [key, value] : r.uboot_env)
+        if (key == "serial#" || std::regex_match(key, std::regex("eth[0-9]*addr")))
+            uboot_identity += " " + printable(key) + "=" + printable(value);
+    if (!uboot_identity.empty())
+        std::cout << "U-Boot environment:" << uboot_identity << "\n";
     if (r.uenv.count("bootargs"))
         std::cout << "uEnv.txt bootargs: " << printable(r.uenv["bootargs"]) << "\n";
     return 0;

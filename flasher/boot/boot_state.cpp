@@ -90,11 +90,18 @@ std::vector<uint8_t> render_uboot_environment(const BoardProfile& board, size_t 
 
 std::string boot_board_record(const BoardProfile& board)
 {
-    return "# Written by treeflash flash: how this card's board counts boots.\n"
-           "board=" + board.name + "\n"
-           "bootlimit=" + std::to_string(board.boot_count.limit) + "\n"
-           "boot_state_offset=" + text::hex(board.boot_count.state_offset) + "\n"
-           "devicetree=" + (board.devicetree_required ? "required" : "optional") + "\n";
+    const FirmwareSlot* env = board.uboot_env ? board.slot(board.uboot_env->slot) : nullptr;
+    if (!board.boot_count.enabled() && !env)
+        return "";
+    std::string record = "# Written by treeflash flash: how this card's board boots.\n"
+                         "board=" + board.name + "\n";
+    if (board.boot_count.enabled())
+        record += "bootlimit=" + std::to_string(board.boot_count.limit) + "\n"
+                  "boot_state_offset=" + text::hex(board.boot_count.state_offset) + "\n";
+    record += std::string("devicetree=") + (board.devicetree_required ? "required" : "optional") + "\n";
+    if (env)
+        record += "uboot_env=" + text::hex(env->offset) + " " + text::hex(env->max_size) + "\n";
+    return record;
 }
 
 BootFiles read_boot_files(const CardView& sysroot, const std::string& card)
@@ -113,9 +120,47 @@ BootFiles read_boot_files(const CardView& sysroot, const std::string& card)
             files.mark = parse_env_lines(sysroot.read("ostree/" + subdir + "/" + boot_mark_name));
     }
     files.ack = parse_env_lines(sysroot.read(boot_ack_path));
-    if (!files.board.empty())
+    if (files.board.count("boot_state_offset"))
         files.tries_block = read_tries_block(card, value_of(files.board, "boot_state_offset"));
     return files;
+}
+
+std::optional<UbootEnvPlace> uboot_env_place(const std::map<std::string, std::string>& board)
+{
+    auto line = board.find("uboot_env");
+    if (line == board.end())
+        return std::nullopt;
+    std::istringstream in(line->second);
+    std::string offset_text, size_text, rest;
+    in >> offset_text >> size_text >> rest;
+    UbootEnvPlace place;
+    try {
+        size_t used_offset = 0, used_size = 0;
+        place.offset = std::stoull(offset_text, &used_offset, 0);
+        place.size = std::stoull(size_text, &used_size, 0);
+        if (used_offset != offset_text.size() || used_size != size_text.size() || !rest.empty())
+            throw Error("");
+    } catch (const std::exception&) {
+        throw Error(std::string(boot_board_record_path) + ": expected uboot_env=OFFSET SIZE, not '"
+                    + text::printable(line->second) + "'");
+    }
+    if (place.offset < 512 || place.offset % 512 || place.size < 512 || place.size % 512 || place.size > (1u << 20))
+        throw Error(std::string(boot_board_record_path) + ": uboot_env=" + text::printable(line->second)
+                    + " is no place for a U-Boot environment (whole 512-byte sectors past the first, 1 MiB at most)");
+    return place;
+}
+
+std::vector<uint8_t> read_uboot_env_block(const std::string& card, const UbootEnvPlace& place, uint64_t card_size)
+{
+    if (place.offset > card_size || place.size > card_size - place.offset)
+        throw Error("the U-Boot environment at " + text::hex(place.offset) + " lies past the end of " + card);
+    UniqueFd fd(::open(card.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd)
+        throw_errno("open " + card);
+    std::vector<uint8_t> block(place.size);
+    fs::read_at(fd.get(), reinterpret_cast<char*>(block.data()), block.size(), place.offset,
+                "the U-Boot environment of " + card);
+    return block;
 }
 
 BootStatus boot_status(const BootFiles& files, const std::vector<Deployment>& deployments)

@@ -11,7 +11,8 @@
 //       deployment; it survives deploys, so U-Boot can tell a new trial from
 //       the tries of an old one.
 //   boot/treeflash/board.env          written by flash: bootlimit and where
-//       the tries are kept, for inspect and upgrade.
+//       the tries are kept, for inspect and upgrade; where U-Boot keeps its
+//       environment (uboot_env=OFFSET SIZE), for the factory station.
 //   boot/treeflash/auto-update.env    written by the board's updater after
 //       each check: its outcome and the commits it saw, for inspect.
 //   a 512-byte U-Boot environment at the board's boot_count.state offset:
@@ -51,13 +52,26 @@ std::string boot_board_record(const BoardProfile& board);
 // symlink out of it; the tries are read from `card` (image or device) at the
 // offset board.env names.
 struct BootFiles {
-    std::map<std::string, std::string> board; // board.env; empty: the card does not count boots
+    std::map<std::string, std::string> board; // board.env; no bootlimit: the card does not count boots
     std::map<std::string, std::string> uenv;  // boot/loader/uEnv.txt
     std::map<std::string, std::string> mark;  // the current bootversion's treeflash-good.env
     std::map<std::string, std::string> ack;   // ack.env
     std::optional<std::map<std::string, std::string>> tries_block; // absent: unreadable or damaged
 };
 BootFiles read_boot_files(const CardView& sysroot, const std::string& card);
+
+// Where board.env says U-Boot keeps its environment (uboot_env=OFFSET SIZE):
+// nullopt when it names none; throws when the line is malformed or names a
+// place no U-Boot environment can be (not in 512-byte sectors, the first
+// sector, past 1 MiB in size).
+struct UbootEnvPlace {
+    uint64_t offset = 0;
+    uint64_t size = 0;
+};
+std::optional<UbootEnvPlace> uboot_env_place(const std::map<std::string, std::string>& board);
+// The bytes at `place` of `card` (an image or device of `card_size` bytes);
+// throws when they lie past its end.
+std::vector<uint8_t> read_uboot_env_block(const std::string& card, const UbootEnvPlace& place, uint64_t card_size);
 
 // One deployment's state, in uEnv.txt order (default first).
 struct DeploymentBootState {

@@ -43,7 +43,7 @@ std::vector<uint8_t> make_uboot_env(const UbootVariables& variables, size_t size
     return image;
 }
 
-std::map<std::string, std::string> read_uboot_env(const uint8_t* data, size_t size)
+UbootVariables read_uboot_env_entries(const uint8_t* data, size_t size)
 {
     if (size <= crc_bytes)
         throw Error("a U-Boot environment of " + std::to_string(size) + " bytes holds nothing");
@@ -52,7 +52,7 @@ std::map<std::string, std::string> read_uboot_env(const uint8_t* data, size_t si
         stored |= static_cast<uint32_t>(data[i]) << (8 * i);
     if (stored != crc_of(data + crc_bytes, size - crc_bytes))
         throw Error("the U-Boot environment's CRC does not match (erased or damaged)");
-    std::map<std::string, std::string> variables;
+    UbootVariables variables;
     const char* text = reinterpret_cast<const char*>(data + crc_bytes);
     size_t length = size - crc_bytes;
     for (size_t at = 0; at < length && text[at];) {
@@ -62,10 +62,28 @@ std::map<std::string, std::string> read_uboot_env(const uint8_t* data, size_t si
         std::string entry(text + at, end - at);
         auto eq = entry.find('=');
         if (eq != std::string::npos && eq > 0)
-            variables[entry.substr(0, eq)] = entry.substr(eq + 1);
+            variables.emplace_back(entry.substr(0, eq), entry.substr(eq + 1));
         at = end + 1;
     }
     return variables;
+}
+
+std::map<std::string, std::string> read_uboot_env(const uint8_t* data, size_t size)
+{
+    std::map<std::string, std::string> variables;
+    for (auto& [name, value] : read_uboot_env_entries(data, size))
+        variables[name] = std::move(value); // the last of a repeated name, as U-Boot's import keeps it
+    return variables;
+}
+
+std::vector<uint8_t> set_uboot_env(const uint8_t* data, size_t size, const UbootVariables& changes)
+{
+    UbootVariables variables = read_uboot_env_entries(data, size);
+    for (const auto& [name, value] : changes) {
+        std::erase_if(variables, [&](const auto& entry) { return entry.first == name; });
+        variables.emplace_back(name, value);
+    }
+    return make_uboot_env(variables, size);
 }
 
 UbootVariables parse_uboot_env_text(const std::string& text)

@@ -51,11 +51,11 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
         SysrootOptions sysroot = plan.sysroot;
         sysroot.download_dir = memory_with_room(plan.source.content_bytes, 1000);
         result.deployment = in_step("sysroot", [&] { return provision_sysroot(rootfs.path(), sysroot, notice, cancellable); });
-        if (board.boot_count.enabled())
+        if (std::string record = boot_board_record(board); !record.empty())
             in_step("boot counting", [&] {
-                std::filesystem::path record = rootfs.path() / boot_board_record_path;
-                std::filesystem::create_directories(record.parent_path());
-                fs::write_file_atomic(record, boot_board_record(board));
+                std::filesystem::path path = rootfs.path() / boot_board_record_path;
+                std::filesystem::create_directories(path.parent_path());
+                fs::write_file_atomic(path, record);
             });
         in_step("sysroot", [&] { rootfs.unmount(); });
     }

@@ -4,6 +4,7 @@
 #include "common/fd.hpp"
 #include "common/fs.hpp"
 #include "common/glib.hpp"
+#include "flasher/boot/uboot_env.hpp"
 #include "flasher/inspect/card_files.hpp"
 #include "flasher/inspect/ext4_reader.hpp"
 
@@ -210,7 +211,18 @@ InspectResult inspect(const std::string& path, GCancellable* cancellable)
         if (loader == "loader.0" || loader == "loader.1")
             result.uenv = parse_env_lines(read_or_warn(*card, "boot/" + loader + "/uEnv.txt", "a uEnv.txt", result.warnings));
         read_origin(read_or_warn(*card, "ostree/repo/config", "a repository config", result.warnings), result);
-        result.boot = boot_status(read_boot_files(*card, path), result.deployments);
+        BootFiles boot_files = read_boot_files(*card, path);
+        result.boot = boot_status(boot_files, result.deployments);
+        result.board_record = boot_files.board;
+        try {
+            if (auto place = uboot_env_place(boot_files.board))
+            {
+                std::vector<uint8_t> block = read_uboot_env_block(path, *place, result.size);
+                result.uboot_env = read_uboot_env(block.data(), block.size());
+            }
+        } catch (const Error& e) {
+            result.warnings.push_back(std::string("the U-Boot environment: ") + e.what());
+        }
         if (card->type(auto_update_state_path) == S_IFREG)
             result.auto_update = parse_env_lines(
                 read_or_warn(*card, auto_update_state_path, "the updater's state", result.warnings));

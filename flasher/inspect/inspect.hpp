@@ -41,6 +41,13 @@ struct InspectResult {
     // The unit a factory station gave the card: /etc/treeflash/unit of the
     // default deployment (serial, hostname, ethaddr, ...). Empty: none.
     std::map<std::string, std::string> unit;
+    // The U-Boot environment the board keeps on the card (where flash's
+    // boot/treeflash/board.env says), when it has one and its CRC matches:
+    // a station's unit is there too (serial#, ethaddr, ...).
+    std::map<std::string, std::string> uboot_env;
+    // boot/treeflash/board.env of the sysroot: how flash set the card up
+    // for its board (bootlimit, where the tries and the environment are).
+    std::map<std::string, std::string> board_record;
     std::vector<std::string> warnings; // file systems that could not be read, partitions past the end, files too large
 };
 

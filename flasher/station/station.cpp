@@ -401,17 +401,21 @@ private:
             if (m_units->left() == 0)
                 throw Error("no unit left in " + m_options.manifest->string()
                             + ": the card is written but has no identity");
+            // Through the open device: the card provisioned is the one
+            // written. A card that cannot take a unit costs none.
+            ProvisionTarget where =
+                find_provision_target("/proc/self/fd/" + std::to_string(target->fd()), disk.path);
             unit = m_units->take(std::to_string(slot + 1), identity);
             if (!unit)
                 throw Error("no unit left in " + m_options.manifest->string()
                             + ": the card is written but has no identity");
             line["unit"] = unit->serial;
             update(slot, [&](SlotStatus& s) { s.unit = unit->serial; });
-            // Through the open device: the card provisioned is the one written.
-            Provisioned provisioned =
-                provision_card("/proc/self/fd/" + std::to_string(target->fd()), *unit, disk.path);
+            Provisioned provisioned = provision_card(where, *unit);
             target->verify_identity(disk);
             line["provisioned"] = provisioned.files;
+            if (!provisioned.uboot_variables.empty())
+                line["uboot_env"] = provisioned.uboot_variables;
             m_units->finish(*unit, true, "");
         }
         ++m_ok;

@@ -74,14 +74,32 @@ std::string string_field(const json& entry, const char* key, const std::string& 
 
 } // namespace
 
+namespace {
+
+// U-Boot's names for a board's MAC addresses, in the order of its interfaces.
+std::string mac_variable(size_t index)
+{
+    return index == 0 ? std::string("ethaddr") : "eth" + std::to_string(index) + "addr";
+}
+
+} // namespace
+
 std::string Unit::unit_file() const
 {
     std::string text = "serial=" + serial + "\n";
     if (!hostname.empty())
         text += "hostname=" + hostname + "\n";
     for (size_t i = 0; i < macs.size(); ++i)
-        text += (i == 0 ? std::string("ethaddr") : "eth" + std::to_string(i) + "addr") + "=" + macs[i] + "\n";
+        text += mac_variable(i) + "=" + macs[i] + "\n";
     return text;
+}
+
+std::vector<std::pair<std::string, std::string>> Unit::uboot_variables() const
+{
+    std::vector<std::pair<std::string, std::string>> variables{{"serial#", serial}};
+    for (size_t i = 0; i < macs.size(); ++i)
+        variables.emplace_back(mac_variable(i), macs[i]);
+    return variables;
 }
 
 std::vector<Unit> read_manifest(const std::filesystem::path& manifest)

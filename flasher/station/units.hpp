@@ -34,6 +34,8 @@ struct Unit {
     std::vector<UnitFile> files;
     // KEY=VALUE lines of /etc/treeflash/unit on the card.
     std::string unit_file() const;
+    // What U-Boot's environment gets: serial#, ethaddr, eth1addr, ...
+    std::vector<std::pair<std::string, std::string>> uboot_variables() const;
 };
 
 // Reads and checks a manifest: one JSON object per line, e.g.

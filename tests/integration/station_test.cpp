@@ -17,6 +17,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <regex>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -102,8 +103,8 @@ bool wait_until(const std::function<bool()>& done, int seconds)
     return done();
 }
 
-// The golden image (a flashed qemu-arm64 commit) and a manifest of units with
-// a key file each.
+// The golden image (a flashed ls104x commit: a board that keeps U-Boot's
+// environment on the card) and a manifest of units with a key file each.
 struct Line {
     Scratch tmp;
     fs::path golden = tmp / "golden.img";
@@ -113,7 +114,7 @@ struct Line {
     explicit Line(int units)
     {
         build_commit(tmp.path(), tmp / "repo");
-        auto flashed = flash_image(tmp / "repo", golden);
+        auto flashed = flash_image(tmp / "repo", golden, {"--board", "ls104x"});
         REQUIRE_MESSAGE(flashed.ok(), flashed.err);
         std::string text;
         for (int i = 1; i <= units; ++i) {
@@ -142,20 +143,39 @@ struct Line {
     }
 };
 
+// ls104x's U-Boot environment (CONFIG_ENV_OFFSET, CONFIG_ENV_SIZE).
+constexpr uint64_t env_offset = 0x500000, env_size = 0x2000;
+
 // Checks a card the log says is good: the image's bytes before the rootfs
-// partition, a clean rootfs, and the unit's identity in the deployment's /etc.
+// partition but for U-Boot's environment, which holds the unit's serial# and
+// MAC beside the image's variables; a clean rootfs, and the unit's identity
+// in the deployment's /etc.
 void check_good_card(const fs::path& golden, const fs::path& card, const std::string& serial, int number)
 {
     auto [offset, size] = rootfs_extent(golden);
-    CHECK(read_bytes(card, 0, offset) == read_bytes(golden, 0, offset));
+    CHECK(read_bytes(card, 0, env_offset) == read_bytes(golden, 0, env_offset));
+    CHECK(read_bytes(card, env_offset + env_size, offset - env_offset - env_size)
+          == read_bytes(golden, env_offset + env_size, offset - env_offset - env_size));
+    char mac[32];
+    std::snprintf(mac, sizeof mac, "02:00:00:00:00:%02x", number);
+    auto image_env = fw_printenv(golden, env_offset, env_size, card.string() + ".fw_env.config");
+    auto card_env = fw_printenv(card, env_offset, env_size, card.string() + ".fw_env.config");
+    fs::remove(card.string() + ".fw_env.config");
+    CHECK(card_env["serial#"] == serial);
+    CHECK(card_env["ethaddr"] == mac);
+    REQUIRE(image_env.count("bootcmd"));
+    image_env["serial#"] = serial;
+    image_env["ethaddr"] = mac;
+    CHECK(card_env == image_env);
+
     auto r = run_treeflash({"inspect", card.string(), "--json"});
     REQUIRE_MESSAGE(r.ok(), r.err);
     json state = json::parse(r.out);
     CHECK(state["unit"]["serial"] == serial);
     CHECK(state["unit"]["hostname"] == "tcu-" + std::to_string(number));
-    char mac[32];
-    std::snprintf(mac, sizeof mac, "02:00:00:00:00:%02x", number);
     CHECK(state["unit"]["ethaddr"] == mac);
+    CHECK(state["uboot_env"]["serial#"] == serial);
+    CHECK(state["uboot_env"]["ethaddr"] == mac);
     std::string deployment = "ostree/deploy/" + state["deployments"][0]["os"].get<std::string>() + "/deploy/"
                              + state["deployments"][0]["commit"].get<std::string>() + ".0/etc/";
     flasher::Ext4Card files(card.string(), offset);
@@ -402,6 +422,34 @@ TEST_CASE("a card taken out mid-write fails its slot with a clear line, and the 
     CHECK(read_text(err).find("slot 1 " + slot.device + "  failed  file:" + pulled.string()
                               + "  the card was taken out before it was done")
           != std::string::npos);
+}
+
+TEST_CASE("a card that cannot take a unit costs none: the image holds no sysroot" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::path image = tmp / "zeros.img";
+    blank_card(image, 16 * MiB);
+    write_file(tmp / "units.jsonl", R"({"serial": "TCU-0001", "mac": ["02:00:00:00:00:01"]})" "\n");
+    write_file(tmp / "empty", "");
+    Slot slot(tmp / "empty");
+    fs::path card = blank_card(tmp / "card", 16 * MiB);
+    fs::path log = tmp / "cards.jsonl", err = tmp / "station.err";
+    pid_t station = spawn_treeflash({"station", image.string(), "--slot", slot.device, "--manifest",
+                                     (tmp / "units.jsonl").string(), "--log", log.string(), "--force", "--json"},
+                                    err.string());
+    REQUIRE(slot.insert(card));
+    REQUIRE_MESSAGE(wait_until([&] { return lines_for(log, "file:" + card.string()) == 1; }, 60), read_text(err));
+    ::kill(station, SIGINT);
+    CHECK(wait_exit(station) == 130);
+    CHECK(slot.remove());
+    json line = log_lines(log).back();
+    CHECK(line["result"] == "failed");
+    CHECK(line["verified"] == true);
+    CHECK_MESSAGE(line["error"].get<std::string>() == slot.device + " holds no OSTree sysroot to provision", line.dump());
+    CHECK(!line.contains("unit"));
+    // The unit is still free: nothing about it in the journal.
+    CHECK(read_text(tmp / "units.jsonl.journal").find("TCU-0001") == std::string::npos);
 }
 
 // Debian's chromium, headless, on `url`: the page's DOM once it loaded and

@@ -77,6 +77,24 @@ std::string read_text(const fs::path& path)
     return s.str();
 }
 
+std::map<std::string, std::string> fw_printenv(const fs::path& file, uint64_t offset, uint64_t size,
+                                               const fs::path& config)
+{
+    // fw_env.config wants its numbers in hex.
+    std::ostringstream line;
+    line << file.string() << std::hex << " 0x" << offset << " 0x" << size << "\n";
+    write_file(config, line.str());
+    auto r = run_process({"fw_printenv", "-c", config.string()});
+    if (!r.ok())
+        throw std::runtime_error("fw_printenv cannot read " + file.string() + ": " + r.err);
+    std::map<std::string, std::string> values;
+    std::istringstream in(r.out);
+    for (std::string text; std::getline(in, text);)
+        if (auto eq = text.find('='); eq != std::string::npos)
+            values[text.substr(0, eq)] = text.substr(eq + 1);
+    return values;
+}
+
 std::string sha256_hex(const std::string& data)
 {
     gchar* hex = g_compute_checksum_for_data(G_CHECKSUM_SHA256, reinterpret_cast<const guchar*>(data.data()), data.size());

@@ -38,6 +38,11 @@ std::vector<fs::path> scratch_paths_made();
 void write_file(const fs::path& path, const std::string& content, mode_t mode = 0644);
 std::string read_text(const fs::path& path);
 std::string sha256_hex(const std::string& data);
+// U-Boot's environment at `offset` of `file`, `size` bytes, as libubootenv's
+// fw_printenv reads it (its config written to `config`): a reader that is
+// not the project's code. Throws when fw_printenv cannot read it.
+std::map<std::string, std::string> fw_printenv(const fs::path& file, uint64_t offset, uint64_t size,
+                                               const fs::path& config);
 // sha256sum(1) of the files' contents concatenated: a value computed
 // without the project's code or GLib, to check checksums against.
 std::string sha256sum_files(const std::vector<fs::path>& files);

@@ -2,6 +2,7 @@
 
 #include "common/text.hpp"
 
+#include <algorithm>
 #include <arpa/inet.h>
 #include <chrono>
 #include <csignal>
@@ -192,8 +193,11 @@ SmallTmpfs::~SmallTmpfs()
 
 ProcessResult flash_image(const fs::path& repo, const fs::path& image, const std::vector<std::string>& extra)
 {
-    std::vector<std::string> args{"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(),
-                                  "--repo", repo.string()};
+    std::vector<std::string> args{"flash", "--no-gpg-verify", "--image", image.string(), "--repo", repo.string()};
+    if (std::find(extra.begin(), extra.end(), "--board") == extra.end()) {
+        args.push_back("--board");
+        args.push_back("qemu-arm64");
+    }
     args.insert(args.end(), extra.begin(), extra.end());
     return run_treeflash(args);
 }

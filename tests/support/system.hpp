@@ -59,6 +59,7 @@ struct SmallTmpfs {
 };
 
 // treeflash flash of `repo`'s commit to a new qemu-arm64 `image`, unsigned.
+// treeflash flash of `repo` into `image`, for qemu-arm64 unless `extra` names a --board.
 ProcessResult flash_image(const fs::path& repo, const fs::path& image, const std::vector<std::string>& extra = {});
 
 // The rootfs partition (p3) of a qemu-arm64 image: byte offset and size.

@@ -33,22 +33,6 @@ void write_bytes(const fs::path& path, const std::vector<uint8_t>& bytes)
     out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
 }
 
-// fw_printenv's view of an environment at `offset` of `file`.
-std::map<std::string, std::string> fw_printenv(const Scratch& tmp, const fs::path& file, uint64_t offset, uint64_t size)
-{
-    // fw_env.config wants its numbers in hex.
-    std::ostringstream config;
-    config << file.string() << std::hex << " 0x" << offset << " 0x" << size << "\n";
-    write_file(tmp / "fw_env.config", config.str());
-    auto r = run_process({"fw_printenv", "-c", (tmp / "fw_env.config").string()});
-    REQUIRE_MESSAGE(r.ok(), r.err);
-    std::map<std::string, std::string> values;
-    std::istringstream in(r.out);
-    for (std::string line; std::getline(in, line);)
-        if (auto eq = line.find('='); eq != std::string::npos)
-            values[line.substr(0, eq)] = line.substr(eq + 1);
-    return values;
-}
 
 // A copy of a bundled board with `from` replaced by `to` in its board.conf.
 fs::path board_with(const Scratch& tmp, const std::string& board, const std::string& from, const std::string& to)
@@ -85,7 +69,7 @@ TEST_CASE("U-Boot environments: byte for byte what mkenvimage writes, read back 
     CHECK(std::string(ours.begin(), ours.end()) == theirs);
 
     write_bytes(tmp / "ours.bin", ours);
-    auto read = fw_printenv(tmp, tmp / "ours.bin", 0, 8192);
+    auto read = fw_printenv(tmp / "ours.bin", 0, 8192, tmp / "fw_env.config");
     CHECK(read["bootcmd"] == variables[0].second);
     CHECK(read["bootlimit"] == "3");
     auto back = read_uboot_env(reinterpret_cast<const uint8_t*>(theirs.data()), theirs.size());
@@ -102,11 +86,45 @@ TEST_CASE("U-Boot environments: byte for byte what mkenvimage writes, read back 
     CHECK(error_of([&] { make_uboot_env({{"a", "two\nlines"}}, 512); }).find("newline") != std::string::npos);
 }
 
+TEST_CASE("a unit's identity set in a U-Boot environment: the others kept in order, the CRC made anew")
+{
+    Scratch tmp;
+    std::vector<uint8_t> image = make_uboot_env({{"bootcmd", "run x"}, {"ethaddr", "02:00:00:00:00:99"}, {"bootdelay", "3"}}, 8192);
+    std::vector<uint8_t> set = set_uboot_env(image.data(), image.size(),
+                                             {{"serial#", "TCU-0001"}, {"ethaddr", "02:00:00:00:00:01"}});
+    CHECK(set.size() == 8192);
+    UbootVariables entries = read_uboot_env_entries(set.data(), set.size());
+    CHECK(entries == UbootVariables{{"bootcmd", "run x"}, {"bootdelay", "3"}, {"serial#", "TCU-0001"},
+                                    {"ethaddr", "02:00:00:00:00:01"}});
+    write_bytes(tmp / "set.bin", set);
+    auto read = fw_printenv(tmp / "set.bin", 0, 8192, tmp / "fw_env.config");
+    CHECK(read == std::map<std::string, std::string>{{"bootcmd", "run x"}, {"bootdelay", "3"},
+                                                     {"serial#", "TCU-0001"}, {"ethaddr", "02:00:00:00:00:01"}});
+    // Only a valid environment is changed, and only within its size.
+    image[50] ^= 1;
+    CHECK(error_of([&] { set_uboot_env(image.data(), image.size(), {{"serial#", "x"}}); }).find("CRC") != std::string::npos);
+    std::vector<uint8_t> small = make_uboot_env({{"a", "b"}}, 512);
+    CHECK(error_of([&] { set_uboot_env(small.data(), small.size(), {{"serial#", std::string(600, 'x')}}); })
+              .find("do not fit") != std::string::npos);
+}
+
+TEST_CASE("where board.env says U-Boot's environment is: whole sectors past the first, or an error")
+{
+    CHECK(!uboot_env_place({{"bootlimit", "3"}}));
+    auto place = uboot_env_place({{"uboot_env", "0x500000 0x2000"}});
+    REQUIRE(place);
+    CHECK(place->offset == 0x500000);
+    CHECK(place->size == 0x2000);
+    for (const char* bad : {"0x500000", "0x500000 0x2000 9", "x y", "0 0x2000", "0x500001 0x2000", "0x500000 0x200000",
+                            "0x500000 100", "-1 0x2000"})
+        CHECK_MESSAGE(error_of([&] { uboot_env_place({{"uboot_env", bad}}); }).find("uboot_env") != std::string::npos, bad);
+}
+
 TEST_CASE("the tries block flash writes is what the boot script imports: tries 0, serial 0")
 {
     Scratch tmp;
     write_bytes(tmp / "block.bin", initial_boot_state());
-    auto values = fw_printenv(tmp, tmp / "block.bin", 0, boot_state_bytes);
+    auto values = fw_printenv(tmp / "block.bin", 0, boot_state_bytes, tmp / "fw_env.config");
     CHECK(values == std::map<std::string, std::string>{{"treeflash_serial", "0"}, {"treeflash_tries", "0"}});
 }
 
@@ -140,14 +158,14 @@ TEST_CASE("ls104x: its U-Boot environment and boot script agree with the board p
         io.seekp(static_cast<std::streamoff>(board.boot_count.state_offset));
         io.write(reinterpret_cast<const char*>(block.data()), static_cast<std::streamsize>(block.size()));
     }
-    auto values = fw_printenv(tmp, card, slot->offset, slot->max_size);
+    auto values = fw_printenv(card, slot->offset, slot->max_size, tmp / "fw_env.config");
     CHECK(values["bootcmd"] == "mmc dev 0; load mmc 0:1 ${scriptaddr} /boot.scr && source ${scriptaddr}");
     CHECK(values["treeflash_bootlimit"] == "3");
     CHECK(values.count("bootlimit") == 0); // U-Boot's own, which its bootcount support would act on
     CHECK(values["scriptaddr"] == board.uboot_defaults.at("scriptaddr"));
     for (const auto& [name, value] : values)
         CHECK_MESSAGE(value.find('@') == std::string::npos, name);
-    CHECK(fw_printenv(tmp, card, board.boot_count.state_offset, boot_state_bytes)["treeflash_tries"] == "0");
+    CHECK(fw_printenv(card, board.boot_count.state_offset, boot_state_bytes, tmp / "fw_env.config")["treeflash_tries"] == "0");
 
     // The boot script counts in the same block, with the same limit, and is
     // a valid U-Boot script image.

@@ -110,6 +110,8 @@ TEST_CASE("qemu-arm64 and ls104x images made without root, loop devices or mount
             write_file(tmp / "fw_env.config", image.string() + " 0x500000 0x2000\n");
             auto env = run_process({"fw_printenv", "-c", (tmp / "fw_env.config").string(), "bootcmd"});
             CHECK(env.out.find("source ${scriptaddr}") != std::string::npos);
+            // Where the factory station finds the environment.
+            CHECK_MESSAGE(board_env.out.find("uboot_env=0x500000 0x2000\n") != std::string::npos, board_env.out);
         }
         // inspect reads it as the same user, without mounting it.
         auto inspected = run_unprivileged(tools, {"inspect", image.string(), "--json"});
