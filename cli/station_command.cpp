@@ -1,6 +1,7 @@
 // treeflash station: options -> flasher::StationOptions -> flasher::run_station
 // -> a line per slot change on the terminal, the card log, a summary.
 #include "cli/command.hpp"
+#include "cli/station_view.hpp"
 #include "common/error.hpp"
 #include "common/fs.hpp"
 #include "common/named_file.hpp"
@@ -128,57 +129,56 @@ int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
                 throw Error("the manifest's journal " + manifest + ".journal is a file this station reads; "
                             "move the manifest");
 
-    // One line per change of state, not per chunk: a station's terminal
-    // is read across a room, and kept in a scrollback.
-    std::mutex out_mutex;
-    std::vector<std::string> last(options.slots.size());
-    std::ostream& out = json ? std::cerr : std::cout;
-    options.status = [&](const flasher::SlotStatus& s) {
-        std::string state = flasher::slot_state_name(s.state);
-        std::lock_guard lock(out_mutex);
-        if (last[s.slot] == state)
-            return;
-        last[s.slot] = state;
-        out << text::utc_now() << "  slot " << s.slot + 1 << " " << s.device << "  " << state;
-        if (!s.card.empty())
-            out << "  " << text::printable(s.card);
-        if (!s.unit.empty())
-            out << "  unit " << s.unit;
-        if (s.state == flasher::SlotState::Done && s.seconds > 0) {
-            char took[32];
-            std::snprintf(took, sizeof took, "  %.1f s", s.seconds);
-            out << took;
-        }
-        if (!s.message.empty())
-            out << "  " << text::printable(s.message);
-        out << std::endl;
+    // What the line sees, drawn on the terminal and, with --http, served.
+    flasher::LineState line(options.slots);
+    options.started = [&](const flasher::StationStart& start) {
+        flasher::LineInfo info;
+        info.image = image;
+        info.image_sha256 = start.image_sha256;
+        info.commit = start.commits.size() == 1 ? start.commits.front() : "";
+        info.ok_today = start.ok_today;
+        info.failed_today = start.failed_today;
+        info.units = options.manifest.has_value();
+        info.units_left = start.units_left;
+        info.units_total = start.units_total;
+        line.set_info(info);
     };
-
     std::unique_ptr<flasher::StationPage> page;
     if (!http.empty()) {
-        page = std::make_unique<flasher::StationPage>(http, options.slots);
+        page = std::make_unique<flasher::StationPage>(http, line);
         print_notice("the line's page: " + page->url());
-        options.started = [&](const flasher::StationStart& start) {
-            flasher::PageInfo info;
-            info.image = image;
-            info.image_sha256 = start.image_sha256;
-            info.commit = start.commits.size() == 1 ? start.commits.front() : "";
-            info.ok_today = start.ok_today;
-            info.failed_today = start.failed_today;
-            info.units = options.manifest.has_value();
-            info.units_left = start.units_left;
-            info.units_total = start.units_total;
-            page->set_info(info);
-        };
     }
-    auto print_status = options.status;
-    options.status = [&, print_status](const flasher::SlotStatus& s) {
-        print_status(s);
-        if (page)
-            page->update(s);
+
+    // On a tty, the line redrawn in place under the cards' results; else
+    // one line per change of a slot, not per chunk, as a log keeps it.
+    std::ostream& out = json ? std::cerr : std::cout;
+    const int out_fd = json ? STDERR_FILENO : STDOUT_FILENO;
+    std::unique_ptr<LiveTerminal> live;
+    if (::isatty(out_fd))
+        live = std::make_unique<LiveTerminal>(line, out_fd);
+    std::mutex out_mutex;
+    std::vector<flasher::SlotState> last(options.slots.size(), flasher::SlotState::Empty);
+    std::vector<bool> seen(options.slots.size(), false);
+    options.status = [&](const flasher::SlotStatus& s) {
+        line.update(s);
+        std::lock_guard lock(out_mutex);
+        if (seen[s.slot] && last[s.slot] == s.state)
+            return;
+        seen[s.slot] = true;
+        last[s.slot] = s.state;
+        if (!live)
+            out << describe_slot_change(s) << std::endl;
+        else if (s.state == flasher::SlotState::Done || s.state == flasher::SlotState::Failed)
+            live->print(describe_slot_change(s));
     };
+    if (live) {
+        auto above = [&](const std::string& text) { live->print("treeflash: " + text); };
+        options.notice = above;
+        options.image_options.notice = above;
+    }
 
     flasher::StationReport report = in_step("station", [&] { return flasher::run_station(options, cancellable); });
+    live.reset();
     page.reset();
 
     if (json) {

@@ -21,20 +21,18 @@ namespace {
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-constexpr size_t errors_kept = 8;
 constexpr guint push_every_ms = 250;
 
 } // namespace
 
 struct StationPage::Impl {
-    // Shared with the slot threads, under `mutex`.
-    std::mutex mutex;
-    PageInfo info;
-    std::vector<SlotStatus> slots;
-    std::vector<Clock::time_point> done_times; // cards ok in this run, for cards per hour
-    size_t ok = 0, failed = 0;
-    std::deque<json> errors;
-    bool dirty = true;
+    explicit Impl(const LineState& served)
+        : line(served)
+    {
+    }
+
+    const LineState& line; // updated by the station's slot threads
+    uint64_t pushed = 0;   // the version of it last sent to the open pages
 
     // Owned by the server thread (the context and loop by both).
     glib::MainContext context;
@@ -45,39 +43,33 @@ struct StationPage::Impl {
     std::thread thread;
     std::string url;
 
-    json snapshot()
+    json snapshot() const
     {
-        std::lock_guard lock(mutex);
-        auto now = Clock::now();
-        size_t last_hour = 0;
-        for (auto t : done_times)
-            last_hour += now - t < std::chrono::hours(1);
-        json out{{"image", info.image}, {"image_sha256", info.image_sha256}, {"commit", info.commit},
-                 {"ok", info.ok_today + ok}, {"failed", info.failed_today + failed}, {"per_hour", last_hour},
-                 {"units_left", info.units ? json(info.units_left) : json(nullptr)},
-                 {"units_total", info.units_total}, {"errors", json(errors)}};
+        LineSnapshot now = line.snapshot();
+        json errors = json::array();
+        for (const auto& e : now.errors)
+            errors.push_back({{"time", e.time}, {"slot", e.slot}, {"error", e.error}});
+        json out{{"image", now.info.image}, {"image_sha256", now.info.image_sha256}, {"commit", now.info.commit},
+                 {"ok", now.ok}, {"failed", now.failed}, {"per_hour", now.per_hour},
+                 {"units_left", now.info.units ? json(now.info.units_left) : json(nullptr)},
+                 {"units_total", now.info.units_total}, {"errors", errors}};
         json list = json::array();
-        for (const auto& s : slots) {
-            double rate = s.seconds > 0 ? static_cast<double>(s.done) / s.seconds : 0;
+        for (const auto& s : now.slots)
             list.push_back({{"slot", s.slot + 1}, {"device", text::printable(s.device)},
                             {"state", slot_state_name(s.state)}, {"done", s.done}, {"total", s.total},
-                            {"rate", rate}, {"eta", rate > 0 ? static_cast<double>(s.total - s.done) / rate : 0.0},
+                            {"rate", slot_rate(s)}, {"eta", slot_seconds_left(s)},
                             {"card", text::printable(s.card)}, {"unit", s.unit},
                             {"message", text::printable(s.message)}});
-        }
         out["slots"] = list;
-        dirty = false;
         return out;
     }
 
     // On the server thread: the snapshot to every open page.
     void push()
     {
-        {
-            std::lock_guard lock(mutex);
-            if (!dirty || clients.empty())
-                return;
-        }
+        if (clients.empty() || line.version() == pushed)
+            return;
+        pushed = line.version();
         std::string event = "data: " + snapshot().dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n";
         for (const auto& [msg, held] : clients) {
             soup_message_body_append(soup_server_message_get_response_body(msg), SOUP_MEMORY_COPY, event.data(),
@@ -186,8 +178,8 @@ struct StationPage::Impl {
     }
 };
 
-StationPage::StationPage(const std::string& address, const std::vector<std::string>& slots)
-    : m(std::make_unique<Impl>())
+StationPage::StationPage(const std::string& address, const LineState& line)
+    : m(std::make_unique<Impl>(line))
 {
     auto colon = address.rfind(':');
     if (colon == std::string::npos || colon == 0)
@@ -199,12 +191,6 @@ StationPage::StationPage(const std::string& address, const std::vector<std::stri
     if (port_text.empty() || port_text.size() > 5 || port_text.find_first_not_of("0123456789") != std::string::npos
         || std::stoul(port_text) > 65535)
         throw Error("--http " + address + ": the port must be a number from 0 to 65535");
-    for (size_t i = 0; i < slots.size(); ++i) {
-        SlotStatus s;
-        s.slot = i;
-        s.device = slots[i];
-        m->slots.push_back(s);
-    }
     m->context.reset(g_main_context_new());
     m->loop.reset(g_main_loop_new(m->context.get(), FALSE));
     std::promise<std::string> started;
@@ -229,38 +215,6 @@ StationPage::~StationPage()
         },
         m->loop.get());
     m->thread.join();
-}
-
-void StationPage::set_info(const PageInfo& info)
-{
-    std::lock_guard lock(m->mutex);
-    m->info = info;
-    m->dirty = true;
-}
-
-void StationPage::update(const SlotStatus& status)
-{
-    std::lock_guard lock(m->mutex);
-    if (status.slot >= m->slots.size())
-        return;
-    SlotStatus& before = m->slots[status.slot];
-    // A card's result counts once, when it first shows.
-    if (!status.result.empty() && before.result.empty()) {
-        if (status.result == "ok") {
-            ++m->ok;
-            m->done_times.push_back(Clock::now());
-        } else if (status.result == "failed" || status.result == "interrupted") {
-            ++m->failed;
-            m->errors.push_front({{"time", text::utc_now()}, {"slot", status.slot + 1},
-                                  {"error", text::printable(status.message)}});
-            if (m->errors.size() > errors_kept)
-                m->errors.pop_back();
-        }
-        if (status.units_left >= 0)
-            m->info.units_left = static_cast<size_t>(status.units_left);
-    }
-    before = status;
-    m->dirty = true;
 }
 
 std::string StationPage::url() const { return m->url; }

@@ -7,32 +7,22 @@
 // same snapshot once.
 #pragma once
 
-#include "flasher/station/station.hpp"
+#include "flasher/station/line.hpp"
 
 #include <memory>
 #include <string>
 
 namespace treeflash::flasher {
 
-struct PageInfo {
-    std::string image, image_sha256, commit;
-    size_t ok_today = 0, failed_today = 0; // from the log, before this run
-    bool units = false;
-    size_t units_left = 0, units_total = 0;
-};
-
 class StationPage {
 public:
-    // Listens on `address` (HOST:PORT, e.g. 0.0.0.0:8080 or 127.0.0.1:8080);
-    // throws when it cannot. `slots` are the devices, in order.
-    StationPage(const std::string& address, const std::vector<std::string>& slots);
+    // Listens on `address` (HOST:PORT, e.g. 0.0.0.0:8080 or 127.0.0.1:8080)
+    // and serves `line`, which must outlive it; throws when it cannot.
+    StationPage(const std::string& address, const LineState& line);
     ~StationPage(); // stops the server; open pages show "not answering"
     StationPage(const StationPage&) = delete;
     StationPage& operator=(const StationPage&) = delete;
 
-    void set_info(const PageInfo& info);
-    // A slot changed; from any thread.
-    void update(const SlotStatus& status);
     // The URL the page is at (the port as bound, for port 0).
     std::string url() const;
 

@@ -381,7 +381,10 @@ private:
         write.progress = [&](const CardProgress& p) {
             update(slot, [&](SlotStatus& s) {
                 if (p.phase == CardPhase::Writing || p.phase == CardPhase::Verifying) {
-                    s.state = p.phase == CardPhase::Writing ? SlotState::Writing : SlotState::Verifying;
+                    SlotState state = p.phase == CardPhase::Writing ? SlotState::Writing : SlotState::Verifying;
+                    if (state != s.state)
+                        s.phase_started = p.seconds;
+                    s.state = state;
                     s.done = p.done;
                     s.total = p.total;
                     s.seconds = p.seconds;

@@ -29,6 +29,7 @@ struct SlotStatus {
     SlotState state = SlotState::Empty;
     uint64_t done = 0, total = 0; // bytes of the current phase
     double seconds = 0;           // since the card's write began
+    double phase_started = 0;     // `seconds` when the current phase (writing, verifying) began
     std::string card;             // its identity (SD CID, disk serial, ...)
     std::string unit;             // the serial of the unit it got
     std::string message;          // why it failed, or what to do now

@@ -531,4 +531,113 @@ TEST_CASE("the line's page, read in a real browser while the station runs, shows
     CHECK(wait_exit(station) == 130);
 }
 
+// A terminal for the station: a tmux server of the test's own, whose pane
+// is a real terminal the station draws on, read back as the screen shows it.
+struct Terminal {
+    fs::path socket;
+    Terminal(const fs::path& socket_path, const std::string& command) : socket(socket_path)
+    {
+        auto r = run_process({"tmux", "-S", socket.string(), "new-session", "-d", "-x", "160", "-y", "24", command});
+        REQUIRE_MESSAGE(r.ok(), r.err);
+    }
+    ~Terminal() { run_process({"tmux", "-S", socket.string(), "kill-server"}); }
+    Terminal(const Terminal&) = delete;
+    Terminal& operator=(const Terminal&) = delete;
+
+    std::string screen() const { return run_process({"tmux", "-S", socket.string(), "capture-pane", "-p"}).out; }
+    void keys(const std::string& keys) const { run_process({"tmux", "-S", socket.string(), "send-keys", keys}); }
+};
+
+TEST_CASE("while a card is written, the terminal and the page show its progress, speed and time left"
+          * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    // 2 GiB of noise (one 16 MiB chunk over and over): seconds of writing
+    // and reading back, long enough to watch.
+    fs::path image = tmp / "noise.img";
+    {
+        std::string chunk(16 * MiB, '\0');
+        uint32_t x = 2026;
+        for (auto& c : chunk) {
+            x ^= x << 13, x ^= x >> 17, x ^= x << 5;
+            c = static_cast<char>(x);
+        }
+        std::ofstream out(image, std::ios::binary);
+        for (int i = 0; i < 128; ++i)
+            out.write(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+    }
+    write_file(tmp / "empty", "");
+    Slot slot(tmp / "empty");
+    fs::path card = blank_card(tmp / "card", 2048 * MiB);
+    fs::path log = tmp / "cards.jsonl", err = tmp / "station.err";
+    std::string command = std::string(TREEFLASH_BINARY) + " station " + image.string() + " --slot " + slot.device
+                          + " --force --http 127.0.0.1:0 --log " + log.string() + " 2>" + err.string()
+                          + "; echo exit status $?; sleep 600";
+    Terminal terminal(tmp / "tmux", command);
+    std::string url;
+    REQUIRE_MESSAGE(wait_until([&] {
+        std::string text = read_text(err);
+        auto at = text.find("the line's page: ");
+        if (at == std::string::npos)
+            return false;
+        url = text.substr(at + 17, text.find('\n', at) - at - 17);
+        return true;
+    }, 30), read_text(err));
+    REQUIRE(wait_until([&] { return terminal.screen().find("slot 1  " + slot.device + "  EMPTY") != std::string::npos; }, 30));
+
+    REQUIRE(slot.insert(card));
+    // The screen as the station redraws it, and the page's state, until
+    // both showed the card being written with a speed and a time left.
+    const std::regex progress("slot 1  " + slot.device + "  (WRITING|VERIFYING)  [0-9]+%  [0-9.]+ MiB/s  [0-9]+ s left");
+    bool screen_seen = false, page_seen = false;
+    std::string screen, state;
+    wait_until([&] {
+        if (!screen_seen) {
+            screen = terminal.screen();
+            screen_seen = std::regex_search(screen, progress);
+        }
+        if (!page_seen) {
+            state = run_process({"curl", "-s", "--max-time", "2", url + "state"}).out;
+            if (!state.empty()) {
+                json slot1 = json::parse(state)["slots"][0];
+                page_seen = (slot1["state"] == "writing" || slot1["state"] == "verifying")
+                            && slot1["rate"].get<double>() > 0 && slot1["eta"].get<double>() > 0
+                            && slot1["done"].get<uint64_t>() < slot1["total"].get<uint64_t>();
+            }
+        }
+        return (screen_seen && page_seen) || lines_for(log, "file:" + card.string()) > 0;
+    }, 120);
+    CHECK_MESSAGE(screen_seen, screen);
+    CHECK_MESSAGE(page_seen, state);
+    if (page_seen) {
+        // The page as served with that state in it, drawn by the browser:
+        // the bar's words give the speed and the time left.
+        std::string page = read_text(fs::path(TREEFLASH_SOURCE_DIR) / "templates/station.html");
+        auto at = page.find("/*STATE*/null");
+        REQUIRE(at != std::string::npos);
+        page.replace(at, 13, state);
+        write_file(tmp / "page.html", page);
+        std::string dom = browse(tmp, "file://" + (tmp / "page.html").string());
+        CHECK(std::regex_search(dom, std::regex(R"re(data-slot="1" data-state="(writing|verifying)")re")));
+        CHECK_MESSAGE(std::regex_search(dom, std::regex(R"re([0-9]+ MiB of [0-9]+ MiB · [0-9.]+ MiB/s · [0-9]+ s left)re")),
+                      dom);
+    }
+
+    REQUIRE_MESSAGE(wait_until([&] { return lines_for(log, "file:" + card.string()) == 1; }, 120), read_text(err));
+    // The card's result stays above the redrawn block; Ctrl-C on the
+    // terminal ends the station with its summary.
+    CHECK_MESSAGE(wait_until([&] {
+        screen = terminal.screen();
+        return screen.find("today: 1 ok, 0 failed, 1 in the last hour") != std::string::npos
+               && screen.find("slot 1  " + slot.device + "  DONE — remove the card") != std::string::npos;
+    }, 30), screen);
+    CHECK_MESSAGE(screen.find("slot 1 " + slot.device + "  done  file:" + card.string()) != std::string::npos, screen);
+    terminal.keys("C-c");
+    REQUIRE(wait_until([&] { return terminal.screen().find("exit status 130") != std::string::npos; }, 30));
+    screen = terminal.screen();
+    CHECK_MESSAGE(screen.find("station: 1 card(s) done, 0 failed (interrupted)") != std::string::npos, screen);
+    CHECK(slot.remove());
+}
+
 } // TEST_SUITE

@@ -4,6 +4,7 @@
 #include "common/error.hpp"
 #include "flasher/inspect/ext4_reader.hpp"
 #include "flasher/station/ext4_writer.hpp"
+#include "flasher/station/line.hpp"
 #include "flasher/station/units.hpp"
 #include "tests/support/system.hpp"
 
@@ -236,6 +237,54 @@ TEST_CASE("an ext4 whose journal needs recovery is not written")
     auto r = run_process({"debugfs", "-w", "-R", "feature needs_recovery", image.string()});
     REQUIRE_MESSAGE(r.ok(), r.err);
     CHECK(error_of([&] { Ext4Writer writer(image.string(), 0); }).find("journal needs recovery") != std::string::npos);
+}
+
+TEST_CASE("the line's terminal view: counts, then each slot with progress, speed and time left")
+{
+    flasher::LineState line({"/dev/sdb", "/dev/sdc", "/dev/sdd"});
+    flasher::LineInfo info;
+    info.image = "card.img.zst";
+    info.commit = "0123456789abcdef0123";
+    info.ok_today = 4;
+    info.units = true;
+    info.units_left = 10;
+    info.units_total = 12;
+    line.set_info(info);
+    uint64_t before = line.version();
+
+    // Slot 1 verifies: 60 MiB of 100 read back in the 3 s since its write
+    // ended at 7 s; the writing phase's time does not slow it down.
+    flasher::SlotStatus verifying{0, "/dev/sdb", flasher::SlotState::Verifying, 60 << 20, 100 << 20, 10.0, 7.0,
+                                  "cid:0123"};
+    line.update(verifying);
+    CHECK(line.version() != before);
+    CHECK(flasher::slot_rate(verifying) == doctest::Approx(20.0 * (1 << 20)));
+    CHECK(flasher::slot_seconds_left(verifying) == doctest::Approx(2.0));
+    flasher::SlotStatus done{1, "/dev/sdc", flasher::SlotState::Done};
+    done.unit = "TCU-0003";
+    done.message = "done — remove the card";
+    done.result = "ok";
+    done.units_left = 9;
+    line.update(done);
+    line.update(done); // a result counts once
+    flasher::SlotStatus failed{2, "/dev/sdd", flasher::SlotState::Failed};
+    failed.message = "the card is too small\x1b[2J";
+    failed.result = "failed";
+    line.update(failed);
+
+    auto lines = flasher::render_line(line.snapshot(), 200);
+    REQUIRE(lines.size() == 5);
+    CHECK(lines[0] == "image card.img.zst  commit 0123456789ab");
+    CHECK(lines[1] == "today: 5 ok, 1 failed, 1 in the last hour; 9 of 12 units left");
+    CHECK(lines[2] == "slot 1  /dev/sdb  VERIFYING  60%  20.0 MiB/s  2 s left  cid:0123");
+    CHECK(lines[3] == "slot 2  /dev/sdc  DONE — remove the card  unit TCU-0003");
+    // Text from a card or an error cannot drive the terminal.
+    CHECK(lines[4].find('\x1b') == std::string::npos);
+    CHECK(lines[4].rfind("slot 3  /dev/sdd  FAILED  the card is too small", 0) == 0);
+    // Each line fits the terminal.
+    for (const auto& text : flasher::render_line(line.snapshot(), 30))
+        CHECK(text.size() <= 30 + 2); // "—" is one column of three bytes
+    CHECK(line.snapshot().errors.size() == 1);
 }
 
 } // TEST_SUITE
