@@ -76,7 +76,7 @@ int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
         ("log", po::value(&log)->value_name("FILE"), "append one JSON line per card to FILE (default: none)")
         ("bmap", po::value(&bmap)->value_name("FILE"), "the image's block map (default: beside the image)")
         ("sums", po::value(&sums)->value_name("FILE"), "check the image against this SHA256SUMS")
-        ("cards", po::value(&cards_text)->value_name("N"), "stop after N cards are done (default: run until Ctrl-C)")
+        ("cards", po::value(&cards_text)->value_name("N"), "stop once N cards are done, never writing more (default: run until Ctrl-C)")
         ("rewrite", po::bool_switch(&options.rewrite), "write cards the log records as done with this image")
         ("force", po::bool_switch(&options.force), "allow slots that are not removable disks")
         ("http", po::value(&http)->value_name("HOST:PORT"),

@@ -208,6 +208,25 @@ private:
                || (m_options.stop_after && m_ok.load() >= m_options.stop_after);
     }
 
+    bool reserve_card()
+    {
+        if (!m_options.stop_after)
+            return true;
+        std::lock_guard lock(m_count_mutex);
+        if (m_ok.load() + m_in_hand >= m_options.stop_after)
+            return false;
+        ++m_in_hand;
+        return true;
+    }
+
+    void release_card()
+    {
+        if (!m_options.stop_after)
+            return;
+        std::lock_guard lock(m_count_mutex);
+        --m_in_hand;
+    }
+
     void sleep_a_poll() const { std::this_thread::sleep_for(std::chrono::milliseconds(m_options.poll_ms)); }
 
     void update(size_t slot, const std::function<void(SlotStatus&)>& change)
@@ -232,6 +251,7 @@ private:
         const std::string& device = m_options.slots[slot];
         uint64_t handled_diskseq = 0;
         bool holding = false; // a card we handled is still in the slot
+        bool waiting = false; // a card is in, but --cards N are in hand
         while (!stopping()) {
             Medium medium = look_at(device);
             if (holding) {
@@ -250,7 +270,21 @@ private:
                 sleep_a_poll();
                 continue;
             }
+            // With --cards N, a card is taken only while fewer than N are
+            // done or being written: the station never writes more than N.
+            if (!reserve_card()) {
+                if (!waiting)
+                    update(slot, [&](SlotStatus& s) {
+                        s.message = "waiting: " + std::to_string(m_options.stop_after)
+                                    + " card(s) are done or being written (--cards)";
+                    });
+                waiting = true;
+                sleep_a_poll();
+                continue;
+            }
+            waiting = false;
             handle_card(slot, medium);
+            release_card();
             handled_diskseq = medium.diskseq;
             holding = true;
         }
@@ -440,6 +474,8 @@ private:
     std::vector<SlotStatus> m_status;
     std::vector<dev_t> m_slot_devno; // each slot's device as named at start
     std::atomic<size_t> m_ok{0}, m_failed{0};
+    std::mutex m_count_mutex;
+    size_t m_in_hand = 0; // cards being handled, counted for --cards
 };
 
 } // namespace

@@ -452,6 +452,35 @@ TEST_CASE("a card that cannot take a unit costs none: the image holds no sysroot
     CHECK(read_text(tmp / "units.jsonl.journal").find("TCU-0001") == std::string::npos);
 }
 
+TEST_CASE("--cards N writes N cards, however many slots hold one" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::path image = tmp / "image.img";
+    write_file(image, std::string(8 * MiB, 'x'));
+    write_file(tmp / "empty", "");
+    Slot s1(tmp / "empty"), s2(tmp / "empty"), s3(tmp / "empty"), s4(tmp / "empty");
+    std::vector<fs::path> cards;
+    for (const Slot* slot : {&s1, &s2, &s3, &s4}) {
+        cards.push_back(blank_card(tmp / ("card" + std::to_string(cards.size() + 1)), 8 * MiB));
+        REQUIRE(slot->insert(cards.back()));
+    }
+    // Four cards in before the station starts: each slot finds one.
+    fs::path log = tmp / "cards.jsonl";
+    auto r = run_treeflash({"station", image.string(), "--slot", s1.device, "--slot", s2.device, "--slot",
+                            s3.device, "--slot", s4.device, "--cards", "2", "--log", log.string(), "--force"});
+    CHECK_MESSAGE(r.exit_code == 0, r.out << r.err);
+    CHECK_MESSAGE(r.out.find("station: 2 card(s) done, 0 failed") != std::string::npos, r.out);
+    auto lines = log_lines(log);
+    CHECK(lines.size() == 2);
+    size_t written = 0;
+    for (const auto& card : cards)
+        written += read_bytes(card, 0, 8 * MiB) == read_bytes(image, 0, 8 * MiB);
+    CHECK(written == 2);
+    for (const Slot* slot : {&s1, &s2, &s3, &s4})
+        CHECK(slot->remove());
+}
+
 // Debian's chromium, headless, on `url`: the page's DOM once it loaded and
 // its script drew the state it was served with, or with `screenshot` a PNG.
 std::string browse(const Scratch& tmp, const std::string& url, const fs::path& screenshot = {})
