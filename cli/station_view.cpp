@@ -70,20 +70,19 @@ void LiveTerminal::print(const std::string& text)
     redraw_locked(text::printable(text) + "\n");
 }
 
-// Moves to the block's first line, prints `above` there (it scrolls up with
-// the screen), then the block anew, each line cleared first; what the old
-// block had below the new one is cleared too.
+// Moves to the block's first line, clears the screen from there down,
+// prints `above` there (it scrolls up with the screen), then the block anew.
 void LiveTerminal::redraw_locked(const std::string& above)
 {
     std::vector<std::string> block = flasher::render_line(m_line.snapshot(), columns_of(m_fd) - 1);
     std::string out = "\r";
     if (m_drawn > 0)
         out += "\x1b[" + std::to_string(m_drawn) + "A";
-    if (!above.empty())
-        out += "\x1b[2K" + above;
+    // Everything from there down cleared first: a line above that wraps
+    // lands on cleared rows.
+    out += "\x1b[J" + above;
     for (const auto& line : block)
-        out += "\x1b[2K" + line + "\n";
-    out += "\x1b[J";
+        out += line + "\n";
     fs::write_to_pipe(m_fd, out);
     m_drawn = block.size();
 }

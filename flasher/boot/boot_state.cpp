@@ -88,9 +88,9 @@ std::vector<uint8_t> render_uboot_environment(const BoardProfile& board, size_t 
     return make_uboot_env(variables, size);
 }
 
-std::string boot_board_record(const BoardProfile& board)
+std::string boot_board_record(const BoardProfile& board, bool rendered_uboot_env)
 {
-    const FirmwareSlot* env = board.uboot_env ? board.slot(board.uboot_env->slot) : nullptr;
+    const FirmwareSlot* env = rendered_uboot_env && board.uboot_env ? board.slot(board.uboot_env->slot) : nullptr;
     if (!board.boot_count.enabled() && !env)
         return "";
     std::string record = "# Written by treeflash flash: how this card's board boots.\n"
@@ -144,9 +144,11 @@ std::optional<UbootEnvPlace> uboot_env_place(const std::map<std::string, std::st
         throw Error(std::string(boot_board_record_path) + ": expected uboot_env=OFFSET SIZE, not '"
                     + text::printable(line->second) + "'");
     }
-    if (place.offset < 512 || place.offset % 512 || place.size < 512 || place.size % 512 || place.size > (1u << 20))
+    // Past the partition table, MBR or GPT (34 sectors), in whole sectors.
+    if (place.offset < 34 * 512 || place.offset % 512 || place.size < 512 || place.size % 512 || place.size > (1u << 20))
         throw Error(std::string(boot_board_record_path) + ": uboot_env=" + text::printable(line->second)
-                    + " is no place for a U-Boot environment (whole 512-byte sectors past the first, 1 MiB at most)");
+                    + " is no place for a U-Boot environment (whole 512-byte sectors past the partition table, "
+                      "1 MiB at most)");
     return place;
 }
 

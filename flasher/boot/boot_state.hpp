@@ -45,8 +45,11 @@ std::vector<uint8_t> initial_boot_state();
 // The board's uboot.env file rendered and packed into `size` bytes.
 std::vector<uint8_t> render_uboot_environment(const BoardProfile& board, size_t size);
 
-// The text of boot/treeflash/board.env.
-std::string boot_board_record(const BoardProfile& board);
+// The text of boot/treeflash/board.env ("" when there is nothing to say);
+// where the environment is only when flash rendered it from the board's
+// uboot.env (`rendered_uboot_env`): one given with --firmware may be of a
+// format or size the station does not know.
+std::string boot_board_record(const BoardProfile& board, bool rendered_uboot_env);
 
 // The boot files of a sysroot, read from its mount without following a
 // symlink out of it; the tries are read from `card` (image or device) at the
@@ -62,8 +65,8 @@ BootFiles read_boot_files(const CardView& sysroot, const std::string& card);
 
 // Where board.env says U-Boot keeps its environment (uboot_env=OFFSET SIZE):
 // nullopt when it names none; throws when the line is malformed or names a
-// place no U-Boot environment can be (not in 512-byte sectors, the first
-// sector, past 1 MiB in size).
+// place no U-Boot environment can be (not in 512-byte sectors, within the
+// first 34 sectors, where an MBR or a GPT is, past 1 MiB in size).
 struct UbootEnvPlace {
     uint64_t offset = 0;
     uint64_t size = 0;

@@ -65,6 +65,16 @@ void plan_generated_blobs(const BoardProfile& board, std::vector<FirmwareBlob>& 
         add(FirmwareSlot{"boot-count", board.boot_count.state_offset, boot_state_bytes}, initial_boot_state());
 }
 
+bool renders_uboot_env(const BoardProfile& board, const std::vector<FirmwareBlob>& blobs)
+{
+    if (!board.uboot_env)
+        return false;
+    for (const auto& blob : blobs)
+        if (blob.slot.name == board.uboot_env->slot)
+            return !blob.bytes.empty();
+    return false;
+}
+
 void write_firmware(int fd, const std::vector<FirmwareBlob>& blobs)
 {
     std::vector<char> buffer(1 << 20);

@@ -26,6 +26,10 @@ std::vector<FirmwareBlob> plan_firmware(const BoardProfile& board, const std::ma
 // (unless the user gave that slot a file) and the boot counting block.
 void plan_generated_blobs(const BoardProfile& board, std::vector<FirmwareBlob>& blobs, uint64_t first_partition_offset);
 
+// Whether `blobs` hold the U-Boot environment flash renders from the board's
+// uboot.env (not one given with --firmware): the one the station rewrites.
+bool renders_uboot_env(const BoardProfile& board, const std::vector<FirmwareBlob>& blobs);
+
 void write_firmware(int fd, const std::vector<FirmwareBlob>& blobs);
 
 } // namespace treeflash::flasher

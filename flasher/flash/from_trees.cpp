@@ -240,7 +240,7 @@ std::jthread write_image_from_directories(const FlashPlan& plan, Target& target,
     sysroot.untrusted_pull = sysroot.untrusted_pull || !as_root;
     json job = {{"image", target.device()},
                 {"sysroot", sysroot_to_json(sysroot)},
-                {"board_record", boot_board_record(board)},
+                {"board_record", boot_board_record(board, renders_uboot_env(board, plan.firmware))},
                 {"board", board.name},
                 {"arch", board.arch},
                 {"boot_script", plan.boot_script},

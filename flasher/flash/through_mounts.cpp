@@ -51,8 +51,8 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
         SysrootOptions sysroot = plan.sysroot;
         sysroot.download_dir = memory_with_room(plan.source.content_bytes, 1000);
         result.deployment = in_step("sysroot", [&] { return provision_sysroot(rootfs.path(), sysroot, notice, cancellable); });
-        if (std::string record = boot_board_record(board); !record.empty())
-            in_step("boot counting", [&] {
+        if (std::string record = boot_board_record(board, renders_uboot_env(board, plan.firmware)); !record.empty())
+            in_step("board record", [&] {
                 std::filesystem::path path = rootfs.path() / boot_board_record_path;
                 std::filesystem::create_directories(path.parent_path());
                 fs::write_file_atomic(path, record);

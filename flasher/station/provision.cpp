@@ -10,6 +10,7 @@
 #include "flasher/inspect/inspect.hpp"
 #include "flasher/station/ext4_writer.hpp"
 
+#include <cstdlib>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -64,10 +65,24 @@ ProvisionTarget find_provision_target(const std::string& path, const std::string
         // space outside the partitions is rewritten, in place, at its size.
         target.uboot_env = uboot_env_place(card.board_record);
         if (const auto& env = target.uboot_env) {
+            auto overlaps = [&](uint64_t start, uint64_t size) {
+                return env->offset < start + size && start < env->offset + env->size;
+            };
+            auto refuse = [&](const std::string& what) {
+                throw Error("the U-Boot environment at " + text::hex(env->offset) + " of " + path + " overlaps " + what);
+            };
             for (const auto& part : card.partitions)
-                if (env->offset < part.entry.start + part.entry.size && part.entry.start < env->offset + env->size)
-                    throw Error("the U-Boot environment at " + text::hex(env->offset) + " of " + path
-                                + " overlaps partition " + std::to_string(part.entry.number));
+                if (overlaps(part.entry.start, part.entry.size))
+                    refuse("partition " + std::to_string(part.entry.number));
+            if (card.table.label == "gpt" && card.size >= 34 * 512 && overlaps(card.size - 33 * 512, 33 * 512))
+                refuse("the backup GPT");
+            auto tries = card.board_record.find("boot_state_offset");
+            if (tries != card.board_record.end()) {
+                char* end = nullptr;
+                uint64_t offset = std::strtoull(tries->second.c_str(), &end, 0);
+                if (end && *end == '\0' && overlaps(offset, boot_state_bytes))
+                    refuse("the boot counting block");
+            }
             std::vector<uint8_t> block = read_uboot_env_block(path, *env, card.size);
             try {
                 read_uboot_env(block.data(), block.size());
@@ -100,6 +115,20 @@ Provisioned provision_card(const ProvisionTarget& target, const Unit& unit)
         for (const auto& file : unit.files)
             planned.push_back({file.path, file.data, file.mode});
 
+        // The environment with the unit in it, made before anything is
+        // written: one that would not fit leaves the card untouched.
+        const std::optional<UbootEnvPlace>& env_place = target.uboot_env;
+        const uint64_t card_size = target.card_size;
+        std::vector<uint8_t> env;
+        if (env_place) {
+            std::vector<uint8_t> block = read_uboot_env_block(path, *env_place, card_size);
+            try {
+                env = set_uboot_env(block.data(), block.size(), unit.uboot_variables());
+            } catch (const Error& e) {
+                throw Error("the U-Boot environment at " + text::hex(env_place->offset) + " of " + path + ": " + e.what());
+            }
+        }
+
         {
             Ext4Writer writer(path, target.sysroot_offset);
             for (const auto& file : planned) {
@@ -112,19 +141,10 @@ Provisioned provision_card(const ProvisionTarget& target, const Unit& unit)
             writer.close();
         }
 
-        const std::optional<UbootEnvPlace>& env_place = target.uboot_env;
-        const uint64_t card_size = target.card_size;
-        std::vector<uint8_t> env;
         if (env_place) {
-            UniqueFd device(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+            UniqueFd device(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
             if (!device)
                 throw_errno("open " + path + " to write its U-Boot environment");
-            std::vector<uint8_t> block = read_uboot_env_block(path, *env_place, card_size);
-            try {
-                env = set_uboot_env(block.data(), block.size(), unit.uboot_variables());
-            } catch (const Error& e) {
-                throw Error("the U-Boot environment at " + text::hex(env_place->offset) + " of " + path + ": " + e.what());
-            }
             fs::write_at(device.get(), reinterpret_cast<const char*>(env.data()), env.size(), env_place->offset,
                          "the U-Boot environment of " + path);
             if (::fdatasync(device.get()) != 0)

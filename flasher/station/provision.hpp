@@ -18,7 +18,8 @@
 namespace treeflash::flasher {
 
 // Where a card's identity goes, found on the written card before any unit
-// is taken for it: a card that cannot be provisioned costs no unit.
+// is taken for it: a card found unfit here (no sysroot, a damaged or
+// misplaced environment) costs no unit.
 struct ProvisionTarget {
     std::string path;       // the card or image, as it is opened
     std::string name;       // the card as errors name it (the slot's device)
@@ -40,9 +41,10 @@ struct Provisioned {
     std::vector<std::string> uboot_variables;
 };
 
-// Writes `unit` onto the card. Throws (nothing half-claimed: the caller
-// records the unit as failed) when /etc leads elsewhere, a write fails or
-// something reads back differently.
+// Writes `unit` onto the card. Throws when the unit's variables do not fit
+// the environment (before anything is written), /etc leads elsewhere, a
+// write fails or something reads back differently; the caller journals the
+// unit as failed, so it is never given to another card.
 Provisioned provision_card(const ProvisionTarget& target, const Unit& unit);
 
 } // namespace treeflash::flasher

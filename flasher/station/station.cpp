@@ -227,6 +227,15 @@ private:
         --m_in_hand;
     }
 
+    // A card reserved by reserve_card(), released however its handling ends.
+    struct CardReservation {
+        explicit CardReservation(Station& owner) : station(owner) {}
+        ~CardReservation() { station.release_card(); }
+        CardReservation(const CardReservation&) = delete;
+        CardReservation& operator=(const CardReservation&) = delete;
+        Station& station;
+    };
+
     void sleep_a_poll() const { std::this_thread::sleep_for(std::chrono::milliseconds(m_options.poll_ms)); }
 
     void update(size_t slot, const std::function<void(SlotStatus&)>& change)
@@ -267,6 +276,10 @@ private:
                 continue;
             }
             if (medium.size == 0) {
+                if (waiting) { // the waiting card was taken out
+                    waiting = false;
+                    update(slot, [](SlotStatus& s) { s = SlotStatus{s.slot, s.device}; });
+                }
                 sleep_a_poll();
                 continue;
             }
@@ -283,8 +296,10 @@ private:
                 continue;
             }
             waiting = false;
-            handle_card(slot, medium);
-            release_card();
+            {
+                CardReservation reserved(*this);
+                handle_card(slot, medium);
+            }
             handled_diskseq = medium.diskseq;
             holding = true;
         }

@@ -452,6 +452,42 @@ TEST_CASE("a card that cannot take a unit costs none: the image holds no sysroot
     CHECK(read_text(tmp / "units.jsonl.journal").find("TCU-0001") == std::string::npos);
 }
 
+TEST_CASE("a card whose U-Boot environment is damaged costs no unit, and nothing of it is written"
+          * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Line line(1);
+    // The golden image's environment with one byte changed: its CRC fails.
+    {
+        std::fstream image(line.golden, std::ios::in | std::ios::out | std::ios::binary);
+        image.seekp(static_cast<std::streamoff>(env_offset + 100));
+        image.put('#');
+    }
+    auto mapped = run_treeflash({"bmap", line.golden.string(), "-o", line.golden.string() + ".bmap"});
+    REQUIRE_MESSAGE(mapped.ok(), mapped.err);
+    const uint64_t size = fs::file_size(line.golden);
+    write_file(line.tmp / "empty", "");
+    Slot slot(line.tmp / "empty");
+    fs::path card = blank_card(line.tmp / "card", size);
+    pid_t station = line.start({&slot}, line.tmp / "station.err");
+    REQUIRE(slot.insert(card));
+    REQUIRE_MESSAGE(wait_until([&] { return lines_for(line.log, "file:" + card.string()) == 1; }, 120),
+                    read_text(line.tmp / "station.err"));
+    ::kill(station, SIGINT);
+    CHECK(wait_exit(station) == 130);
+    CHECK(slot.remove());
+    json logged = log_lines(line.log).back();
+    CHECK(logged["result"] == "failed");
+    CHECK_MESSAGE(logged["error"].get<std::string>().find("the U-Boot environment at 0x500000 of " + slot.device
+                                                          + ": the U-Boot environment's CRC does not match")
+                      == 0,
+                  logged.dump());
+    CHECK(!logged.contains("unit"));
+    CHECK(read_text(line.manifest.string() + ".journal").find("TCU-0001") == std::string::npos);
+    // The card is the image, byte for byte: nothing was provisioned.
+    CHECK(read_bytes(card, 0, size) == read_bytes(line.golden, 0, size));
+}
+
 TEST_CASE("--cards N writes N cards, however many slots hold one" * doctest::skip(not_root))
 {
     NoLeftovers guard;
@@ -477,6 +513,8 @@ TEST_CASE("--cards N writes N cards, however many slots hold one" * doctest::ski
     for (const auto& card : cards)
         written += read_bytes(card, 0, 8 * MiB) == read_bytes(image, 0, 8 * MiB);
     CHECK(written == 2);
+    // The slots whose card waited said so when the station stopped.
+    CHECK_MESSAGE(r.out.find("waiting: 2 card(s) are done or being written (--cards)") != std::string::npos, r.out);
     for (const Slot* slot : {&s1, &s2, &s3, &s4})
         CHECK(slot->remove());
 }

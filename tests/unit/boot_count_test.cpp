@@ -115,7 +115,7 @@ TEST_CASE("where board.env says U-Boot's environment is: whole sectors past the 
     REQUIRE(place);
     CHECK(place->offset == 0x500000);
     CHECK(place->size == 0x2000);
-    for (const char* bad : {"0x500000", "0x500000 0x2000 9", "x y", "0 0x2000", "0x500001 0x2000", "0x500000 0x200000",
+    for (const char* bad : {"0x500000", "0x500000 0x2000 9", "x y", "0 0x2000", "0x4000 0x2000", "0x500001 0x2000", "0x500000 0x200000",
                             "0x500000 100", "-1 0x2000"})
         CHECK_MESSAGE(error_of([&] { uboot_env_place({{"uboot_env", bad}}); }).find("uboot_env") != std::string::npos, bad);
 }

@@ -4,6 +4,7 @@
 #include "common/fs.hpp"
 #include "common/process.hpp"
 #include "common/templates.hpp"
+#include "common/text.hpp"
 #include "tests/support/fixtures.hpp"
 
 #include <cstdlib>
@@ -93,6 +94,20 @@ TEST_CASE("a file written atomically never goes through a symlink at its tempora
     CHECK_FALSE(fs::is_symlink(out));
     CHECK(read_text(out) == "the map");
     CHECK_FALSE(fs::exists(fs::symlink_status(temporary)));
+}
+
+TEST_CASE("printable: text from a card cannot drive the terminal, and readable text stays as it is")
+{
+    using treeflash::text::printable;
+    CHECK(printable("tcu-0001 é — 名") == "tcu-0001 é — 名");
+    CHECK(printable("a\x1b[2Jb\n") == "a\\x1b[2Jb\\x0a");
+    CHECK(printable("\x7f") == "\\x7f");
+    CHECK(printable("\xc2\x9b" "31m") == "\\u{009b}31m"); // C1 CSI, as UTF-8
+    CHECK(printable("\x9b" "31m") == "\\x9b31m");         // C1 CSI, a raw byte
+    CHECK(printable("abc\xe2\x80\xae" "gpj.exe") == "abc\\u{202e}gpj.exe"); // right-to-left override
+    CHECK(printable("\xc0\xaf") == "\\xc0\\xaf");       // overlong '/'
+    CHECK(printable("\xed\xa0\x80") == "\\xed\\xa0\\x80"); // a surrogate
+    CHECK(printable("end\xe2\x82") == "end\\xe2\\x82");  // cut short
 }
 
 }
