@@ -8,6 +8,7 @@
 #include "flasher/disk/mount.hpp"
 #include "flasher/flash/flash.hpp"
 #include "flasher/unprivileged/userns.hpp"
+#include "treeflash_version.hpp"
 
 #include <array>
 #include <cerrno>
@@ -174,7 +175,7 @@ int main(int argc, char** argv)
         return args.empty() ? 2 : 0;
     }
     if (args[0] == "--version") {
-        std::cout << "treeflash " TREEFLASH_VERSION "\n";
+        std::cout << "treeflash " TREEFLASH_VERSION " (commit " TREEFLASH_COMMIT ")\n";
         return 0;
     }
     // Steps that run in a process of their own re-execute treeflash with

@@ -307,10 +307,19 @@ std::vector<std::filesystem::path> board_search_path()
             if (!dir.empty())
                 dirs.emplace_back(dir);
     }
-    std::istringstream in(TREEFLASH_BOARD_DIRS);
-    for (std::string dir; std::getline(in, dir, ':');)
-        if (!dir.empty())
-            dirs.emplace_back(dir);
+    std::error_code error;
+    std::filesystem::path binary = std::filesystem::read_symlink("/proc/self/exe", error);
+    if (!error) {
+        // Run from the build tree of a checkout: the checkout's boards.
+        std::string build_dir = TREEFLASH_BUILD_DIR;
+        if (binary.string().rfind(build_dir + "/", 0) == 0)
+            dirs.emplace_back(TREEFLASH_CHECKOUT_BOARD_DIR);
+        // Installed: beside the binary (/usr/bin -> /usr/share/treeflash/board,
+        // wherever the tree was unpacked), then where it was built to go.
+        dirs.push_back((binary.parent_path() / TREEFLASH_BOARDS_FROM_BINARY).lexically_normal());
+    }
+    if (std::find(dirs.begin(), dirs.end(), TREEFLASH_INSTALLED_BOARD_DIR) == dirs.end())
+        dirs.emplace_back(TREEFLASH_INSTALLED_BOARD_DIR);
     return dirs;
 }
 

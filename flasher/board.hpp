@@ -77,7 +77,10 @@ struct BoardProfile {
 // mistake is an Error naming the file and line ("board.conf:12: ...").
 BoardProfile load_board(const std::string& name_or_dir);
 
-// The folders searched for a board given by name.
+// The folders searched for a board given by name, in order: those of
+// $TREEFLASH_BOARD_PATH (colon-separated), the checkout's board/ when
+// treeflash runs from the checkout's build tree, share/treeflash/board
+// beside the installed binary, and the one it was configured to install to.
 std::vector<std::filesystem::path> board_search_path();
 
 } // namespace treeflash::flasher
