@@ -21,15 +21,24 @@ _treeflash_value_options()
 
 _treeflash_boards()
 {
-    local binary dir
-    binary=$(command -v "$1")
+    local binary dir conf name dirs
+    binary=$(readlink -f "$(command -v "$1")")
+    dirs=${TREEFLASH_BOARD_PATH:-}
+    # Run from a checkout's build tree (cli/treeflash under CMakeCache.txt):
+    # the checkout's board/.
+    local source
+    source=$(sed -n 's/^CMAKE_HOME_DIRECTORY:INTERNAL=//p' "${binary%/*}/../CMakeCache.txt" 2>/dev/null)
+    [ -n "$source" ] && dirs+=":$source/board"
+    dirs+=":${binary%/*}/../share/treeflash/board:/usr/share/treeflash/board"
     local IFS=:
-    # A checkout's build/cli/treeflash: the checkout's board/.
-    for dir in ${TREEFLASH_BOARD_PATH:-} "${binary%/*}/../../board" "${binary%/*}/../share/treeflash/board" \
-        /usr/share/treeflash/board; do
+    for dir in $dirs; do
         [ -d "$dir" ] || continue
         for conf in "$dir"/*/board.conf; do
-            [ -f "$conf" ] && basename "${conf%/board.conf}"
+            [ -f "$conf" ] || continue
+            name=${conf%/board.conf}
+            name=${name##*/}
+            # compgen -W expands its words: only plain names are offered.
+            [[ $name =~ ^[A-Za-z0-9._-]+$ ]] && printf '%s\n' "$name"
         done
     done
 }

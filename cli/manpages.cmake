@@ -3,6 +3,11 @@
 # from `treeflash CMD --help` for each command its help lists, named with
 # the line it gives the command there. Each is gzipped (-9n) into OUTPUT_DIR.
 #   cmake -DTREEFLASH=... -DHELP2MAN=... -DVERSION=... -DOUTPUT_DIR=... -P manpages.cmake
+# help2man runs the program through the shell: a path it would split or
+# interpret is refused rather than quoted.
+if(NOT TREEFLASH MATCHES "^[A-Za-z0-9/._+-]+$")
+  message(FATAL_ERROR "man pages: the build folder's path ${TREEFLASH} holds characters help2man cannot pass; build in another folder")
+endif()
 execute_process(COMMAND ${TREEFLASH} --help OUTPUT_VARIABLE help RESULT_VARIABLE failed)
 if(failed)
   message(FATAL_ERROR "treeflash --help failed")
@@ -39,5 +44,11 @@ endfunction()
 page(treeflash --help "build OSTree commits from busybox root filesystems and put them on SD cards")
 foreach(line IN LISTS lines)
   string(REGEX MATCH "^  ([a-z]+) +(.+)$" ignored "${line}")
-  page(treeflash-${CMAKE_MATCH_1} "${CMAKE_MATCH_1} --help" "${CMAKE_MATCH_2}")
+  set(command "${CMAKE_MATCH_1}")
+  set(description "${CMAKE_MATCH_2}")
+  # A description is one line of words: no troff escape, no list separator.
+  if(description MATCHES "[\\;]")
+    message(FATAL_ERROR "man pages: the description of ${command} holds a backslash or semicolon")
+  endif()
+  page(treeflash-${command} "${command} --help" "${description}")
 endforeach()

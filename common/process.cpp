@@ -22,27 +22,33 @@ namespace treeflash {
 namespace {
 
 // The program argv[0] names: itself when it holds a slash, else the first
-// executable file of that name in PATH (from `env`).
+// executable file of that name in PATH (from `env`), then in the system's
+// folders: a plain user's PATH lacks /usr/sbin, where mkfs.ext4 and
+// resize2fs are. Only absolute folders count: an empty or relative entry
+// would run whatever the current folder holds.
 std::string find_program(const std::string& name, const std::vector<std::string>& env)
 {
     if (name.find('/') != std::string::npos)
         return name;
-    std::string path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    std::string path;
     for (const auto& entry : env)
         if (entry.rfind("PATH=", 0) == 0)
             path = entry.substr(5);
-    for (size_t start = 0; start <= path.size();) {
-        size_t end = path.find(':', start);
+    const std::string searched = (path.empty() ? "" : path + ":") + "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    for (size_t start = 0; start <= searched.size();) {
+        size_t end = searched.find(':', start);
         if (end == std::string::npos)
-            end = path.size();
-        std::string dir = path.substr(start, end - start);
-        std::string candidate = (dir.empty() ? "." : dir) + "/" + name;
+            end = searched.size();
+        std::string dir = searched.substr(start, end - start);
+        start = end + 1;
+        if (dir.empty() || dir.front() != '/')
+            continue;
+        std::string candidate = dir + "/" + name;
         struct stat st {};
         if (::stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(candidate.c_str(), X_OK) == 0)
             return candidate;
-        start = end + 1;
     }
-    throw Error("run " + name + ": not found in PATH (" + path + ")");
+    throw Error("run " + name + ": not found in PATH (" + path + ") nor in the system's folders");
 }
 
 // set_treeflash_executable's path; empty: this process's own file.

@@ -311,8 +311,10 @@ std::vector<std::filesystem::path> board_search_path()
     std::filesystem::path binary = std::filesystem::read_symlink("/proc/self/exe", error);
     if (!error) {
         // Run from the build tree of a checkout: the checkout's boards.
-        std::string build_dir = TREEFLASH_BUILD_DIR;
-        if (binary.string().rfind(build_dir + "/", 0) == 0)
+        // /proc/self/exe is the real path: compare it with the build
+        // folder's, whatever symlink the build was made through.
+        std::string build_dir = std::filesystem::weakly_canonical(TREEFLASH_BUILD_DIR, error).string();
+        if (!error && binary.string().rfind(build_dir + "/", 0) == 0)
             dirs.emplace_back(TREEFLASH_CHECKOUT_BOARD_DIR);
         // Installed: beside the binary (/usr/bin -> /usr/share/treeflash/board,
         // wherever the tree was unpacked), then where it was built to go.

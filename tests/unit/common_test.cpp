@@ -110,4 +110,27 @@ TEST_CASE("printable: text from a card cannot drive the terminal, and readable t
     CHECK(printable("end\xe2\x82") == "end\\xe2\\x82");  // cut short
 }
 
+TEST_CASE("a program is found in the system's folders when PATH lacks them, never in the current folder")
+{
+    // A plain user's PATH has no /usr/sbin, where mkfs.ext4 lives.
+    treeflash::ProcessOptions options;
+    options.extra_environment = {"PATH=/usr/bin:/bin"};
+    auto found = treeflash::run_process({"mkfs.ext4", "-V"}, options);
+    CHECK_MESSAGE(found.ok(), found.err);
+    // An empty or relative PATH entry does not run what the current folder holds.
+    Scratch tmp;
+    write_file(tmp / "treeflash-test-planted", "#!/bin/sh\nexit 0\n", 0755);
+    options.extra_environment = {"PATH=:."};
+    std::string error;
+    auto here = fs::current_path();
+    fs::current_path(tmp.path());
+    try {
+        treeflash::run_process({"treeflash-test-planted"}, options);
+    } catch (const std::exception& e) {
+        error = e.what();
+    }
+    fs::current_path(here);
+    CHECK_MESSAGE(error.find("not found") != std::string::npos, error);
+}
+
 }
