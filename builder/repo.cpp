@@ -14,6 +14,10 @@ namespace treeflash::builder {
 
 namespace {
 
+// The compression level of the repositories treeflash creates (libostree's
+// archive.zlib-level; its default is 6).
+constexpr int archive_zlib_level = 4;
+
 void lock_exclusively(int fd, const std::filesystem::path& path, GCancellable* cancellable,
                       const BuildRepo::WaitNotice& on_wait)
 {
@@ -88,6 +92,13 @@ BuildRepo::BuildRepo(const std::filesystem::path& path, GCancellable* cancellabl
                                            cancellable, &error));
         if (!m_repo)
             throw_gerror(error, "create archive repository");
+        // zlib level 4 instead of libostree's 6: objects compress about a
+        // third faster for 1.5% more bytes (a debootstrap minbase tree:
+        // 93.1 MB against 91.7 MB); any libostree reads them.
+        glib::KeyFile config(ostree_repo_copy_config(m_repo.get()));
+        g_key_file_set_integer(config.get(), "archive", "zlib-level", archive_zlib_level);
+        if (!ostree_repo_write_config(m_repo.get(), config.get(), &error))
+            throw_gerror(error, "configure the archive repository");
         m_lock = fs::open_directory(m_new_repo->path());
         lock_exclusively(m_lock.get(), path, cancellable, on_wait);
         return;

@@ -632,6 +632,17 @@ TEST_CASE("owners: a directory read without root is committed as root's; --owner
     CHECK(list_commit(ex.tmp / "owned")["/usr/bin/busybox"].find(" 1234 5678 ") != std::string::npos);
 }
 
+TEST_CASE("a repository treeflash creates compresses at zlib level 4, and stock ostree reads it")
+{
+    Example ex;
+    REQUIRE(run_treeflash(ex.args()).ok());
+    auto level = ostree(ex.repo, {"config", "get", "archive.zlib-level"});
+    CHECK(level.out == "4\n");
+    CHECK(fsck_clean(ex.repo));
+    auto content = ostree(ex.repo, {"cat", "master", "/usr/bin/busybox"});
+    CHECK(content.out == read_text(ex.rootfs / "usr/bin/busybox"));
+}
+
 TEST_CASE("extended attributes reach the commit")
 {
     Example ex;
