@@ -33,22 +33,28 @@ of --manifest, and recorded in --log; then the slot waits for the card to
 be taken out before it takes the next one. Slots work in parallel and fail
 alone; no disk but the named slots is ever written. Runs until Ctrl-C
 (cards being written are cancelled as write cancels them) or --cards N.
---http serves a live page of every slot for the line (server-sent events,
-no outside assets), readable across a room.
+On a terminal the line is redrawn in place (each slot's state, progress,
+speed and time left); into a pipe, one line per change of a slot. --http
+serves a live page of every slot for the line (server-sent events, no
+outside assets), readable across a room.
 
 With --manifest, each card gets a unit of its own: one JSON object per line,
   {"serial": "TCU-0001", "hostname": "tcu-0001", "mac": ["02:00:00:00:00:01"],
    "files": [{"path": "ssl/private/device.key", "source": "keys/0001.key", "mode": "0600"}]}
 written into /etc of the card's deployment without mounting it (hostname,
 /etc/treeflash/unit with serial= and ethaddr=..., the unit's files, sources
-read from below the manifest's folder), and read back. Which unit went to
-which card is journalled in MANIFEST.journal, on disk before the unit reaches
-the card: a unit is given out once, even across a crash or kill -9; a
-unit whose card then failed is not given again.
+read from below the manifest's folder) and, on a board that keeps U-Boot's
+environment on the card (ls104x), into that environment (serial#, ethaddr,
+eth1addr, ...), and read back. A card that cannot be provisioned is found
+so before a unit is taken for it. Which unit went to which card is
+journalled in MANIFEST.journal, on disk before the unit reaches the card: a
+unit is given out once, even across a crash or kill -9; a unit whose card
+then failed is not given again.
 
 The log gets one JSON line per card (time, slot, card identity: the SD
-card's CID where the reader shows it, else the disk's serial; image sha256,
-commit, unit, result, seconds), flushed. A card the log records as written
+card's CID where the reader shows it, a loop device's file, else the disk
+sequence number; the reader's serial; image sha256, commit, unit, what was
+provisioned, result, seconds), flushed. A card the log records as written
 with this image is not written again unless --rewrite. Needs root.
 
 Example:

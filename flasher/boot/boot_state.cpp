@@ -39,13 +39,25 @@ std::optional<unsigned> small_number(const std::string& text)
     return static_cast<unsigned>(text[0] - '0');
 }
 
-std::optional<std::map<std::string, std::string>> read_tries_block(const std::string& card, const std::string& offset_text)
+// A number as board.env writes it ("0x5ff000"); nullopt when it is not one.
+std::optional<uint64_t> record_number(const std::string& text)
 {
+    if (text.empty() || text[0] == '-' || text[0] == '+' || text[0] == ' ')
+        return std::nullopt;
     try {
         size_t used = 0;
-        uint64_t offset = std::stoull(offset_text, &used, 0);
-        if (used != offset_text.size())
+        uint64_t value = std::stoull(text, &used, 0);
+        if (used != text.size())
             return std::nullopt;
+        return value;
+    } catch (const std::exception&) {
+        return std::nullopt;
+    }
+}
+
+std::optional<std::map<std::string, std::string>> read_tries_block(const std::string& card, uint64_t offset)
+{
+    try {
         UniqueFd fd(::open(card.c_str(), O_RDONLY | O_CLOEXEC));
         if (!fd)
             return std::nullopt;
@@ -120,8 +132,8 @@ BootFiles read_boot_files(const CardView& sysroot, const std::string& card)
             files.mark = parse_env_lines(sysroot.read("ostree/" + subdir + "/" + boot_mark_name));
     }
     files.ack = parse_env_lines(sysroot.read(boot_ack_path));
-    if (files.board.count("boot_state_offset"))
-        files.tries_block = read_tries_block(card, value_of(files.board, "boot_state_offset"));
+    if (auto offset = boot_state_offset(files.board))
+        files.tries_block = read_tries_block(card, *offset);
     return files;
 }
 
@@ -133,23 +145,23 @@ std::optional<UbootEnvPlace> uboot_env_place(const std::map<std::string, std::st
     std::istringstream in(line->second);
     std::string offset_text, size_text, rest;
     in >> offset_text >> size_text >> rest;
-    UbootEnvPlace place;
-    try {
-        size_t used_offset = 0, used_size = 0;
-        place.offset = std::stoull(offset_text, &used_offset, 0);
-        place.size = std::stoull(size_text, &used_size, 0);
-        if (used_offset != offset_text.size() || used_size != size_text.size() || !rest.empty())
-            throw Error("");
-    } catch (const std::exception&) {
+    auto offset = record_number(offset_text), size = record_number(size_text);
+    if (!offset || !size || !rest.empty())
         throw Error(std::string(boot_board_record_path) + ": expected uboot_env=OFFSET SIZE, not '"
                     + text::printable(line->second) + "'");
-    }
+    UbootEnvPlace place{*offset, *size};
     // Past the partition table, MBR or GPT (34 sectors), in whole sectors.
     if (place.offset < 34 * 512 || place.offset % 512 || place.size < 512 || place.size % 512 || place.size > (1u << 20))
         throw Error(std::string(boot_board_record_path) + ": uboot_env=" + text::printable(line->second)
                     + " is no place for a U-Boot environment (whole 512-byte sectors past the partition table, "
                       "1 MiB at most)");
     return place;
+}
+
+std::optional<uint64_t> boot_state_offset(const std::map<std::string, std::string>& board)
+{
+    auto line = board.find("boot_state_offset");
+    return line == board.end() ? std::nullopt : record_number(line->second);
 }
 
 std::vector<uint8_t> read_uboot_env_block(const std::string& card, const UbootEnvPlace& place, uint64_t card_size)

@@ -63,6 +63,10 @@ struct BootFiles {
 };
 BootFiles read_boot_files(const CardView& sysroot, const std::string& card);
 
+// Where board.env says the tries are kept (boot_state_offset=); nullopt
+// when it names no such place or not as a number.
+std::optional<uint64_t> boot_state_offset(const std::map<std::string, std::string>& board);
+
 // Where board.env says U-Boot keeps its environment (uboot_env=OFFSET SIZE):
 // nullopt when it names none; throws when the line is malformed or names a
 // place no U-Boot environment can be (not in 512-byte sectors, within the

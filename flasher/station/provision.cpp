@@ -10,7 +10,6 @@
 #include "flasher/inspect/inspect.hpp"
 #include "flasher/station/ext4_writer.hpp"
 
-#include <cstdlib>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -76,13 +75,8 @@ ProvisionTarget find_provision_target(const std::string& path, const std::string
                     refuse("partition " + std::to_string(part.entry.number));
             if (card.table.label == "gpt" && card.size >= 34 * 512 && overlaps(card.size - 33 * 512, 33 * 512))
                 refuse("the backup GPT");
-            auto tries = card.board_record.find("boot_state_offset");
-            if (tries != card.board_record.end()) {
-                char* end = nullptr;
-                uint64_t offset = std::strtoull(tries->second.c_str(), &end, 0);
-                if (end && *end == '\0' && overlaps(offset, boot_state_bytes))
-                    refuse("the boot counting block");
-            }
+            if (auto tries = boot_state_offset(card.board_record); tries && overlaps(*tries, boot_state_bytes))
+                refuse("the boot counting block");
             std::vector<uint8_t> block = read_uboot_env_block(path, *env, card.size);
             try {
                 read_uboot_env(block.data(), block.size());

@@ -75,6 +75,22 @@ fs::path blank_card(const fs::path& path, uint64_t size)
     return path;
 }
 
+// A raw image of `size` bytes (a multiple of 16 MiB) of noise: one 16 MiB
+// chunk of xorshift output over and over.
+fs::path noise_image(const fs::path& path, uint64_t size)
+{
+    std::string chunk(16 * MiB, '\0');
+    uint32_t x = 12345;
+    for (auto& c : chunk) {
+        x ^= x << 13, x ^= x >> 17, x ^= x << 5;
+        c = static_cast<char>(x);
+    }
+    std::ofstream out(path, std::ios::binary);
+    for (uint64_t written = 0; written < size; written += chunk.size())
+        out.write(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+    return path;
+}
+
 std::vector<json> log_lines(const fs::path& log)
 {
     std::vector<json> out;
@@ -101,6 +117,21 @@ bool wait_until(const std::function<bool()>& done, int seconds)
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
     return done();
+}
+
+// The URL of the line's page, once the station whose stderr is `err` says it.
+std::string page_url(const fs::path& err)
+{
+    std::string url;
+    REQUIRE_MESSAGE(wait_until([&] {
+        std::string text = read_text(err);
+        auto at = text.find("the line's page: ");
+        if (at == std::string::npos)
+            return false;
+        url = text.substr(at + 17, text.find('\n', at) - at - 17);
+        return true;
+    }, 30), read_text(err));
+    return url;
 }
 
 // The golden image (a flashed ls104x commit: a board that keeps U-Boot's
@@ -360,19 +391,7 @@ TEST_CASE("a card taken out mid-write fails its slot with a clear line, and the 
     Scratch tmp;
     // A raw image of 256 MiB of noise: long enough to write that the card
     // can be taken out while it is.
-    fs::path image = tmp / "noise.img";
-    {
-        std::string chunk(16 * MiB, '\0');
-        uint32_t x = 12345;
-        std::ofstream out(image, std::ios::binary);
-        for (int i = 0; i < 16; ++i) {
-            for (auto& c : chunk) {
-                x ^= x << 13, x ^= x >> 17, x ^= x << 5;
-                c = static_cast<char>(x);
-            }
-            out.write(chunk.data(), static_cast<std::streamsize>(chunk.size()));
-        }
-    }
+    fs::path image = noise_image(tmp / "noise.img", 256 * MiB);
     write_file(tmp / "empty", "");
     Slot slot(tmp / "empty");
     fs::path pulled = blank_card(tmp / "pulled", 256 * MiB), next = blank_card(tmp / "next", 256 * MiB);
@@ -551,15 +570,7 @@ TEST_CASE("the line's page, read in a real browser while the station runs, shows
     fs::path a = blank_card(line.tmp / "a", size), small = blank_card(line.tmp / "small", 16 * MiB);
     fs::path err = line.tmp / "station.err";
     pid_t station = line.start({&s1, &s2}, err, {"--http", "127.0.0.1:0"});
-    std::string url;
-    REQUIRE_MESSAGE(wait_until([&] {
-        std::string text = read_text(err);
-        auto at = text.find("the line's page: ");
-        if (at == std::string::npos)
-            return false;
-        url = text.substr(at + 17, text.find('\n', at) - at - 17);
-        return true;
-    }, 30), read_text(err));
+    std::string url = page_url(err);
 
     std::string dom = browse(line.tmp, url);
     CHECK(dom.find(R"(data-slot="1" data-state="empty")") != std::string::npos);
@@ -620,20 +631,8 @@ TEST_CASE("while a card is written, the terminal and the page show its progress,
 {
     NoLeftovers guard;
     Scratch tmp;
-    // 2 GiB of noise (one 16 MiB chunk over and over): seconds of writing
-    // and reading back, long enough to watch.
-    fs::path image = tmp / "noise.img";
-    {
-        std::string chunk(16 * MiB, '\0');
-        uint32_t x = 2026;
-        for (auto& c : chunk) {
-            x ^= x << 13, x ^= x >> 17, x ^= x << 5;
-            c = static_cast<char>(x);
-        }
-        std::ofstream out(image, std::ios::binary);
-        for (int i = 0; i < 128; ++i)
-            out.write(chunk.data(), static_cast<std::streamsize>(chunk.size()));
-    }
+    // 2 GiB of noise: seconds of writing and reading back, long enough to watch.
+    fs::path image = noise_image(tmp / "noise.img", 2048 * MiB);
     write_file(tmp / "empty", "");
     Slot slot(tmp / "empty");
     fs::path card = blank_card(tmp / "card", 2048 * MiB);
@@ -642,15 +641,7 @@ TEST_CASE("while a card is written, the terminal and the page show its progress,
                           + " --force --http 127.0.0.1:0 --log " + log.string() + " 2>" + err.string()
                           + "; echo exit status $?; sleep 600";
     Terminal terminal(tmp / "tmux", command);
-    std::string url;
-    REQUIRE_MESSAGE(wait_until([&] {
-        std::string text = read_text(err);
-        auto at = text.find("the line's page: ");
-        if (at == std::string::npos)
-            return false;
-        url = text.substr(at + 17, text.find('\n', at) - at - 17);
-        return true;
-    }, 30), read_text(err));
+    std::string url = page_url(err);
     REQUIRE(wait_until([&] { return terminal.screen().find("slot 1  " + slot.device + "  EMPTY") != std::string::npos; }, 30));
 
     REQUIRE(slot.insert(card));
