@@ -3,6 +3,9 @@
 
 #include <cstring>
 #include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
 #include <gio/gio.h>
 
 namespace treeflash {
@@ -33,6 +36,36 @@ void throw_gerror(GError*& err, std::string_view what)
     if (!what.empty())
         message = std::string(what) + ": " + message;
     throw Error(message);
+}
+
+namespace {
+
+bool step_times_wanted()
+{
+    static const bool wanted = std::getenv("TREEFLASH_STEP_TIMES") != nullptr;
+    return wanted;
+}
+
+long long monotonic_ns()
+{
+    struct timespec now {};
+    ::clock_gettime(CLOCK_MONOTONIC, &now);
+    return now.tv_sec * 1000000000LL + now.tv_nsec;
+}
+
+} // namespace
+
+StepTimer::StepTimer(std::string_view step) : m_step(step)
+{
+    if (step_times_wanted())
+        m_start_ns = monotonic_ns();
+}
+
+StepTimer::~StepTimer()
+{
+    if (m_start_ns >= 0)
+        std::fprintf(stderr, "treeflash: step %.*s: %.3f s\n", static_cast<int>(m_step.size()), m_step.data(),
+                     static_cast<double>(monotonic_ns() - m_start_ns) / 1e9);
 }
 
 } // namespace treeflash

@@ -35,10 +35,26 @@ public:
 // ("what: message"), or as Cancelled when it is G_IO_ERROR_CANCELLED.
 [[noreturn]] void throw_gerror(GError*& err, std::string_view what = {});
 
+// With TREEFLASH_STEP_TIMES set in the environment, every step's wall
+// time is printed on stderr when it ends (for benchmarks; nested steps
+// print before the step holding them).
+class StepTimer {
+public:
+    explicit StepTimer(std::string_view step);
+    ~StepTimer();
+    StepTimer(const StepTimer&) = delete;
+    StepTimer& operator=(const StepTimer&) = delete;
+
+private:
+    std::string_view m_step;
+    long long m_start_ns = -1;
+};
+
 // Runs fn; an Error escaping it gets "step: " in front of its message.
 template <typename Fn>
 decltype(auto) in_step(std::string_view step, Fn&& fn)
 {
+    StepTimer timer(step);
     try {
         return std::forward<Fn>(fn)();
     } catch (const Cancelled&) {
