@@ -1,8 +1,10 @@
 #include "builder/stages.hpp"
 
+#include "builder/archive_objects.hpp"
+
 #include "common/error.hpp"
 #include "common/glib.hpp"
-#include "common/sha256.hpp"
+#include "common/ostree_objects.hpp"
 
 #include <algorithm>
 #include <fcntl.h>
@@ -13,6 +15,8 @@
 #include <gio/gunixinputstream.h>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <span>
 #include <ostree.h>
 #include <sys/stat.h>
 #include <thread>
@@ -114,72 +118,101 @@ glib::Object<GInputStream> open_stream(const Tree& tree, const Node& node, Uniqu
     return glib::Object<GInputStream>(g_unix_input_stream_new(fd.get(), FALSE));
 }
 
-// The OSTree content checksum of a file or symlink, as
-// ostree_checksum_file_from_input computes it: SHA-256 of the file header
-// (uid, gid, mode, rdev, symlink target, xattrs; a GVariant after its 32-bit
-// big-endian size and 4 bytes of padding: exactly what a content stream
-// starts with) followed by the file's bytes. Computed with OpenSSL,
-// whose SHA-256 uses the CPU's SHA instructions, rather than the GChecksum
-// libostree hashes with: an unchanged rebuild is mostly this.
-std::string content_checksum(GFileInfo* info, GVariant* xattrs, GInputStream* content, GCancellable* cancellable)
+// A regular file's bytes, read whole into `buffer` (or the node's own
+// bytes): read once, so the checksum and the object see the same bytes.
+std::span<const unsigned char> read_whole(const Tree& tree, const Node& node, ByteBuffer& buffer)
 {
-    // The header, taken from the content stream libostree makes of it.
-    GError* error = nullptr;
-    glib::Object<GInputStream> empty(g_memory_input_stream_new());
-    GInputStream* stream_raw = nullptr;
-    guint64 length = 0;
-    if (!ostree_raw_file_to_content_stream(g_file_info_get_file_type(info) == G_FILE_TYPE_REGULAR ? empty.get() : nullptr,
-                                           info, xattrs, &stream_raw, &length, cancellable, &error))
-        throw_gerror(error, "file header");
-    glib::Object<GInputStream> stream(stream_raw);
-    unsigned char prefix[8];
-    gsize got = 0;
-    if (!g_input_stream_read_all(stream.get(), prefix, sizeof prefix, &got, cancellable, &error))
-        throw_gerror(error, "file header");
-    if (got != sizeof prefix)
-        throw Error("file header: short content stream");
-    uint32_t header_size = (uint32_t{prefix[0]} << 24) | (uint32_t{prefix[1]} << 16) | (uint32_t{prefix[2]} << 8) | prefix[3];
-    std::vector<unsigned char> header(header_size);
-    if (!g_input_stream_read_all(stream.get(), header.data(), header.size(), &got, cancellable, &error))
-        throw_gerror(error, "file header");
-    if (got != header.size())
-        throw Error("file header: short content stream");
-
-    Sha256 sha;
-    sha.update(prefix, sizeof prefix);
-    sha.update(header.data(), header.size());
-    if (content) {
-        std::vector<unsigned char> buffer(256 * 1024);
-        for (;;) {
-            gssize n = g_input_stream_read(content, buffer.data(), buffer.size(), cancellable, &error);
-            if (n < 0)
-                throw_gerror(error, "read");
-            if (n == 0)
-                break;
-            sha.update(buffer.data(), static_cast<size_t>(n));
-        }
+    if (node.source.origin == FileSource::Origin::Memory)
+        return {reinterpret_cast<const unsigned char*>(node.source.bytes.data()), node.source.bytes.size()};
+    UniqueFd fd = tree.open_source(node.source);
+    unsigned char* bytes = buffer.reserve(node.size);
+    size_t done = 0;
+    while (done < node.size) {
+        ssize_t n = ::read(fd.get(), bytes + done, node.size - done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            throw_errno("read " + node.source.path);
+        if (n == 0)
+            throw Error(node.source.path + " changed size while the build read it");
+        done += static_cast<size_t>(n);
     }
-    return sha.hex();
+    unsigned char more = 0;
+    ssize_t n;
+    while ((n = ::read(fd.get(), &more, 1)) < 0 && errno == EINTR) {
+    }
+    if (n != 0)
+        throw Error(node.source.path + " changed size while the build read it");
+    return {bytes, node.size};
+}
+
+// Files bigger than this are hashed in chunks before they are read whole.
+constexpr uint64_t streamed_hash_threshold = 1u << 20;
+
+// What each worker keeps between files.
+struct WorkerState {
+    std::optional<DeflateCompressor> compressor;
+    ByteBuffer content;
+    ByteBuffer compressed;
+};
+
+bool have_object(OstreeRepo* repo, const std::string& checksum, GCancellable* cancellable)
+{
+    GError* error = nullptr;
+    gboolean have = FALSE;
+    if (!ostree_repo_has_object(repo, OSTREE_OBJECT_TYPE_FILE, checksum.c_str(), &have, cancellable, &error))
+        throw_gerror(error, "look up object");
+    return have;
 }
 
 // Computes the content object checksum of one file and writes the object
 // only when the repository lacks it. Archive repositories compress before
 // they look for an existing object; checking first makes a rebuild of an
 // unchanged tree cost a read and a hash per file instead of a compression.
-bool write_content_object(OstreeRepo* repo, const Tree& tree, Node& node, GVariant* xattrs, GCancellable* cancellable)
+// Archive objects are compressed here (`writer`); files too big to hold in
+// memory, and objects of other repository modes, go through libostree.
+bool write_content_object(OstreeRepo* repo, ArchiveObjectWriter* writer, WorkerState& state, const Tree& tree,
+                          Node& node, GVariant* xattrs, GCancellable* cancellable)
 {
+    if (g_cancellable_is_cancelled(cancellable))
+        throw Cancelled();
     auto info = file_info_for(node);
+    if (writer && node.size <= whole_buffer_limit) {
+        std::span<const unsigned char> bytes;
+        if (node.size > streamed_hash_threshold) {
+            // A big file is hashed as it streams by (no buffer of its size to
+            // fill in a rebuild that only hashes), and read whole only when
+            // its object is new: then hashed again, so the object holds the
+            // bytes its name says.
+            UniqueFd fd;
+            glib::Object<GInputStream> input = open_stream(tree, node, fd);
+            node.checksum = objects::content_checksum(info.get(), xattrs, input.get(), cancellable);
+            if (have_object(repo, node.checksum, cancellable))
+                return false;
+            bytes = read_whole(tree, node, state.content);
+            if (objects::content_checksum(info.get(), xattrs, bytes, cancellable) != node.checksum)
+                throw Error(node.source.path + " changed while the build read it");
+        } else {
+            if (node.is_regular())
+                bytes = read_whole(tree, node, state.content);
+            node.checksum = objects::content_checksum(info.get(), xattrs, bytes, cancellable);
+            if (have_object(repo, node.checksum, cancellable))
+                return false;
+        }
+        if (!state.compressor)
+            state.compressor.emplace(writer->level());
+        return writer->stage(node.checksum, objects::archive_file_header(info.get(), xattrs, cancellable), bytes,
+                             node.is_regular(), *state.compressor, state.compressed);
+    }
+
     UniqueFd fd;
     GError* error = nullptr;
     glib::Object<GInputStream> input;
     if (node.is_regular())
         input = open_stream(tree, node, fd);
-    node.checksum = content_checksum(info.get(), xattrs, input.get(), cancellable);
-
-    gboolean have = FALSE;
-    if (!ostree_repo_has_object(repo, OSTREE_OBJECT_TYPE_FILE, node.checksum.c_str(), &have, cancellable, &error))
-        throw_gerror(error, "look up object");
-    if (have)
+    node.checksum = input ? objects::content_checksum(info.get(), xattrs, input.get(), cancellable)
+                          : objects::content_checksum(info.get(), xattrs, std::span<const unsigned char>(), cancellable);
+    if (have_object(repo, node.checksum, cancellable))
         return false;
 
     if (node.is_regular())
@@ -196,7 +229,8 @@ bool write_content_object(OstreeRepo* repo, const Tree& tree, Node& node, GVaria
 }
 
 // Writes every file and symlink of the tree, on `jobs` threads.
-void write_contents(OstreeRepo* repo, Tree& tree, unsigned jobs, GCancellable* cancellable, CommitResult& result)
+void write_contents(OstreeRepo* repo, ArchiveObjectWriter* writer, Tree& tree, unsigned jobs,
+                    GCancellable* cancellable, CommitResult& result)
 {
     std::vector<std::pair<std::string, Node*>> work;
     std::function<void(const std::string&, Node&)> collect = [&](const std::string& path, Node& node) {
@@ -223,6 +257,7 @@ void write_contents(OstreeRepo* repo, Tree& tree, unsigned jobs, GCancellable* c
     std::string failure;
     bool cancelled = false;
     auto worker = [&] {
+        WorkerState state;
         for (;;) {
             size_t index = next.fetch_add(1);
             if (index >= work.size())
@@ -230,7 +265,7 @@ void write_contents(OstreeRepo* repo, Tree& tree, unsigned jobs, GCancellable* c
             auto& [path, node] = work[index];
             try {
                 glib::Variant xattrs = xattrs_of(*node);
-                if (write_content_object(repo, tree, *node, xattrs.get(), cancellable))
+                if (write_content_object(repo, writer, state, tree, *node, xattrs.get(), cancellable))
                     ++written;
             } catch (const Cancelled&) {
                 std::lock_guard guard(failure_lock);
@@ -257,6 +292,14 @@ void write_contents(OstreeRepo* repo, Tree& tree, unsigned jobs, GCancellable* c
     if (!failure.empty())
         throw Error(failure);
     result.objects_written = written;
+}
+
+std::filesystem::path repo_path(OstreeRepo* repo)
+{
+    std::string path = glib::take_string(g_file_get_path(ostree_repo_get_path(repo)));
+    if (path.empty())
+        throw Error("the repository has no local path");
+    return path;
 }
 
 class DirMetaWriter {
@@ -437,7 +480,15 @@ CommitResult commit_tree(OstreeRepo* repo, Tree& tree, const CommitOptions& opti
     check_summary_signing(repo, options);
 
     Transaction transaction(repo, cancellable);
-    in_step("write objects", [&] { write_contents(repo, tree, options.jobs, cancellable, result); });
+    in_step("write objects", [&] {
+        std::optional<ArchiveObjectWriter> writer;
+        if (ostree_repo_get_mode(repo) == OSTREE_REPO_MODE_ARCHIVE)
+            writer.emplace(repo, repo_path(repo));
+        write_contents(repo, writer ? &*writer : nullptr, tree, options.jobs, cancellable, result);
+        // Before the tree and commit: a static delta reads these objects.
+        if (writer)
+            writer->publish();
+    });
 
     glib::Object<GFile> root;
     in_step("write tree", [&] {

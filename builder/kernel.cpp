@@ -1,6 +1,7 @@
 #include "builder/stages.hpp"
 
 #include "common/error.hpp"
+#include "common/sha256.hpp"
 #include "common/glib.hpp"
 
 #include <algorithm>
@@ -27,21 +28,14 @@ bool is_sha256_hex(std::string_view text)
     return true;
 }
 
-void hash_node(GChecksum* sum, const Tree& tree, const Node& file)
-{
-    tree.read_chunks(file, [&](const char* bytes, size_t size) {
-        g_checksum_update(sum, reinterpret_cast<const guchar*>(bytes), static_cast<gssize>(size));
-    });
-}
-
 // OSTree's bootcsum: sha256 over the kernel, the initramfs and the
 // devicetree(s) (dtb/ files in name order), concatenated.
 std::string boot_checksum(const Tree& tree, const std::vector<const Node*>& files)
 {
-    glib::Checksum sum(g_checksum_new(G_CHECKSUM_SHA256));
+    Sha256 sum;
     for (const Node* file : files)
-        hash_node(sum.get(), tree, *file);
-    return g_checksum_get_string(sum.get());
+        tree.read_chunks(*file, [&](const char* bytes, size_t size) { sum.update(bytes, size); });
+    return sum.hex();
 }
 
 std::unique_ptr<Node> host_file_node(const std::filesystem::path& given, const char* what)

@@ -1,5 +1,7 @@
 #include "builder/repo.hpp"
 
+#include "builder/archive_objects.hpp"
+
 #include "common/error.hpp"
 
 #include <cerrno>
@@ -14,8 +16,8 @@ namespace treeflash::builder {
 
 namespace {
 
-// The compression level of the repositories treeflash creates (libostree's
-// archive.zlib-level; its default is 6).
+// The compression level of the repositories treeflash creates (their
+// archive.zlib-level; libostree's default is 6).
 constexpr int archive_zlib_level = 4;
 
 void lock_exclusively(int fd, const std::filesystem::path& path, GCancellable* cancellable,
@@ -47,7 +49,8 @@ void remove_leftovers(const std::filesystem::path& path, const BuildRepo::WaitNo
         if (entry.path().filename().string().rfind(partial_prefix, 0) == 0)
             stale.push_back(entry.path());
     for (const auto& entry : std::filesystem::directory_iterator(path / "tmp", ec))
-        if (entry.path().filename().string().rfind("treeflash-import-", 0) == 0)
+        if (entry.path().filename().string().rfind("treeflash-import-", 0) == 0
+            || entry.path().filename().string().rfind(archive_staging_prefix, 0) == 0)
             stale.push_back(entry.path());
     for (const auto& dir : stale) {
         if (!std::filesystem::is_directory(std::filesystem::symlink_status(dir, ec)))
@@ -92,9 +95,10 @@ BuildRepo::BuildRepo(const std::filesystem::path& path, GCancellable* cancellabl
                                            cancellable, &error));
         if (!m_repo)
             throw_gerror(error, "create archive repository");
-        // zlib level 4 instead of libostree's 6: objects compress about a
-        // third faster for 1.5% more bytes (a debootstrap minbase tree:
-        // 93.1 MB against 91.7 MB); any libostree reads them.
+        // Level 4 instead of libostree's 6. treeflash compresses objects
+        // with libdeflate at this level (builder/archive_objects.cpp): under
+        // 1% more bytes than zlib at 6, in about a quarter of its time;
+        // libostree, which compresses with zlib, writes at this level too.
         glib::KeyFile config(ostree_repo_copy_config(m_repo.get()));
         g_key_file_set_integer(config.get(), "archive", "zlib-level", archive_zlib_level);
         if (!ostree_repo_write_config(m_repo.get(), config.get(), &error))

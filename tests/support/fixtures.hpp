@@ -83,7 +83,6 @@ void write_tarball(const fs::path& path, const std::vector<TarEntry>& entries);
 // (".NAME.partial-*").
 bool has_partial(const fs::path& dir);
 
-// The treeflash executable under test.
 // treeflash and the bundled boards, copied below `dir` (made traversable by
 // all) so another uid can run them wherever the checkout lives (a home
 // folder of mode 0700, say).

@@ -60,13 +60,18 @@ void fill_random(const fs::path& dir, int files, size_t size, unsigned seed)
     }
 }
 
+// Whether the repository's tmp/ holds a build's scratch space: an
+// imported tarball's files, or content objects staged before they are
+// moved into objects/.
 bool has_import_scratch(const fs::path& repo)
 {
     if (!fs::exists(repo / "tmp"))
         return false;
-    for (const auto& entry : fs::directory_iterator(repo / "tmp"))
-        if (entry.path().filename().string().rfind("treeflash-import-", 0) == 0)
+    for (const auto& entry : fs::directory_iterator(repo / "tmp")) {
+        std::string name = entry.path().filename().string();
+        if (name.rfind("treeflash-import-", 0) == 0 || name.rfind("treeflash-objects-", 0) == 0)
             return true;
+    }
     return false;
 }
 
@@ -632,15 +637,60 @@ TEST_CASE("owners: a directory read without root is committed as root's; --owner
     CHECK(list_commit(ex.tmp / "owned")["/usr/bin/busybox"].find(" 1234 5678 ") != std::string::npos);
 }
 
-TEST_CASE("a repository treeflash creates compresses at zlib level 4, and stock ostree reads it")
+TEST_CASE("a repository treeflash creates compresses at level 4, and stock ostree reads every object")
 {
     Example ex;
-    REQUIRE(run_treeflash(ex.args()).ok());
+    // Text compresses: the objects must be smaller than the files.
+    std::string text;
+    for (int i = 0; text.size() < 4 * 1024 * 1024; ++i)
+        text += "line " + std::to_string(i) + " of a log nobody reads\n";
+    write_file(ex.rootfs / "usr/share/doc/log.txt", text);
+    write_file(ex.rootfs / "usr/share/doc/copy.txt", text); // the same object twice
+    write_file(ex.rootfs / "usr/share/doc/empty", "");
+    fs::create_symlink("log.txt", ex.rootfs / "usr/share/doc/latest");
+    // Served to others whatever the builder's umask.
+    std::vector<std::string> argv{"sh", "-c", "umask 077 && exec \"$@\"", "sh", TREEFLASH_BINARY};
+    std::vector<std::string> args = ex.args();
+    argv.insert(argv.end(), args.begin(), args.end());
+    auto built = run_process(argv);
+    REQUIRE_MESSAGE(built.ok(), built.err);
+
     auto level = ostree(ex.repo, {"config", "get", "archive.zlib-level"});
     CHECK(level.out == "4\n");
     CHECK(fsck_clean(ex.repo));
-    auto content = ostree(ex.repo, {"cat", "master", "/usr/bin/busybox"});
-    CHECK(content.out == read_text(ex.rootfs / "usr/bin/busybox"));
+    CHECK_FALSE(has_import_scratch(ex.repo));
+    uint64_t object_bytes = 0;
+    for (const auto& entry : fs::recursive_directory_iterator(ex.repo / "objects")) {
+        if (!entry.is_regular_file())
+            continue;
+        CHECK_MESSAGE((entry.status().permissions() & fs::perms::all) == (fs::perms::owner_read | fs::perms::owner_write | fs::perms::group_read | fs::perms::others_read),
+                      entry.path());
+        object_bytes += entry.file_size();
+    }
+    CHECK(object_bytes < text.size() / 4);
+    // Stock ostree copies every object into a repository of its own, which
+    // inflates and checks each one.
+    fs::path copy = ex.tmp / "copy";
+    REQUIRE(ostree(copy, {"init", "--mode=bare-user"}).ok());
+    auto pulled = ostree(copy, {"pull-local", "--untrusted", ex.repo.string(), "master"});
+    REQUIRE_MESSAGE(pulled.ok(), pulled.err);
+    CHECK(fsck_clean(copy));
+    CHECK(ostree(copy, {"cat", "master", "/usr/share/doc/copy.txt"}).out == text);
+    CHECK(ostree(copy, {"cat", "master", "/usr/share/doc/empty"}).out.empty());
+    CHECK(ostree(ex.repo, {"cat", "master", "/usr/bin/busybox"}).out == read_text(ex.rootfs / "usr/bin/busybox"));
+    auto link = ostree(copy, {"ls", "master", "/usr/share/doc/latest"});
+    CHECK_MESSAGE(link.out.find("-> log.txt") != std::string::npos, link.out);
+}
+
+TEST_CASE("a build into an existing bare-user repository writes its objects through libostree")
+{
+    Example ex;
+    REQUIRE(ostree(ex.repo, {"init", "--mode=bare-user"}).ok());
+    auto built = run_treeflash(ex.args());
+    REQUIRE_MESSAGE(built.ok(), built.err);
+    CHECK(fsck_clean(ex.repo));
+    CHECK(ostree(ex.repo, {"cat", "master", "/usr/bin/busybox"}).out == read_text(ex.rootfs / "usr/bin/busybox"));
+    CHECK_FALSE(has_import_scratch(ex.repo));
 }
 
 TEST_CASE("extended attributes reach the commit")

@@ -1,0 +1,126 @@
+#include "builder/archive_objects.hpp"
+
+#include "common/error.hpp"
+#include "common/glib.hpp"
+
+#include <cerrno>
+#include <fcntl.h>
+#include <libdeflate.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace treeflash::builder {
+
+namespace {
+
+void write_all(int fd, const unsigned char* data, size_t size, const std::string& what)
+{
+    while (size > 0) {
+        ssize_t n = ::write(fd, data, size);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            throw_errno("write " + what);
+        }
+        data += n;
+        size -= static_cast<size_t>(n);
+    }
+}
+
+int configured_level(OstreeRepo* repo)
+{
+    GKeyFile* config = ostree_repo_get_config(repo); // borrowed
+    GError* error = nullptr;
+    int level = g_key_file_get_integer(config, "archive", "zlib-level", &error);
+    if (error) {
+        glib::ErrorPtr absent(error);
+        return 6; // libostree's default
+    }
+    // libostree accepts 1 to 9; so does libdeflate (and up to 12).
+    if (level < 1 || level > 9)
+        throw Error("the repository's archive.zlib-level is " + std::to_string(level) + "; libostree accepts 1 to 9");
+    return level;
+}
+
+} // namespace
+
+DeflateCompressor::DeflateCompressor(int level) : m_compressor(libdeflate_alloc_compressor(level))
+{
+    if (!m_compressor)
+        throw Error("libdeflate: cannot make a compressor of level " + std::to_string(level));
+}
+
+DeflateCompressor::~DeflateCompressor()
+{
+    libdeflate_free_compressor(m_compressor);
+}
+
+std::span<const unsigned char> DeflateCompressor::compress(std::span<const unsigned char> input, ByteBuffer& output)
+{
+    size_t bound = libdeflate_deflate_compress_bound(m_compressor, input.size());
+    unsigned char* out = output.reserve(bound);
+    size_t size = libdeflate_deflate_compress(m_compressor, input.data(), input.size(), out, bound);
+    if (size == 0) // cannot happen with a buffer of the bound's size
+        throw Error("libdeflate: compressed data did not fit its bound");
+    return {out, size};
+}
+
+ArchiveObjectWriter::ArchiveObjectWriter(OstreeRepo* repo, const std::filesystem::path& repo_path)
+    : m_level(configured_level(repo)), m_staging(repo_path / "tmp", archive_staging_prefix)
+{
+    m_objects.reset(::openat(ostree_repo_get_dfd(repo), "objects", O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!m_objects)
+        throw_errno("open " + (repo_path / "objects").string());
+    m_staging_fd.reset(::open(m_staging.path().c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!m_staging_fd)
+        throw_errno("open " + m_staging.path().string());
+}
+
+bool ArchiveObjectWriter::stage(const std::string& checksum, std::span<const unsigned char> header,
+                                std::span<const unsigned char> content, bool regular, DeflateCompressor& compressor,
+                                ByteBuffer& scratch)
+{
+    std::string name = checksum + ".filez";
+    UniqueFd fd(::openat(m_staging_fd.get(), name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
+    if (!fd) {
+        if (errno == EEXIST) // the same content twice in one tree
+            return false;
+        throw_errno("create " + (m_staging.path() / name).string());
+    }
+    // Served to others: readable whatever the umask (as libostree does).
+    if (::fchmod(fd.get(), 0644) != 0)
+        throw_errno("chmod " + (m_staging.path() / name).string());
+    write_all(fd.get(), header.data(), header.size(), name);
+    if (regular) {
+        std::span<const unsigned char> compressed = compressor.compress(content, scratch);
+        write_all(fd.get(), compressed.data(), compressed.size(), name);
+    }
+    std::lock_guard guard(m_lock);
+    m_staged.push_back(checksum);
+    return true;
+}
+
+void ArchiveObjectWriter::publish()
+{
+    std::lock_guard guard(m_lock);
+    if (m_staged.empty())
+        return;
+    // Every object's bytes reach the disk before any is renamed into
+    // objects/: after a crash an object is whole or absent.
+    if (::syncfs(m_staging_fd.get()) != 0)
+        throw_errno("sync " + m_staging.path().string());
+    for (const auto& checksum : m_staged) {
+        std::string prefix = checksum.substr(0, 2);
+        if (::mkdirat(m_objects.get(), prefix.c_str(), 0755) != 0 && errno != EEXIST)
+            throw_errno("create objects/" + prefix);
+        std::string from = checksum + ".filez";
+        std::string to = prefix + "/" + checksum.substr(2) + ".filez";
+        // An object already there has the same content by its name: keep it.
+        if (::renameat2(m_staging_fd.get(), from.c_str(), m_objects.get(), to.c_str(), RENAME_NOREPLACE) != 0
+            && errno != EEXIST)
+            throw_errno("move object " + checksum + " into objects/");
+    }
+    m_staged.clear();
+}
+
+} // namespace treeflash::builder
