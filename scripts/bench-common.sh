@@ -13,6 +13,6 @@ seconds() {
 
 # report LABEL BASELINE TREEFLASH TARGET: one line with both times and the ratio.
 report() {
-    printf '%-18s how-to %7.2f s   treeflash %7.2f s   ratio %.2f (target <= %s)\n' \
+    printf '%-26s how-to %7.2f s   treeflash %7.2f s   ratio %.2f (target <= %s)\n' \
         "$1" "$2" "$3" "$(awk -v h="$2" -v t="$3" 'BEGIN { print t / h }')" "$4"
 }
