@@ -3,7 +3,9 @@
 #include "common/error.hpp"
 #include "common/glib.hpp"
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <fcntl.h>
 #include <libdeflate.h>
 #include <sys/stat.h>
@@ -27,19 +29,16 @@ void write_all(int fd, const unsigned char* data, size_t size, const std::string
     }
 }
 
+// The repository's archive.zlib-level, read as libostree reads it: a
+// number clamped to 1..9, 6 when absent.
 int configured_level(OstreeRepo* repo)
 {
     GKeyFile* config = ostree_repo_get_config(repo); // borrowed
-    GError* error = nullptr;
-    int level = g_key_file_get_integer(config, "archive", "zlib-level", &error);
-    if (error) {
-        glib::ErrorPtr absent(error);
-        return 6; // libostree's default
-    }
-    // libostree accepts 1 to 9; so does libdeflate (and up to 12).
-    if (level < 1 || level > 9)
-        throw Error("the repository's archive.zlib-level is " + std::to_string(level) + "; libostree accepts 1 to 9");
-    return level;
+    std::string text = glib::take_string(g_key_file_get_value(config, "archive", "zlib-level", nullptr));
+    if (text.empty())
+        return 6;
+    unsigned long long level = std::strtoull(text.c_str(), nullptr, 10);
+    return static_cast<int>(std::max(1ull, std::min(9ull, level)));
 }
 
 } // namespace
@@ -111,13 +110,17 @@ void ArchiveObjectWriter::publish()
         throw_errno("sync " + m_staging.path().string());
     for (const auto& checksum : m_staged) {
         std::string prefix = checksum.substr(0, 2);
-        if (::mkdirat(m_objects.get(), prefix.c_str(), 0755) != 0 && errno != EEXIST)
+        if (::mkdirat(m_objects.get(), prefix.c_str(), 0777) != 0 && errno != EEXIST) // less the umask, as libostree
             throw_errno("create objects/" + prefix);
         std::string from = checksum + ".filez";
         std::string to = prefix + "/" + checksum.substr(2) + ".filez";
         // An object already there has the same content by its name: keep it.
-        if (::renameat2(m_staging_fd.get(), from.c_str(), m_objects.get(), to.c_str(), RENAME_NOREPLACE) != 0
-            && errno != EEXIST)
+        // File systems without RENAME_NOREPLACE (NFS, some FUSE) get a plain
+        // rename, as libostree does: same name, same bytes.
+        int rc = ::renameat2(m_staging_fd.get(), from.c_str(), m_objects.get(), to.c_str(), RENAME_NOREPLACE);
+        if (rc != 0 && (errno == EINVAL || errno == ENOSYS))
+            rc = ::renameat(m_staging_fd.get(), from.c_str(), m_objects.get(), to.c_str());
+        if (rc != 0 && errno != EEXIST)
             throw_errno("move object " + checksum + " into objects/");
     }
     m_staged.clear();

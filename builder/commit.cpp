@@ -4,6 +4,7 @@
 
 #include "common/error.hpp"
 #include "common/glib.hpp"
+#include "common/memory_budget.hpp"
 #include "common/ostree_objects.hpp"
 
 #include <algorithm>
@@ -148,9 +149,13 @@ std::span<const unsigned char> read_whole(const Tree& tree, const Node& node, By
 
 // Files bigger than this are hashed in chunks before they are read whole.
 constexpr uint64_t streamed_hash_threshold = 1u << 20;
+// What the workers may hold at once for files read whole (each file counts
+// twice: its bytes and its compressed bytes).
+constexpr uint64_t whole_file_budget = 512ull << 20;
 
 // What each worker keeps between files.
 struct WorkerState {
+    MemoryBudget* budget;
     std::optional<DeflateCompressor> compressor;
     ByteBuffer content;
     ByteBuffer compressed;
@@ -179,6 +184,16 @@ bool write_content_object(OstreeRepo* repo, ArchiveObjectWriter* writer, WorkerS
     auto info = file_info_for(node);
     if (writer && node.size <= whole_buffer_limit) {
         std::span<const unsigned char> bytes;
+        MemoryBudget::Grant grant;
+        // A big file's buffers are freed once its object is written.
+        struct Shrink {
+            WorkerState& state;
+            ~Shrink()
+            {
+                state.content.shrink(streamed_hash_threshold);
+                state.compressed.shrink(2 * streamed_hash_threshold);
+            }
+        } shrink{state};
         if (node.size > streamed_hash_threshold) {
             // A big file is hashed as it streams by (no buffer of its size to
             // fill in a rebuild that only hashes), and read whole only when
@@ -189,6 +204,8 @@ bool write_content_object(OstreeRepo* repo, ArchiveObjectWriter* writer, WorkerS
             node.checksum = objects::content_checksum(info.get(), xattrs, input.get(), cancellable);
             if (have_object(repo, node.checksum, cancellable))
                 return false;
+            // The file and its compressed bytes, from the workers' shared budget.
+            grant = state.budget->take(2 * node.size);
             bytes = read_whole(tree, node, state.content);
             if (objects::content_checksum(info.get(), xattrs, bytes, cancellable) != node.checksum)
                 throw Error(node.source.path + " changed while the build read it");
@@ -256,8 +273,11 @@ void write_contents(OstreeRepo* repo, ArchiveObjectWriter* writer, Tree& tree, u
     std::mutex failure_lock;
     std::string failure;
     bool cancelled = false;
+    // Files read whole and compressed at once share this much memory,
+    // whatever the number of workers.
+    MemoryBudget budget(whole_file_budget);
     auto worker = [&] {
-        WorkerState state;
+        WorkerState state{&budget, {}, {}, {}};
         for (;;) {
             size_t index = next.fetch_add(1);
             if (index >= work.size())

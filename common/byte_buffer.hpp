@@ -42,6 +42,16 @@ public:
 
     unsigned char* data() { return m_bytes.get(); }
 
+    // Frees the bytes when more than `keep` are held: after a big file, so
+    // an idle worker does not sit on its largest buffer.
+    void shrink(size_t keep)
+    {
+        if (m_capacity > keep) {
+            m_bytes.reset();
+            m_capacity = 0;
+        }
+    }
+
 private:
     std::unique_ptr<unsigned char[]> m_bytes;
     size_t m_capacity = 0;
