@@ -3,8 +3,10 @@
 #include "common/error.hpp"
 #include "common/fd.hpp"
 #include "common/glib.hpp"
+#include "flasher/deploy/prefetch.hpp"
 #include "flasher/deploy/pull.hpp"
 
+#include <cstdio>
 #include <fcntl.h>
 #include <functional>
 #include <linux/openat2.h>
@@ -192,9 +194,21 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
     in_step("remote", [&] { add_remote(repo, options, cancellable); });
     if (notice)
         notice("pulling " + options.ref + " from " + options.pull_url);
+    if (!options.commit.empty()) {
+        PrefetchResult prefetched = in_step("prefetch", [&] {
+            return prefetch_objects(repo, options.pull_url, options.commit, options.network_timeout, cancellable);
+        });
+        if (notice && prefetched.attempted && prefetched.complete) {
+            char mib[32];
+            std::snprintf(mib, sizeof mib, "%.1f", static_cast<double>(prefetched.bytes) / (1 << 20));
+            notice("fetched " + std::to_string(prefetched.objects) + " objects (" + mib + " MiB) ahead of the pull");
+        } else if (notice && prefetched.attempted) {
+            notice("fetching objects ahead of the pull stopped (" + prefetched.stopped + "); the pull fetches the rest");
+        }
+    }
     in_step("pull", [&] {
         pull_ref(repo, options.remote, options.ref, options.pull_url == options.remote_url ? "" : options.pull_url,
-                 options.network_timeout, cancellable, options.untrusted_pull, options.download_dir);
+                 options.network_timeout, cancellable, options.untrusted_pull, options.download_dir, options.commit);
     });
 
     if (notice)
@@ -329,12 +343,16 @@ SysrootLock::~SysrootLock()
 
 void pull_ref(OstreeRepo* repo, const std::string& remote, const std::string& ref, const std::string& override_url,
               unsigned network_timeout, GCancellable* cancellable, bool untrusted,
-              const std::filesystem::path& download_dir)
+              const std::filesystem::path& download_dir, const std::string& commit)
 {
     GVariantBuilder builder;
     g_variant_builder_init(&builder, G_VARIANT_TYPE_VARDICT);
     const char* refs[] = {ref.c_str(), nullptr};
     g_variant_builder_add(&builder, "{sv}", "refs", g_variant_new_strv(refs, -1));
+    if (!commit.empty()) {
+        const char* commits[] = {commit.c_str(), nullptr};
+        g_variant_builder_add(&builder, "{sv}", "override-commit-ids", g_variant_new_strv(commits, -1));
+    }
     if (!override_url.empty())
         g_variant_builder_add(&builder, "{sv}", "override-url", g_variant_new_string(override_url.c_str()));
     g_variant_builder_add(&builder, "{sv}", "n-network-retries", g_variant_new_uint32(2));

@@ -22,6 +22,7 @@ struct SysrootOptions {
     std::string remote_url;              // what the card's origin remote points at
     std::string pull_url;                // where to pull from now (file:// or http://)
     std::string ref = "master";
+    std::string commit;                  // the commit the ref named when the flash was planned: the one pulled
     std::optional<std::filesystem::path> gpg_key; // imported into the remote; verification on
     std::vector<std::string> kernel_args;
     unsigned network_timeout = 30;       // seconds without progress before a pull fails
@@ -70,13 +71,15 @@ private:
 };
 
 // Pulls `ref` of `remote` into `repo`, from `override_url` when given
-// (the remote's GPG settings apply either way), under watched_pull.
+// (the remote's GPG settings apply either way), under watched_pull; when
+// `commit` is given, that commit (the ref must have named it when it was
+// looked up) rather than whatever the ref names now.
 // `untrusted`: objects from a local repository are checked and written one
 // by one instead of copied as files (a copy keeps the files' owners, which a
 // user namespace cannot give them). `download_dir`: see watched_pull.
 void pull_ref(OstreeRepo* repo, const std::string& remote, const std::string& ref, const std::string& override_url,
               unsigned network_timeout, GCancellable* cancellable, bool untrusted = false,
-              const std::filesystem::path& download_dir = {});
+              const std::filesystem::path& download_dir = {}, const std::string& commit = {});
 
 // Throws unless every symlink of the sysroot's own structure at `root`
 // (boot/, boot/loader*, ostree/boot.*, ostree/deploy/*, ostree/repo, but not

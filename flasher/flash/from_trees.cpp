@@ -81,6 +81,7 @@ json sysroot_to_json(const SysrootOptions& o)
             {"remote_url", o.remote_url},
             {"pull_url", o.pull_url},
             {"ref", o.ref},
+            {"commit", o.commit},
             {"gpg_key", o.gpg_key ? o.gpg_key->string() : ""},
             {"kernel_args", o.kernel_args},
             {"network_timeout", o.network_timeout},
@@ -96,6 +97,7 @@ SysrootOptions sysroot_from_json(const json& j)
     o.remote_url = j.at("remote_url");
     o.pull_url = j.at("pull_url");
     o.ref = j.at("ref");
+    o.commit = j.at("commit");
     if (std::string key = j.at("gpg_key"); !key.empty())
         o.gpg_key = key;
     o.kernel_args = j.at("kernel_args").get<std::vector<std::string>>();

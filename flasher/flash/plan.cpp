@@ -201,6 +201,7 @@ FlashPlan plan_flash(const FlashOptions& options, GCancellable* cancellable)
     // Another user's repository is read object by object, each checked.
     sysroot.untrusted_pull = !is_url(options.repo) && local_repository_untrusted(options.repo);
     sysroot.ref = options.ref;
+    sysroot.commit = plan.source.commit;
     sysroot.gpg_key = options.gpg_import;
     sysroot.kernel_args = plan.board.kernel_args;
     sysroot.require_devicetree = plan.board.devicetree_required;

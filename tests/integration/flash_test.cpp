@@ -6,11 +6,15 @@
 
 #include <chrono>
 #include <csignal>
+#include <cstring>
 #include <doctest/doctest.h>
 #include <fcntl.h>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <spawn.h>
+#include <sstream>
+#include <sys/stat.h>
+#include <sys/xattr.h>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
@@ -241,6 +245,142 @@ TEST_CASE("qemu-arm64 image pulled over HTTP from nginx, with a GPG-verified ori
     CHECK(unsigned_pull.err.find("GPG") != std::string::npos);
     CHECK(unsigned_pull.err.find("(no image was written)") != std::string::npos);
     CHECK_FALSE(fs::exists(tmp / "unsigned.img"));
+}
+
+// The checksum of the content object of `path` in the commit `ref` of `repo`.
+std::string object_of(const fs::path& repo, const std::string& path)
+{
+    auto listed = run_process({"ostree", "--repo=" + repo.string(), "ls", "-C", "master", path});
+    REQUIRE_MESSAGE(listed.ok(), listed.err);
+    std::istringstream fields(listed.out);
+    std::string mode, uid, gid, size, checksum;
+    fields >> mode >> uid >> gid >> size >> checksum;
+    REQUIRE(checksum.size() == 64);
+    return checksum;
+}
+
+TEST_CASE("over HTTP treeflash fetches the commit's objects itself, and the card holds each file as committed"
+          * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::path rootfs = tmp / "rootfs";
+    make_rootfs(rootfs);
+    write_file(rootfs / "usr/bin/set-id-tool", "#!/bin/sh\n");
+    fs::permissions(rootfs / "usr/bin/set-id-tool", static_cast<fs::perms>(04755));
+    write_file(rootfs / "usr/share/owned", "someone else's\n");
+    REQUIRE(::chown((rootfs / "usr/share/owned").c_str(), 1234, 2345) == 0);
+    std::string big;
+    std::mt19937 rng(7);
+    while (big.size() < 3 * MiB)
+        big += "record " + std::to_string(rng() % 1000) + " ";
+    write_file(rootfs / "usr/share/big", big);
+    write_file(rootfs / "usr/share/empty", "");
+    fs::create_symlink("big", rootfs / "usr/share/big-link");
+    REQUIRE(::setxattr((rootfs / "usr/share/big").c_str(), "user.treeflash-test", "kept", 4, 0) == 0);
+    std::string commit = build_commit(tmp.path(), tmp / "repo");
+
+    RepoServer server(tmp / "repo");
+    fs::path image = tmp / "card.img";
+    auto result = run_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(),
+                                 "--repo", server.url()});
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    CHECK_MESSAGE(result.err.find(" objects (") != std::string::npos, result.err);
+    CHECK_MESSAGE(result.err.find("ahead of the pull") != std::string::npos, result.err);
+    // libostree's pull found every file object there: only treeflash fetched them.
+    std::istringstream log(server.access_log());
+    int by_treeflash = 0, by_libostree = 0;
+    for (std::string line; std::getline(log, line);) {
+        if (line.find(".filez") == std::string::npos)
+            continue;
+        (line.find("\"treeflash\"") != std::string::npos ? by_treeflash : by_libostree)++;
+    }
+    CHECK(by_treeflash > 10);
+    CHECK(by_libostree == 0);
+
+    auto dump = run_process({"sfdisk", "-d", image.string()});
+    Partition p3 = sfdisk_partition(dump.out, image, 3);
+    MountedPartition card(image, p3.start, p3.size);
+    auto fsck = run_process({"ostree", "fsck", "--repo=" + (card / "ostree/repo").string()});
+    CHECK_MESSAGE(fsck.ok(), fsck.err);
+    fs::path deployed = card / ("ostree/deploy/tcu/deploy/" + commit + ".0");
+    REQUIRE(fs::is_directory(deployed));
+    struct stat st {};
+    REQUIRE(::lstat((deployed / "usr/bin/set-id-tool").c_str(), &st) == 0);
+    CHECK((st.st_mode & 07777) == 04755);
+    REQUIRE(::lstat((deployed / "usr/share/owned").c_str(), &st) == 0);
+    CHECK(st.st_uid == 1234);
+    CHECK(st.st_gid == 2345);
+    CHECK(read_text(deployed / "usr/share/big") == big);
+    CHECK(read_text(deployed / "usr/share/empty").empty());
+    CHECK(fs::read_symlink(deployed / "usr/share/big-link") == "big");
+    char value[16] = {};
+    CHECK(::getxattr((deployed / "usr/share/big").c_str(), "user.treeflash-test", value, sizeof value) == 4);
+    CHECK(std::string(value) == "kept");
+}
+
+TEST_CASE("a file too big for the prefetch's memory reaches the card through libostree's pull"
+          * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::path rootfs = tmp / "rootfs";
+    make_rootfs(rootfs);
+    std::string big(65 * MiB, '\0'); // does not compress: over the 64 MiB a fetch may hold
+    std::mt19937_64 rng(11);
+    for (size_t i = 0; i + 8 <= big.size(); i += 8) {
+        uint64_t word = rng();
+        std::memcpy(big.data() + i, &word, 8);
+    }
+    write_file(rootfs / "usr/share/firmware.bin", big);
+    std::string commit = build_commit(tmp.path(), tmp / "repo");
+    std::string object = object_of(tmp / "repo", "/usr/share/firmware.bin");
+
+    RepoServer server(tmp / "repo");
+    fs::path image = tmp / "card.img";
+    auto result = run_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(),
+                                 "--repo", server.url()});
+    REQUIRE_MESSAGE(result.ok(), result.err);
+    CHECK_MESSAGE(result.err.find("ahead of the pull stopped") == std::string::npos, result.err);
+    // libostree fetched that one object (treeflash gave it up, having asked), and nothing else.
+    std::istringstream log(server.access_log());
+    std::vector<std::string> by_libostree;
+    for (std::string line; std::getline(log, line);)
+        if (line.find(".filez") != std::string::npos && line.find("\"treeflash\"") == std::string::npos)
+            by_libostree.push_back(line);
+    REQUIRE(by_libostree.size() == 1);
+    CHECK(by_libostree[0].find(object.substr(2)) != std::string::npos);
+
+    auto dump = run_process({"sfdisk", "-d", image.string()});
+    Partition p3 = sfdisk_partition(dump.out, image, 3);
+    MountedPartition card(image, p3.start, p3.size);
+    fs::path deployed = card / ("ostree/deploy/tcu/deploy/" + commit + ".0");
+    CHECK(read_text(deployed / "usr/share/firmware.bin") == big);
+}
+
+TEST_CASE("a corrupt object on the server: the flash fails naming it, and no image is left"
+          * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    build_commit(tmp.path(), tmp / "repo");
+    std::string object = object_of(tmp / "repo", "/usr/bin/busybox");
+    fs::path file = tmp / "repo/objects" / object.substr(0, 2) / (object.substr(2) + ".filez");
+    std::string bytes = read_text(file);
+    bytes[bytes.size() - 5] ^= 0x5a; // inside the compressed bytes
+    write_file(file, bytes);
+
+    RepoServer server(tmp / "repo");
+    fs::path image = tmp / "card.img";
+    auto result = run_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(),
+                                 "--repo", server.url()});
+    CHECK(result.exit_code == 1);
+    // treeflash's fetch stops at the object, naming it; libostree's pull
+    // then fails on it.
+    CHECK_MESSAGE(result.err.find("ahead of the pull stopped (object " + object) != std::string::npos, result.err);
+    CHECK_MESSAGE(result.err.find("sysroot: pull: origin:master:") != std::string::npos, result.err);
+    CHECK_MESSAGE(result.err.find("(no image was written)") != std::string::npos, result.err);
+    CHECK_FALSE(fs::exists(image));
 }
 
 TEST_CASE("refusals: one clear line, nothing written, nothing left behind" * doctest::skip(not_root))

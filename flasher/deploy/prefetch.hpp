@@ -1,0 +1,44 @@
+// A commit's objects fetched ahead of libostree's pull.
+//
+// libostree pulls content through zlib and GLib's SHA-256, which on a card
+// writer is most of a flash. Before its pull runs, treeflash fetches the
+// commit's dirtrees, dirmetas and content objects itself from an archive
+// repository (over http://, or in a local folder): on several threads, each
+// object inflated with libdeflate and checked against its checksum with
+// OpenSSL, then written to the card's repository through libostree.
+// libostree's pull then finds them there and does the rest as always: the
+// commit and its signature, the ref. The commit object itself is only read
+// here, never written, so signature checks stay libostree's.
+//
+// Whatever the prefetch cannot fetch, inflate or check, it leaves to that
+// pull, which fetches it again and reports any error as it always did: the
+// prefetch stops at its first problem and never fails a flash on its own
+// (except when the user cancels). Objects too big to hold in memory (over
+// 64 MiB as fetched, 128 MiB inflated) are simply left to that pull, which
+// streams them; the workers share a budget for the files they inflate.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+typedef struct _GCancellable GCancellable;
+typedef struct OstreeRepo OstreeRepo;
+
+namespace treeflash::flasher {
+
+struct PrefetchResult {
+    bool attempted = false; // false: the source is not one the prefetch reads (https, a proxy, not archive)
+    bool complete = false;  // every object of the commit is in the repository
+    uint64_t objects = 0;   // objects written
+    uint64_t bytes = 0;     // bytes fetched
+    std::string stopped;    // why it stopped early, when it did
+};
+
+// Fetches into `repo` the objects of `commit` (its dirtrees, dirmetas and
+// content, not the commit itself) from the archive repository at `url`
+// (http://HOST/PATH or file:///PATH). `network_timeout`: seconds an HTTP
+// request may stay silent.
+PrefetchResult prefetch_objects(OstreeRepo* repo, const std::string& url, const std::string& commit,
+                                unsigned network_timeout, GCancellable* cancellable);
+
+} // namespace treeflash::flasher
