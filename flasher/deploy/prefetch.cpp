@@ -290,8 +290,8 @@ public:
     void run(const std::string& commit, unsigned jobs, PrefetchResult& result)
     {
         // The commit is read, checked against its name, never written.
-        auto source = m_make_source();
         try {
+            auto source = m_make_source();
             ByteBuffer buffer;
             auto bytes = source->fetch(loose_path(commit, "commit"), largest_metadata, buffer, m_cancellable);
             glib::Variant variant = checked_metadata(bytes, commit, OSTREE_COMMIT_GVARIANT_FORMAT);
