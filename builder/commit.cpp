@@ -29,37 +29,6 @@ namespace treeflash::builder {
 
 namespace {
 
-// Aborts an open transaction unless it was committed, so a failure leaves
-// no staged objects behind.
-class Transaction {
-public:
-    Transaction(OstreeRepo* repo, GCancellable* cancellable) : m_repo(repo)
-    {
-        GError* error = nullptr;
-        if (!ostree_repo_prepare_transaction(repo, nullptr, cancellable, &error))
-            throw_gerror(error, "prepare transaction");
-        m_open = true;
-    }
-    Transaction(const Transaction&) = delete;
-    Transaction& operator=(const Transaction&) = delete;
-    ~Transaction()
-    {
-        if (m_open)
-            ostree_repo_abort_transaction(m_repo, nullptr, nullptr);
-    }
-    void commit(GCancellable* cancellable)
-    {
-        GError* error = nullptr;
-        if (!ostree_repo_commit_transaction(m_repo, nullptr, cancellable, &error))
-            throw_gerror(error, "commit transaction");
-        m_open = false;
-    }
-
-private:
-    OstreeRepo* m_repo;
-    bool m_open = false;
-};
-
 glib::Object<GFileInfo> file_info_for(const Node& node)
 {
     glib::Object<GFileInfo> info(g_file_info_new());
@@ -499,7 +468,7 @@ CommitResult commit_tree(OstreeRepo* repo, Tree& tree, const CommitOptions& opti
     result.parent = glib::take_string(raw_parent);
     check_summary_signing(repo, options);
 
-    Transaction transaction(repo, cancellable);
+    objects::Transaction transaction(repo, cancellable);
     in_step("write objects", [&] {
         std::optional<ArchiveObjectWriter> writer;
         if (ostree_repo_get_mode(repo) == OSTREE_REPO_MODE_ARCHIVE)

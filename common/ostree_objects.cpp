@@ -80,4 +80,26 @@ std::string content_checksum(GFileInfo* info, GVariant* xattrs, GInputStream* co
     return sha.hex();
 }
 
+Transaction::Transaction(OstreeRepo* repo, GCancellable* cancellable) : m_repo(repo)
+{
+    GError* error = nullptr;
+    if (!ostree_repo_prepare_transaction(repo, nullptr, cancellable, &error))
+        throw_gerror(error, "prepare transaction");
+    m_open = true;
+}
+
+Transaction::~Transaction()
+{
+    if (m_open)
+        ostree_repo_abort_transaction(m_repo, nullptr, nullptr);
+}
+
+void Transaction::commit(GCancellable* cancellable)
+{
+    GError* error = nullptr;
+    if (!ostree_repo_commit_transaction(m_repo, nullptr, cancellable, &error))
+        throw_gerror(error, "commit transaction");
+    m_open = false;
+}
+
 } // namespace treeflash::objects

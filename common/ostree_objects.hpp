@@ -1,5 +1,6 @@
 // OSTree object formats both halves need: the file headers libostree
-// serializes, and content checksums computed with OpenSSL.
+// serializes, content checksums computed with OpenSSL, and a repository
+// transaction that aborts unless committed.
 #pragma once
 
 #include <ostree.h>
@@ -31,5 +32,20 @@ std::string content_checksum(GFileInfo* info, GVariant* xattrs, std::span<const 
 
 // The same for a file read as a stream (too big to hold in memory).
 std::string content_checksum(GFileInfo* info, GVariant* xattrs, GInputStream* content, GCancellable* cancellable);
+
+// A transaction on `repo` (ostree_repo_prepare_transaction), aborted when
+// it goes away uncommitted, so a failure leaves no staged objects behind.
+class Transaction {
+public:
+    Transaction(OstreeRepo* repo, GCancellable* cancellable);
+    Transaction(const Transaction&) = delete;
+    Transaction& operator=(const Transaction&) = delete;
+    ~Transaction();
+    void commit(GCancellable* cancellable);
+
+private:
+    OstreeRepo* m_repo;
+    bool m_open = false;
+};
 
 } // namespace treeflash::objects

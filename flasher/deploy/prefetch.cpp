@@ -563,35 +563,6 @@ bool is_archive(ObjectSource& source, GCancellable* cancellable)
     return mode == "archive-z2" || mode == "archive";
 }
 
-// Aborts an open transaction unless it was committed.
-class Transaction {
-public:
-    explicit Transaction(OstreeRepo* repo) : m_repo(repo)
-    {
-        GError* error = nullptr;
-        if (!ostree_repo_prepare_transaction(repo, nullptr, nullptr, &error))
-            throw_gerror(error, "prepare transaction");
-    }
-    Transaction(const Transaction&) = delete;
-    Transaction& operator=(const Transaction&) = delete;
-    ~Transaction()
-    {
-        if (m_open)
-            ostree_repo_abort_transaction(m_repo, nullptr, nullptr);
-    }
-    void commit()
-    {
-        GError* error = nullptr;
-        if (!ostree_repo_commit_transaction(m_repo, nullptr, nullptr, &error))
-            throw_gerror(error, "commit transaction");
-        m_open = false;
-    }
-
-private:
-    OstreeRepo* m_repo;
-    bool m_open = true;
-};
-
 } // namespace
 
 PrefetchResult prefetch_objects(OstreeRepo* repo, const std::string& url, const std::string& commit,
@@ -628,9 +599,9 @@ PrefetchResult prefetch_objects(OstreeRepo* repo, const std::string& url, const 
         return result;
     }
     result.attempted = true;
-    Transaction transaction(repo);
+    objects::Transaction transaction(repo, nullptr);
     Prefetch(repo, make_source, cancellable).run(commit, jobs, result);
-    transaction.commit();
+    transaction.commit(nullptr);
     return result;
 }
 
