@@ -27,6 +27,7 @@
 #include <ostree.h>
 #include <set>
 #include <span>
+#include <string_view>
 #include <sys/stat.h>
 #include <thread>
 #include <unistd.h>
@@ -244,7 +245,23 @@ struct Buffers {
 struct Item {
     Kind kind;
     std::string checksum;
+    std::string path = {}; // of a dirtree, as first met
 };
+
+// The order objects are taken in: the folders first (so every file is
+// known early), then the boot files (the kernel and initramfs, the biggest
+// files of most commits: started early, they do not finish last on one
+// core), then everything else.
+enum Priority { folders, boot_files, other_files, priorities };
+
+Priority priority_of(const Item& item, const std::string& folder)
+{
+    if (item.kind != Kind::File)
+        return folders;
+    bool module_folder = folder.rfind("usr/lib/modules/", 0) == 0
+                         && folder.find('/', std::string_view("usr/lib/modules/").size()) == std::string::npos;
+    return folder == "usr/lib/ostree-boot" || module_folder ? boot_files : other_files;
+}
 
 std::string hex_of(GVariant* bytes)
 {
@@ -287,7 +304,7 @@ public:
     {
     }
 
-    void run(const std::string& commit, unsigned jobs, PrefetchResult& result)
+    void run(const std::string& commit, unsigned jobs, bool sync_while_fetching, PrefetchResult& result)
     {
         // The commit is read, checked against its name, never written.
         try {
@@ -297,8 +314,8 @@ public:
             glib::Variant variant = checked_metadata(bytes, commit, OSTREE_COMMIT_GVARIANT_FORMAT);
             glib::Variant contents(g_variant_get_child_value(variant.get(), 6));
             glib::Variant meta(g_variant_get_child_value(variant.get(), 7));
-            add({Kind::DirTree, hex_of(contents.get())});
-            add({Kind::DirMeta, hex_of(meta.get())});
+            add({Kind::DirTree, hex_of(contents.get()), ""}, "");
+            add({Kind::DirMeta, hex_of(meta.get())}, "");
         } catch (const Stop& stop) {
             result.stopped = stop.why;
             return;
@@ -309,7 +326,7 @@ public:
         // The card is written while objects still arrive: every 32 MiB
         // fetched, the repository's file system is synced on a thread of its
         // own, rather than all at once when libostree deploys.
-        std::jthread flusher([this](std::stop_token stop) {
+        auto flush = [this](std::stop_token stop) {
             uint64_t flushed = 0;
             std::unique_lock guard(m_lock);
             while (!m_flush_wake.wait_for(guard, stop, std::chrono::milliseconds(50), [&] { return stop.stop_requested(); })) {
@@ -320,13 +337,15 @@ public:
                 ::syncfs(ostree_repo_get_dfd(m_repo)); // a failure shows in the final sync
                 guard.lock();
             }
-        });
+        };
+        std::jthread flusher;
+        if (sync_while_fetching)
+            flusher = std::jthread(flush);
         std::vector<std::jthread> workers;
         for (unsigned i = 0; i < jobs; ++i)
             workers.emplace_back([this] { work(); });
         workers.clear(); // joins
-        flusher.request_stop();
-        flusher.join();
+        flusher = {};    // stops and joins it
         if (m_cancelled)
             throw Cancelled();
         result.objects = m_written;
@@ -336,14 +355,15 @@ public:
     }
 
 private:
-    void add(Item item)
+    // `folder`: where the item was found.
+    void add(Item item, const std::string& folder)
     {
         std::lock_guard guard(m_lock);
         if (!m_stopped.empty())
             return;
         if (!m_seen.insert(static_cast<char>(item.kind) + item.checksum).second)
             return;
-        m_queue.push_back(std::move(item));
+        m_queues[priority_of(item, folder)].push_back(std::move(item));
         ++m_pending;
         m_wake.notify_one();
     }
@@ -353,7 +373,8 @@ private:
         std::lock_guard guard(m_lock);
         if (m_stopped.empty())
             m_stopped = why;
-        m_queue.clear();
+        for (auto& queue : m_queues)
+            queue.clear();
         m_wake.notify_all();
     }
 
@@ -366,11 +387,15 @@ private:
             Item item;
             {
                 std::unique_lock guard(m_lock);
-                m_wake.wait(guard, [&] { return !m_queue.empty() || m_pending == 0 || !m_stopped.empty(); });
-                if (m_queue.empty() || !m_stopped.empty())
+                m_wake.wait(guard, [&] { return queued() || m_pending == 0 || !m_stopped.empty(); });
+                if (!queued() || !m_stopped.empty())
                     return;
-                item = std::move(m_queue.front());
-                m_queue.pop_front();
+                for (auto& queue : m_queues)
+                    if (!queue.empty()) {
+                        item = std::move(queue.front());
+                        queue.pop_front();
+                        break;
+                    }
             }
             try {
                 if (g_cancellable_is_cancelled(m_cancellable))
@@ -396,6 +421,14 @@ private:
             if (--m_pending == 0)
                 m_wake.notify_all();
         }
+    }
+
+    bool queued() const
+    {
+        for (const auto& queue : m_queues)
+            if (!queue.empty())
+                return true;
+        return false;
     }
 
     bool have(OstreeObjectType type, const std::string& checksum)
@@ -441,15 +474,18 @@ private:
             for (gsize i = 0, n = g_variant_n_children(files.get()); i < n; ++i) {
                 glib::Variant entry(g_variant_get_child_value(files.get(), i));
                 glib::Variant csum(g_variant_get_child_value(entry.get(), 1));
-                add({Kind::File, hex_of(csum.get())});
+                add({Kind::File, hex_of(csum.get())}, item.path);
             }
             glib::Variant dirs(g_variant_get_child_value(tree.get(), 1));
             for (gsize i = 0, n = g_variant_n_children(dirs.get()); i < n; ++i) {
                 glib::Variant entry(g_variant_get_child_value(dirs.get(), i));
+                const char* name = nullptr;
+                g_variant_get_child(entry.get(), 0, "&s", &name);
                 glib::Variant contents(g_variant_get_child_value(entry.get(), 1));
                 glib::Variant meta(g_variant_get_child_value(entry.get(), 2));
-                add({Kind::DirTree, hex_of(contents.get())});
-                add({Kind::DirMeta, hex_of(meta.get())});
+                std::string path = item.path.empty() ? name : item.path + "/" + name;
+                add({Kind::DirTree, hex_of(contents.get()), path}, item.path);
+                add({Kind::DirMeta, hex_of(meta.get())}, item.path);
             }
             return;
         }
@@ -533,7 +569,7 @@ private:
     std::mutex m_lock;
     std::condition_variable m_wake;
     std::condition_variable_any m_flush_wake;
-    std::deque<Item> m_queue;
+    std::deque<Item> m_queues[priorities];
     std::set<std::string> m_seen;
     size_t m_pending = 0;
     std::string m_stopped;
@@ -566,7 +602,7 @@ bool is_archive(ObjectSource& source, GCancellable* cancellable)
 } // namespace
 
 PrefetchResult prefetch_objects(OstreeRepo* repo, const std::string& url, const std::string& commit,
-                                unsigned network_timeout, GCancellable* cancellable)
+                                unsigned network_timeout, bool sync_while_fetching, GCancellable* cancellable)
 {
     PrefetchResult result;
     std::function<std::unique_ptr<ObjectSource>()> make_source;
@@ -600,7 +636,7 @@ PrefetchResult prefetch_objects(OstreeRepo* repo, const std::string& url, const 
     }
     result.attempted = true;
     objects::Transaction transaction(repo, nullptr);
-    Prefetch(repo, make_source, cancellable).run(commit, jobs, result);
+    Prefetch(repo, make_source, cancellable).run(commit, jobs, sync_while_fetching, result);
     transaction.commit(nullptr);
     return result;
 }

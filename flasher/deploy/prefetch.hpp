@@ -37,8 +37,10 @@ struct PrefetchResult {
 // Fetches into `repo` the objects of `commit` (its dirtrees, dirmetas and
 // content, not the commit itself) from the archive repository at `url`
 // (http://HOST/PATH or file:///PATH). `network_timeout`: seconds an HTTP
-// request may stay silent.
+// request may stay silent. `sync_while_fetching`: sync the repository's
+// file system every 32 MiB fetched, so a card is written while objects
+// still arrive rather than all at once at the end.
 PrefetchResult prefetch_objects(OstreeRepo* repo, const std::string& url, const std::string& commit,
-                                unsigned network_timeout, GCancellable* cancellable);
+                                unsigned network_timeout, bool sync_while_fetching, GCancellable* cancellable);
 
 } // namespace treeflash::flasher

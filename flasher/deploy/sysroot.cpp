@@ -196,7 +196,8 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
         notice("pulling " + options.ref + " from " + options.pull_url);
     if (!options.commit.empty()) {
         PrefetchResult prefetched = in_step("prefetch", [&] {
-            return prefetch_objects(repo, options.pull_url, options.commit, options.network_timeout, cancellable);
+            return prefetch_objects(repo, options.pull_url, options.commit, options.network_timeout,
+                                    options.sync_while_fetching, cancellable);
         });
         if (notice && prefetched.attempted && prefetched.complete) {
             char mib[32];

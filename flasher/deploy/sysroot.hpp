@@ -27,6 +27,7 @@ struct SysrootOptions {
     std::vector<std::string> kernel_args;
     unsigned network_timeout = 30;       // seconds without progress before a pull fails
     std::filesystem::path download_dir;  // see watched_pull; empty: $TMPDIR
+    bool sync_while_fetching = true;     // the rootfs is the card: sync it as objects arrive (see prefetch_objects)
     bool require_devicetree = false;     // the board boots only with a devicetree from the commit
 };
 

@@ -168,6 +168,7 @@ void lay_out_and_make_file_systems(const json& job, const NamespaceChannel& chan
     in_step("sysroot", [&] {
         SysrootOptions sysroot = sysroot_from_json(job.at("sysroot"));
         sysroot.download_dir = scratch;
+        sysroot.sync_while_fetching = false; // scratch space, copied into the image later
         provision_sysroot(rootfs, sysroot, notice, nullptr);
         if (std::string record = job.at("board_record"); !record.empty()) {
             std::filesystem::create_directories(rootfs / "boot/treeflash");
