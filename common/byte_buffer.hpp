@@ -30,8 +30,9 @@ public:
     unsigned char* reserve(size_t size)
     {
         if (size > m_capacity) {
+            size_t capacity = std::max(size, m_capacity * 2);
             release();
-            allocate(std::max(size, m_capacity * 2));
+            allocate(capacity);
         }
         return m_bytes;
     }

@@ -81,6 +81,8 @@ public:
     // bytes, read into `into`; throws Stop when it cannot be had.
     virtual std::span<const unsigned char> fetch(const std::string& path, size_t limit, ByteBuffer& into,
                                                  GCancellable* cancellable) = 0;
+    // A flag that, once set, ends a fetch under way (the prefetch stopped).
+    virtual void watch(const std::atomic<bool>*) {}
 };
 
 // An archive repository in a local folder. Objects are opened below it
@@ -210,9 +212,13 @@ private:
         return n;
     }
 
+    void watch(const std::atomic<bool>* halted) override { m_halted = halted; }
+
     static int check_cancelled(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t)
     {
         auto* self = static_cast<HttpSource*>(user);
+        if (self->m_halted && *self->m_halted)
+            return 1;
         return self->m_cancellable && g_cancellable_is_cancelled(self->m_cancellable) ? 1 : 0;
     }
 
@@ -228,6 +234,7 @@ private:
     bool m_too_big = false;
     std::string m_failed;
     GCancellable* m_cancellable = nullptr;
+    const std::atomic<bool>* m_halted = nullptr;
 };
 
 struct DecompressorFree {
@@ -359,7 +366,7 @@ private:
     void add(Item item, const std::string& folder)
     {
         std::lock_guard guard(m_lock);
-        if (!m_stopped.empty())
+        if (m_halted)
             return;
         if (!m_seen.insert(static_cast<char>(item.kind) + item.checksum).second)
             return;
@@ -372,7 +379,8 @@ private:
     {
         std::lock_guard guard(m_lock);
         if (m_stopped.empty())
-            m_stopped = why;
+            m_stopped = why.empty() ? "stopped" : why;
+        m_halted = true;
         for (auto& queue : m_queues)
             queue.clear();
         m_wake.notify_all();
@@ -387,8 +395,8 @@ private:
             Item item;
             {
                 std::unique_lock guard(m_lock);
-                m_wake.wait(guard, [&] { return queued() || m_pending == 0 || !m_stopped.empty(); });
-                if (!queued() || !m_stopped.empty())
+                m_wake.wait(guard, [&] { return queued() || m_pending == 0 || m_halted; });
+                if (!queued() || m_halted)
                     return;
                 for (auto& queue : m_queues)
                     if (!queue.empty()) {
@@ -400,8 +408,10 @@ private:
             try {
                 if (g_cancellable_is_cancelled(m_cancellable))
                     throw Cancelled();
-                if (!source)
+                if (!source) {
                     source = m_make_source();
+                    source->watch(&m_halted);
+                }
                 take(*source, item, inflater.get(), buffers);
             } catch (const Skip&) {
                 // libostree's pull fetches it.
@@ -573,6 +583,7 @@ private:
     std::set<std::string> m_seen;
     size_t m_pending = 0;
     std::string m_stopped;
+    std::atomic<bool> m_halted{false}; // set by stop(): no more work, fetches under way end
     std::atomic<bool> m_cancelled{false};
     std::atomic<uint64_t> m_written{0};
     std::atomic<uint64_t> m_bytes{0};
