@@ -242,4 +242,10 @@ std::string gpg_key(const fs::path& home, const std::string& name)
     return m[1];
 }
 
+GpgAgents::~GpgAgents()
+{
+    for (const auto& home : homes)
+        run_process({"gpgconf", "--homedir", home.string(), "--kill", "all"});
+}
+
 } // namespace treeflash::test::e2e

@@ -98,4 +98,12 @@ bool one_line(const std::string& err);
 // A new ed25519 signing key in `home`; its fingerprint.
 std::string gpg_key(const fs::path& home, const std::string& name);
 
+// Stops the gpg-agents of these GnuPG homes when it goes away (gpg starts
+// one per home and leaves it running). Declare it after the scratch
+// folder holding the homes, so it runs first.
+struct GpgAgents {
+    std::vector<fs::path> homes;
+    ~GpgAgents();
+};
+
 } // namespace treeflash::test::e2e

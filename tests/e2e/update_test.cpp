@@ -201,6 +201,7 @@ TEST_CASE("a GPG-signed line: a commit signed by another key is refused on the b
 {
     NoLeftovers guard;
     Releases line;
+    GpgAgents agents{{line.tmp / "gpg-release", line.tmp / "gpg-other"}};
     std::string release_key = gpg_key(line.tmp / "gpg-release", "release");
     std::string other_key = gpg_key(line.tmp / "gpg-other", "other");
     auto signed_by = [&](const std::string& key, const fs::path& home) {
