@@ -15,20 +15,6 @@ namespace treeflash::builder {
 
 namespace {
 
-void write_all(int fd, const unsigned char* data, size_t size, const std::string& what)
-{
-    while (size > 0) {
-        ssize_t n = ::write(fd, data, size);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            throw_errno("write " + what);
-        }
-        data += n;
-        size -= static_cast<size_t>(n);
-    }
-}
-
 // The repository's archive.zlib-level, read as libostree reads it: a
 // number clamped to 1..9, 6 when absent.
 int configured_level(OstreeRepo* repo)
@@ -89,10 +75,10 @@ bool ArchiveObjectWriter::stage(const std::string& checksum, std::span<const uns
     // Served to others: readable whatever the umask (as libostree does).
     if (::fchmod(fd.get(), 0644) != 0)
         throw_errno("chmod " + (m_staging.path() / name).string());
-    write_all(fd.get(), header.data(), header.size(), name);
+    fs::write_at(fd.get(), reinterpret_cast<const char*>(header.data()), header.size(), 0, name);
     if (regular) {
         std::span<const unsigned char> compressed = compressor.compress(content, scratch);
-        write_all(fd.get(), compressed.data(), compressed.size(), name);
+        fs::write_at(fd.get(), reinterpret_cast<const char*>(compressed.data()), compressed.size(), header.size(), name);
     }
     std::lock_guard guard(m_lock);
     m_staged.push_back(checksum);

@@ -3,6 +3,7 @@
 #include "common/byte_buffer.hpp"
 #include "common/error.hpp"
 #include "common/fd.hpp"
+#include "common/fs.hpp"
 #include "common/memory_budget.hpp"
 #include "common/glib.hpp"
 #include "common/ostree_objects.hpp"
@@ -95,36 +96,23 @@ public:
     std::span<const unsigned char> fetch(const std::string& path, size_t limit, ByteBuffer& into,
                                          GCancellable*) override
     {
-        UniqueFd dir(::dup(m_repo));
-        size_t start = 0;
-        for (;;) {
-            size_t slash = path.find('/', start);
-            std::string part = path.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
-            bool last = slash == std::string::npos;
-            int flags = O_NOFOLLOW | O_CLOEXEC | (last ? O_RDONLY | O_NONBLOCK : O_RDONLY | O_DIRECTORY);
-            UniqueFd next(::openat(dir.get(), part.c_str(), flags));
-            if (!next)
-                throw Stop{path + ": " + std::strerror(errno)};
-            dir = std::move(next);
-            if (last)
-                break;
-            start = slash + 1;
+        UniqueFd file;
+        try {
+            file = fs::open_beneath(m_repo, path, O_RDONLY | O_NONBLOCK);
+        } catch (const Error& e) {
+            throw Stop{e.what()};
         }
         struct stat st {};
-        if (::fstat(dir.get(), &st) != 0 || !S_ISREG(st.st_mode))
+        if (::fstat(file.get(), &st) != 0 || !S_ISREG(st.st_mode))
             throw Stop{path + ": not a regular file"};
         if (static_cast<uint64_t>(st.st_size) > limit)
             throw Skip();
         size_t size = static_cast<size_t>(st.st_size);
         unsigned char* bytes = into.reserve(size);
-        size_t done = 0;
-        while (done < size) {
-            ssize_t n = ::read(dir.get(), bytes + done, size - done);
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0)
-                throw Stop{path + ": short read"};
-            done += static_cast<size_t>(n);
+        try {
+            fs::read_at(file.get(), reinterpret_cast<char*>(bytes), size, 0, path);
+        } catch (const Error& e) {
+            throw Stop{e.what()};
         }
         return {bytes, size};
     }
