@@ -36,6 +36,12 @@ must be one no other user can swap or empty meanwhile (a sticky one such as
 /tmp is fine), and those files replace regular files only. A local --repo
 that another user owns or may write is pulled with every object checked.
 
+The pull takes the commit REF named when the flash was checked. From an
+http:// URL or a local archive repository, treeflash fetches that commit's
+objects itself first, on all cores, each checked against its checksum;
+libostree's pull then checks the commit and its signature. https:// URLs
+and proxies are left to libostree.
+
 Examples:
   treeflash flash --board ls104x --device /dev/sdb --repo http://10.0.0.2:8000/ \
       --gpg-import release.gpg --firmware rcw=bl2_sd.pbl --firmware fip=fip.bin
