@@ -106,8 +106,6 @@ int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
         options.image_options.sums = sums;
     options.image_options.notice = print_notice;
     options.notice = print_notice;
-    if (!manifest.empty())
-        options.manifest = manifest;
 
     // The log and the journal are the station's only outputs: never a file
     // it reads.
@@ -115,6 +113,7 @@ int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
     if (!manifest.empty())
         reads.push_back(manifest);
     UniqueFd log_fd;
+    std::string log_text; // what the log held at start: cards already done
     if (!log.empty()) {
         for (const auto& read : reads)
             if (named::same_name(log, read))
@@ -125,15 +124,20 @@ int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
         UniqueFd reader(::open(("/proc/self/fd/" + std::to_string(opened.fd.get())).c_str(), O_RDONLY | O_CLOEXEC));
         if (!reader)
             throw_errno("read the log " + log);
-        options.log_text = fs::read_all(reader.get(), "the log " + log);
+        log_text = fs::read_all(reader.get(), "the log " + log);
         log_fd = std::move(opened.fd);
-        options.log_fd = log_fd.get();
     }
     if (!manifest.empty())
         for (const auto& read : flasher::files_read_with(options.image, options.image_options))
             if (named::same_name(manifest + ".journal", read))
                 throw Error("the manifest's journal " + manifest + ".journal is a file this station reads; "
                             "move the manifest");
+    std::optional<std::filesystem::path> manifest_path;
+    if (!manifest.empty())
+        manifest_path = manifest;
+    std::unique_ptr<flasher::StationRecords> records =
+        std::make_unique<flasher::FileRecords>(manifest_path, log_fd ? log_fd.get() : -1, log_text);
+    options.records = records.get();
 
     // What the line sees, drawn on the terminal and, with --http, served.
     flasher::LineState line(options.slots);
@@ -144,7 +148,7 @@ int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
         info.commit = start.commits.size() == 1 ? start.commits.front() : "";
         info.ok_today = start.ok_today;
         info.failed_today = start.failed_today;
-        info.units = options.manifest.has_value();
+        info.units = records->gives_units();
         info.units_left = start.units_left;
         info.units_total = start.units_total;
         line.set_info(info);
@@ -194,7 +198,7 @@ int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
                              {"card", s.card}, {"unit", s.unit}, {"message", s.message}});
         nlohmann::json summary{{"image_sha256", report.image_sha256}, {"ok", report.ok}, {"failed", report.failed},
                                {"cancelled", report.cancelled}, {"slots", slots}};
-        if (options.manifest) {
+        if (records->gives_units()) {
             summary["units_left"] = report.units_left;
             summary["units_total"] = report.units_total;
             summary["units_unfinished"] = report.unfinished_units;
@@ -202,7 +206,7 @@ int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
         print_json(summary);
     } else {
         std::cout << "station: " << report.ok << " card(s) done, " << report.failed << " failed";
-        if (options.manifest)
+        if (records->gives_units())
             std::cout << "; " << report.units_left << " of " << report.units_total << " units left";
         std::cout << (report.cancelled ? " (interrupted)" : "") << "\n";
         for (const auto& s : report.slots)

@@ -6,7 +6,6 @@
 #include "flasher/disk/target.hpp"
 #include "flasher/inspect/image_commits.hpp"
 #include "flasher/station/provision.hpp"
-#include "flasher/station/units.hpp"
 #include "flasher/write/write.hpp"
 
 #include <atomic>
@@ -76,6 +75,12 @@ std::optional<std::filesystem::path> sysfs_dir_of(const std::string& device)
     }
 }
 
+// No unit is left for a card that was written.
+class NoUnitLeft : public Error {
+public:
+    using Error::Error;
+};
+
 class Station {
 public:
     Station(const StationOptions& options, GCancellable* cancellable)
@@ -86,8 +91,9 @@ public:
     StationReport run()
     {
         check_slots();
-        if (m_options.manifest)
-            m_units = std::make_unique<UnitPool>(*m_options.manifest);
+        if (!m_options.records)
+            throw Error("the station has nowhere to record its cards");
+        m_records = m_options.records;
         ImageOptions image_options = m_options.image_options;
         image_options.hash_image = true; // the log names the image by its sha256
         m_image = prepare_image(m_options.image, image_options, m_cancellable);
@@ -96,20 +102,22 @@ public:
         } catch (const std::exception&) {
             // Not an image with a partition table: no commit to name.
         }
-        StationStart start = read_earlier_log();
+        StationStart start;
+        std::tie(start.ok_today, start.failed_today) = m_records->counts_today();
         start.image_sha256 = m_image.image_sha256;
         start.commits = m_commits;
-        if (m_units) {
-            start.units_left = m_units->left();
-            start.units_total = m_units->total();
+        if (m_records->gives_units()) {
+            start.units_left = m_records->units_left();
+            start.units_total = m_records->units_total();
         }
         if (m_options.started)
             m_options.started(start);
         notice("station: " + std::to_string(m_options.slots.size()) + " slot(s), image " + m_options.image.string()
                + " (sha256 " + m_image.image_sha256.substr(0, 12) + ")"
-               + (m_units ? ", " + std::to_string(m_units->left()) + " of " + std::to_string(m_units->total())
-                                + " units left"
-                          : ""));
+               + (m_records->gives_units() ? ", " + std::to_string(start.units_left) + " of "
+                                                 + std::to_string(start.units_total) + " units left in "
+                                                 + m_records->units_source()
+                                           : ""));
 
         m_status.resize(m_options.slots.size());
         for (size_t i = 0; i < m_status.size(); ++i) {
@@ -129,10 +137,14 @@ public:
         report.failed = m_failed;
         report.cancelled = g_cancellable_is_cancelled(m_cancellable);
         report.slots = m_status;
-        if (m_units) {
-            report.unfinished_units = m_units->unfinished();
-            report.units_left = m_units->left();
-            report.units_total = m_units->total();
+        if (m_records->gives_units()) {
+            try {
+                report.unfinished_units = m_records->unfinished();
+                report.units_left = m_records->units_left();
+                report.units_total = m_records->units_total();
+            } catch (const std::exception& e) {
+                notice(std::string("station: ") + e.what());
+            }
         }
         return report;
     }
@@ -160,46 +172,6 @@ private:
                 throw Error("slot " + slot + " is named twice (as " + it->second + " too)");
             m_slot_devno.push_back(st.st_rdev);
         }
-    }
-
-    // Cards the log already records as written with this image; today's
-    // counts.
-    StationStart read_earlier_log()
-    {
-        StationStart start;
-        const std::string today = text::utc_now().substr(0, 10);
-        // A field as a string; "" when absent or not a string (the log is a
-        // file anyone with access may have edited).
-        auto field = [](const json& entry, const char* key) {
-            auto it = entry.find(key);
-            return it != entry.end() && it->is_string() ? it->get<std::string>() : std::string();
-        };
-        std::istringstream lines(m_options.log_text);
-        std::string line;
-        while (std::getline(lines, line)) {
-            json entry = json::parse(line, nullptr, false);
-            if (entry.is_discarded() || !entry.is_object())
-                continue;
-            std::string result = field(entry, "result");
-            if (field(entry, "time").rfind(today, 0) == 0) {
-                start.ok_today += result == "ok";
-                start.failed_today += result == "failed" || result == "interrupted";
-            }
-            std::string card = field(entry, "card");
-            if (result == "ok" && !card.empty() && field(entry, "image_sha256") == m_image.image_sha256)
-                m_done[card] = field(entry, "unit");
-        }
-        return start;
-    }
-
-    // The unit of a card the log records as done with this image.
-    std::optional<std::string> done_unit(const std::string& identity)
-    {
-        std::lock_guard lock(m_log_mutex);
-        auto it = m_done.find(identity);
-        if (it == m_done.end())
-            return std::nullopt;
-        return it->second;
     }
 
     bool stopping() const
@@ -305,19 +277,6 @@ private:
         }
     }
 
-    void log(const json& line)
-    {
-        if (m_options.log_fd < 0)
-            return;
-        // Bytes that are not UTF-8 (in a message from the card) become U+FFFD.
-        std::string text = line.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
-        std::lock_guard lock(m_log_mutex);
-        errno = ENOSPC; // a short write sets none
-        if (::write(m_options.log_fd, text.data(), text.size()) != static_cast<ssize_t>(text.size())
-            || ::fdatasync(m_options.log_fd) != 0)
-            throw_errno("write the card log");
-    }
-
     void handle_card(size_t slot, const Medium& medium)
     {
         const std::string& device = m_options.slots[slot];
@@ -328,13 +287,15 @@ private:
         json line{{"slot", slot + 1}, {"device", device}, {"image", m_options.image.string()},
                   {"image_sha256", m_image.image_sha256},
                   {"commit", m_commits.size() == 1 ? json(m_commits.front()) : json(nullptr)}};
-        auto fail = [&](const std::string& why) {
+        auto fail = [&](const std::string& why, const std::string& cause) {
             ++m_failed;
             update(slot, [&](SlotStatus& s) {
                 s.state = SlotState::Failed;
                 s.message = why + " — remove the card";
             });
-            line["result"] = g_cancellable_is_cancelled(m_cancellable) ? "interrupted" : "failed";
+            bool interrupted = g_cancellable_is_cancelled(m_cancellable);
+            line["result"] = interrupted ? "interrupted" : "failed";
+            line["cause"] = interrupted ? "interrupted" : cause;
             line["error"] = why;
         };
         try {
@@ -362,7 +323,7 @@ private:
                             + " MiB; nothing was written");
             // Only an identity of the card itself (an SD card's CID, a
             // loop device's file) says the card was seen before.
-            std::optional<std::string> done_before = done_unit(identity);
+            std::optional<std::string> done_before = m_records->done_unit(identity, m_image.image_sha256);
             bool card_known = identity.rfind("cid:", 0) == 0 || identity.rfind("file:", 0) == 0;
             if (!m_options.rewrite && card_known && done_before) {
                 update(slot, [&](SlotStatus& s) {
@@ -381,39 +342,54 @@ private:
                 write_and_provision(slot, disk, identity, unit, line);
             }
         } catch (const std::exception& e) {
-            if (unit) {
-                try {
-                    m_units->finish(*unit, false, e.what());
-                } catch (const std::exception& journal) {
-                    notice(std::string("station: ") + journal.what());
-                }
-            }
             // A card pulled out mid-write makes the write fail; say so first.
             Medium now = look_at(device);
             bool taken_out = now.size == 0 || (medium.diskseq && now.diskseq && now.diskseq != medium.diskseq);
-            fail(taken_out ? std::string("the card was taken out before it was done (") + e.what() + ")" : e.what());
+            if (taken_out)
+                fail(std::string("the card was taken out before it was done (") + e.what() + ")", "taken-out");
+            else if (dynamic_cast<const NoUnitLeft*>(&e))
+                fail(e.what(), "no-unit-left");
+            else
+                fail(e.what(), failure_phase(slot));
         }
         line["time"] = text::utc_now();
         line["seconds"] = seconds();
-        update(slot, [&](SlotStatus& s) {
-            s.result = line.value("result", "failed");
-            s.units_left = m_units ? static_cast<long>(m_units->left()) : -1;
-        });
-        if (m_units && m_units->broken()) {
-            notice("station: the journal of " + m_options.manifest->string()
-                   + " cannot be written; stopping (no unit is given out without it)");
-            g_cancellable_cancel(m_cancellable);
-        }
         try {
-            log(line);
-            if (line["result"] == "ok") {
-                std::lock_guard lock(m_log_mutex);
-                m_done[identity] = unit ? unit->serial : "";
-            }
+            // The card's record and its unit's end, together.
+            m_records->record_card(line, unit);
         } catch (const std::exception& e) {
             // A factory that cannot record its cards stops taking them.
             notice(std::string("station: ") + e.what() + "; stopping");
             g_cancellable_cancel(m_cancellable);
+        }
+        long left = -1;
+        if (m_records->gives_units()) {
+            try {
+                left = static_cast<long>(m_records->units_left());
+            } catch (const std::exception&) {
+                // Counting fails no card; broken() below stops the station.
+            }
+        }
+        update(slot, [&](SlotStatus& s) {
+            s.result = line.value("result", "failed");
+            s.units_left = left;
+        });
+        if (m_records->broken()) {
+            notice("station: " + m_records->units_source()
+                   + " can no longer record the units given; stopping (no unit is given out without it)");
+            g_cancellable_cancel(m_cancellable);
+        }
+    }
+
+    // The phase a slot was in when its card failed, as the records count it.
+    std::string failure_phase(size_t slot)
+    {
+        std::lock_guard lock(m_status_mutex);
+        switch (m_status[slot].state) {
+        case SlotState::Writing: return "write";
+        case SlotState::Verifying: return "verify";
+        case SlotState::Provisioning: return "provision";
+        default: return "check";
         }
     }
 
@@ -448,19 +424,21 @@ private:
         if (!result.ok())
             throw Error(result.error);
 
-        if (m_units) {
+        if (m_records->gives_units()) {
             update(slot, [](SlotStatus& s) { s.state = SlotState::Provisioning; });
-            if (m_units->left() == 0)
-                throw Error("no unit left in " + m_options.manifest->string()
-                            + ": the card is written but has no identity");
+            if (m_records->units_left() == 0)
+                throw NoUnitLeft("no unit left in " + m_records->units_source()
+                                 + ": the card is written but has no identity");
             // Through the open device: the card provisioned is the one
             // written. A card that cannot take a unit costs none.
             ProvisionTarget where =
                 find_provision_target("/proc/self/fd/" + std::to_string(target->fd()), disk.path);
-            unit = m_units->take(std::to_string(slot + 1), identity);
+            UnitRequest request{slot + 1, identity, m_options.image.string(), m_image.image_sha256,
+                                m_commits.size() == 1 ? m_commits.front() : ""};
+            unit = m_records->take(request);
             if (!unit)
-                throw Error("no unit left in " + m_options.manifest->string()
-                            + ": the card is written but has no identity");
+                throw NoUnitLeft("no unit left in " + m_records->units_source()
+                                 + ": the card is written but has no identity");
             line["unit"] = unit->serial;
             update(slot, [&](SlotStatus& s) { s.unit = unit->serial; });
             Provisioned provisioned = provision_card(where, *unit);
@@ -468,7 +446,6 @@ private:
             line["provisioned"] = provisioned.files;
             if (!provisioned.uboot_variables.empty())
                 line["uboot_env"] = provisioned.uboot_variables;
-            m_units->finish(*unit, true, "");
         }
         ++m_ok;
         line["result"] = "ok";
@@ -483,9 +460,8 @@ private:
     GCancellable* m_cancellable;
     PreparedImage m_image;
     std::vector<std::string> m_commits;
-    std::unique_ptr<UnitPool> m_units;
-    std::map<std::string, std::string> m_done; // card identity -> unit, written with this image
-    std::mutex m_status_mutex, m_log_mutex;
+    StationRecords* m_records = nullptr;
+    std::mutex m_status_mutex;
     std::vector<SlotStatus> m_status;
     std::vector<dev_t> m_slot_devno; // each slot's device as named at start
     std::atomic<size_t> m_ok{0}, m_failed{0};

@@ -8,6 +8,7 @@
 #pragma once
 
 #include "common/fd.hpp"
+#include "flasher/station/records.hpp"
 #include "flasher/write/image.hpp"
 
 #include <filesystem>
@@ -52,10 +53,9 @@ struct StationOptions {
     std::filesystem::path image;
     ImageOptions image_options;
     std::vector<std::string> slots;
-    std::optional<std::filesystem::path> manifest;
-    // The card log (JSON lines, one per card, flushed), opened by the caller.
-    int log_fd = -1;
-    std::string log_text;        // what the log held at start: cards already done
+    // Where units come from and cards are recorded (records.hpp); the
+    // caller's, alive until run_station returns.
+    StationRecords* records = nullptr;
     bool force = false;          // slots that are not removable disks (loop devices in tests)
     bool rewrite = false;        // write cards the log says are done with this image
     unsigned poll_ms = 200;      // how often an idle slot looks for a card
@@ -85,7 +85,7 @@ std::string reader_identity(const std::string& device);
 
 // Runs until cancelled (Ctrl-C) or stop_after cards are done. Throws before
 // any card is touched when a slot is not a block device or is named twice,
-// the image is bad, or the manifest or its journal are.
+// or the image is bad.
 StationReport run_station(const StationOptions& options, GCancellable* cancellable);
 
 } // namespace treeflash::flasher
