@@ -102,13 +102,133 @@ std::vector<std::pair<std::string, std::string>> Unit::uboot_variables() const
     return variables;
 }
 
-std::vector<Unit> read_manifest(const std::filesystem::path& manifest)
+namespace {
+
+// The records of a CSV text (RFC 4180: commas, "quoted" fields with ""
+// for a quote, CRLF or LF), each with the line it starts on.
+std::vector<std::pair<size_t, std::vector<std::string>>> csv_records(const std::string& text,
+                                                                     const std::string& name)
 {
-    std::string text = named::read_input(manifest, "the manifest", manifest_limit);
-    std::filesystem::path folder = manifest.parent_path().empty() ? "." : manifest.parent_path();
-    UniqueFd folder_fd; // opened on the first per-unit file
-    std::vector<Unit> units;
-    std::set<std::string> serials, hostnames, macs;
+    std::vector<std::pair<size_t, std::vector<std::string>>> records;
+    std::vector<std::string> fields;
+    std::string field;
+    bool quoted = false, in_quotes = false, any = false;
+    size_t line = 1, start = 1;
+    auto end_field = [&] {
+        fields.push_back(std::move(field));
+        field.clear();
+        quoted = false;
+    };
+    for (size_t i = 0; i < text.size(); ++i) {
+        char c = text[i];
+        if (in_quotes) {
+            if (c == '"' && i + 1 < text.size() && text[i + 1] == '"') {
+                field += '"';
+                ++i;
+            } else if (c == '"') {
+                in_quotes = false;
+            } else {
+                line += c == '\n';
+                field += c;
+            }
+            continue;
+        }
+        if (c == '"' && field.empty() && !quoted) {
+            in_quotes = quoted = any = true;
+        } else if (c == ',') {
+            end_field();
+            any = true;
+        } else if (c == '\r' && i + 1 < text.size() && text[i + 1] == '\n') {
+            continue;
+        } else if (c == '\n') {
+            end_field();
+            if (any || fields.size() > 1 || !fields.front().empty())
+                records.emplace_back(start, std::move(fields));
+            fields.clear();
+            any = false;
+            start = ++line;
+        } else if (quoted) {
+            throw Error(name + " line " + std::to_string(line) + ": text after a closing quote");
+        } else {
+            field += c;
+            any = true;
+        }
+    }
+    if (in_quotes)
+        throw Error(name + " line " + std::to_string(start) + ": a quoted field does not end");
+    end_field();
+    if (any || fields.size() > 1 || !fields.front().empty())
+        records.emplace_back(start, std::move(fields));
+    return records;
+}
+
+// A CSV manifest as the JSON objects of a JSON-lines one. Its header names
+// the columns: serial (required), hostname, mac (addresses separated by
+// spaces or ;) and file:PATH or file:PATH:MODE, whose cells name each
+// unit's source for /etc/PATH (an empty cell: no such file).
+std::vector<std::pair<size_t, json>> csv_entries(const std::string& text, const std::string& name)
+{
+    auto records = csv_records(text, name);
+    std::vector<std::pair<size_t, json>> entries;
+    if (records.empty())
+        return entries;
+    const auto& header = records.front().second;
+    std::set<std::string> seen;
+    bool has_serial = false;
+    for (const auto& column : header) {
+        if (!seen.insert(column).second)
+            throw Error(name + " line 1: column \"" + text::printable(column) + "\" is named twice");
+        has_serial |= column == "serial";
+        if (column != "serial" && column != "hostname" && column != "mac" && column.rfind("file:", 0) != 0)
+            throw Error(name + " line 1: unknown column \"" + text::printable(column)
+                        + "\" (serial, hostname, mac, file:PATH or file:PATH:MODE)");
+    }
+    if (!has_serial)
+        throw Error(name + " line 1: no \"serial\" column");
+    for (size_t r = 1; r < records.size(); ++r) {
+        const auto& [line, cells] = records[r];
+        if (cells.size() != header.size())
+            throw Error(name + " line " + std::to_string(line) + ": " + std::to_string(cells.size())
+                        + " fields, the header names " + std::to_string(header.size()));
+        json entry = json::object();
+        for (size_t c = 0; c < header.size(); ++c) {
+            const std::string& column = header[c];
+            const std::string& cell = cells[c];
+            if (column == "serial" || column == "hostname") {
+                entry[column] = cell;
+            } else if (column == "mac") {
+                json macs = json::array();
+                std::string word;
+                for (char ch : cell + " ") {
+                    if (ch == ' ' || ch == ';' || ch == '\t') {
+                        if (!word.empty())
+                            macs.push_back(word);
+                        word.clear();
+                    } else {
+                        word += ch;
+                    }
+                }
+                entry["mac"] = macs;
+            } else if (!cell.empty()) {
+                std::string spec = column.substr(5);
+                json file{{"path", spec}, {"source", cell}};
+                static const std::regex with_mode("(.*):(0?[0-7]{3})");
+                std::smatch m;
+                if (std::regex_match(spec, m, with_mode)) {
+                    file["path"] = m[1].str();
+                    file["mode"] = m[2].str();
+                }
+                entry["files"].push_back(file);
+            }
+        }
+        entries.emplace_back(line, std::move(entry));
+    }
+    return entries;
+}
+
+std::vector<std::pair<size_t, json>> json_lines_entries(const std::string& text, const std::string& name)
+{
+    std::vector<std::pair<size_t, json>> entries;
     std::istringstream lines(text);
     std::string line;
     size_t number = 0;
@@ -116,10 +236,29 @@ std::vector<Unit> read_manifest(const std::filesystem::path& manifest)
         ++number;
         if (line.find_first_not_of(" \t\r") == std::string::npos)
             continue;
-        std::string where = manifest.string() + " line " + std::to_string(number);
         json entry = json::parse(line, nullptr, false);
         if (entry.is_discarded() || !entry.is_object())
-            throw Error(where + ": not a JSON object");
+            throw Error(name + " line " + std::to_string(number) + ": not a JSON object");
+        entries.emplace_back(number, std::move(entry));
+    }
+    return entries;
+}
+
+} // namespace
+
+std::vector<Unit> read_manifest(const std::filesystem::path& manifest)
+{
+    std::string text = named::read_input(manifest, "the manifest", manifest_limit);
+    std::filesystem::path folder = manifest.parent_path().empty() ? "." : manifest.parent_path();
+    UniqueFd folder_fd; // opened on the first per-unit file
+    std::vector<Unit> units;
+    std::set<std::string> serials, hostnames, macs;
+    std::string extension = manifest.extension().string();
+    for (auto& c : extension)
+        c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    auto entries = extension == ".csv" ? csv_entries(text, manifest.string()) : json_lines_entries(text, manifest.string());
+    for (const auto& [number, entry] : entries) {
+        std::string where = manifest.string() + " line " + std::to_string(number);
         for (const auto& [key, value] : entry.items())
             if (key != "serial" && key != "hostname" && key != "mac" && key != "files")
                 throw Error(where + ": unknown key \"" + key + "\" (serial, hostname, mac, files)");

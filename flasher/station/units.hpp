@@ -41,6 +41,9 @@ struct Unit {
 // Reads and checks a manifest: one JSON object per line, e.g.
 //   {"serial": "TCU-0001", "hostname": "tcu-0001", "mac": ["02:00:00:00:00:01"],
 //    "files": [{"path": "ssl/private/device.key", "source": "keys/0001.key", "mode": "0600"}]}
+// A manifest named *.csv is CSV instead, its header naming the columns:
+// serial, hostname, mac (addresses separated by spaces or ;) and
+// file:PATH or file:PATH:MODE, whose cells name each unit's source.
 // Throws naming the line of the first problem: a serial that is missing,
 // repeated or not [A-Za-z0-9._-]{1,64}, a hostname that is not a DNS name, a
 // MAC that is not xx:xx:xx:xx:xx:xx (or is multicast), a file path that

@@ -127,6 +127,50 @@ TEST_CASE("a bad manifest is refused, naming the line and what is wrong")
           != std::string::npos);
 }
 
+TEST_CASE("a CSV manifest gives the units its JSON-lines twin gives: quoted fields, MAC lists, files with modes")
+{
+    Scratch tmp;
+    write_file(tmp / "keys/a.key", "key a\n");
+    write_file(tmp / "keys/b,c.key", "key b\n");
+    write_file(tmp / "units.csv",
+               "serial,mac,hostname,file:ssl/private/device.key:0600,file:/etc/motd\r\n"
+               "TCU-1,\"02:00:00:00:00:01; 02:00:00:00:00:02\",tcu-1,keys/a.key,keys/a.key\r\n"
+               "TCU-2,02:00:00:00:00:03,,\"keys/b,c.key\",\r\n");
+    auto units = flasher::read_manifest(tmp / "units.csv");
+    REQUIRE(units.size() == 2);
+    CHECK(units[0].serial == "TCU-1");
+    CHECK(units[0].hostname == "tcu-1");
+    CHECK(units[0].macs == std::vector<std::string>{"02:00:00:00:00:01", "02:00:00:00:00:02"});
+    REQUIRE(units[0].files.size() == 2);
+    CHECK(units[0].files[0].path == "ssl/private/device.key");
+    CHECK(units[0].files[0].mode == 0600);
+    CHECK(units[0].files[0].data == "key a\n");
+    CHECK(units[0].files[1].path == "motd");
+    CHECK(units[0].files[1].mode == 0644);
+    CHECK(units[1].line == 3);
+    CHECK(units[1].hostname.empty());
+    REQUIRE(units[1].files.size() == 1);
+    CHECK(units[1].files[0].data == "key b\n");
+
+    auto refused = [&](const std::string& text, const std::string& expected) {
+        write_file(tmp / "bad.csv", text);
+        try {
+            flasher::read_manifest(tmp / "bad.csv");
+            FAIL("accepted: " << text);
+        } catch (const std::exception& e) {
+            CHECK_MESSAGE(std::string(e.what()).find(expected) != std::string::npos, e.what());
+        }
+    };
+    refused("hostname,mac\ntcu-1,02:00:00:00:00:01\n", "line 1: no \"serial\" column");
+    refused("serial,colour\nTCU-1,red\n", "line 1: unknown column \"colour\"");
+    refused("serial,mac\nTCU-1\n", "line 2: 1 fields, the header names 2");
+    refused("serial,mac\nTCU-1,02:00:00:00:00:01\nTCU-1,02:00:00:00:00:02\n", "line 3: serial TCU-1 is listed twice");
+    refused("serial,mac\nTCU-1,01:00:00:00:00:01\n", "line 2: MAC");
+    refused("serial,file:../../shadow\nTCU-1,keys/a.key\n", "must name a file inside /etc");
+    refused("serial,file:x\nTCU-1,../outside\n", "line 2: source");
+    refused("serial\n\"TCU-1\n", "a quoted field does not end");
+}
+
 TEST_CASE("the journal gives each unit out once, across restarts, a torn last line and a second station")
 {
     Scratch tmp;
