@@ -26,6 +26,7 @@ int run_inspect(const std::vector<std::string>& args, GCancellable* cancellable)
 int run_bmap(const std::vector<std::string>& args, GCancellable* cancellable);
 int run_write(const std::vector<std::string>& args, GCancellable* cancellable);
 int run_station(const std::vector<std::string>& args, GCancellable* cancellable);
+int run_line(const std::vector<std::string>& args, GCancellable* cancellable);
 
 // Thrown for bad command lines: printed with a hint to --help, exit 2.
 struct UsageError : std::runtime_error {

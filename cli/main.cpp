@@ -33,6 +33,7 @@ constexpr std::array commands{
     Command{"inspect", "show what is on a flashed card or image, without writing", run_inspect},
     Command{"write", "write one image to many cards at once, verified by reading them back", run_write},
     Command{"station", "a factory's card writer: slots watched for cards, each written, verified, given its unit, logged", run_station},
+    Command{"line", "the stations of a line on one PostgreSQL database: units in, status, report out", run_line},
     Command{"bmap", "write the block map (bmap 2.0) of an image: its data blocks and their checksums", run_bmap},
 };
 

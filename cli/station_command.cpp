@@ -6,6 +6,7 @@
 #include "common/fs.hpp"
 #include "common/named_file.hpp"
 #include "common/text.hpp"
+#include "flasher/station/line_database.hpp"
 #include "flasher/station/page.hpp"
 #include "flasher/station/station.hpp"
 
@@ -51,6 +52,16 @@ journalled in MANIFEST.journal, on disk before the unit reaches the card: a
 unit is given out once, even across a crash or kill -9; a unit whose card
 then failed is not given again.
 
+With --db, the station is one of a line's: its units come from, and its
+cards are recorded in, a PostgreSQL database every station of the line
+shares (treeflash line --help: import the manifest there first). A unit is
+handed out once across all stations; one given to a card whose station
+then stopped is marked failed, never given again. --station names this
+station in the database (default: the host's name; two running stations
+cannot share a name). Each station holds one connection, which it needs
+for itself: not through a pooler in transaction mode (PgBouncer's), which
+would lose the lock that tells the line the station is alive.
+
 The log gets one JSON line per card (time, slot, card identity: the SD
 card's CID where the reader shows it, a loop device's file, else the disk
 sequence number; the reader's serial; image sha256, commit, unit, what was
@@ -69,7 +80,7 @@ Options)";
 int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
 {
     flasher::StationOptions options;
-    std::string image, bmap, sums, manifest, log, http;
+    std::string image, bmap, sums, manifest, log, http, db, station;
     uint64_t cards = 0;
     std::string cards_text;
     bool json = false;
@@ -80,6 +91,8 @@ int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
         ("slot", po::value(&options.slots)->value_name("DEVICE")->composing(), "a card reader's device; repeatable")
         ("manifest", po::value(&manifest)->value_name("FILE"), "units to give the cards, one JSON object per line")
         ("log", po::value(&log)->value_name("FILE"), "append one JSON line per card to FILE (default: none)")
+        ("db", po::value(&db)->value_name("URL"), "the line's PostgreSQL database (postgresql://...): units and card records")
+        ("station", po::value(&station)->value_name("NAME"), "this station's name in --db (default: the host's name)")
         ("bmap", po::value(&bmap)->value_name("FILE"), "the image's block map (default: beside the image)")
         ("sums", po::value(&sums)->value_name("FILE"), "check the image against this SHA256SUMS")
         ("cards", po::value(&cards_text)->value_name("N"), "stop once N cards are done, never writing more (default: run until Ctrl-C)")
@@ -98,6 +111,11 @@ int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
         throw UsageError("name at least one --slot DEVICE");
     if (!cards_text.empty())
         cards = parse_count(cards_text, "--cards", 1, 1000000000);
+    if (!db.empty() && (!manifest.empty() || !log.empty()))
+        throw UsageError("with --db the units and the card records are in the database: no --manifest or --log "
+                         "(treeflash line import puts a manifest there)");
+    if (db.empty() && !station.empty())
+        throw UsageError("--station names a station in --db");
     options.image = image;
     options.stop_after = cards;
     if (!bmap.empty())
@@ -132,11 +150,21 @@ int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
             if (named::same_name(manifest + ".journal", read))
                 throw Error("the manifest's journal " + manifest + ".journal is a file this station reads; "
                             "move the manifest");
-    std::optional<std::filesystem::path> manifest_path;
-    if (!manifest.empty())
-        manifest_path = manifest;
-    std::unique_ptr<flasher::StationRecords> records =
-        std::make_unique<flasher::FileRecords>(manifest_path, log_fd ? log_fd.get() : -1, log_text);
+    std::unique_ptr<flasher::StationRecords> records;
+    if (!db.empty()) {
+        if (station.empty()) {
+            char host[256] = {};
+            ::gethostname(host, sizeof host - 1);
+            station = host;
+        }
+        records = std::make_unique<flasher::LineRecords>(db, station, options.slots.size());
+        print_notice("station " + station + " on the line's database " + flasher::redacted_url(db));
+    } else {
+        std::optional<std::filesystem::path> manifest_path;
+        if (!manifest.empty())
+            manifest_path = manifest;
+        records = std::make_unique<flasher::FileRecords>(manifest_path, log_fd ? log_fd.get() : -1, log_text);
+    }
     options.records = records.get();
 
     // What the line sees, drawn on the terminal and, with --http, served.

@@ -6,6 +6,7 @@
 // was done. Checked: the log, the journal, and every good card (inspect, the
 // card's own bytes, e2fsck). Needs root; runs alone (CTest RUN_SERIAL).
 #include "flasher/inspect/ext4_reader.hpp"
+#include "tests/support/postgres.hpp"
 #include "tests/support/system.hpp"
 
 #include <chrono>
@@ -696,6 +697,144 @@ TEST_CASE("while a card is written, the terminal and the page show its progress,
     screen = terminal.screen();
     CHECK_MESSAGE(screen.find("station: 1 card(s) done, 0 failed (interrupted)") != std::string::npos, screen);
     CHECK(slot.remove());
+}
+
+
+TEST_CASE("three stations on one PostgreSQL database, one killed mid-write and restarted: each unit once, on one card"
+          * doctest::skip(not_root || !postgres_available()))
+{
+    NoLeftovers guard;
+    Line line(12);
+    PostgresServer db;
+    auto imported = run_treeflash({"line", "import", line.manifest.string(), "--db", db.url()});
+    REQUIRE_MESSAGE(imported.ok(), imported.err);
+    const uint64_t size = fs::file_size(line.golden);
+    fs::path cards = line.tmp / "cards";
+    fs::create_directories(cards);
+    write_file(line.tmp / "empty", "");
+    Slot s1(line.tmp / "empty"), s2(line.tmp / "empty"), s3(line.tmp / "empty");
+    std::map<std::string, fs::path> card;
+    for (const char* name : {"a", "b", "c", "d", "e", "f", "g", "h"})
+        card[name] = blank_card(cards / name, size);
+
+    auto start = [&](const std::string& name, const Slot& slot, const fs::path& err) {
+        return spawn_treeflash({"station", line.golden.string(), "--db", db.url(), "--station", name, "--slot",
+                                slot.device, "--force", "--json"},
+                               err.string());
+    };
+    auto records_of = [&](const fs::path& file) {
+        return std::stoul(db.sql("SELECT count(*) FROM treeflash_cards WHERE card = 'file:" + file.string() + "'"));
+    };
+    // A hand puts a card in, waits for its record, takes it out.
+    auto feed = [&](const Slot& slot, const fs::path& file, const fs::path& err) -> std::string {
+        size_t before = records_of(file);
+        if (!slot.insert(file))
+            return "cannot put " + file.string() + " into " + slot.device;
+        bool recorded = wait_until([&] { return records_of(file) > before; }, 180);
+        if (!slot.remove())
+            return "cannot take " + file.string() + " out of " + slot.device;
+        return recorded ? "" : "no record of " + file.string() + ": " + read_text(err);
+    };
+
+    fs::path err1 = line.tmp / "s1.err", err2 = line.tmp / "s2.err", err2b = line.tmp / "s2-restarted.err",
+             err3 = line.tmp / "s3.err";
+    // On an early failure, the stations are killed once the hands are done.
+    struct Stations {
+        std::vector<pid_t> pids;
+        ~Stations()
+        {
+            for (pid_t pid : pids)
+                if (pid > 0 && ::kill(pid, SIGKILL) == 0)
+                    wait_exit(pid);
+        }
+    } alive;
+    pid_t station1 = start("s1", s1, err1), station2 = start("s2", s2, err2), station3 = start("s3", s3, err3);
+    alive.pids = {station1, station2, station3};
+    std::vector<std::string> failures;
+    std::mutex failures_mutex;
+    auto report = [&](const std::string& failure) {
+        if (failure.empty())
+            return;
+        std::lock_guard lock(failures_mutex);
+        failures.push_back(failure);
+    };
+    struct Hands {
+        std::vector<std::thread> threads;
+        ~Hands()
+        {
+            for (auto& thread : threads)
+                if (thread.joinable())
+                    thread.join();
+        }
+    } hands;
+    hands.threads.emplace_back([&] {
+        for (const char* name : {"a", "b", "c"})
+            report(feed(s1, card[name], err1));
+    });
+    hands.threads.emplace_back([&] {
+        for (const char* name : {"f", "g", "h"})
+            report(feed(s3, card[name], err3));
+    });
+
+    // Station 2 is killed while it writes d: frozen the moment its slot
+    // shows "writing", checked to hold no record and no unit, then SIGKILL.
+    REQUIRE(s2.insert(card["d"]));
+    bool writing = wait_until(
+        [&] { return read_text(err2).find(" writing  file:" + card["d"].string()) != std::string::npos; }, 120);
+    ::kill(station2, SIGSTOP);
+    CHECK_MESSAGE(writing, read_text(err2));
+    CHECK(records_of(card["d"]) == 0);
+    CHECK(db.sql("SELECT count(*) FROM treeflash_units WHERE station = 's2'") == "0\n");
+    ::kill(station2, SIGKILL);
+    int signal = 0;
+    wait_exit(station2, &signal);
+    alive.pids[1] = -1;
+    CHECK(signal == SIGKILL);
+    REQUIRE(s2.remove());
+    // Restarted at once under the same name (the server may not have seen
+    // the killed one's connection close yet); d goes back in, then e.
+    station2 = start("s2", s2, err2b);
+    alive.pids[1] = station2;
+    report(feed(s2, card["d"], err2b));
+    report(feed(s2, card["e"], err2b));
+    for (auto& hand : hands.threads)
+        hand.join();
+
+    auto status = run_treeflash({"line", "status", "--db", db.url(), "--json"});
+    REQUIRE_MESSAGE(status.ok(), status.err);
+    MESSAGE("line status: " << status.out);
+    json line_status = json::parse(status.out);
+    CHECK(line_status["stations"].size() == 3);
+    for (const auto& station : line_status["stations"])
+        CHECK_MESSAGE(station["running"] == true, station.dump());
+
+    for (pid_t station : {station1, station2, station3})
+        ::kill(station, SIGINT);
+    for (pid_t station : {station1, station2, station3})
+        CHECK(wait_exit(station) == 130);
+    alive.pids.clear();
+    CHECK_MESSAGE(failures.empty(), (failures.empty() ? "" : failures.front()));
+
+    // Every unit once, as used, failed or free; the eight cards used eight.
+    CHECK(db.sql("SELECT count(*), count(DISTINCT serial) FROM treeflash_units") == "12|12\n");
+    CHECK(db.sql("SELECT state, count(*) FROM treeflash_units GROUP BY state ORDER BY state") == "free|4\nused|8\n");
+    // No unit on two cards, no card with two units.
+    CHECK(db.sql("SELECT count(*) FROM (SELECT unit FROM treeflash_cards WHERE result = 'ok' GROUP BY unit"
+                 " HAVING count(DISTINCT card) > 1) twice") == "0\n");
+    CHECK(db.sql("SELECT count(DISTINCT card), count(*) FROM treeflash_cards WHERE result = 'ok'") == "8|8\n");
+    CHECK(db.sql("SELECT count(*) FROM treeflash_cards WHERE result <> 'ok'") == "0\n");
+    // Each station did its own cards.
+    CHECK(db.sql("SELECT station, string_agg(substring(card from '[^/]*$'), ',' ORDER BY id) FROM treeflash_cards"
+                 " GROUP BY station ORDER BY station") == "s1|a,b,c\ns2|d,e\ns3|f,g,h\n");
+    // Every card holds the unit its row names: the image, plus that unit.
+    for (const auto& [name, file] : card) {
+        std::string serial = db.sql("SELECT serial FROM treeflash_units WHERE state = 'used' AND card = 'file:"
+                                    + file.string() + "'");
+        REQUIRE_MESSAGE(serial.size() == 9, name << ": " << serial);
+        serial.pop_back();
+        CHECK(db.sql("SELECT unit FROM treeflash_cards WHERE card = 'file:" + file.string() + "'") == serial + "\n");
+        check_good_card(line.golden, file, serial, std::stoi(serial.substr(4)));
+    }
 }
 
 } // TEST_SUITE
