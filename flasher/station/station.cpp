@@ -358,9 +358,21 @@ private:
             // The card's record and its unit's end, together.
             m_records->record_card(line, unit);
         } catch (const std::exception& e) {
-            // A factory that cannot record its cards stops taking them.
+            // A factory that cannot record its cards stops taking them. A
+            // good card whose record is missing is not shown as good: the
+            // records may say its unit failed, while the card carries it.
             notice(std::string("station: ") + e.what() + "; stopping");
             g_cancellable_cancel(m_cancellable);
+            if (line.value("result", "") == "ok") {
+                --m_ok;
+                ++m_failed;
+                line["result"] = "failed";
+                update(slot, [&](SlotStatus& s) {
+                    s.state = SlotState::Failed;
+                    s.message = std::string("written") + (unit ? " with unit " + unit->serial : "")
+                                + ", but it could not be recorded (" + e.what() + ") — set this card aside";
+                });
+            }
         }
         long left = -1;
         if (m_records->gives_units()) {
