@@ -140,7 +140,7 @@ std::vector<std::pair<size_t, std::vector<std::string>>> csv_records(const std::
             any = true;
         } else if (c == '\r' && i + 1 < text.size() && text[i + 1] == '\n') {
             continue;
-        } else if (c == '\n') {
+        } else if (c == '\n' || c == '\r') { // LF, CRLF or a lone CR
             end_field();
             if (any || fields.size() > 1 || !fields.front().empty())
                 records.emplace_back(start, std::move(fields));
@@ -168,23 +168,25 @@ std::vector<std::pair<size_t, std::vector<std::string>>> csv_records(const std::
 // unit's source for /etc/PATH (an empty cell: no such file).
 std::vector<std::pair<size_t, json>> csv_entries(const std::string& text, const std::string& name)
 {
-    auto records = csv_records(text, name);
+    // A byte order mark (spreadsheets write one) is not part of the header.
+    auto records = csv_records(text.rfind("\xEF\xBB\xBF", 0) == 0 ? text.substr(3) : text, name);
     std::vector<std::pair<size_t, json>> entries;
     if (records.empty())
         return entries;
     const auto& header = records.front().second;
+    const std::string header_line = name + " line " + std::to_string(records.front().first);
     std::set<std::string> seen;
     bool has_serial = false;
     for (const auto& column : header) {
         if (!seen.insert(column).second)
-            throw Error(name + " line 1: column \"" + text::printable(column) + "\" is named twice");
+            throw Error(header_line + ": column \"" + text::printable(column) + "\" is named twice");
         has_serial |= column == "serial";
         if (column != "serial" && column != "hostname" && column != "mac" && column.rfind("file:", 0) != 0)
-            throw Error(name + " line 1: unknown column \"" + text::printable(column)
+            throw Error(header_line + ": unknown column \"" + text::printable(column)
                         + "\" (serial, hostname, mac, file:PATH or file:PATH:MODE)");
     }
     if (!has_serial)
-        throw Error(name + " line 1: no \"serial\" column");
+        throw Error(header_line + ": no \"serial\" column");
     for (size_t r = 1; r < records.size(); ++r) {
         const auto& [line, cells] = records[r];
         if (cells.size() != header.size())
@@ -212,11 +214,14 @@ std::vector<std::pair<size_t, json>> csv_entries(const std::string& text, const 
             } else if (!cell.empty()) {
                 std::string spec = column.substr(5);
                 json file{{"path", spec}, {"source", cell}};
-                static const std::regex with_mode("(.*):(0?[0-7]{3})");
-                std::smatch m;
-                if (std::regex_match(spec, m, with_mode)) {
-                    file["path"] = m[1].str();
-                    file["mode"] = m[2].str();
+                // file:PATH:MODE, MODE octal permissions such as 0600.
+                size_t colon = spec.rfind(':');
+                std::string mode = colon == std::string::npos ? "" : spec.substr(colon + 1);
+                if ((mode.size() == 3 || mode.size() == 4)
+                    && mode.find_first_not_of("01234567") == std::string::npos
+                    && (mode.size() == 3 || mode[0] == '0')) {
+                    file["path"] = spec.substr(0, colon);
+                    file["mode"] = mode;
                 }
                 entry["files"].push_back(file);
             }
@@ -326,6 +331,9 @@ std::vector<Unit> read_manifest(const std::filesystem::path& manifest)
                 }
                 if (out.path == "treeflash/unit" || out.path == "hostname")
                     throw Error(where + ": /etc/" + out.path + " is written from the unit's own fields");
+                for (const auto& earlier : unit.files)
+                    if (earlier.path == out.path)
+                        throw Error(where + ": /etc/" + out.path + " is listed twice");
                 std::string mode = file.contains("mode") ? string_field(file, "mode", where) : "0644";
                 static const std::regex octal("0?[0-7]{3}");
                 if (!std::regex_match(mode, octal))

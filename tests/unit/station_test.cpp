@@ -169,6 +169,16 @@ TEST_CASE("a CSV manifest gives the units its JSON-lines twin gives: quoted fiel
     refused("serial,file:../../shadow\nTCU-1,keys/a.key\n", "must name a file inside /etc");
     refused("serial,file:x\nTCU-1,../outside\n", "line 2: source");
     refused("serial\n\"TCU-1\n", "a quoted field does not end");
+    refused("serial,file:motd,file:/etc/motd\nTCU-1,keys/a.key,keys/a.key\n", "line 2: /etc/motd is listed twice");
+    refused("\n\nserial,colour\nTCU-1,red\n", "line 3: unknown column \"colour\"");
+
+    // A spreadsheet's byte order mark, and lines ended by a lone CR.
+    write_file(tmp / "excel.csv", "\xEF\xBB\xBFserial,hostname\rTCU-7,tcu-7\rTCU-8,tcu-8\r");
+    auto excel = flasher::read_manifest(tmp / "excel.csv");
+    REQUIRE(excel.size() == 2);
+    CHECK(excel[0].serial == "TCU-7");
+    CHECK(excel[1].hostname == "tcu-8");
+    CHECK(excel[1].line == 3);
 }
 
 TEST_CASE("the journal gives each unit out once, across restarts, a torn last line and a second station")
