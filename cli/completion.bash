@@ -71,7 +71,7 @@ _treeflash()
         --repo|--rootfs|--userland|--modules)
             compopt -o dirnames 2>/dev/null
             return ;;
-        --http|--ref|--branch|--os|--subject|--body|--version|--remote-url|--karg|--size|--cards|--compress)
+        --http|--ref|--branch|--os|--subject|--body|--version|--remote-url|--karg|--size|--cards|--compress|--db|--station)
             return ;;
     esac
     if [[ $cur == -* ]]; then
@@ -95,6 +95,11 @@ _treeflash()
             fi ;;
         inspect|upgrade)
             COMPREPLY=($(compgen -W "$(_treeflash_disks)" -- "$cur")) ;;
+        line)
+            if [ "$positional" -eq 0 ]; then
+                COMPREPLY=($(compgen -W "import status export" -- "$cur"))
+                return
+            fi ;;
     esac
     compopt -o default 2>/dev/null
 }

@@ -80,7 +80,7 @@ TEST_CASE("a man page per command, made from its --help")
 {
     fs::path man = fs::path(TREEFLASH_BINARY).parent_path().parent_path() / "man";
     REQUIRE_MESSAGE(fs::exists(man / "treeflash.1.gz"), "no man pages in " << man << " (help2man missing?)");
-    for (const char* command : {"build", "initramfs", "flash", "upgrade", "inspect", "write", "station", "bmap"}) {
+    for (const char* command : {"build", "initramfs", "flash", "upgrade", "inspect", "write", "station", "line", "bmap"}) {
         auto page = run_process({"zcat", (man / ("treeflash-" + std::string(command) + ".1.gz")).string()});
         REQUIRE_MESSAGE(page.ok(), command);
         CHECK(page.out.find(".SH NAME\ntreeflash\\-" + std::string(command) + " \\- ") != std::string::npos);
@@ -105,8 +105,10 @@ TEST_CASE("bash completion: commands, a command's options, boards")
     std::string boards = complete({"treeflash", "flash", "--board", "qemu-"});
     CHECK(boards == "qemu-arm64\nqemu-raspi3b\n");
     std::string station = complete({"treeflash", "station", "--"});
-    for (const char* option : {"--slot", "--manifest", "--log", "--http", "--cards"})
+    for (const char* option : {"--slot", "--manifest", "--log", "--http", "--cards", "--db", "--station"})
         CHECK_MESSAGE(station.find(std::string(option) + "\n") != std::string::npos, option);
+    CHECK(complete({"treeflash", "line", ""}) == "import\nstatus\nexport\n");
+    CHECK(complete({"treeflash", "line", "--db", "postgresql:///x", "st"}) == "status\n");
 }
 
 }
