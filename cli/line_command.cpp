@@ -141,7 +141,7 @@ void print_status(const flasher::LineStatus& status)
                   << " cards per hour, " << s.ok_hour << " ok and " << s.failed_hour << " failed in the last hour, "
                   << s.ok_today << " ok today; last card " << (s.last_card.empty() ? "none" : s.last_card) << "\n";
     if (!status.failures.empty())
-        std::cout << "failures by cause:\n";
+        std::cout << "failures by cause (all time):\n";
     for (const auto& [cause, cards] : status.failures)
         std::cout << "  " << text::printable(cause) << ": " << cards << "\n";
 }

@@ -423,6 +423,8 @@ size_t LineDatabase::import_units(const std::vector<Unit>& units, const std::str
 {
     PgSession& db = *m_session;
     Transaction transaction(db);
+    // Two imports at once number their units one after the other.
+    db.exec("lock the line's units", "SELECT pg_advisory_xact_lock(" TREEFLASH_LOCK_SCHEMA ", 0)");
     auto first = db.exec("number the new units", "SELECT coalesce(max(position), 0) FROM treeflash_units");
     long position = std::stol(value(first.get(), 0, 0));
     for (const auto& unit : units) {
