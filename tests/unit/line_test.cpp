@@ -305,6 +305,48 @@ TEST_CASE("a station killed holding a unit: the unit is marked failed with a rec
     CHECK(!restarted.done_unit("file:/cards/a", "ab12"));
 }
 
+TEST_CASE("a station restarted on its host while the server still holds its dead predecessor's connection takes over"
+          * doctest::skip(no_postgres))
+{
+    Scratch tmp;
+    PostgresServer db;
+    import(db, csv_manifest(tmp, 2));
+    // The station's process ends, but a child of it keeps its connection
+    // open: to the server, the run is alive (as after a power cut, until
+    // keepalives end it).
+    int holder[2];
+    REQUIRE(::pipe(holder) == 0);
+    StationProcess gone(db.url(), "s1", [&](flasher::LineRecords&) {
+        pid_t child = ::fork();
+        if (child == 0) {
+            ::pause();
+            ::_exit(0);
+        }
+        (void)!::write(holder[1], &child, sizeof child);
+        ::_exit(0); // no goodbye to the server
+    });
+    ::close(holder[1]);
+    struct Holder {
+        pid_t pid = 0;
+        ~Holder()
+        {
+            if (pid > 0)
+                ::kill(pid, SIGKILL); // not our child: init reaps it
+        }
+    } child;
+    REQUIRE(::read(holder[0], &child.pid, sizeof child.pid) == sizeof child.pid);
+    ::close(holder[0]);
+    CHECK(gone.wait() == 0);
+    CHECK(db.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'treeflash'") == "1\n");
+    // Another host's station of that name would be refused; this host's
+    // process is gone, so its connection is ended and the new run starts.
+    {
+        flasher::LineRecords restarted(db.url(), "s1", 1);
+        CHECK(db.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'treeflash'") == "1\n");
+        CHECK(restarted.take({1, "file:/cards/a", "golden.img", "ab12", ""}));
+    }
+}
+
 TEST_CASE("status and export show the whole line: stations, cards per hour, units, failures by cause"
           * doctest::skip(no_postgres))
 {
