@@ -4,13 +4,13 @@
 #include "common/text.hpp"
 
 #include <atomic>
-#include <cerrno>
 #include <chrono>
-#include <csignal>
+#include <cstdio>
 #include <functional>
 #include <map>
 #include <libpq-fe.h>
 #include <regex>
+#include <sstream>
 #include <thread>
 #include <unistd.h>
 
@@ -46,7 +46,8 @@ public:
         if (url.rfind("postgresql://", 0) != 0 && url.rfind("postgres://", 0) != 0)
             throw Error("--db must be a postgresql:// URL (e.g. postgresql://line@db.factory/line)");
         if (!readable_url(url))
-            throw Error("--db: libpq cannot read this postgresql:// URL (a %-escape or an option in it is wrong)");
+            throw Error("--db: libpq cannot read this postgresql:// URL (a %-escape or an option in it is wrong, or "
+                        "its user or password holds '/' or '@': write those as %2F and %40)");
         // Later keywords override earlier ones: the URL's own settings win
         // over these defaults. Over TCP, a server that stops answering (a
         // cable pulled) fails a statement in about 30 s instead of hanging
@@ -228,7 +229,8 @@ CREATE TABLE IF NOT EXISTS treeflash_runs (
     station text NOT NULL,
     host text NOT NULL,
     pid integer NOT NULL,
-    backend_pid integer NOT NULL,
+    pid_space text NOT NULL,
+    process_start bigint NOT NULL,
     slots integer NOT NULL,
     started_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE IF NOT EXISTS treeflash_cards (
@@ -355,55 +357,76 @@ std::string this_host()
 
 namespace {
 
-// The options libpq reads in `url`; empty when it cannot read it.
-std::map<std::string, std::string> url_options(const std::string& url)
+bool has_postgres_scheme(const std::string& url)
 {
-    char* error = nullptr;
-    PQconninfoOption* options = PQconninfoParse(url.c_str(), &error);
-    if (error)
-        PQfreemem(error); // it may quote the URL, password included
-    std::map<std::string, std::string> out;
-    if (!options)
-        return out;
-    for (const PQconninfoOption* o = options; o->keyword; ++o)
-        if (o->val)
-            out[o->keyword] = o->val;
-    PQconninfoFree(options);
-    return out;
+    return url.rfind("postgresql://", 0) == 0 || url.rfind("postgres://", 0) == 0;
+}
+
+// A URL split as libpq splits it: the user and password end at the first
+// '@', unless a '/' comes first (then there are none).
+struct UrlParts {
+    std::string userinfo; // "user:password", "" when none
+    std::string rest;     // hosts, ports, database, query
+};
+
+UrlParts split_url(const std::string& url)
+{
+    std::string after = url.substr(url.find("://") + 3);
+    size_t at = after.find_first_of("@/");
+    if (at == std::string::npos || after[at] != '@')
+        return {"", after};
+    return {after.substr(0, at), after.substr(at + 1)};
 }
 
 } // namespace
 
 bool readable_url(const std::string& url)
 {
-    return !url_options(url).empty();
+    if (!has_postgres_scheme(url))
+        return false;
+    // A password holding '@' or '/' (not %-escaped) leaves an '@' after
+    // what libpq takes for the user and password: it would read the rest as
+    // hosts, ports or a database, and show them in its errors.
+    if (split_url(url).rest.find('@') != std::string::npos)
+        return false;
+    char* error = nullptr;
+    PQconninfoOption* options = PQconninfoParse(url.c_str(), &error);
+    if (error)
+        PQfreemem(error); // it may quote the URL, password included
+    if (!options)
+        return false;
+    PQconninfoFree(options);
+    return true;
 }
 
 std::string redacted_url(const std::string& url)
 {
-    if (url.rfind("postgresql://", 0) != 0 && url.rfind("postgres://", 0) != 0)
+    if (!has_postgres_scheme(url))
         return "(not a postgresql:// URL)";
-    auto options = url_options(url);
-    if (options.empty())
+    if (!readable_url(url))
         return "(a postgresql:// URL libpq cannot read)";
-    // Rebuilt from what libpq read, with no password, sslpassword or any
-    // other option: user, host, port, database.
-    auto get = [&](const char* key) {
-        auto it = options.find(key);
-        return it == options.end() ? std::string() : it->second;
-    };
-    std::string host = get("host"), out = "postgresql://";
-    if (!get("user").empty())
-        out += get("user") + "@";
-    bool socket = !host.empty() && host.front() == '/';
-    if (!socket)
-        out += host;
-    if (!get("port").empty())
-        out += ":" + get("port");
-    out += "/" + get("dbname");
-    if (socket)
-        out += "?host=" + host;
-    return text::printable(out);
+    // From the text as written: the user without the password, the hosts,
+    // ports and database, and of the query only where to connect.
+    UrlParts parts = split_url(url);
+    std::string main = parts.rest.substr(0, parts.rest.find('?'));
+    std::string query = main.size() < parts.rest.size() ? parts.rest.substr(main.size() + 1) : "";
+    std::string out = "postgresql://";
+    if (!parts.userinfo.empty())
+        out += parts.userinfo.substr(0, parts.userinfo.find(':')) + "@";
+    out += main;
+    std::string kept;
+    size_t start = 0;
+    while (start <= query.size() && !query.empty()) {
+        size_t end = query.find('&', start);
+        std::string pair = query.substr(start, end == std::string::npos ? std::string::npos : end - start);
+        for (const char* key : {"host=", "hostaddr=", "port=", "dbname=", "user="})
+            if (pair.rfind(key, 0) == 0)
+                kept += (kept.empty() ? "?" : "&") + pair;
+        if (end == std::string::npos)
+            break;
+        start = end + 1;
+    }
+    return text::printable(out + kept);
 }
 
 bool valid_station_name(const std::string& name)
@@ -423,8 +446,9 @@ size_t LineDatabase::import_units(const std::vector<Unit>& units, const std::str
 {
     PgSession& db = *m_session;
     Transaction transaction(db);
-    // Two imports at once number their units one after the other.
-    db.exec("lock the line's units", "SELECT pg_advisory_xact_lock(" TREEFLASH_LOCK_SCHEMA ", 0)");
+    // Two imports at once number their units one after the other (a lock
+    // of their own: a long import does not hold up stations starting).
+    db.exec("lock the line's imports", "SELECT pg_advisory_xact_lock(" TREEFLASH_LOCK_SCHEMA ", 1)");
     auto first = db.exec("number the new units", "SELECT coalesce(max(position), 0) FROM treeflash_units");
     long position = std::stol(value(first.get(), 0, 0));
     for (const auto& unit : units) {
@@ -574,10 +598,61 @@ const std::string& checked_station_name(const std::string& station)
     return station;
 }
 
-// Whether process `pid` of this host is gone.
-bool process_gone(long pid)
+// This running kernel and PID namespace: two hosts cloned from one image,
+// or two containers, never share it, so a process id means the same
+// process to every run that records it.
+std::string pid_space()
 {
-    return pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+    std::string boot;
+    if (FILE* file = std::fopen("/proc/sys/kernel/random/boot_id", "re")) {
+        char line[64] = {};
+        if (std::fgets(line, sizeof line, file))
+            boot = line;
+        std::fclose(file);
+    }
+    while (!boot.empty() && boot.back() == '\n')
+        boot.pop_back();
+    char ns[64] = {};
+    ssize_t n = ::readlink("/proc/self/ns/pid", ns, sizeof ns - 1);
+    if (boot.empty() || n <= 0)
+        return "";
+    return boot + " " + std::string(ns, static_cast<size_t>(n));
+}
+
+// When process `pid` started, in clock ticks since boot (0: no such process).
+long long process_start(long pid)
+{
+    FILE* file = std::fopen(("/proc/" + std::to_string(pid) + "/stat").c_str(), "re");
+    if (!file)
+        return 0;
+    char buffer[1024] = {};
+    size_t n = std::fread(buffer, 1, sizeof buffer - 1, file);
+    std::fclose(file);
+    std::string stat(buffer, n);
+    // Field 22; fields after the command's closing parenthesis.
+    size_t at = stat.rfind(')');
+    if (at == std::string::npos)
+        return 0;
+    std::istringstream rest(stat.substr(at + 2));
+    std::string field;
+    for (int i = 3; i <= 22 && rest >> field; ++i) {
+    }
+    try {
+        return std::stoll(field);
+    } catch (const std::exception&) {
+        return 0;
+    }
+}
+
+// Whether the run recorded as process `pid` started at `started` in the
+// PID space `space` is gone: only a run of this kernel and namespace can
+// be judged, and then its process is gone or is another process.
+bool run_process_gone(const std::string& space, long pid, long long started)
+{
+    if (space.empty() || space != pid_space() || pid <= 0)
+        return false;
+    long long now = process_start(pid);
+    return now == 0 || now != started;
 }
 
 } // namespace
@@ -595,7 +670,8 @@ LineRecords::LineRecords(const std::string& url, const std::string& station, siz
         Transaction transaction(db);
         db.exec("lock the line's runs", "SELECT pg_advisory_xact_lock(" TREEFLASH_LOCK_SCHEMA ", 0)");
         const char* running_sql =
-            "SELECT host, pid, backend_pid FROM treeflash_runs WHERE station = $1 AND id IN " TREEFLASH_ALIVE_RUNS;
+            "SELECT host, pid, pid_space, process_start, id FROM treeflash_runs WHERE station = $1 AND id IN "
+            TREEFLASH_ALIVE_RUNS;
         auto running = db.exec("look for a running station " + station, running_sql, {station});
         if (PQntuples(running.get()) > 0) {
             std::string host = value(running.get(), 0, 0);
@@ -603,10 +679,15 @@ LineRecords::LineRecords(const std::string& url, const std::string& station, siz
             // The same station on this host, killed so lately that the
             // server has not noticed yet (or a power cut it never will
             // notice until its keepalives do): its connection is ended.
-            bool gone_here = host == this_host() && process_gone(pid);
+            bool gone_here = run_process_gone(value(running.get(), 0, 2), pid,
+                                              std::stoll(value(running.get(), 0, 3)));
             if (gone_here) {
                 db.exec("end the connection of station " + station + "'s earlier run",
-                        "SELECT pg_terminate_backend($1::integer)", {value(running.get(), 0, 2)});
+                        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.locktype = 'advisory'"
+                        " AND l.granted AND l.objsubid = 2 AND l.classid = " TREEFLASH_LOCK_RUN "::oid"
+                        " AND l.objid = $1::bigint::oid"
+                        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                        {value(running.get(), 0, 4)});
                 for (int i = 0; i < 100 && PQntuples(running.get()) > 0; ++i) {
                     std::this_thread::sleep_for(std::chrono::milliseconds(50));
                     running = db.exec("look for a running station " + station, running_sql, {station});
@@ -619,9 +700,10 @@ LineRecords::LineRecords(const std::string& url, const std::string& station, siz
                             + "); give this one another name with --station");
         }
         auto run = db.exec("register station " + station,
-                           "INSERT INTO treeflash_runs (station, host, pid, backend_pid, slots)"
-                           " VALUES ($1, $2, $3, pg_backend_pid(), $4) RETURNING id",
-                           {station, this_host(), static_cast<long>(::getpid()), static_cast<long>(slots)});
+                           "INSERT INTO treeflash_runs (station, host, pid, pid_space, process_start, slots)"
+                           " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                           {station, this_host(), static_cast<long>(::getpid()), pid_space(),
+                            std::to_string(process_start(::getpid())), static_cast<long>(slots)});
         m_run = std::stol(value(run.get(), 0, 0));
         // Session-level: held after the commit, until this connection ends.
         db.exec("lock this station's run", "SELECT pg_advisory_lock(" TREEFLASH_LOCK_RUN ", $1::integer)", {m_run});

@@ -33,7 +33,8 @@ class PgSession;
 // password or other option), or a placeholder when it is not a URL libpq
 // reads.
 std::string redacted_url(const std::string& url);
-// Whether libpq can read `url`.
+// Whether libpq can read `url` as written: a postgresql:// URL whose user
+// and password hold no '/' or '@' (libpq would read them as the host).
 bool readable_url(const std::string& url);
 
 struct StationRow {
@@ -86,8 +87,8 @@ class LineRecords final : public StationRecords {
 public:
     // Registers a run of the station `station` ([A-Za-z0-9._-]{1,64}) with
     // `slots` slots. Refused when a run of that name is alive (but for one
-    // on this host whose process is gone: its connection is ended), and
-    // when the database holds no unit.
+    // of this kernel and PID namespace whose process is gone: its
+    // connection is ended), and when the database holds no unit.
     LineRecords(const std::string& url, const std::string& station, size_t slots);
     ~LineRecords() override;
 

@@ -128,7 +128,8 @@ std::vector<std::pair<size_t, std::vector<std::string>>> csv_records(const std::
             } else if (c == '"') {
                 in_quotes = false;
             } else {
-                line += c == '\n';
+                // LF, CRLF or a lone CR, inside a field as between records.
+                line += c == '\n' || (c == '\r' && (i + 1 == text.size() || text[i + 1] != '\n'));
                 field += c;
             }
             continue;
@@ -234,7 +235,8 @@ std::vector<std::pair<size_t, json>> csv_entries(const std::string& text, const 
 std::vector<std::pair<size_t, json>> json_lines_entries(const std::string& text, const std::string& name)
 {
     std::vector<std::pair<size_t, json>> entries;
-    std::istringstream lines(text);
+    // A byte order mark (some editors write one) is not part of the JSON.
+    std::istringstream lines(text.rfind("\xEF\xBB\xBF", 0) == 0 ? text.substr(3) : text);
     std::string line;
     size_t number = 0;
     while (std::getline(lines, line)) {

@@ -438,7 +438,7 @@ TEST_CASE("a database that is not there, or not PostgreSQL, is a clear error tha
     auto absent = run_treeflash(
         {"line", "status", "--db", "postgresql://line:secret@/line?host=" + tmp.path().string() + "&port=5"});
     CHECK(absent.exit_code == 1);
-    CHECK_MESSAGE(absent.err.find("cannot connect to the line's database postgresql://line@:5/line?host=")
+    CHECK_MESSAGE(absent.err.find("cannot connect to the line's database postgresql://line@/line?host=")
                       != std::string::npos,
                   absent.err);
     CHECK(absent.err.find("secret") == std::string::npos);
@@ -450,8 +450,19 @@ TEST_CASE("a database that is not there, or not PostgreSQL, is a clear error tha
     CHECK(flasher::redacted_url("postgresql://u:p%40ss@h:5432/db?password=x&sslmode=require&sslpassword=y")
           == "postgresql://u@h:5432/db");
     CHECK(flasher::redacted_url("postgresql://u:p?ss#x@h/db") == "postgresql://u@h/db");
+    CHECK(flasher::redacted_url("postgresql://") == "postgresql://");
+    // A password holding a bare '/' or '@' is refused, never shown: libpq
+    // would read part of it as the host, the port or the database.
+    for (const char* url : {"postgresql://line:ab/cd@db/line", "postgresql://u:pa@ss@h/db"}) {
+        CHECK(flasher::redacted_url(url) == "(a postgresql:// URL libpq cannot read)");
+        auto refused = run_treeflash({"line", "status", "--db", url});
+        CHECK(refused.exit_code == 1);
+        CHECK_MESSAGE(refused.err.find("write those as %2F and %40") != std::string::npos, refused.err);
+        CHECK(refused.err.find("ab/cd") == std::string::npos);
+        CHECK(refused.err.find("ss@h") == std::string::npos);
+    }
     CHECK(flasher::redacted_url("postgresql:///line?host=/run/pg&port=5433&password=x")
-          == "postgresql://:5433/line?host=/run/pg");
+          == "postgresql:///line?host=/run/pg&port=5433");
     CHECK(flasher::redacted_url("POSTGRESQL://u:secret@h/db") == "(not a postgresql:// URL)");
     CHECK(flasher::redacted_url("host=db password=secret") == "(not a postgresql:// URL)");
     auto keywords = run_treeflash({"line", "status", "--db", "host=db password=secret"});

@@ -179,6 +179,16 @@ TEST_CASE("a CSV manifest gives the units its JSON-lines twin gives: quoted fiel
     CHECK(excel[0].serial == "TCU-7");
     CHECK(excel[1].hostname == "tcu-8");
     CHECK(excel[1].line == 3);
+    // A quoted field over two lines counts both, whatever ends them.
+    write_file(tmp / "multi.csv", "serial,hostname\r\"TCU-7\",tcu-7\rTCU-8,\"bad\rname\"\r");
+    try {
+        flasher::read_manifest(tmp / "multi.csv");
+        FAIL("a hostname with a line break");
+    } catch (const std::exception& e) {
+        CHECK_MESSAGE(std::string(e.what()).find("line 3: hostname") != std::string::npos, e.what());
+    }
+    write_file(tmp / "bom.jsonl", "\xEF\xBB\xBF{\"serial\": \"TCU-9\"}\n");
+    CHECK(flasher::read_manifest(tmp / "bom.jsonl").at(0).serial == "TCU-9");
 }
 
 TEST_CASE("the journal gives each unit out once, across restarts, a torn last line and a second station")
