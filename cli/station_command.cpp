@@ -152,13 +152,9 @@ int run_station(const std::vector<std::string>& args, GCancellable* cancellable)
                             "move the manifest");
     std::unique_ptr<flasher::StationRecords> records;
     if (!db.empty()) {
-        if (station.empty()) {
-            char host[256] = {};
-            ::gethostname(host, sizeof host - 1);
-            station = host;
-        }
-        records = std::make_unique<flasher::LineRecords>(db, station, options.slots.size());
-        print_notice("station " + station + " on the line's database " + flasher::redacted_url(db));
+        auto line = std::make_unique<flasher::LineRecords>(db, station, options.slots.size());
+        print_notice("station " + line->station() + " on the line's database " + flasher::redacted_url(db));
+        records = std::move(line);
     } else {
         std::optional<std::filesystem::path> manifest_path;
         if (!manifest.empty())

@@ -317,9 +317,7 @@ json database_text(const json& value)
     json clean = json::parse(value.dump(-1, ' ', false, json::error_handler_t::replace));
     std::function<void(json&)> visit = [&](json& node) {
         if (node.is_string()) {
-            std::string& text = node.get_ref<std::string&>();
-            for (size_t at; (at = text.find('\0')) != std::string::npos;)
-                text.replace(at, 1, "\xEF\xBF\xBD");
+            text::replace_all(node.get_ref<std::string&>(), std::string(1, '\0'), "\xEF\xBF\xBD");
         } else if (node.is_structured()) {
             for (auto& child : node)
                 visit(child);
@@ -657,9 +655,10 @@ bool run_process_gone(const std::string& space, long pid, long long started)
 
 } // namespace
 
-LineRecords::LineRecords(const std::string& url, const std::string& station, size_t slots)
-    : m_station(checked_station_name(station))
+LineRecords::LineRecords(const std::string& url, const std::string& name, size_t slots)
+    : m_station(checked_station_name(name.empty() ? this_host() : name))
 {
+    const std::string& station = m_station;
     m_database = std::make_unique<LineDatabase>(url);
     PgSession& db = m_database->session();
     if (units_total() == 0)

@@ -85,11 +85,12 @@ private:
 // A station's records in the line's database (see above).
 class LineRecords final : public StationRecords {
 public:
-    // Registers a run of the station `station` ([A-Za-z0-9._-]{1,64}) with
+    // Registers a run of the station `name` ([A-Za-z0-9._-]{1,64}; "" for
+    // the host's name) with
     // `slots` slots. Refused when a run of that name is alive (but for one
     // of this kernel and PID namespace whose process is gone: its
     // connection is ended), and when the database holds no unit.
-    LineRecords(const std::string& url, const std::string& station, size_t slots);
+    LineRecords(const std::string& url, const std::string& name, size_t slots);
     ~LineRecords() override;
 
     std::string units_source() const override { return "the line's database"; }
@@ -104,6 +105,7 @@ public:
     bool broken() const override;
 
     long run() const { return m_run; }
+    const std::string& station() const { return m_station; }
 
 private:
     std::unique_ptr<LineDatabase> m_database;

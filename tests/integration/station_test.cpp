@@ -110,16 +110,6 @@ size_t lines_for(const fs::path& log, const std::string& card)
     return n;
 }
 
-bool wait_until(const std::function<bool()>& done, int seconds)
-{
-    for (int i = 0; i < seconds * 20; ++i) {
-        if (done())
-            return true;
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    return done();
-}
-
 // The URL of the line's page, once the station whose stderr is `err` says it.
 std::string page_url(const fs::path& err)
 {

@@ -5,6 +5,7 @@
 
 #include <archive.h>
 #include <archive_entry.h>
+#include <chrono>
 #include <cstdlib>
 #include <fstream>
 #include <glib.h>
@@ -13,6 +14,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <sys/stat.h>
+#include <thread>
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -273,6 +275,16 @@ pid_t spawn_treeflash(const std::vector<std::string>& args, const std::string& s
     if (rc != 0)
         throw std::runtime_error("cannot start treeflash");
     return pid;
+}
+
+bool wait_until(const std::function<bool()>& done, int seconds)
+{
+    for (int i = 0; i < seconds * 20; ++i) {
+        if (done())
+            return true;
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return done();
 }
 
 int wait_exit(pid_t pid, int* signal)

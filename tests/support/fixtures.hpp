@@ -109,6 +109,8 @@ ProcessResult run_treeflash(const std::vector<std::string>& args, const std::vec
 pid_t spawn_treeflash(const std::vector<std::string>& args, const std::string& stderr_file = "/dev/null");
 // Waits for `pid`; returns its exit code (-1 when killed, `signal` set).
 int wait_exit(pid_t pid, int* signal = nullptr);
+// Whether `done` holds within `seconds`, asked every 50 ms.
+bool wait_until(const std::function<bool()>& done, int seconds);
 // ostree CLI against a repo.
 ProcessResult ostree(const fs::path& repo, const std::vector<std::string>& args);
 // The ref's commit checksum, or "" when absent.

@@ -1,7 +1,6 @@
 #include "tests/support/postgres.hpp"
 
 #include <chrono>
-#include <cerrno>
 #include <csignal>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -78,14 +77,6 @@ pid_t start_as(const ServerUser& user, const std::vector<std::string>& argv, con
     return pid;
 }
 
-int wait_for(pid_t pid)
-{
-    int status = 0;
-    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-    }
-    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-}
-
 } // namespace
 
 bool postgres_available()
@@ -112,7 +103,7 @@ PostgresServer::PostgresServer()
                           {(bin / "initdb").string(), "-D", (m_dir / "data").string(), "-U", "treeflash",
                            "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions"},
                           log, SIGKILL);
-    if (wait_for(init) != 0)
+    if (wait_exit(init) != 0)
         throw std::runtime_error("initdb failed: " + read_text(log));
     // A port of our own: with no TCP listener it only names the socket.
     m_port = 20000 + static_cast<int>(::getpid() % 30000);
@@ -136,7 +127,7 @@ PostgresServer::PostgresServer()
     }
     // The destructor does not run for a constructor that throws.
     ::kill(m_pid, SIGQUIT);
-    wait_for(m_pid);
+    wait_exit(m_pid);
     m_pid = -1;
     throw std::runtime_error("the test's PostgreSQL server did not answer in 15 s: " + read_text(log));
 }
@@ -146,7 +137,7 @@ PostgresServer::~PostgresServer()
     if (m_pid > 0) {
         // Fast shutdown: clients are disconnected, the server exits.
         ::kill(m_pid, SIGINT);
-        wait_for(m_pid);
+        wait_exit(m_pid);
     }
 }
 

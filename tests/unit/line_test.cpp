@@ -6,10 +6,8 @@
 #include "flasher/station/units.hpp"
 #include "tests/support/postgres.hpp"
 
-#include <chrono>
 #include <csignal>
 #include <functional>
-#include <thread>
 #include <doctest/doctest.h>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -113,13 +111,6 @@ json line_status(const PostgresServer& db)
     auto status = run_treeflash({"line", "status", "--db", db.url(), "--json"});
     REQUIRE_MESSAGE(status.ok(), status.err);
     return json::parse(status.out);
-}
-
-bool eventually(const std::function<bool()>& done)
-{
-    for (int i = 0; i < 200 && !done(); ++i)
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    return done();
 }
 
 json card_record(const std::string& card, const std::string& result)
@@ -281,7 +272,7 @@ TEST_CASE("a station killed holding a unit: the unit is marked failed with a rec
     doomed.wait();
     ::close(taken[0]);
     // Seen as stopped once the server sees its connection closed ...
-    CHECK(eventually([&] { return line_status(db)["units"]["reserved_by_stopped_stations"] == 1; }));
+    CHECK(wait_until([&] { return line_status(db)["units"]["reserved_by_stopped_stations"] == 1; }, 10));
     CHECK(db.sql("SELECT state FROM treeflash_units WHERE serial = 'TCU-0001'") == "reserved\n");
     // ... and marked by the next station to start, the same name again.
     flasher::LineRecords restarted(db.url(), "s1", 1);
