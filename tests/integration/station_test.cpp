@@ -498,6 +498,42 @@ TEST_CASE("a card whose U-Boot environment is damaged costs no unit, and nothing
     CHECK(read_bytes(card, 0, size) == read_bytes(line.golden, 0, size));
 }
 
+TEST_CASE("a provisioned card whose record cannot be written is shown failed, to be set aside, and the station stops"
+          * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Line line(2);
+    write_file(line.tmp / "empty", "");
+    Slot slot(line.tmp / "empty");
+    fs::path card = blank_card(line.tmp / "card", fs::file_size(line.golden));
+    REQUIRE(slot.insert(card));
+    // The log on a file system with no space left: the card is written and
+    // provisioned, then its record fails.
+    SmallTmpfs full(1 * MiB);
+    write_file(full.dir / "log.jsonl", "");
+    {
+        std::ofstream filler(full.dir / "filler", std::ios::binary);
+        std::string block(64 << 10, 'x');
+        for (int i = 0; i < 32 && filler.write(block.data(), static_cast<std::streamsize>(block.size())); ++i) {
+        }
+    }
+    auto r = run_treeflash({"station", line.golden.string(), "--slot", slot.device, "--manifest",
+                            line.manifest.string(), "--log", (full.dir / "log.jsonl").string(), "--force", "--json"});
+    CHECK_MESSAGE(r.exit_code == 130, r.err);
+    CHECK_MESSAGE(r.err.find("write the card log") != std::string::npos, r.err);
+    json summary = json::parse(r.out);
+    CHECK(summary["ok"] == 0);
+    CHECK(summary["failed"] == 1);
+    CHECK(summary["slots"][0]["state"] == "failed");
+    CHECK(summary["slots"][0]["unit"] == "TCU-0001");
+    CHECK_MESSAGE(summary["slots"][0]["message"].get<std::string>().find("written with unit TCU-0001, but it could "
+                                                                         "not be recorded")
+                      == 0,
+                  summary.dump());
+    CHECK(summary["slots"][0]["message"].get<std::string>().find("set this card aside") != std::string::npos);
+    CHECK(slot.remove());
+}
+
 TEST_CASE("--cards N writes N cards, however many slots hold one" * doctest::skip(not_root))
 {
     NoLeftovers guard;

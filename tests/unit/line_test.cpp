@@ -294,6 +294,17 @@ TEST_CASE("a station killed holding a unit: the unit is marked failed with a rec
     CHECK(restarted.done_unit("file:/cards/b", "ab12") == "TCU-0002");
     CHECK(!restarted.done_unit("file:/cards/b", "other image"));
     CHECK(!restarted.done_unit("file:/cards/a", "ab12"));
+    // A card's message with bytes that are not UTF-8, and a NUL: recorded,
+    // as U+FFFD, instead of failing the record (and stopping the station).
+    auto odd = restarted.take({1, "file:/cards/c", "golden.img", "ab12", ""});
+    REQUIRE(odd);
+    json failed = card_record("file:/cards/c", "failed");
+    failed["error"] = std::string("bad \xff byte, nul \0 here", 22);
+    restarted.record_card(failed, odd);
+    CHECK(db.sql("SELECT error, record->>'error' FROM treeflash_cards WHERE card = 'file:/cards/c'")
+          == "bad \xEF\xBF\xBD byte, nul \xEF\xBF\xBD here|bad \xEF\xBF\xBD byte, nul \xEF\xBF\xBD here\n");
+    CHECK(db.sql("SELECT state, detail FROM treeflash_units WHERE serial = 'TCU-0003'")
+          == "failed|bad \xEF\xBF\xBD byte, nul \xEF\xBF\xBD here\n");
 }
 
 TEST_CASE("a station restarted on its host while the server still holds its dead predecessor's connection takes over"
