@@ -5,6 +5,7 @@
 #include "common/error.hpp"
 #include "common/glib.hpp"
 #include "flasher/deploy/pull.hpp"
+#include "flasher/deploy/sysroot.hpp"
 #include "flasher/disk/mount.hpp"
 #include "flasher/flash/flash.hpp"
 #include "flasher/unprivileged/userns.hpp"
@@ -201,6 +202,10 @@ int main(int argc, char** argv)
     // (or attached under a mount) even after a SIGKILL.
     if (::geteuid() == 0 && (command->name == std::string_view("flash") || command->name == std::string_view("upgrade")))
         flasher::enter_own_mount_namespace();
+    // A flash deploys onto a card nothing runs from yet (also in the helper
+    // that makes an image without root, which inherits this).
+    if (command->name == std::string_view("flash"))
+        flasher::skip_global_sync_when_deploying();
 
     // libostree reports some things with g_print ("Freed objects: ..."):
     // keep stdout for the command's own output.

@@ -7,6 +7,7 @@
 #include "flasher/deploy/pull.hpp"
 
 #include <cstdio>
+#include <cstdlib>
 #include <fcntl.h>
 #include <functional>
 #include <linux/openat2.h>
@@ -164,6 +165,11 @@ void require_devicetree(OstreeSysroot* sysroot, OstreeDeployment* deployment, co
     if (!deployment_has_devicetree(root / dirpath))
         throw Error("commit " + commit + " carries no devicetree, and the board boots only with one from the "
                     "commit (treeflash build --devicetree FILE)");
+}
+
+void skip_global_sync_when_deploying()
+{
+    ::setenv("OSTREE_SYSROOT_OPTS", "skip-sync", 0); // a value the user set stays
 }
 
 Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOptions& options,

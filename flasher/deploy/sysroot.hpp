@@ -59,6 +59,15 @@ struct Deployment {
 Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOptions& options,
                              const std::function<void(const std::string&)>& notice, GCancellable* cancellable);
 
+// libostree ends every deploy with a sync() of every file system on the
+// machine, as a running system's update must. A card being flashed runs
+// nothing yet: its file system is synced when it is unmounted, and the card
+// or image once at the end, before success is reported. This turns that
+// global sync off for the process (an environment variable libostree reads
+// when a sysroot object is made): call it before the first thread starts,
+// and only in a process that deploys onto new cards.
+void skip_global_sync_when_deploying();
+
 // Holds the sysroot lock (ostree_sysroot_lock) while it exists.
 class SysrootLock {
 public:

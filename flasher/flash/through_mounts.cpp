@@ -44,8 +44,14 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
     progress = Progress::Formatted;
 
     std::filesystem::path mount_parent = mount_point_parent();
+    // The card's file systems are new: a flash cut short leaves a card that
+    // does not boot whatever was flushed, and is flashed again. So they are
+    // written without cache flushes between steps (libostree's deploy asks
+    // for several); the unmount writes everything out and the sync at the
+    // end flushes the card's cache once.
+    const std::string mount_options = std::string(untrusted_mount_options) + ",barrier=0";
     {
-        Mount rootfs(partition_node(target.device(), board.rootfs_partition), "ext4", untrusted_mount_options, mount_parent);
+        Mount rootfs(partition_node(target.device(), board.rootfs_partition), "ext4", mount_options, mount_parent);
         // The pull's downloads live only until each is written to the card:
         // in memory when it has room for all of them at once.
         SysrootOptions sysroot = plan.sysroot;
@@ -62,7 +68,7 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
     progress = Progress::Deployed;
     check_cancelled(cancellable);
     {
-        Mount boot(partition_node(target.device(), board.boot_partition), "ext4", untrusted_mount_options, mount_parent);
+        Mount boot(partition_node(target.device(), board.boot_partition), "ext4", mount_options, mount_parent);
         in_step("boot script", [&] {
             write_boot_script(board, plan.boot_script, boot.path(), plan.source_date_epoch);
             boot.unmount();
