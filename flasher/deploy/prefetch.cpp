@@ -8,6 +8,7 @@
 #include "common/glib.hpp"
 #include "common/ostree_objects.hpp"
 #include "common/sha256.hpp"
+#include "flasher/deploy/object_source.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -21,7 +22,6 @@
 #include <fcntl.h>
 #include <functional>
 #include <libdeflate.h>
-#include <curl/curl.h>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -51,11 +51,7 @@ constexpr size_t kept_buffer = 4u << 20;
 constexpr uint64_t flush_every = 32u << 20;
 
 // Why the prefetch stops: the object it could not take, and what was wrong.
-struct Stop : std::exception {
-    explicit Stop(std::string text) : why(std::move(text)) {}
-    const char* what() const noexcept override { return why.c_str(); }
-    std::string why;
-};
+using Stop = SourceStop;
 
 // An object the prefetch leaves to libostree without stopping: too big to
 // hold in memory.
@@ -68,162 +64,6 @@ std::string message_of(GError*& error)
     return owned ? owned->message : "unknown error";
 }
 
-std::string loose_path(const std::string& checksum, const char* extension)
-{
-    return "objects/" + checksum.substr(0, 2) + "/" + checksum.substr(2) + "." + extension;
-}
-
-// Where objects come from: one per worker (an HTTP session is used by one
-// thread only).
-class ObjectSource {
-public:
-    virtual ~ObjectSource() = default;
-    // The file at `path` (relative to the repository), at most `limit`
-    // bytes, read into `into`; throws Stop when it cannot be had.
-    virtual std::span<const unsigned char> fetch(const std::string& path, size_t limit, ByteBuffer& into,
-                                                 GCancellable* cancellable) = 0;
-    // A flag that, once set, ends a fetch under way (the prefetch stopped).
-    virtual void watch(const std::atomic<bool>*) {}
-};
-
-// An archive repository in a local folder. Objects are opened below it
-// one component at a time without following symlinks: the folder may
-// belong to someone else.
-class LocalSource : public ObjectSource {
-public:
-    explicit LocalSource(int repo_fd) : m_repo(repo_fd) {}
-
-    std::span<const unsigned char> fetch(const std::string& path, size_t limit, ByteBuffer& into,
-                                         GCancellable*) override
-    {
-        UniqueFd file;
-        try {
-            file = fs::open_beneath(m_repo, path, O_RDONLY | O_NONBLOCK);
-        } catch (const Error& e) {
-            throw Stop{e.what()};
-        }
-        struct stat st {};
-        if (::fstat(file.get(), &st) != 0 || !S_ISREG(st.st_mode))
-            throw Stop{path + ": not a regular file"};
-        if (static_cast<uint64_t>(st.st_size) > limit)
-            throw Skip();
-        size_t size = static_cast<size_t>(st.st_size);
-        unsigned char* bytes = into.reserve(size);
-        try {
-            fs::read_at(file.get(), reinterpret_cast<char*>(bytes), size, 0, path);
-        } catch (const Error& e) {
-            throw Stop{e.what()};
-        }
-        return {bytes, size};
-    }
-
-private:
-    int m_repo;
-};
-
-// An archive repository served over plain HTTP, through libcurl (the
-// library libostree fetches with): one easy handle, and so one keep-alive
-// connection, per worker.
-class HttpSource : public ObjectSource {
-public:
-    HttpSource(std::string base, unsigned timeout) : m_base(std::move(base)), m_curl(curl_easy_init())
-    {
-        if (!m_curl)
-            throw Stop{"libcurl: no handle"};
-        CURL* c = m_curl.get();
-        curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-        curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http");
-        curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L); // a redirect is left to libostree
-        curl_easy_setopt(c, CURLOPT_USERAGENT, "treeflash");
-        curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT, static_cast<long>(timeout));
-        // A server that stops sending for `timeout` seconds fails the request.
-        curl_easy_setopt(c, CURLOPT_LOW_SPEED_LIMIT, 1L);
-        curl_easy_setopt(c, CURLOPT_LOW_SPEED_TIME, static_cast<long>(timeout));
-        curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, &HttpSource::receive);
-        curl_easy_setopt(c, CURLOPT_WRITEDATA, this);
-        curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
-        curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, &HttpSource::check_cancelled);
-        curl_easy_setopt(c, CURLOPT_XFERINFODATA, this);
-    }
-
-    std::span<const unsigned char> fetch(const std::string& path, size_t limit, ByteBuffer& into,
-                                         GCancellable* cancellable) override
-    {
-        std::string url = m_base + path;
-        CURL* c = m_curl.get();
-        curl_easy_setopt(c, CURLOPT_URL, url.c_str());
-        curl_easy_setopt(c, CURLOPT_MAXFILESIZE_LARGE, static_cast<curl_off_t>(limit));
-        m_into = &into;
-        m_size = 0;
-        m_room = 0;
-        m_limit = limit;
-        m_cancellable = cancellable;
-        m_too_big = false;
-        m_failed.clear();
-        CURLcode code = curl_easy_perform(c);
-        if (cancellable && g_cancellable_is_cancelled(cancellable))
-            throw Cancelled();
-        if (code == CURLE_FILESIZE_EXCEEDED || m_too_big)
-            throw Skip();
-        if (!m_failed.empty())
-            throw Stop{url + ": " + m_failed};
-        if (code != CURLE_OK)
-            throw Stop{url + ": " + curl_easy_strerror(code)};
-        long status = 0;
-        curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
-        if (status != 200)
-            throw Stop{url + ": HTTP " + std::to_string(status)};
-        return {into.data(), m_size};
-    }
-
-private:
-    // libcurl's write callback: no exception may cross it.
-    static size_t receive(char* data, size_t size, size_t count, void* user) noexcept
-    {
-        auto* self = static_cast<HttpSource*>(user);
-        size_t n = size * count;
-        if (self->m_size + n > self->m_limit) {
-            self->m_too_big = true;
-            return 0; // fails the transfer
-        }
-        try {
-            if (self->m_size + n > self->m_room) {
-                self->m_room = std::min(self->m_limit, std::max(self->m_size + n, std::max<size_t>(self->m_room * 2, 256 * 1024)));
-                self->m_into->grow(self->m_room, self->m_size);
-            }
-        } catch (const std::bad_alloc&) {
-            self->m_failed = "out of memory";
-            return 0;
-        }
-        std::memcpy(self->m_into->data() + self->m_size, data, n);
-        self->m_size += n;
-        return n;
-    }
-
-    void watch(const std::atomic<bool>* halted) override { m_halted = halted; }
-
-    static int check_cancelled(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t)
-    {
-        auto* self = static_cast<HttpSource*>(user);
-        if (self->m_halted && *self->m_halted)
-            return 1;
-        return self->m_cancellable && g_cancellable_is_cancelled(self->m_cancellable) ? 1 : 0;
-    }
-
-    struct CurlFree {
-        void operator()(CURL* c) const { curl_easy_cleanup(c); }
-    };
-    std::string m_base;
-    std::unique_ptr<CURL, CurlFree> m_curl;
-    ByteBuffer* m_into = nullptr;
-    size_t m_size = 0;
-    size_t m_room = 0;
-    size_t m_limit = 0;
-    bool m_too_big = false;
-    std::string m_failed;
-    GCancellable* m_cancellable = nullptr;
-    const std::atomic<bool>* m_halted = nullptr;
-};
 
 struct DecompressorFree {
     void operator()(libdeflate_decompressor* d) const { libdeflate_free_decompressor(d); }
@@ -267,31 +107,6 @@ std::string hex_of(GVariant* bytes)
     return glib::take_string(ostree_checksum_from_bytes(static_cast<const guchar*>(data)));
 }
 
-// A metadata object's bytes as a variant, checked: its SHA-256 must be
-// its name, and it must be in normal form (libostree writes the variant's
-// bytes; any other form would be stored under a name it does not have).
-glib::Variant checked_metadata(std::span<const unsigned char> bytes, const std::string& checksum,
-                               const GVariantType* type)
-{
-    Sha256 sha;
-    sha.update(bytes.data(), bytes.size());
-    if (sha.hex() != checksum)
-        throw Stop{"object " + checksum + ": its bytes do not match its checksum"};
-    gpointer copy = g_memdup2(bytes.data(), bytes.size());
-    glib::Variant variant = glib::adopt_variant(g_variant_new_from_data(type, copy, bytes.size(), FALSE, g_free, copy));
-    if (!g_variant_is_normal_form(variant.get()))
-        throw Stop{"object " + checksum + ": not in normal form"};
-    return variant;
-}
-
-bool proxy_configured()
-{
-    for (const char* name : {"http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"})
-        if (const char* value = std::getenv(name); value && *value)
-            return true;
-    return false;
-}
-
 class Prefetch {
 public:
     Prefetch(OstreeRepo* repo, std::function<std::unique_ptr<ObjectSource>()> make_source, GCancellable* cancellable)
@@ -301,20 +116,30 @@ public:
 
     void run(const std::string& commit, unsigned jobs, bool sync_while_fetching, PrefetchResult& result)
     {
-        // The commit is read, checked against its name, never written.
+        // The commit and its detached metadata (signatures) are read and the
+        // commit checked against its name; written only by
+        // record_prefetched_commit, or by libostree's pull.
         try {
             auto source = m_make_source();
             ByteBuffer buffer;
-            auto bytes = source->fetch(loose_path(commit, "commit"), largest_metadata, buffer, m_cancellable);
-            glib::Variant variant = checked_metadata(bytes, commit, OSTREE_COMMIT_GVARIANT_FORMAT);
-            glib::Variant contents(g_variant_get_child_value(variant.get(), 6));
-            glib::Variant meta(g_variant_get_child_value(variant.get(), 7));
+            auto bytes = source->fetch(loose_object_path(commit, "commit"), largest_metadata, buffer, m_cancellable);
+            result.commit_object = checked_metadata(bytes, commit, OSTREE_COMMIT_GVARIANT_FORMAT);
+            glib::Variant contents(g_variant_get_child_value(result.commit_object.get(), 6));
+            glib::Variant meta(g_variant_get_child_value(result.commit_object.get(), 7));
             add({Kind::DirTree, hex_of(contents.get()), ""}, "");
             add({Kind::DirMeta, hex_of(meta.get())}, "");
+            try {
+                bytes = source->fetch(loose_object_path(commit, "commitmeta"), largest_metadata, buffer, m_cancellable);
+                gpointer copy = g_memdup2(bytes.data(), bytes.size());
+                result.detached_metadata = glib::adopt_variant(
+                    g_variant_new_from_data(G_VARIANT_TYPE_VARDICT, copy, bytes.size(), FALSE, g_free, copy));
+            } catch (const SourceMissing&) {
+                // Unsigned: nothing to keep beside the commit.
+            }
         } catch (const Stop& stop) {
             result.stopped = stop.why;
             return;
-        } catch (const Skip&) {
+        } catch (const SourceTooBig&) {
             result.stopped = "the commit object is too big to hold in memory";
             return;
         }
@@ -346,7 +171,8 @@ public:
         result.objects = m_written;
         result.bytes = m_bytes;
         result.stopped = m_stopped;
-        result.complete = m_stopped.empty();
+        result.left = m_skipped;
+        result.complete = m_stopped.empty() && m_skipped == 0;
     }
 
 private:
@@ -402,7 +228,9 @@ private:
                 }
                 take(*source, item, inflater.get(), buffers);
             } catch (const Skip&) {
-                // libostree's pull fetches it.
+                ++m_skipped; // libostree's pull fetches it
+            } catch (const SourceTooBig&) {
+                ++m_skipped;
             } catch (const Stop& s) {
                 stop(s.why);
             } catch (const Cancelled&) {
@@ -445,7 +273,7 @@ private:
         case Kind::DirMeta: {
             if (have(OSTREE_OBJECT_TYPE_DIR_META, item.checksum))
                 return;
-            auto bytes = fetched(source, loose_path(item.checksum, "dirmeta"), largest_metadata, buffers.fetched);
+            auto bytes = fetched(source, loose_object_path(item.checksum, "dirmeta"), largest_metadata, buffers.fetched);
             glib::Variant meta = checked_metadata(bytes, item.checksum, OSTREE_DIRMETA_GVARIANT_FORMAT);
             if (!ostree_repo_write_metadata_trusted(m_repo, OSTREE_OBJECT_TYPE_DIR_META, item.checksum.c_str(),
                                                     meta.get(), nullptr, &error))
@@ -461,7 +289,7 @@ private:
                     throw_gerror(error);
                 tree.reset(raw); // a full reference already
             } else {
-                auto bytes = fetched(source, loose_path(item.checksum, "dirtree"), largest_metadata, buffers.fetched);
+                auto bytes = fetched(source, loose_object_path(item.checksum, "dirtree"), largest_metadata, buffers.fetched);
                 tree = checked_metadata(bytes, item.checksum, OSTREE_TREE_GVARIANT_FORMAT);
                 if (!ostree_repo_write_metadata_trusted(m_repo, OSTREE_OBJECT_TYPE_DIR_TREE, item.checksum.c_str(),
                                                         tree.get(), nullptr, &error))
@@ -508,7 +336,7 @@ private:
     void take_file(ObjectSource& source, const std::string& checksum, libdeflate_decompressor* inflater,
                    Buffers& buffers)
     {
-        auto object = fetched(source, loose_path(checksum, "filez"), largest_fetched, buffers.fetched);
+        auto object = fetched(source, loose_object_path(checksum, "filez"), largest_fetched, buffers.fetched);
         if (object.size() < 8)
             throw Stop{"object " + checksum + ": shorter than a header"};
         size_t header_size = 8 + ((size_t{object[0]} << 24) | (size_t{object[1]} << 16) | (size_t{object[2]} << 8) | object[3]);
@@ -574,29 +402,10 @@ private:
     std::atomic<bool> m_halted{false}; // set by stop(): no more work, fetches under way end
     std::atomic<bool> m_cancelled{false};
     std::atomic<uint64_t> m_written{0};
+    std::atomic<uint64_t> m_skipped{0};
     std::atomic<uint64_t> m_bytes{0};
     MemoryBudget m_budget{inflated_budget};
 };
-
-// The repository's mode from its config, when it is one the prefetch reads.
-bool is_archive(ObjectSource& source, GCancellable* cancellable)
-{
-    ByteBuffer buffer;
-    std::span<const unsigned char> config;
-    try {
-        config = source.fetch("config", 64 * 1024, buffer, cancellable);
-    } catch (const Stop&) {
-        return false;
-    } catch (const Skip&) {
-        return false;
-    }
-    glib::KeyFile keys(g_key_file_new());
-    if (!g_key_file_load_from_data(keys.get(), reinterpret_cast<const char*>(config.data()), config.size(),
-                                   G_KEY_FILE_NONE, nullptr))
-        return false;
-    std::string mode = glib::take_string(g_key_file_get_string(keys.get(), "core", "mode", nullptr));
-    return mode == "archive-z2" || mode == "archive";
-}
 
 } // namespace
 
@@ -604,29 +413,12 @@ PrefetchResult prefetch_objects(OstreeRepo* repo, const std::string& url, const 
                                 unsigned network_timeout, bool sync_while_fetching, GCancellable* cancellable)
 {
     PrefetchResult result;
-    std::function<std::unique_ptr<ObjectSource>()> make_source;
-    UniqueFd local_repo;
-    unsigned jobs = std::max(2u, std::thread::hardware_concurrency());
-    if (url.rfind("file://", 0) == 0) {
-        std::string path = url.substr(7);
-        local_repo.reset(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-        if (!local_repo)
-            return result;
-        int fd = local_repo.get();
-        make_source = [fd] { return std::make_unique<LocalSource>(fd); };
-    } else if (url.rfind("http://", 0) == 0 && !proxy_configured()) {
-        // Credentials in the URL are libostree's to send.
-        std::string authority = url.substr(7, url.find('/', 7) == std::string::npos ? std::string::npos : url.find('/', 7) - 7);
-        if (authority.find('@') != std::string::npos)
-            return result;
-        std::string base = url.back() == '/' ? url : url + "/";
-        static std::once_flag curl_ready;
-        std::call_once(curl_ready, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
-        make_source = [base, network_timeout] { return std::make_unique<HttpSource>(base, network_timeout); };
-        jobs = std::max(4u, 2 * std::thread::hardware_concurrency()); // hides each request's round trip
-    } else {
+    auto make_source = object_sources(url, network_timeout);
+    if (!make_source)
         return result;
-    }
+    // Over HTTP, more workers than cores hide each request's round trip.
+    unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+    unsigned jobs = url.rfind("http://", 0) == 0 ? std::max(4u, 2 * cores) : std::max(2u, cores);
     try {
         if (!is_archive(*make_source(), cancellable))
             return result;
@@ -638,6 +430,40 @@ PrefetchResult prefetch_objects(OstreeRepo* repo, const std::string& url, const 
     Prefetch(repo, make_source, cancellable).run(commit, jobs, sync_while_fetching, result);
     transaction.commit(nullptr);
     return result;
+}
+
+bool record_prefetched_commit(OstreeRepo* repo, const std::string& remote, const std::string& ref,
+                              const std::string& commit, const PrefetchResult& prefetched)
+{
+    if (!prefetched.complete || !prefetched.commit_object)
+        return false;
+    GVariant* object = prefetched.commit_object.get();
+    // As libostree's pull: a commit bound to refs must be bound to this one
+    // (a server cannot pass off another branch's commit as this ref's).
+    glib::Variant metadata(g_variant_get_child_value(object, 0));
+    const char** bound = nullptr;
+    if (g_variant_lookup(metadata.get(), OSTREE_COMMIT_META_KEY_REF_BINDING, "^a&s", &bound)) {
+        std::unique_ptr<const char*, glib::Free> owned(bound);
+        std::string names;
+        bool found = false;
+        for (const char** name = bound; *name; ++name) {
+            found = found || ref == *name;
+            names += (names.empty() ? "" : ", ") + std::string(*name);
+        }
+        if (!found)
+            throw Error("commit " + commit + " is bound to the refs " + names + ", not to " + ref);
+    }
+    GError* error = nullptr;
+    objects::Transaction transaction(repo, nullptr);
+    if (!ostree_repo_write_metadata_trusted(repo, OSTREE_OBJECT_TYPE_COMMIT, commit.c_str(), object, nullptr, &error))
+        throw_gerror(error, "write commit " + commit);
+    if (prefetched.detached_metadata
+        && !ostree_repo_write_commit_detached_metadata(repo, commit.c_str(), prefetched.detached_metadata.get(), nullptr,
+                                                       &error))
+        throw_gerror(error, "write the detached metadata of " + commit);
+    ostree_repo_transaction_set_ref(repo, remote.c_str(), ref.c_str(), commit.c_str());
+    transaction.commit(nullptr);
+    return true;
 }
 
 } // namespace treeflash::flasher

@@ -18,6 +18,8 @@
 // streams them; the workers share a budget for the files they inflate.
 #pragma once
 
+#include "common/glib.hpp"
+
 #include <cstdint>
 #include <string>
 
@@ -28,10 +30,14 @@ namespace treeflash::flasher {
 
 struct PrefetchResult {
     bool attempted = false; // false: the source is not one the prefetch reads (https, a proxy, not archive)
-    bool complete = false;  // every object of the commit is in the repository
+    bool complete = false;  // every object of the commit but the commit itself is in the repository
+                            // (false too when objects were left to libostree's pull)
     uint64_t objects = 0;   // objects written
     uint64_t bytes = 0;     // bytes fetched
+    uint64_t left = 0;      // objects too big to hold in memory, left to libostree's pull
     std::string stopped;    // why it stopped early, when it did
+    glib::Variant commit_object;     // the commit, checked against its name
+    glib::Variant detached_metadata; // its signatures and such, when it has any
 };
 
 // Fetches into `repo` the objects of `commit` (its dirtrees, dirmetas and
@@ -42,5 +48,14 @@ struct PrefetchResult {
 // still arrive rather than all at once at the end.
 PrefetchResult prefetch_objects(OstreeRepo* repo, const std::string& url, const std::string& commit,
                                 unsigned network_timeout, bool sync_while_fetching, GCancellable* cancellable);
+
+// What libostree's pull of `commit` (named by `remote`:`ref`) would still
+// do once the prefetch brought every object, for a remote whose commits
+// are not signature-checked: checks the commit's ref binding, writes the
+// commit and its detached metadata, and sets the ref, in one transaction.
+// Returns false, having written nothing, when the prefetch was not
+// complete (libostree's pull then does it all).
+bool record_prefetched_commit(OstreeRepo* repo, const std::string& remote, const std::string& ref,
+                              const std::string& commit, const PrefetchResult& prefetched);
 
 } // namespace treeflash::flasher

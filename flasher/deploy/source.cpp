@@ -4,25 +4,24 @@
 #include "common/named_file.hpp"
 #include "common/fs.hpp"
 #include "common/glib.hpp"
+#include "flasher/deploy/object_source.hpp"
 #include "flasher/deploy/pull.hpp"
 
 #include <fcntl.h>
 #include <filesystem>
+#include <optional>
 #include <ostree.h>
+#include <span>
 
 namespace treeflash::flasher {
 
 namespace {
 
-void read_commit(OstreeRepo* repo, Source& source)
+// The commit's time, version and size (as treeflash build records it).
+void read_commit_variant(GVariant* commit, Source& source)
 {
-    GVariant* raw = nullptr;
-    GError* error = nullptr;
-    if (!ostree_repo_load_variant(repo, OSTREE_OBJECT_TYPE_COMMIT, source.commit.c_str(), &raw, &error))
-        throw_gerror(error, "load commit " + source.commit);
-    glib::Variant commit(raw);
-    glib::Variant metadata = glib::adopt_variant(g_variant_get_child_value(commit.get(), 0));
-    source.timestamp = ostree_commit_get_timestamp(commit.get());
+    glib::Variant metadata = glib::adopt_variant(g_variant_get_child_value(commit, 0));
+    source.timestamp = ostree_commit_get_timestamp(commit);
     const char* version = nullptr;
     if (g_variant_lookup(metadata.get(), OSTREE_COMMIT_META_KEY_VERSION, "&s", &version))
         source.version = version;
@@ -31,6 +30,92 @@ void read_commit(OstreeRepo* repo, Source& source)
         source.content_bytes = bytes;
     if (g_variant_lookup(metadata.get(), "treeflash.content-entries", "t", &entries))
         source.content_entries = entries;
+}
+
+void read_commit(OstreeRepo* repo, Source& source)
+{
+    GVariant* raw = nullptr;
+    GError* error = nullptr;
+    if (!ostree_repo_load_variant(repo, OSTREE_OBJECT_TYPE_COMMIT, source.commit.c_str(), &raw, &error))
+        throw_gerror(error, "load commit " + source.commit);
+    glib::Variant commit(raw);
+    read_commit_variant(commit.get(), source);
+}
+
+constexpr size_t largest_summary = 64u << 20;
+
+// The commit `ref` names in a summary (OSTREE_SUMMARY_GVARIANT_FORMAT), as
+// libostree's pull reads it for a remote without a collection ID; empty
+// when the summary does not list it.
+std::string commit_in_summary(std::span<const unsigned char> bytes, const std::string& ref)
+{
+    gpointer copy = g_memdup2(bytes.data(), bytes.size());
+    glib::Variant summary = glib::adopt_variant(
+        g_variant_new_from_data(G_VARIANT_TYPE(OSTREE_SUMMARY_GVARIANT_STRING), copy, bytes.size(), FALSE, g_free, copy));
+    glib::Variant refs(g_variant_get_child_value(summary.get(), 0));
+    for (gsize i = 0, n = g_variant_n_children(refs.get()); i < n; ++i) {
+        glib::Variant entry(g_variant_get_child_value(refs.get(), i));
+        const char* name = nullptr;
+        g_variant_get_child(entry.get(), 0, "&s", &name);
+        if (ref != name)
+            continue;
+        glib::Variant target(g_variant_get_child_value(entry.get(), 1));
+        glib::Variant checksum(g_variant_get_child_value(target.get(), 1));
+        gsize size = 0;
+        const void* data = g_variant_get_fixed_array(checksum.get(), &size, 1);
+        if (size != 32)
+            return "";
+        return glib::take_string(ostree_checksum_from_bytes(static_cast<const guchar*>(data)));
+    }
+    return "";
+}
+
+// The ref and its commit read straight from an archive repository served
+// over plain HTTP, as libostree's pull reads them from a server: the ref
+// from the summary when the server has one, else from refs/heads/. (From
+// a folder, libostree reads the refs themselves, whatever the summary says:
+// that stays its job.)
+// Nothing when this cannot read them, for whatever reason but a silent
+// server or a cancel: libostree's pull then reads them, in a process of its
+// own, and reports what is wrong in its words.
+std::optional<Source> read_source_directly(const std::string& url, const std::string& ref, unsigned network_timeout,
+                                           GCancellable* cancellable)
+{
+    auto make_source = url.rfind("http://", 0) == 0 ? object_sources(url, network_timeout) : nullptr;
+    if (!make_source)
+        return std::nullopt;
+    try {
+        auto files = make_source();
+        if (!is_archive(*files, cancellable))
+            return std::nullopt;
+        Source source;
+        source.url = url;
+        source.ref = ref;
+        ByteBuffer buffer;
+        try {
+            source.commit = commit_in_summary(files->fetch("summary", largest_summary, buffer, cancellable), ref);
+            if (source.commit.empty())
+                return std::nullopt;
+        } catch (const SourceMissing&) {
+            auto bytes = files->fetch("refs/heads/" + ref, 4096, buffer, cancellable);
+            std::string text(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+            text.erase(text.find_last_not_of(" \t\r\n") + 1);
+            if (!ostree_validate_checksum_string(text.c_str(), nullptr))
+                return std::nullopt;
+            source.commit = text;
+        }
+        auto bytes = files->fetch(loose_object_path(source.commit, "commit"), largest_summary, buffer, cancellable);
+        glib::Variant commit = checked_metadata(bytes, source.commit, OSTREE_COMMIT_GVARIANT_FORMAT);
+        read_commit_variant(commit.get(), source);
+        return source;
+    } catch (const SourceStalled&) {
+        throw Error("fetch " + ref + " from " + url + ": nothing arrived for " + std::to_string(network_timeout)
+                    + " s (the server accepts connections but does not answer?); --network-timeout sets the limit");
+    } catch (const SourceStop&) {
+        return std::nullopt;
+    } catch (const SourceTooBig&) {
+        return std::nullopt;
+    }
 }
 
 // For commits that do not record their size: the sum of the file objects,
@@ -137,6 +222,8 @@ Source resolve_source(const std::string& repo_or_url, const std::string& ref, un
         return source;
     }
 
+    if (auto direct = read_source_directly(repo_or_url, ref, network_timeout, cancellable))
+        return *direct;
     source.url = repo_or_url;
     fs::TempDir scratch(std::filesystem::temp_directory_path(), "treeflash-source-");
     glib::Object<OstreeRepo> repo(ostree_repo_create_at(AT_FDCWD, scratch.path().c_str(), OSTREE_REPO_MODE_BARE_USER,

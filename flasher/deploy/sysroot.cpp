@@ -200,20 +200,28 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
     in_step("remote", [&] { add_remote(repo, options, cancellable); });
     if (notice)
         notice("pulling " + options.ref + " from " + options.pull_url);
+    PrefetchResult prefetched;
     if (!options.commit.empty()) {
-        PrefetchResult prefetched = in_step("prefetch", [&] {
+        prefetched = in_step("prefetch", [&] {
             return prefetch_objects(repo, options.pull_url, options.commit, options.network_timeout,
                                     options.sync_while_fetching, cancellable);
         });
-        if (notice && prefetched.attempted && prefetched.complete) {
+        if (notice && prefetched.attempted && prefetched.stopped.empty()) {
             char mib[32];
             std::snprintf(mib, sizeof mib, "%.1f", static_cast<double>(prefetched.bytes) / (1 << 20));
-            notice("fetched " + std::to_string(prefetched.objects) + " objects (" + mib + " MiB) ahead of the pull");
+            notice("fetched " + std::to_string(prefetched.objects) + " objects (" + mib + " MiB) ahead of the pull"
+                   + (prefetched.left ? "; " + std::to_string(prefetched.left) + " too big to hold in memory are left to it" : ""));
         } else if (notice && prefetched.attempted) {
             notice("fetching objects ahead of the pull stopped (" + prefetched.stopped + "); the pull fetches the rest");
         }
     }
     in_step("pull", [&] {
+        // With every object fetched and no signature to check, what the pull
+        // has left to do is writing the commit and its ref: done here,
+        // without starting libostree's pull in a process of its own. A
+        // signed commit is always checked by libostree's pull.
+        if (!options.gpg_key && record_prefetched_commit(repo, options.remote, options.ref, options.commit, prefetched))
+            return;
         pull_ref(repo, options.remote, options.ref, options.pull_url == options.remote_url ? "" : options.pull_url,
                  options.network_timeout, cancellable, options.untrusted_pull, options.download_dir, options.commit);
     });

@@ -226,6 +226,13 @@ TEST_CASE("qemu-arm64 image pulled over HTTP from nginx, with a GPG-verified ori
     CHECK(out["commit"] == commit);
     CHECK(out["remote_url"] == server.url());
     CHECK(out["gpg_verify"] == true);
+    // A signed commit is pulled, and its signature checked, by libostree.
+    std::istringstream log(server.access_log());
+    int commit_by_libostree = 0;
+    for (std::string line; std::getline(log, line);)
+        if (line.find(commit.substr(2) + ".commit") != std::string::npos && line.find("\"treeflash\"") == std::string::npos)
+            commit_by_libostree++;
+    CHECK(commit_by_libostree > 0);
     auto dump = run_process({"sfdisk", "-d", image.string()});
     Partition p3 = sfdisk_partition(dump.out, image, 3);
     MountedPartition rootfs(image, p3.start, p3.size);
@@ -287,22 +294,26 @@ TEST_CASE("over HTTP treeflash fetches the commit's objects itself, and the card
     REQUIRE_MESSAGE(result.ok(), result.err);
     CHECK_MESSAGE(result.err.find(" objects (") != std::string::npos, result.err);
     CHECK_MESSAGE(result.err.find("ahead of the pull") != std::string::npos, result.err);
-    // libostree's pull found every file object there: only treeflash fetched them.
+    // Unsigned and fetched whole by treeflash: libostree's pull was not
+    // needed, and made no request at all (the ref, the commit, the objects).
     std::istringstream log(server.access_log());
-    int by_treeflash = 0, by_libostree = 0;
+    int by_treeflash = 0;
+    std::vector<std::string> by_libostree;
     for (std::string line; std::getline(log, line);) {
-        if (line.find(".filez") == std::string::npos)
-            continue;
-        (line.find("\"treeflash\"") != std::string::npos ? by_treeflash : by_libostree)++;
+        if (line.find("\"treeflash\"") == std::string::npos)
+            by_libostree.push_back(line);
+        else if (line.find(".filez") != std::string::npos)
+            by_treeflash++;
     }
     CHECK(by_treeflash > 10);
-    CHECK(by_libostree == 0);
+    CHECK_MESSAGE(by_libostree.empty(), by_libostree.front());
 
     auto dump = run_process({"sfdisk", "-d", image.string()});
     Partition p3 = sfdisk_partition(dump.out, image, 3);
     MountedPartition card(image, p3.start, p3.size);
     auto fsck = run_process({"ostree", "fsck", "--repo=" + (card / "ostree/repo").string()});
     CHECK_MESSAGE(fsck.ok(), fsck.err);
+    CHECK(run_process({"ostree", "rev-parse", "--repo=" + (card / "ostree/repo").string(), "origin:master"}).out == commit + "\n");
     fs::path deployed = card / ("ostree/deploy/tcu/deploy/" + commit + ".0");
     REQUIRE(fs::is_directory(deployed));
     struct stat st {};
@@ -317,6 +328,83 @@ TEST_CASE("over HTTP treeflash fetches the commit's objects itself, and the card
     char value[16] = {};
     CHECK(::getxattr((deployed / "usr/share/big").c_str(), "user.treeflash-test", value, sizeof value) == 4);
     CHECK(std::string(value) == "kept");
+}
+
+TEST_CASE("over HTTP the ref is read as libostree's pull reads it, and a commit bound to another ref is refused"
+          * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    fs::path repo = tmp / "repo";
+    std::string listed = build_commit(tmp.path(), repo); // the summary names it
+    REQUIRE(fs::exists(repo / "summary"));
+    auto commit_of_tree = [&](std::vector<std::string> extra) {
+        std::vector<std::string> args{"ostree", "commit", "--repo=" + repo.string(), "--orphan", "--tree=ref=" + listed,
+                                      "--subject", "another commit of the same tree"};
+        args.insert(args.end(), extra.begin(), extra.end());
+        auto made = run_process(args);
+        REQUIRE_MESSAGE(made.ok(), made.err);
+        return made.out.substr(0, 64);
+    };
+    // refs/heads/master moves on, the summary is not updated.
+    std::string unlisted = commit_of_tree({"--no-bindings", "--add-detached-metadata-string=treeflash.test=kept"});
+    write_file(repo / "refs/heads/master", unlisted + "\n");
+    RepoServer server(repo);
+
+    // What libostree's own pull takes master to be, from the same server
+    // ("refused: WHY" when it refuses).
+    auto libostree_takes = [&] {
+        Scratch scratch;
+        REQUIRE(run_process({"ostree", "init", "--repo=" + scratch.path().string(), "--mode=bare-user"}).ok());
+        REQUIRE(run_process({"ostree", "remote", "add", "--repo=" + scratch.path().string(), "--no-gpg-verify", "origin",
+                             server.url()}).ok());
+        auto pulled = run_process({"ostree", "pull", "--repo=" + scratch.path().string(), "--commit-metadata-only",
+                                   "origin", "master"});
+        if (!pulled.ok())
+            return std::string("refused: ") + pulled.err;
+        return run_process({"ostree", "rev-parse", "--repo=" + scratch.path().string(), "origin:master"}).out.substr(0, 64);
+    };
+    auto flashed = [&](const fs::path& image) {
+        // Commits made by the ostree CLI do not record their size.
+        auto result = run_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(),
+                                     "--size", "512M", "--repo", server.url(), "--json"});
+        REQUIRE_MESSAGE(result.ok(), result.err);
+        return json::parse(result.out)["commit"].get<std::string>();
+    };
+
+    // With a summary, its commit, as libostree's pull.
+    REQUIRE(libostree_takes() == listed);
+    CHECK(flashed(tmp / "summary.img") == listed);
+
+    // Without one, refs/heads/master's; its detached metadata reaches the
+    // card as libostree's pull would bring it.
+    fs::remove(repo / "summary");
+    REQUIRE(libostree_takes() == unlisted);
+    fs::path image = tmp / "heads.img";
+    CHECK(flashed(image) == unlisted);
+    {
+        auto dump = run_process({"sfdisk", "-d", image.string()});
+        Partition p3 = sfdisk_partition(dump.out, image, 3);
+        MountedPartition card(image, p3.start, p3.size);
+        std::string card_repo = "--repo=" + (card / "ostree/repo").string();
+        CHECK(run_process({"ostree", "rev-parse", card_repo, "origin:master"}).out == unlisted + "\n");
+        auto detached = run_process({"ostree", "show", card_repo, "--print-detached-metadata-key=treeflash.test", unlisted});
+        CHECK_MESSAGE(detached.out == "'kept'\n", std::string(detached.out + detached.err));
+        auto fsck = run_process({"ostree", "fsck", card_repo});
+        CHECK_MESSAGE(fsck.ok(), fsck.err);
+    }
+
+    // A commit bound to another branch, served as master: refused, as
+    // libostree's pull refuses it.
+    std::string bound = commit_of_tree({"--bind-ref=release"});
+    write_file(repo / "refs/heads/master", bound + "\n");
+    CHECK_MESSAGE(libostree_takes().find("refused: ") == 0, "libostree's pull took the bound commit");
+    auto refused = run_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image",
+                                  (tmp / "bound.img").string(), "--size", "512M", "--repo", server.url()});
+    CHECK(refused.exit_code == 1);
+    CHECK_MESSAGE(refused.err.find("commit " + bound + " is bound to the refs release, not to master") != std::string::npos,
+                  refused.err);
+    CHECK_FALSE(fs::exists(tmp / "bound.img"));
 }
 
 TEST_CASE("a file too big for the prefetch's memory reaches the card through libostree's pull"

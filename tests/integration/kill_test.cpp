@@ -217,7 +217,9 @@ void kill_flash_at_each_phase(const std::string& method)
                                   "--repo", (tmp / "repo").string(), "--image-method", method, "--compress", "zst",
                                   "--overwrite"};
     const Phase phases[] = {
-        {"pull", [](pid_t pid, const fs::path&) { return pulling(pid); }},
+        // An unsigned commit fetched whole by treeflash needs no pull by
+        // libostree: the notice that starts the fetching marks the phase.
+        {"fetch and pull", [](pid_t pid, const fs::path& log) { return pulling(pid) || log_says(log, "treeflash: pulling "); }},
         {"deploy", [](pid_t, const fs::path& log) { return log_says(log, "deploying"); }},
         // With loop devices each mkfs.ext4 of an empty partition may end
         // between two looks at the process tree; the notice that starts the

@@ -1,0 +1,78 @@
+// Files of an archive repository, read without libostree: from a local
+// folder, or over plain HTTP through libcurl (the library libostree fetches
+// with). The prefetch reads objects through it; the plan reads a ref and
+// its commit. Whatever it cannot read is left to libostree's pull, which
+// reads it again and reports it in its own words.
+#pragma once
+
+#include "common/byte_buffer.hpp"
+#include "common/glib.hpp"
+
+#include <atomic>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+
+typedef struct _GCancellable GCancellable;
+
+namespace treeflash::flasher {
+
+// Why a read failed: the file, and what was wrong.
+struct SourceStop : std::exception {
+    explicit SourceStop(std::string text) : why(std::move(text)) {}
+    const char* what() const noexcept override { return why.c_str(); }
+    std::string why;
+};
+
+// The file is not there (HTTP 404, or no such file).
+struct SourceMissing : SourceStop {
+    using SourceStop::SourceStop;
+};
+
+// The server accepted the request and then sent nothing for the network
+// timeout.
+struct SourceStalled : SourceStop {
+    using SourceStop::SourceStop;
+};
+
+// The file is bigger than the caller's limit.
+struct SourceTooBig : std::exception {};
+
+// Where an archive repository's files come from: one per thread (an HTTP
+// session is used by one thread only).
+class ObjectSource {
+public:
+    virtual ~ObjectSource() = default;
+    // The file at `path` (relative to the repository), at most `limit`
+    // bytes, read into `into`. Throws SourceStop (or one of its kinds) when
+    // it cannot be had, SourceTooBig past the limit, Cancelled once
+    // `cancellable` is.
+    virtual std::span<const unsigned char> fetch(const std::string& path, size_t limit, ByteBuffer& into,
+                                                 GCancellable* cancellable) = 0;
+    // A flag that, once set, ends a fetch under way.
+    virtual void watch(const std::atomic<bool>*) {}
+};
+
+// Makes a source for each thread that reads; empty when `url` is not one
+// read here (https, a proxy configured, credentials in the URL: those stay
+// libostree's), or a local folder that cannot be opened.
+// `network_timeout`: seconds an HTTP request may stay silent.
+std::function<std::unique_ptr<ObjectSource>()> object_sources(const std::string& url, unsigned network_timeout);
+
+// Whether the repository's config names an archive mode (the only one whose
+// objects are read here). Throws SourceStalled when the server stays silent.
+bool is_archive(ObjectSource& source, GCancellable* cancellable);
+
+// objects/AB/CDEF....EXTENSION
+std::string loose_object_path(const std::string& checksum, const char* extension);
+
+// A metadata object's bytes as a variant of `type`, checked: its SHA-256
+// must be `checksum`, and it must be in normal form (libostree stores the
+// bytes as they are; any other form would be stored under a name it does
+// not have). Throws SourceStop.
+glib::Variant checked_metadata(std::span<const unsigned char> bytes, const std::string& checksum,
+                               const GVariantType* type);
+
+} // namespace treeflash::flasher
