@@ -48,6 +48,9 @@ void ref(std::string_view value, std::string_view option)
         refuse(option, value, "a ref has 1 to 255 characters");
     if (value[0] == '-')
         refuse(option, value, "a ref does not start with '-'");
+    // OSTree reads 64 hex digits as a commit, not as a ref's name.
+    if (value.size() == 64 && value.find_first_not_of("0123456789abcdef") == std::string_view::npos)
+        refuse(option, value, "a ref names a branch; this is a commit checksum");
     size_t start = 0;
     for (;;) {
         size_t end = value.find('/', start);

@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <filesystem>
 #include <mutex>
+#include <ostree.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -118,14 +119,19 @@ public:
             throw SourceTooBig();
         if (!m_failed.empty())
             throw SourceStop{url + ": " + m_failed};
-        if (code == CURLE_OPERATION_TIMEDOUT)
-            throw SourceStalled{url + ": nothing arrived for " + std::to_string(m_timeout) + " s"};
+        if (code == CURLE_OPERATION_TIMEDOUT) {
+            curl_off_t connected = 0;
+            curl_easy_getinfo(c, CURLINFO_CONNECT_TIME_T, &connected);
+            std::string seconds = std::to_string(m_timeout) + " s";
+            throw SourceStalled{url + (connected ? ": nothing arrived for " + seconds + " (the server accepted the connection)"
+                                                 : ": no connection within " + seconds)};
+        }
         if (code != CURLE_OK)
             throw SourceStop{url + ": " + curl_easy_strerror(code)};
         long status = 0;
         curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
-        if (status == 404)
-            throw SourceMissing{url + ": HTTP 404"};
+        if (status == 404 || status == 403 || status == 410)
+            throw SourceMissing{url + ": HTTP " + std::to_string(status)};
         if (status != 200)
             throw SourceStop{url + ": HTTP " + std::to_string(status)};
         return {into.data(), m_size};
@@ -260,18 +266,45 @@ std::string loose_object_path(const std::string& checksum, const char* extension
     return "objects/" + checksum.substr(0, 2) + "/" + checksum.substr(2) + "." + extension;
 }
 
-glib::Variant checked_metadata(std::span<const unsigned char> bytes, const std::string& checksum,
-                               const GVariantType* type)
+glib::Variant checked_metadata(std::span<const unsigned char> bytes, const std::string& checksum, MetadataKind kind)
 {
     Sha256 sha;
     sha.update(bytes.data(), bytes.size());
     if (sha.hex() != checksum)
         throw SourceStop{"object " + checksum + ": its bytes do not match its checksum"};
+    const GVariantType* type = kind == MetadataKind::Commit    ? OSTREE_COMMIT_GVARIANT_FORMAT
+                               : kind == MetadataKind::DirTree ? OSTREE_TREE_GVARIANT_FORMAT
+                                                               : OSTREE_DIRMETA_GVARIANT_FORMAT;
     gpointer copy = g_memdup2(bytes.data(), bytes.size());
     glib::Variant variant = glib::adopt_variant(g_variant_new_from_data(type, copy, bytes.size(), FALSE, g_free, copy));
     if (!g_variant_is_normal_form(variant.get()))
         throw SourceStop{"object " + checksum + ": not in normal form"};
+    GError* error = nullptr;
+    gboolean valid = kind == MetadataKind::Commit    ? ostree_validate_structureof_commit(variant.get(), &error)
+                     : kind == MetadataKind::DirTree ? ostree_validate_structureof_dirtree(variant.get(), &error)
+                                                     : ostree_validate_structureof_dirmeta(variant.get(), &error);
+    if (!valid) {
+        glib::ErrorPtr owned(error);
+        throw SourceStop{"object " + checksum + ": " + (owned ? owned->message : "invalid")};
+    }
     return variant;
+}
+
+void check_ref_binding(GVariant* commit_object, const std::string& commit, const std::string& ref)
+{
+    glib::Variant metadata(g_variant_get_child_value(commit_object, 0));
+    const char** bound = nullptr;
+    if (!g_variant_lookup(metadata.get(), OSTREE_COMMIT_META_KEY_REF_BINDING, "^a&s", &bound))
+        return;
+    std::unique_ptr<const char*, glib::Free> owned(bound);
+    std::string names;
+    bool found = false;
+    for (const char** name = bound; *name; ++name) {
+        found = found || ref == *name;
+        names += (names.empty() ? "" : ", ") + std::string(*name);
+    }
+    if (!found)
+        throw Error("commit " + commit + " is bound to the refs " + (names.empty() ? "(none)" : names) + ", not to " + ref);
 }
 
 } // namespace treeflash::flasher

@@ -26,13 +26,14 @@ struct SourceStop : std::exception {
     std::string why;
 };
 
-// The file is not there (HTTP 404, or no such file).
+// The file is not there (HTTP 404, 403 or 410, as libostree reads them;
+// or no such file).
 struct SourceMissing : SourceStop {
     using SourceStop::SourceStop;
 };
 
-// The server accepted the request and then sent nothing for the network
-// timeout.
+// The server did not answer for the network timeout: it did not accept
+// the connection, or accepted it and then sent nothing.
 struct SourceStalled : SourceStop {
     using SourceStop::SourceStop;
 };
@@ -68,11 +69,22 @@ bool is_archive(ObjectSource& source, GCancellable* cancellable);
 // objects/AB/CDEF....EXTENSION
 std::string loose_object_path(const std::string& checksum, const char* extension);
 
-// A metadata object's bytes as a variant of `type`, checked: its SHA-256
-// must be `checksum`, and it must be in normal form (libostree stores the
-// bytes as they are; any other form would be stored under a name it does
-// not have). Throws SourceStop.
-glib::Variant checked_metadata(std::span<const unsigned char> bytes, const std::string& checksum,
-                               const GVariantType* type);
+// The most a metadata object (or a summary) may weigh, as libostree's pull
+// allows by default.
+constexpr size_t largest_metadata_object = 10u << 20;
+
+enum class MetadataKind { Commit, DirTree, DirMeta };
+
+// A metadata object's bytes as a variant, checked as libostree's pull
+// checks what it fetches: its SHA-256 must be `checksum`, it must be in
+// normal form (libostree stores the bytes as they are; any other form would
+// be stored under a name it does not have), and its structure valid (file
+// names, checksums' lengths). Throws SourceStop.
+glib::Variant checked_metadata(std::span<const unsigned char> bytes, const std::string& checksum, MetadataKind kind);
+
+// Throws an Error, as libostree's pull refuses it, when the commit `commit`
+// (its variant) is bound to refs and `ref` is not one of them: a server
+// cannot pass off another branch's commit as this ref's.
+void check_ref_binding(GVariant* commit_object, const std::string& commit, const std::string& ref);
 
 } // namespace treeflash::flasher

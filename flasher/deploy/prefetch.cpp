@@ -45,7 +45,7 @@ namespace {
 constexpr size_t largest_fetched = 64u << 20;
 constexpr size_t largest_inflated = 128u << 20;
 constexpr uint64_t inflated_budget = 256u << 20;
-constexpr size_t largest_metadata = 64u << 20;
+constexpr size_t largest_metadata = largest_metadata_object;
 // A worker keeps buffers up to this size between objects.
 constexpr size_t kept_buffer = 4u << 20;
 constexpr uint64_t flush_every = 32u << 20;
@@ -123,7 +123,7 @@ public:
             auto source = m_make_source();
             ByteBuffer buffer;
             auto bytes = source->fetch(loose_object_path(commit, "commit"), largest_metadata, buffer, m_cancellable);
-            result.commit_object = checked_metadata(bytes, commit, OSTREE_COMMIT_GVARIANT_FORMAT);
+            result.commit_object = checked_metadata(bytes, commit, MetadataKind::Commit);
             glib::Variant contents(g_variant_get_child_value(result.commit_object.get(), 6));
             glib::Variant meta(g_variant_get_child_value(result.commit_object.get(), 7));
             add({Kind::DirTree, hex_of(contents.get()), ""}, "");
@@ -140,7 +140,7 @@ public:
             result.stopped = stop.why;
             return;
         } catch (const SourceTooBig&) {
-            result.stopped = "the commit object is too big to hold in memory";
+            result.stopped = "the commit or its detached metadata is over " + std::to_string(largest_metadata >> 20) + " MiB";
             return;
         }
         // The card is written while objects still arrive: every 32 MiB
@@ -274,7 +274,7 @@ private:
             if (have(OSTREE_OBJECT_TYPE_DIR_META, item.checksum))
                 return;
             auto bytes = fetched(source, loose_object_path(item.checksum, "dirmeta"), largest_metadata, buffers.fetched);
-            glib::Variant meta = checked_metadata(bytes, item.checksum, OSTREE_DIRMETA_GVARIANT_FORMAT);
+            glib::Variant meta = checked_metadata(bytes, item.checksum, MetadataKind::DirMeta);
             if (!ostree_repo_write_metadata_trusted(m_repo, OSTREE_OBJECT_TYPE_DIR_META, item.checksum.c_str(),
                                                     meta.get(), nullptr, &error))
                 throw_gerror(error);
@@ -290,7 +290,7 @@ private:
                 tree.reset(raw); // a full reference already
             } else {
                 auto bytes = fetched(source, loose_object_path(item.checksum, "dirtree"), largest_metadata, buffers.fetched);
-                tree = checked_metadata(bytes, item.checksum, OSTREE_TREE_GVARIANT_FORMAT);
+                tree = checked_metadata(bytes, item.checksum, MetadataKind::DirTree);
                 if (!ostree_repo_write_metadata_trusted(m_repo, OSTREE_OBJECT_TYPE_DIR_TREE, item.checksum.c_str(),
                                                         tree.get(), nullptr, &error))
                     throw_gerror(error);
@@ -438,21 +438,7 @@ bool record_prefetched_commit(OstreeRepo* repo, const std::string& remote, const
     if (!prefetched.complete || !prefetched.commit_object)
         return false;
     GVariant* object = prefetched.commit_object.get();
-    // As libostree's pull: a commit bound to refs must be bound to this one
-    // (a server cannot pass off another branch's commit as this ref's).
-    glib::Variant metadata(g_variant_get_child_value(object, 0));
-    const char** bound = nullptr;
-    if (g_variant_lookup(metadata.get(), OSTREE_COMMIT_META_KEY_REF_BINDING, "^a&s", &bound)) {
-        std::unique_ptr<const char*, glib::Free> owned(bound);
-        std::string names;
-        bool found = false;
-        for (const char** name = bound; *name; ++name) {
-            found = found || ref == *name;
-            names += (names.empty() ? "" : ", ") + std::string(*name);
-        }
-        if (!found)
-            throw Error("commit " + commit + " is bound to the refs " + names + ", not to " + ref);
-    }
+    check_ref_binding(object, commit, ref);
     GError* error = nullptr;
     objects::Transaction transaction(repo, nullptr);
     if (!ostree_repo_write_metadata_trusted(repo, OSTREE_OBJECT_TYPE_COMMIT, commit.c_str(), object, nullptr, &error))

@@ -7,14 +7,16 @@
 // object inflated with libdeflate and checked against its checksum with
 // OpenSSL, then written to the card's repository through libostree.
 // libostree's pull then finds them there and does the rest as always: the
-// commit and its signature, the ref. The commit object itself is only read
-// here, never written, so signature checks stay libostree's.
+// commit and its signature, the ref. When nothing is signature-checked,
+// record_prefetched_commit does that rest instead (the ref binding checked
+// as libostree checks it); a signed commit is only read here, never
+// written, so signature checks stay libostree's.
 //
 // Whatever the prefetch cannot fetch, inflate or check, it leaves to that
 // pull, which fetches it again and reports any error as it always did: the
 // prefetch stops at its first problem and never fails a flash on its own
 // (except when the user cancels). Objects too big to hold in memory (over
-// 64 MiB as fetched, 128 MiB inflated) are simply left to that pull, which
+// 64 MiB as fetched, 128 MiB inflated; metadata over 10 MiB) are simply left to that pull, which
 // streams them; the workers share a budget for the files they inflate.
 #pragma once
 
@@ -50,9 +52,10 @@ PrefetchResult prefetch_objects(OstreeRepo* repo, const std::string& url, const 
                                 unsigned network_timeout, bool sync_while_fetching, GCancellable* cancellable);
 
 // What libostree's pull of `commit` (named by `remote`:`ref`) would still
-// do once the prefetch brought every object, for a remote whose commits
-// are not signature-checked: checks the commit's ref binding, writes the
-// commit and its detached metadata, and sets the ref, in one transaction.
+// do once the prefetch brought every object over HTTP, for a remote whose
+// commits are not signature-checked and that has no collection ID: checks
+// the commit's ref binding, writes the commit and its detached metadata,
+// and sets the ref, in one transaction.
 // Returns false, having written nothing, when the prefetch was not
 // complete (libostree's pull then does it all).
 bool record_prefetched_commit(OstreeRepo* repo, const std::string& remote, const std::string& ref,

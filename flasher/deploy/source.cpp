@@ -9,6 +9,7 @@
 
 #include <fcntl.h>
 #include <filesystem>
+#include <cstring>
 #include <optional>
 #include <ostree.h>
 #include <span>
@@ -42,30 +43,35 @@ void read_commit(OstreeRepo* repo, Source& source)
     read_commit_variant(commit.get(), source);
 }
 
-constexpr size_t largest_summary = 64u << 20;
-
 // The commit `ref` names in a summary (OSTREE_SUMMARY_GVARIANT_FORMAT), as
-// libostree's pull reads it for a remote without a collection ID; empty
-// when the summary does not list it.
+// libostree's pull finds it for a remote without a collection ID (a binary
+// search: a summary lists its refs sorted); empty when it is not there.
 std::string commit_in_summary(std::span<const unsigned char> bytes, const std::string& ref)
 {
     gpointer copy = g_memdup2(bytes.data(), bytes.size());
     glib::Variant summary = glib::adopt_variant(
-        g_variant_new_from_data(G_VARIANT_TYPE(OSTREE_SUMMARY_GVARIANT_STRING), copy, bytes.size(), FALSE, g_free, copy));
+        g_variant_new_from_data(OSTREE_SUMMARY_GVARIANT_FORMAT, copy, bytes.size(), FALSE, g_free, copy));
     glib::Variant refs(g_variant_get_child_value(summary.get(), 0));
-    for (gsize i = 0, n = g_variant_n_children(refs.get()); i < n; ++i) {
-        glib::Variant entry(g_variant_get_child_value(refs.get(), i));
+    gsize low = 0, high = g_variant_n_children(refs.get());
+    while (low < high) {
+        gsize middle = low + (high - low) / 2;
+        glib::Variant entry(g_variant_get_child_value(refs.get(), middle));
         const char* name = nullptr;
         g_variant_get_child(entry.get(), 0, "&s", &name);
-        if (ref != name)
-            continue;
-        glib::Variant target(g_variant_get_child_value(entry.get(), 1));
-        glib::Variant checksum(g_variant_get_child_value(target.get(), 1));
-        gsize size = 0;
-        const void* data = g_variant_get_fixed_array(checksum.get(), &size, 1);
-        if (size != 32)
-            return "";
-        return glib::take_string(ostree_checksum_from_bytes(static_cast<const guchar*>(data)));
+        int order = std::strcmp(name, ref.c_str());
+        if (order < 0) {
+            low = middle + 1;
+        } else if (order > 0) {
+            high = middle;
+        } else {
+            glib::Variant target(g_variant_get_child_value(entry.get(), 1));
+            glib::Variant checksum(g_variant_get_child_value(target.get(), 1));
+            gsize size = 0;
+            const void* data = g_variant_get_fixed_array(checksum.get(), &size, 1);
+            if (size != 32)
+                return "";
+            return glib::take_string(ostree_checksum_from_bytes(static_cast<const guchar*>(data)));
+        }
     }
     return "";
 }
@@ -93,7 +99,7 @@ std::optional<Source> read_source_directly(const std::string& url, const std::st
         source.ref = ref;
         ByteBuffer buffer;
         try {
-            source.commit = commit_in_summary(files->fetch("summary", largest_summary, buffer, cancellable), ref);
+            source.commit = commit_in_summary(files->fetch("summary", largest_metadata_object, buffer, cancellable), ref);
             if (source.commit.empty())
                 return std::nullopt;
         } catch (const SourceMissing&) {
@@ -104,13 +110,15 @@ std::optional<Source> read_source_directly(const std::string& url, const std::st
                 return std::nullopt;
             source.commit = text;
         }
-        auto bytes = files->fetch(loose_object_path(source.commit, "commit"), largest_summary, buffer, cancellable);
-        glib::Variant commit = checked_metadata(bytes, source.commit, OSTREE_COMMIT_GVARIANT_FORMAT);
+        auto bytes = files->fetch(loose_object_path(source.commit, "commit"), largest_metadata_object, buffer, cancellable);
+        glib::Variant commit = checked_metadata(bytes, source.commit, MetadataKind::Commit);
+        // Refused here, before the card is touched, as libostree's pull of
+        // the commit alone refused it.
+        check_ref_binding(commit.get(), source.commit, ref);
         read_commit_variant(commit.get(), source);
         return source;
-    } catch (const SourceStalled&) {
-        throw Error("fetch " + ref + " from " + url + ": nothing arrived for " + std::to_string(network_timeout)
-                    + " s (the server accepts connections but does not answer?); --network-timeout sets the limit");
+    } catch (const SourceStalled& stalled) {
+        throw Error("fetch " + ref + " from " + url + ": " + stalled.why + "; --network-timeout sets the limit");
     } catch (const SourceStop&) {
         return std::nullopt;
     } catch (const SourceTooBig&) {

@@ -20,9 +20,12 @@ struct Source {
 };
 
 // Checks that `repo_or_url` is reachable and holds `ref`, and reads the
-// commit's metadata (for a URL, by pulling only the commit object into a
-// temporary repository, giving up after `network_timeout` seconds without
-// progress). Nothing is written anywhere else.
+// commit's metadata. Over plain HTTP the ref and the commit are read
+// directly, as libostree's pull reads them (the commit checked against its
+// name and its ref binding); for other URLs, or what cannot be read that
+// way, libostree pulls only the commit object into a temporary repository.
+// Either gives up after `network_timeout` seconds without progress.
+// Nothing is written anywhere else.
 Source resolve_source(const std::string& repo_or_url, const std::string& ref, unsigned network_timeout,
                       GCancellable* cancellable);
 

@@ -209,19 +209,26 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
         if (notice && prefetched.attempted && prefetched.stopped.empty()) {
             char mib[32];
             std::snprintf(mib, sizeof mib, "%.1f", static_cast<double>(prefetched.bytes) / (1 << 20));
-            notice("fetched " + std::to_string(prefetched.objects) + " objects (" + mib + " MiB) ahead of the pull"
-                   + (prefetched.left ? "; " + std::to_string(prefetched.left) + " too big to hold in memory are left to it" : ""));
+            notice("fetched " + std::to_string(prefetched.objects) + " objects (" + mib + " MiB)"
+                   + (prefetched.left ? "; " + std::to_string(prefetched.left) + " too big to hold in memory are left to libostree's pull" : ""));
         } else if (notice && prefetched.attempted) {
             notice("fetching objects ahead of the pull stopped (" + prefetched.stopped + "); the pull fetches the rest");
         }
     }
     in_step("pull", [&] {
-        // With every object fetched and no signature to check, what the pull
-        // has left to do is writing the commit and its ref: done here,
-        // without starting libostree's pull in a process of its own. A
-        // signed commit is always checked by libostree's pull.
-        if (!options.gpg_key && record_prefetched_commit(repo, options.remote, options.ref, options.commit, prefetched))
+        // With every object fetched over HTTP and no signature to check, what
+        // the pull has left to do is writing the commit and its ref: done
+        // here, without starting libostree's pull in a process of its own. A
+        // signed commit is always checked by libostree's pull, and so is one
+        // from a folder (whose collection ID libostree's pull also binds).
+        bool over_http = options.pull_url.rfind("http://", 0) == 0;
+        if (!options.gpg_key && over_http
+            && record_prefetched_commit(repo, options.remote, options.ref, options.commit, prefetched)) {
+            if (notice)
+                notice("every object is here and nothing is signed: the commit and " + options.remote + ":" + options.ref
+                       + " are written without libostree's pull");
             return;
+        }
         pull_ref(repo, options.remote, options.ref, options.pull_url == options.remote_url ? "" : options.pull_url,
                  options.network_timeout, cancellable, options.untrusted_pull, options.download_dir, options.commit);
     });

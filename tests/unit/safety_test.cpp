@@ -87,6 +87,7 @@ TEST_CASE("option strings that would leave the card or add a line are refused be
         {[](FlashOptions& o) { o.os = ""; }, "--os '': an OS name has 1 to 64 characters"},
         {[](FlashOptions& o) { o.ref = "../../heads/x"; }, "--ref '../../heads/x'"},
         {[](FlashOptions& o) { o.ref = "a//b"; }, "--ref 'a//b'"},
+        {[](FlashOptions& o) { o.ref = std::string(64, 'e'); }, "a ref names a branch; this is a commit checksum"},
         {[](FlashOptions& o) { o.kernel_args = {"quiet\ninit=/bin/sh"}; }, "--karg 'quiet?init=/bin/sh': a kernel argument is one word"},
         {[](FlashOptions& o) { o.kernel_args = {"a=\"b\""}; }, "a kernel argument may not hold \""},
         {[](FlashOptions& o) { o.kernel_args = {"x;reset"}; }, "a kernel argument may not hold ;"},
