@@ -7,9 +7,9 @@
 #include "flasher/deploy/object_source.hpp"
 #include "flasher/deploy/pull.hpp"
 
+#include <cstring>
 #include <fcntl.h>
 #include <filesystem>
-#include <cstring>
 #include <optional>
 #include <ostree.h>
 #include <span>

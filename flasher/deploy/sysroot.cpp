@@ -225,8 +225,8 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
         if (!options.gpg_key && over_http
             && record_prefetched_commit(repo, options.remote, options.ref, options.commit, prefetched)) {
             if (notice)
-                notice("every object is here and nothing is signed: the commit and " + options.remote + ":" + options.ref
-                       + " are written without libostree's pull");
+                notice("every object is here and no signature is checked: the commit and " + options.remote + ":"
+                       + options.ref + " are written without libostree's pull");
             return;
         }
         pull_ref(repo, options.remote, options.ref, options.pull_url == options.remote_url ? "" : options.pull_url,
