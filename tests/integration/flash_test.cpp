@@ -369,12 +369,21 @@ TEST_CASE("over HTTP the ref is read as libostree's pull reads it, and a commit 
         auto result = run_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image", image.string(),
                                      "--size", "512M", "--repo", server.url(), "--json"});
         REQUIRE_MESSAGE(result.ok(), result.err);
+        CHECK_MESSAGE(result.err.find("written without libostree's pull") != std::string::npos, result.err);
         return json::parse(result.out)["commit"].get<std::string>();
     };
 
-    // With a summary, its commit, as libostree's pull.
+    // With a summary, its commit, as libostree's pull. The server answers
+    // 403 for the commit's detached metadata (as S3-style hosts answer for
+    // what they lack: its workers cannot read the file): that is "none", to
+    // libostree as to treeflash.
+    fs::path forbidden = repo / "objects" / listed.substr(0, 2) / (listed.substr(2) + ".commitmeta");
+    write_file(forbidden, "not for the server's workers");
+    fs::permissions(forbidden, fs::perms::owner_read | fs::perms::owner_write);
     REQUIRE(libostree_takes() == listed);
     CHECK(flashed(tmp / "summary.img") == listed);
+    CHECK(server.access_log().find(listed.substr(2) + ".commitmeta HTTP/1.1\" 403 ") != std::string::npos);
+    fs::remove(forbidden);
 
     // Without one, refs/heads/master's; its detached metadata reaches the
     // card as libostree's pull would bring it.
