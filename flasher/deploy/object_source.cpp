@@ -261,6 +261,15 @@ bool is_archive(ObjectSource& source, GCancellable* cancellable)
     return mode == "archive-z2" || mode == "archive";
 }
 
+std::string checksum_hex(GVariant* bytes)
+{
+    gsize size = 0;
+    const void* data = g_variant_get_fixed_array(bytes, &size, 1);
+    if (size != 32)
+        throw SourceStop{"a checksum of " + std::to_string(size) + " bytes"};
+    return glib::take_string(ostree_checksum_from_bytes(static_cast<const guchar*>(data)));
+}
+
 std::string loose_object_path(const std::string& checksum, const char* extension)
 {
     return "objects/" + checksum.substr(0, 2) + "/" + checksum.substr(2) + "." + extension;

@@ -66,6 +66,10 @@ std::function<std::unique_ptr<ObjectSource>()> object_sources(const std::string&
 // objects are read here). Throws SourceStalled when the server stays silent.
 bool is_archive(ObjectSource& source, GCancellable* cancellable);
 
+// The hex form of a checksum held as bytes ("ay") in a metadata object;
+// throws SourceStop unless it has 32 bytes.
+std::string checksum_hex(GVariant* bytes);
+
 // objects/AB/CDEF....EXTENSION
 std::string loose_object_path(const std::string& checksum, const char* extension);
 

@@ -45,17 +45,9 @@ namespace {
 constexpr size_t largest_fetched = 64u << 20;
 constexpr size_t largest_inflated = 128u << 20;
 constexpr uint64_t inflated_budget = 256u << 20;
-constexpr size_t largest_metadata = largest_metadata_object;
 // A worker keeps buffers up to this size between objects.
 constexpr size_t kept_buffer = 4u << 20;
 constexpr uint64_t flush_every = 32u << 20;
-
-// Why the prefetch stops: the object it could not take, and what was wrong.
-using Stop = SourceStop;
-
-// An object the prefetch leaves to libostree without stopping: too big to
-// hold in memory.
-struct Skip : std::exception {};
 
 // A GError's message; the error is freed.
 std::string message_of(GError*& error)
@@ -98,15 +90,6 @@ Priority priority_of(const Item& item, const std::string& folder)
     return folder == "usr/lib/ostree-boot" || module_folder ? boot_files : other_files;
 }
 
-std::string hex_of(GVariant* bytes)
-{
-    gsize size = 0;
-    const void* data = g_variant_get_fixed_array(bytes, &size, 1);
-    if (size != 32)
-        throw Stop{"a checksum of " + std::to_string(size) + " bytes"};
-    return glib::take_string(ostree_checksum_from_bytes(static_cast<const guchar*>(data)));
-}
-
 class Prefetch {
 public:
     Prefetch(OstreeRepo* repo, std::function<std::unique_ptr<ObjectSource>()> make_source, GCancellable* cancellable)
@@ -122,25 +105,25 @@ public:
         try {
             auto source = m_make_source();
             ByteBuffer buffer;
-            auto bytes = source->fetch(loose_object_path(commit, "commit"), largest_metadata, buffer, m_cancellable);
+            auto bytes = source->fetch(loose_object_path(commit, "commit"), largest_metadata_object, buffer, m_cancellable);
             result.commit_object = checked_metadata(bytes, commit, MetadataKind::Commit);
             glib::Variant contents(g_variant_get_child_value(result.commit_object.get(), 6));
             glib::Variant meta(g_variant_get_child_value(result.commit_object.get(), 7));
-            add({Kind::DirTree, hex_of(contents.get()), ""}, "");
-            add({Kind::DirMeta, hex_of(meta.get())}, "");
+            add({Kind::DirTree, checksum_hex(contents.get()), ""}, "");
+            add({Kind::DirMeta, checksum_hex(meta.get())}, "");
             try {
-                bytes = source->fetch(loose_object_path(commit, "commitmeta"), largest_metadata, buffer, m_cancellable);
+                bytes = source->fetch(loose_object_path(commit, "commitmeta"), largest_metadata_object, buffer, m_cancellable);
                 gpointer copy = g_memdup2(bytes.data(), bytes.size());
                 result.detached_metadata = glib::adopt_variant(
                     g_variant_new_from_data(G_VARIANT_TYPE_VARDICT, copy, bytes.size(), FALSE, g_free, copy));
             } catch (const SourceMissing&) {
                 // Unsigned: nothing to keep beside the commit.
             }
-        } catch (const Stop& stop) {
+        } catch (const SourceStop& stop) {
             result.stopped = stop.why;
             return;
         } catch (const SourceTooBig&) {
-            result.stopped = "the commit or its detached metadata is over " + std::to_string(largest_metadata >> 20) + " MiB";
+            result.stopped = "the commit or its detached metadata is over " + std::to_string(largest_metadata_object >> 20) + " MiB";
             return;
         }
         // The card is written while objects still arrive: every 32 MiB
@@ -227,11 +210,9 @@ private:
                     source->watch(&m_halted);
                 }
                 take(*source, item, inflater.get(), buffers);
-            } catch (const Skip&) {
-                ++m_skipped; // libostree's pull fetches it
             } catch (const SourceTooBig&) {
-                ++m_skipped;
-            } catch (const Stop& s) {
+                ++m_skipped; // libostree's pull fetches it, streaming
+            } catch (const SourceStop& s) {
                 stop(s.why);
             } catch (const Cancelled&) {
                 m_cancelled = true;
@@ -273,7 +254,7 @@ private:
         case Kind::DirMeta: {
             if (have(OSTREE_OBJECT_TYPE_DIR_META, item.checksum))
                 return;
-            auto bytes = fetched(source, loose_object_path(item.checksum, "dirmeta"), largest_metadata, buffers.fetched);
+            auto bytes = fetched(source, loose_object_path(item.checksum, "dirmeta"), largest_metadata_object, buffers.fetched);
             glib::Variant meta = checked_metadata(bytes, item.checksum, MetadataKind::DirMeta);
             if (!ostree_repo_write_metadata_trusted(m_repo, OSTREE_OBJECT_TYPE_DIR_META, item.checksum.c_str(),
                                                     meta.get(), nullptr, &error))
@@ -289,7 +270,7 @@ private:
                     throw_gerror(error);
                 tree.reset(raw); // a full reference already
             } else {
-                auto bytes = fetched(source, loose_object_path(item.checksum, "dirtree"), largest_metadata, buffers.fetched);
+                auto bytes = fetched(source, loose_object_path(item.checksum, "dirtree"), largest_metadata_object, buffers.fetched);
                 tree = checked_metadata(bytes, item.checksum, MetadataKind::DirTree);
                 if (!ostree_repo_write_metadata_trusted(m_repo, OSTREE_OBJECT_TYPE_DIR_TREE, item.checksum.c_str(),
                                                         tree.get(), nullptr, &error))
@@ -300,7 +281,7 @@ private:
             for (gsize i = 0, n = g_variant_n_children(files.get()); i < n; ++i) {
                 glib::Variant entry(g_variant_get_child_value(files.get(), i));
                 glib::Variant csum(g_variant_get_child_value(entry.get(), 1));
-                add({Kind::File, hex_of(csum.get())}, item.path);
+                add({Kind::File, checksum_hex(csum.get())}, item.path);
             }
             glib::Variant dirs(g_variant_get_child_value(tree.get(), 1));
             for (gsize i = 0, n = g_variant_n_children(dirs.get()); i < n; ++i) {
@@ -310,8 +291,8 @@ private:
                 glib::Variant contents(g_variant_get_child_value(entry.get(), 1));
                 glib::Variant meta(g_variant_get_child_value(entry.get(), 2));
                 std::string path = item.path.empty() ? name : item.path + "/" + name;
-                add({Kind::DirTree, hex_of(contents.get()), path}, item.path);
-                add({Kind::DirMeta, hex_of(meta.get())}, item.path);
+                add({Kind::DirTree, checksum_hex(contents.get()), path}, item.path);
+                add({Kind::DirMeta, checksum_hex(meta.get())}, item.path);
             }
             return;
         }
@@ -338,10 +319,10 @@ private:
     {
         auto object = fetched(source, loose_object_path(checksum, "filez"), largest_fetched, buffers.fetched);
         if (object.size() < 8)
-            throw Stop{"object " + checksum + ": shorter than a header"};
+            throw SourceStop{"object " + checksum + ": shorter than a header"};
         size_t header_size = 8 + ((size_t{object[0]} << 24) | (size_t{object[1]} << 16) | (size_t{object[2]} << 8) | object[3]);
         if (header_size > object.size())
-            throw Stop{"object " + checksum + ": a header longer than the object"};
+            throw SourceStop{"object " + checksum + ": a header longer than the object"};
         GError* error = nullptr;
         glib::Object<GInputStream> header_stream(
             g_memory_input_stream_new_from_data(object.data(), static_cast<gssize>(object.size()), nullptr));
@@ -349,7 +330,7 @@ private:
         GVariant* raw_xattrs = nullptr;
         if (!ostree_content_stream_parse(TRUE, header_stream.get(), object.size(), FALSE, nullptr, &raw_info,
                                          &raw_xattrs, nullptr, &error)) {
-            throw Stop{"object " + checksum + ": " + message_of(error)};
+            throw SourceStop{"object " + checksum + ": " + message_of(error)};
         }
         glib::Object<GFileInfo> info(raw_info);
         glib::Variant xattrs(raw_xattrs); // a full reference already
@@ -358,9 +339,9 @@ private:
         if (g_file_info_get_file_type(info.get()) == G_FILE_TYPE_REGULAR) {
             goffset size = g_file_info_get_size(info.get());
             if (size < 0)
-                throw Stop{"object " + checksum + ": a file of " + std::to_string(size) + " bytes"};
+                throw SourceStop{"object " + checksum + ": a file of " + std::to_string(size) + " bytes"};
             if (static_cast<uint64_t>(size) > largest_inflated)
-                throw Skip();
+                throw SourceTooBig();
             grant = m_budget.take(static_cast<uint64_t>(size));
             unsigned char* content = buffers.content.reserve(static_cast<size_t>(size));
             // Exactly `size` bytes, or an error (an empty file is checked by
@@ -369,11 +350,11 @@ private:
                 && libdeflate_deflate_decompress(inflater, object.data() + header_size, object.size() - header_size,
                                                  content, static_cast<size_t>(size), nullptr)
                        != LIBDEFLATE_SUCCESS)
-                throw Stop{"object " + checksum + ": its compressed bytes do not inflate to its size"};
+                throw SourceStop{"object " + checksum + ": its compressed bytes do not inflate to its size"};
             bytes = {content, static_cast<size_t>(size)};
         }
         if (objects::content_checksum(info.get(), xattrs.get(), bytes, nullptr) != checksum)
-            throw Stop{"object " + checksum + ": its content does not match its checksum"};
+            throw SourceStop{"object " + checksum + ": its content does not match its checksum"};
         // Checked: libostree writes it as it is, without hashing it again.
         glib::Object<GInputStream> input;
         if (g_file_info_get_file_type(info.get()) == G_FILE_TYPE_REGULAR)
@@ -422,7 +403,7 @@ PrefetchResult prefetch_objects(OstreeRepo* repo, const std::string& url, const 
     try {
         if (!is_archive(*make_source(), cancellable))
             return result;
-    } catch (const Stop&) { // no libcurl handle: libostree's pull does it all
+    } catch (const SourceStop&) { // no libcurl handle: libostree's pull does it all
         return result;
     }
     result.attempted = true;

@@ -16,8 +16,9 @@
 // pull, which fetches it again and reports any error as it always did: the
 // prefetch stops at its first problem and never fails a flash on its own
 // (except when the user cancels). Objects too big to hold in memory (over
-// 64 MiB as fetched, 128 MiB inflated; metadata over 10 MiB) are simply left to that pull, which
-// streams them; the workers share a budget for the files they inflate.
+// 64 MiB as fetched, 128 MiB inflated; metadata over 10 MiB) are simply
+// left to that pull, which streams them; the workers share a budget for the
+// files they inflate.
 #pragma once
 
 #include "common/glib.hpp"

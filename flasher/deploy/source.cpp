@@ -46,6 +46,7 @@ void read_commit(OstreeRepo* repo, Source& source)
 // The commit `ref` names in a summary (OSTREE_SUMMARY_GVARIANT_FORMAT), as
 // libostree's pull finds it for a remote without a collection ID (a binary
 // search: a summary lists its refs sorted); empty when it is not there.
+// Throws SourceStop when its checksum is not one.
 std::string commit_in_summary(std::span<const unsigned char> bytes, const std::string& ref)
 {
     gpointer copy = g_memdup2(bytes.data(), bytes.size());
@@ -66,11 +67,7 @@ std::string commit_in_summary(std::span<const unsigned char> bytes, const std::s
         } else {
             glib::Variant target(g_variant_get_child_value(entry.get(), 1));
             glib::Variant checksum(g_variant_get_child_value(target.get(), 1));
-            gsize size = 0;
-            const void* data = g_variant_get_fixed_array(checksum.get(), &size, 1);
-            if (size != 32)
-                return "";
-            return glib::take_string(ostree_checksum_from_bytes(static_cast<const guchar*>(data)));
+            return checksum_hex(checksum.get());
         }
     }
     return "";
