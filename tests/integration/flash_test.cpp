@@ -4,12 +4,15 @@
 // Needs root; every test skips cleanly otherwise.
 #include "tests/support/system.hpp"
 
+#include "common/glib.hpp"
+
 #include <chrono>
 #include <csignal>
 #include <cstring>
 #include <doctest/doctest.h>
 #include <fcntl.h>
 #include <nlohmann/json.hpp>
+#include <ostree.h>
 #include <random>
 #include <spawn.h>
 #include <sstream>
@@ -415,6 +418,29 @@ TEST_CASE("over HTTP the ref is read as libostree's pull reads it, and a commit 
     CHECK_MESSAGE(refused.err.find("source: commit " + bound + " is bound to the refs release, not to master") != std::string::npos,
                   refused.err);
     CHECK_FALSE(fs::exists(tmp / "bound.img"));
+
+    // A commit whose parent checksum has 5 bytes (its own checksum right):
+    // libostree's pull refuses its structure, and so does the plan.
+    std::string listed_bytes = read_text(repo / "objects" / listed.substr(0, 2) / (listed.substr(2) + ".commit"));
+    glib::Variant original = glib::adopt_variant(g_variant_new_from_data(
+        OSTREE_COMMIT_GVARIANT_FORMAT, listed_bytes.data(), listed_bytes.size(), FALSE, nullptr, nullptr));
+    std::vector<GVariant*> fields;
+    for (gsize i = 0; i < g_variant_n_children(original.get()); ++i)
+        fields.push_back(i == 1 ? g_variant_new_fixed_array(G_VARIANT_TYPE_BYTE, "\1\2\3\4\5", 5, 1)
+                                : g_variant_get_child_value(original.get(), i));
+    glib::Variant malformed = glib::adopt_variant(g_variant_new_tuple(fields.data(), fields.size()));
+    std::string malformed_bytes(static_cast<const char*>(g_variant_get_data(malformed.get())), g_variant_get_size(malformed.get()));
+    std::string short_parent = sha256_hex(malformed_bytes);
+    write_file(repo / "objects" / short_parent.substr(0, 2) / (short_parent.substr(2) + ".commit"), malformed_bytes);
+    write_file(repo / "refs/heads/master", short_parent + "\n");
+    CHECK_MESSAGE(libostree_takes().find("refused: ") == 0, "libostree's pull took the malformed commit");
+    auto malformed_flash = run_treeflash({"flash", "--no-gpg-verify", "--board", "qemu-arm64", "--image",
+                                          (tmp / "malformed.img").string(), "--size", "512M", "--repo", server.url()});
+    CHECK_MESSAGE(malformed_flash.exit_code == 1, malformed_flash.err);
+    // By the plan, before the card is touched.
+    CHECK_MESSAGE(malformed_flash.err.find("source: ") != std::string::npos, malformed_flash.err);
+    CHECK_MESSAGE(malformed_flash.err.find("partitioning") == std::string::npos, malformed_flash.err);
+    CHECK_FALSE(fs::exists(tmp / "malformed.img"));
 }
 
 TEST_CASE("a file too big for the prefetch's memory reaches the card through libostree's pull"
