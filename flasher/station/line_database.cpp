@@ -1,11 +1,11 @@
 #include "flasher/station/line_database.hpp"
 
 #include "common/error.hpp"
+#include "common/fs.hpp"
 #include "common/text.hpp"
 
 #include <atomic>
 #include <chrono>
-#include <cstdio>
 #include <functional>
 #include <map>
 #include <libpq-fe.h>
@@ -602,11 +602,10 @@ const std::string& checked_station_name(const std::string& station)
 std::string pid_space()
 {
     std::string boot;
-    if (FILE* file = std::fopen("/proc/sys/kernel/random/boot_id", "re")) {
-        char line[64] = {};
-        if (std::fgets(line, sizeof line, file))
-            boot = line;
-        std::fclose(file);
+    try {
+        boot = fs::read_file("/proc/sys/kernel/random/boot_id");
+    } catch (const Error&) {
+        return "";
     }
     while (!boot.empty() && boot.back() == '\n')
         boot.pop_back();
@@ -620,13 +619,12 @@ std::string pid_space()
 // When process `pid` started, in clock ticks since boot (0: no such process).
 long long process_start(long pid)
 {
-    FILE* file = std::fopen(("/proc/" + std::to_string(pid) + "/stat").c_str(), "re");
-    if (!file)
-        return 0;
-    char buffer[1024] = {};
-    size_t n = std::fread(buffer, 1, sizeof buffer - 1, file);
-    std::fclose(file);
-    std::string stat(buffer, n);
+    std::string stat;
+    try {
+        stat = fs::read_file("/proc/" + std::to_string(pid) + "/stat");
+    } catch (const Error&) {
+        return 0; // no such process
+    }
     // Field 22; fields after the command's closing parenthesis.
     size_t at = stat.rfind(')');
     if (at == std::string::npos)
