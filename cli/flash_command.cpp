@@ -39,8 +39,10 @@ that another user owns or may write is pulled with every object checked.
 The pull takes the commit REF named when the flash was checked. From an
 http:// URL or a local archive repository, treeflash fetches that commit's
 objects itself first, on all cores, each checked against its checksum;
-libostree's pull then checks the commit and its signature. https:// URLs
-and proxies are left to libostree.
+libostree's pull then checks the commit and its signature. Over http://
+with --no-gpg-verify, once every object arrived, treeflash writes the
+commit and its ref itself (after libostree's ref-binding check) and no
+pull runs. https:// URLs and proxies are left to libostree.
 
 Examples:
   treeflash flash --board ls104x --device /dev/sdb --repo http://10.0.0.2:8000/ \
