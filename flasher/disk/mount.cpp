@@ -5,10 +5,12 @@
 #include "flasher/disk/handles.hpp"
 
 #include <cerrno>
+#include <chrono>
 #include <fcntl.h>
 #include <sched.h>
 #include <sys/stat.h>
 #include <sys/mount.h>
+#include <thread>
 #include <unistd.h>
 
 namespace treeflash::flasher {
@@ -98,13 +100,23 @@ void Mount::unmount()
         if (fd && ::syncfs(fd.get()) != 0)
             throw_errno("sync " + m_source);
     }
-    MntContext cxt(mnt_new_context());
-    if (!cxt)
-        throw Error("mnt_new_context failed");
-    mnt_context_disable_helpers(cxt.get(), 1);
-    mnt_context_disable_mtab(cxt.get(), 1);
-    mnt_context_set_target(cxt.get(), m_dir.c_str());
-    int rc = mnt_context_umount(cxt.get());
+    // A file closed a moment ago may still hold the file system (the kernel
+    // finishes some closes later, on a worker of its own): a busy file
+    // system is retried for up to two seconds before it is called busy.
+    MntContext cxt;
+    int rc = 0;
+    for (int attempt = 0;; ++attempt) {
+        cxt = MntContext(mnt_new_context());
+        if (!cxt)
+            throw Error("mnt_new_context failed");
+        mnt_context_disable_helpers(cxt.get(), 1);
+        mnt_context_disable_mtab(cxt.get(), 1);
+        mnt_context_set_target(cxt.get(), m_dir.c_str());
+        rc = mnt_context_umount(cxt.get());
+        if (rc == 0 || mnt_context_get_syscall_errno(cxt.get()) != EBUSY || attempt == 100)
+            break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
     if (rc != 0) {
         char message[512] = "";
         mnt_context_get_excode(cxt.get(), rc, message, sizeof message);
