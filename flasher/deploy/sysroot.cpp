@@ -233,6 +233,8 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
                  options.network_timeout, cancellable, options.untrusted_pull, options.download_dir, options.commit);
     });
 
+    if (options.objects_written)
+        options.objects_written();
     if (notice)
         notice("deploying " + options.remote + ":" + options.ref + " as " + options.os);
     return in_step("deploy", [&] {

@@ -29,6 +29,9 @@ struct SysrootOptions {
     std::filesystem::path download_dir;  // see watched_pull; empty: $TMPDIR
     bool sync_while_fetching = true;     // the rootfs is the card: sync it as objects arrive (see prefetch_objects)
     bool require_devicetree = false;     // the board boots only with a devicetree from the commit
+    // Called once every object of the commit is in the card's repository,
+    // before the deploy: where the card starts writing them out.
+    std::function<void()> objects_written;
 };
 
 // Whether a deployment's tree carries a devicetree where OSTree looks for

@@ -513,6 +513,12 @@ void Target::verify_identity(const DiskInfo& checked) const
         throw Error(changed + " (the card was replaced); nothing was written");
 }
 
+void Target::start_writeback() const
+{
+    if (is_image() && m_partial_lock)
+        ::sync_file_range(m_partial_lock.get(), 0, 0, SYNC_FILE_RANGE_WRITE); // a failure shows in commit()'s fsync
+}
+
 void Target::commit()
 {
     if (::fsync(m_fd.get()) != 0)

@@ -119,6 +119,11 @@ public:
     bool is_image() const { return !m_image.empty(); }
     const std::filesystem::path& image() const { return m_image; }
     uint64_t size() const { return m_size; }
+    // Starts writing out what reached an image file's page cache, without
+    // waiting for it: the disk works while the caller goes on, and commit()
+    // has less to wait for. Nothing to do for a device, whose writes go to
+    // the device as they are flushed.
+    void start_writeback() const;
     // Flushes and, for an image, detaches the loop device and moves the file into place.
     void commit();
     // The image file commit() replaced (with `overwrite`), still open: its

@@ -10,7 +10,11 @@
 #include "flasher/disk/format.hpp"
 #include "flasher/disk/mount.hpp"
 
+#include "common/fd.hpp"
+
+#include <fcntl.h>
 #include <gio/gio.h>
+#include <thread>
 #include <unistd.h>
 
 namespace treeflash::flasher {
@@ -56,6 +60,17 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
         // in memory when it has room for all of them at once.
         SysrootOptions sysroot = plan.sysroot;
         sysroot.download_dir = memory_with_room(plan.source.content_bytes, 1000);
+        // The objects are most of what the card holds: they go out to the
+        // card (or the image's disk) while libostree deploys, rather than
+        // all in the final sync. Joined before the unmount.
+        std::jthread writeback;
+        sysroot.objects_written = [&] {
+            writeback = start_beside([&target, &rootfs] {
+                UniqueFd root(::open(rootfs.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+                if (root && ::syncfs(root.get()) == 0) // a failure shows in the unmount or the final sync
+                    target.start_writeback();
+            });
+        };
         result.deployment = in_step("sysroot", [&] { return provision_sysroot(rootfs.path(), sysroot, notice, cancellable); });
         if (std::string record = boot_board_record(board, renders_uboot_env(board, plan.firmware)); !record.empty())
             in_step("board record", [&] {
@@ -63,6 +78,7 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
                 std::filesystem::create_directories(path.parent_path());
                 fs::write_file_atomic(path, record);
             });
+        writeback = {};
         in_step("sysroot", [&] { rootfs.unmount(); });
     }
     progress = Progress::Deployed;
