@@ -51,6 +51,15 @@ std::string find_program(const std::string& name, const std::vector<std::string>
     throw Error("run " + name + ": not found in PATH (" + path + ") nor in the system's folders");
 }
 
+} // namespace
+
+std::string program_path(const std::string& name)
+{
+    return find_program(name, child_environment({}));
+}
+
+namespace {
+
 // set_treeflash_executable's path; empty: this process's own file.
 std::string executable_override;
 

@@ -71,6 +71,11 @@ pid_t spawn_child(const std::vector<std::string>& argv, const ChildSetup& setup)
 std::vector<std::string> treeflash_command(const std::string& command, ChildSetup& setup);
 void set_treeflash_executable(const std::string& path);
 
+// The file run_process runs for `name`: itself when it holds a slash, else
+// the first executable of that name in PATH, then in the system's folders.
+// Throws when there is none.
+std::string program_path(const std::string& name);
+
 // Runs argv[0] (looked up in PATH) with stdin from /dev/null and waits for it.
 ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOptions& options = {});
 

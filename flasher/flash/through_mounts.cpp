@@ -7,6 +7,7 @@
 #include "common/fs.hpp"
 #include "flasher/boot/boot_state.hpp"
 #include "flasher/boot/bootscript.hpp"
+#include "flasher/disk/blank_ext4.hpp"
 #include "flasher/disk/format.hpp"
 #include "flasher/disk/mount.hpp"
 
@@ -31,6 +32,9 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
     in_step("partition", [&] { target.release_exclusive_claim(); });
     describe_firmware(plan, result);
 
+    // On a new image file, each empty file system is a copy of one kept
+    // from an earlier flash of the same size (see blank_ext4.hpp).
+    const auto blank_cache = target.is_image() ? blank_ext4_cache_dir() : std::nullopt;
     for (const auto& role : board.partitions) {
         check_cancelled(cancellable);
         std::string node = partition_node(target.device(), role.number);
@@ -41,7 +45,10 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
                 mkfs_options.push_back("-N");
                 mkfs_options.push_back(std::to_string(plan.rootfs_inodes));
             }
-            make_ext4(node, role.label, mkfs_options, target.is_image(), cancellable);
+            if (target.is_image())
+                make_blank_ext4(node, role.label, mkfs_options, blank_cache, cancellable);
+            else
+                make_ext4(node, role.label, mkfs_options, false, cancellable);
             verify_filesystem(node, role.fstype, role.label);
         });
     }

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <doctest/doctest.h>
 #include <fcntl.h>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <ostree.h>
 #include <random>
@@ -203,6 +204,61 @@ TEST_CASE("ls104x image from a local repository, checked with independent tools"
     CHECK(info["boot_script"] == true);
     CHECK(info["partitions"][2]["label"] == "rootfs");
     CHECK(info["uenv"]["bootargs"].get<std::string>().find(out["ostree"].get<std::string>()) != std::string::npos);
+}
+
+TEST_CASE("images of one size: each file system a copy of one kept blank, with a UUID of its own" * doctest::skip(not_root))
+{
+    NoLeftovers guard;
+    Scratch tmp;
+    build_commit(tmp.path(), tmp / "repo", {});
+    // Each flash as the user runs it: the cache in its own folder here.
+    std::vector<std::string> env{"XDG_CACHE_HOME=" + (tmp / "cache").string()};
+    fs::path kept = tmp / "cache/treeflash/blank-ext4";
+    auto flash = [&](const fs::path& image, const std::vector<std::string>& extra_env) {
+        std::vector<std::string> flash_env = env;
+        flash_env.insert(flash_env.end(), extra_env.begin(), extra_env.end());
+        auto result = run_treeflash({"flash", "--no-gpg-verify", "--board", "ls104x", "--image", image.string(), "--size", "512M",
+                                     "--repo", (tmp / "repo").string()}, flash_env);
+        REQUIRE_MESSAGE(result.ok(), result.err);
+    };
+    const fs::path images[] = {tmp / "first.img", tmp / "second.img", tmp / "by-mkfs.img"};
+    flash(images[0], {});
+    flash(images[1], {});
+    flash(images[2], {"TREEFLASH_BLANK_CACHE=off"});
+    size_t kept_count = 0;
+    for (const auto& entry : fs::directory_iterator(kept))
+        kept_count += entry.path().extension() == ".ext4";
+    CHECK(kept_count == 3); // boot, data, rootfs: made by the first flash, copied by the second
+
+    std::map<std::string, int> uuids;
+    for (int number = 1; number <= 3; ++number) {
+        std::string layout[3];
+        for (int i = 0; i < 3; ++i) {
+            auto dump = run_process({"sfdisk", "-d", images[i].string()});
+            REQUIRE(dump.ok());
+            Partition part = sfdisk_partition(dump.out, images[i], number);
+            std::string at = images[i].string() + "?offset=" + std::to_string(part.start);
+            auto check = run_process({"e2fsck", "-fn", at});
+            std::string report = at + ": " + check.out + check.err;
+            CHECK_MESSAGE((check.ok() && report.find("? no") == std::string::npos && report.find("IGNORED") == std::string::npos), report);
+            auto header = run_process({"dumpe2fs", "-h", at});
+            REQUIRE(header.ok());
+            std::istringstream lines(header.out);
+            for (std::string line; std::getline(lines, line);) {
+                if (line.rfind("Filesystem UUID:", 0) == 0)
+                    ++uuids[line];
+                else if (line.find("time") == std::string::npos && line.rfind("Filesystem created", 0) != 0
+                         && line.rfind("Directory Hash Seed", 0) != 0 && line.rfind("Lifetime writes", 0) != 0
+                         && line.rfind("Free ", 0) != 0 && line.rfind("Journal sequence", 0) != 0
+                         && line.rfind("Mount count", 0) != 0 && line.rfind("Last ", 0) != 0)
+                    layout[i] += line + "\n";
+            }
+        }
+        // What a kept blank becomes is what mkfs.ext4 makes on the loop device.
+        CHECK(layout[0] == layout[2]);
+        CHECK(layout[1] == layout[2]);
+    }
+    CHECK(uuids.size() == 9); // no two file systems share a UUID
 }
 
 TEST_CASE("qemu-arm64 image pulled over HTTP from nginx, with a GPG-verified origin" * doctest::skip(not_root))

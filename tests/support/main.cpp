@@ -3,9 +3,11 @@
 // whose every selected case is skipped, shows as skipped, not as passed.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include "common/process.hpp"
+#include "tests/support/fixtures.hpp"
 
 #include <doctest/doctest.h>
 
+#include <cstdlib>
 #include <iostream>
 #include <unistd.h>
 
@@ -47,6 +49,10 @@ int main(int argc, char** argv)
     // Steps treeflash runs in a process of their own re-execute the
     // treeflash executable, not this test runner.
     treeflash::set_treeflash_executable(TREEFLASH_BINARY);
+    // The blank file systems flashes keep (flasher/disk/blank_ext4.hpp) go
+    // to a folder of this run's, not to the user's cache.
+    treeflash::test::Scratch cache;
+    ::setenv("XDG_CACHE_HOME", cache.path().c_str(), 1);
     doctest::Context context(argc, argv);
     int result = context.run();
     if (context.shouldExit())

@@ -1,0 +1,328 @@
+#include "flasher/disk/blank_ext4.hpp"
+
+#include "common/error.hpp"
+#include "common/fd.hpp"
+#include "common/process.hpp"
+#include "common/sha256.hpp"
+#include "common/text.hpp"
+#include "flasher/disk/ext2fs_handles.hpp"
+#include "flasher/disk/format.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <ctime>
+#include <dirent.h>
+#include <dlfcn.h>
+#include <et/com_err.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/random.h>
+#include <sys/sendfile.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+extern char** environ;
+
+namespace treeflash::flasher {
+
+namespace {
+
+// Blank file systems kept at most (the oldest go first); a few MiB each.
+constexpr size_t kept_filesystems = 16;
+// What a flash killed while making one leaves, removed after this long.
+constexpr time_t abandoned_after = 3600;
+
+void random_bytes(void* into, size_t size)
+{
+    auto* bytes = static_cast<unsigned char*>(into);
+    for (size_t done = 0; done < size;) {
+        ssize_t n = ::getrandom(bytes + done, size - done, 0);
+        if (n < 0 && errno != EINTR)
+            throw_errno("getrandom");
+        if (n > 0)
+            done += static_cast<size_t>(n);
+    }
+}
+
+// Whether the file system's UUID can change without rewriting every
+// metadata block (tune2fs -U's test).
+bool identity_can_change(ext2_filsys fs)
+{
+    ext2_super_block* sb = fs->super;
+    if (ext2fs_has_feature_stable_inodes(sb))
+        return false;
+    return ext2fs_has_feature_csum_seed(sb)
+           || (!ext2fs_has_feature_metadata_csum(sb) && !ext2fs_has_feature_ea_inode(sb));
+}
+
+Ext2Filesystem open_ext4(const std::string& path, int flags)
+{
+    ext2_filsys raw = nullptr;
+    errcode_t err = ext2fs_open2(path.c_str(), nullptr, flags | EXT2_FLAG_64BITS, 0, 0, unix_io_manager, &raw);
+    if (err)
+        throw Error("open the ext4 file system on " + path + ": " + error_message(err));
+    return Ext2Filesystem(raw);
+}
+
+// mke2fs reads variables besides its configuration file (fake times,
+// sector sizes, meta_bg placement): with any of them set, what it makes
+// is not what an earlier run made.
+bool mke2fs_environment_is_plain()
+{
+    for (char** e = environ; *e; ++e) {
+        std::string_view entry(*e);
+        if ((entry.rfind("MKE2FS_", 0) == 0 && entry.rfind("MKE2FS_CONFIG=", 0) != 0) || entry.rfind("E2FSPROGS_", 0) == 0)
+            return false;
+    }
+    return true;
+}
+
+// What tells one file of the system from its next version.
+std::string file_identity(const std::string& path)
+{
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0)
+        return path + " none\n";
+    return path + " " + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino) + " " + std::to_string(st.st_size)
+           + " " + std::to_string(st.st_mtim.tv_sec) + "." + std::to_string(st.st_mtim.tv_nsec) + "\n";
+}
+
+// The name a blank file system is kept under: everything that decides
+// what mkfs.ext4 writes (the program, the library it runs on, its
+// configuration, the size and the arguments).
+std::string kept_name(uint64_t size, const std::string& label, const std::vector<std::string>& options)
+{
+    std::string key = "treeflash blank ext4 1\n" + file_identity(program_path("mkfs.ext4"));
+    Dl_info library{};
+    if (::dladdr(reinterpret_cast<void*>(&ext2fs_open2), &library) && library.dli_fname)
+        key += file_identity(library.dli_fname);
+    const char* config = std::getenv("MKE2FS_CONFIG");
+    key += file_identity(config ? config : "/etc/mke2fs.conf");
+    key += std::to_string(size) + "\n" + label + "\n";
+    for (const auto& option : options)
+        key += option + '\0';
+    return sha256_hex(key).substr(0, 32);
+}
+
+// The cache folder, made (0700) when missing; empty unless it is this
+// user's alone, so that no one else can put a file system there.
+UniqueFd open_cache_folder(const std::filesystem::path& dir)
+{
+    if (!dir.is_absolute())
+        return {};
+    std::filesystem::path partial;
+    for (const auto& part : dir) {
+        partial /= part;
+        if (::mkdir(partial.c_str(), 0700) != 0 && errno != EEXIST)
+            return {};
+    }
+    UniqueFd folder(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    struct stat st {};
+    if (!folder || ::fstat(folder.get(), &st) != 0 || st.st_uid != ::geteuid() || (st.st_mode & 022) != 0)
+        return {};
+    return folder;
+}
+
+// A kept file system of `size` bytes, opened; empty when there is none fit
+// to copy (missing, not a file of this user's, another size).
+UniqueFd open_kept(int folder, const std::string& name, uint64_t size)
+{
+    UniqueFd file(::openat(folder, name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+    struct stat st {};
+    if (!file || ::fstat(file.get(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != ::geteuid()
+        || static_cast<uint64_t>(st.st_size) != size)
+        return {};
+    ::futimens(file.get(), nullptr); // recently used: kept longer
+    return file;
+}
+
+// Keeps the `kept_filesystems` most recently used, and removes what
+// flashes killed while making one left behind.
+void prune(int folder)
+{
+    UniqueFd listing(::fcntl(folder, F_DUPFD_CLOEXEC, 0));
+    DIR* dir = listing ? ::fdopendir(listing.get()) : nullptr;
+    if (!dir)
+        return;
+    (void)listing.release(); // closedir closes it
+    std::vector<std::pair<time_t, std::string>> kept;
+    time_t now = ::time(nullptr);
+    while (dirent* entry = ::readdir(dir)) {
+        std::string name = entry->d_name;
+        struct stat st {};
+        if (name == "." || name == ".." || ::fstatat(folder, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0)
+            continue;
+        if (name.rfind(".new-", 0) == 0) {
+            if (now - st.st_mtim.tv_sec > abandoned_after)
+                ::unlinkat(folder, name.c_str(), 0);
+            continue;
+        }
+        kept.emplace_back(st.st_mtim.tv_sec, name);
+    }
+    ::closedir(dir);
+    if (kept.size() <= kept_filesystems)
+        return;
+    std::sort(kept.begin(), kept.end());
+    for (size_t i = 0; i + kept_filesystems < kept.size(); ++i)
+        ::unlinkat(folder, kept[i].second.c_str(), 0);
+}
+
+// mkfs.ext4 into a new file of the cache, moved into place under `name`
+// once made and checked. Empty when its UUID could not change in place:
+// then `name`.mkfs is left to say so, and mkfs.ext4 runs on each card.
+UniqueFd make_kept(int folder, const std::filesystem::path& dir, const std::string& name, uint64_t size,
+                   const std::string& label, const std::vector<std::string>& options, GCancellable* cancellable)
+{
+    uint64_t tag = 0;
+    random_bytes(&tag, sizeof tag);
+    std::string temp = ".new-" + text::hex(tag);
+    UniqueFd file(::openat(folder, temp.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600));
+    if (!file)
+        throw_errno("create " + (dir / temp).string());
+    bool suitable = false;
+    try {
+        if (::ftruncate(file.get(), static_cast<off_t>(size)) != 0)
+            throw_errno("size " + (dir / temp).string());
+        make_ext4((dir / temp).string(), label, options, true, cancellable);
+        std::string made = "/proc/self/fd/" + std::to_string(file.get());
+        verify_filesystem(made, "ext4", label);
+        suitable = identity_can_change(open_ext4(made, 0).get());
+        if (suitable && ::fsync(file.get()) != 0)
+            throw_errno("sync " + (dir / temp).string());
+    } catch (...) {
+        ::unlinkat(folder, temp.c_str(), 0);
+        throw;
+    }
+    if (!suitable) {
+        ::unlinkat(folder, temp.c_str(), 0);
+        UniqueFd marker(::openat(folder, (name + ".mkfs").c_str(), O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600));
+        return {};
+    }
+    if (::renameat(folder, temp.c_str(), folder, (name + ".ext4").c_str()) != 0) {
+        ::unlinkat(folder, temp.c_str(), 0);
+        throw_errno("keep " + (dir / (name + ".ext4")).string());
+    }
+    prune(folder);
+    return file;
+}
+
+// Copies the byte ranges of `from` that hold data to the same offsets of
+// `to`; its other bytes already read zero.
+void copy_data(int from, int to, uint64_t size, const std::string& what)
+{
+    for (off_t pos = 0; static_cast<uint64_t>(pos) < size;) {
+        off_t data = ::lseek(from, pos, SEEK_DATA);
+        if (data < 0 && errno == ENXIO)
+            return;
+        if (data < 0)
+            throw_errno("read " + what);
+        off_t hole = ::lseek(from, data, SEEK_HOLE);
+        if (hole < 0)
+            throw_errno("read " + what);
+        if (::lseek(to, data, SEEK_SET) != data)
+            throw_errno("seek " + what);
+        for (off_t in = data; in < hole;) {
+            ssize_t n = ::sendfile(to, from, &in, static_cast<size_t>(hole - in));
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0)
+                throw_errno("copy " + what);
+        }
+        pos = hole;
+    }
+}
+
+uint64_t size_of(int fd, const std::string& node)
+{
+    struct stat st {};
+    if (::fstat(fd, &st) != 0)
+        throw_errno("stat " + node);
+    if (S_ISREG(st.st_mode))
+        return static_cast<uint64_t>(st.st_size);
+    uint64_t size = 0;
+    if (::ioctl(fd, BLKGETSIZE64, &size) != 0)
+        throw_errno("size of " + node);
+    return size;
+}
+
+} // namespace
+
+std::optional<std::filesystem::path> blank_ext4_cache_dir()
+{
+    if (const char* off = std::getenv("TREEFLASH_BLANK_CACHE"); off && std::string_view(off) == "off")
+        return std::nullopt;
+    if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && xdg[0] == '/')
+        return std::filesystem::path(xdg) / "treeflash" / "blank-ext4";
+    if (const char* home = std::getenv("HOME"); home && home[0] == '/')
+        return std::filesystem::path(home) / ".cache" / "treeflash" / "blank-ext4";
+    return std::nullopt;
+}
+
+bool give_new_identity(const std::string& path)
+{
+    Ext2Filesystem fs = open_ext4(path, EXT2_FLAG_RW);
+    if (!identity_can_change(fs.get()))
+        return false;
+    // Group descriptor checksums (uninit_bg) are seeded by the UUID: set
+    // again, unless they were wrong before (then left for e2fsck to see).
+    bool set_group_checksums = ext2fs_has_group_desc_csum(fs.get());
+    for (dgrp_t group = 0; set_group_checksums && group < fs->group_desc_count; ++group)
+        set_group_checksums = ext2fs_group_desc_csum_verify(fs.get(), group);
+    random_bytes(fs->super->s_uuid, sizeof fs->super->s_uuid);
+    fs->super->s_uuid[6] = static_cast<__u8>((fs->super->s_uuid[6] & 0x0f) | 0x40); // version 4: random
+    fs->super->s_uuid[8] = static_cast<__u8>((fs->super->s_uuid[8] & 0x3f) | 0x80);
+    random_bytes(fs->super->s_hash_seed, sizeof fs->super->s_hash_seed);
+    ext2fs_init_csum_seed(fs.get());
+    fs->super->s_mkfs_time = static_cast<__u32>(::time(nullptr)); // made now, for whoever reads the card
+    if (set_group_checksums) {
+        for (dgrp_t group = 0; group < fs->group_desc_count; ++group)
+            ext2fs_group_desc_csum_set(fs.get(), group);
+        fs->flags &= ~EXT2_FLAG_SUPER_ONLY;
+    }
+    ext2fs_mark_super_dirty(fs.get());
+    ext2_filsys raw = fs.release();
+    if (errcode_t err = ext2fs_close_free(&raw))
+        throw Error("write the new UUID of " + path + ": " + error_message(err));
+    return true;
+}
+
+void make_blank_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options,
+                     const std::optional<std::filesystem::path>& cache_dir, GCancellable* cancellable)
+{
+    UniqueFd folder = cache_dir && mke2fs_environment_is_plain() ? open_cache_folder(*cache_dir) : UniqueFd();
+    if (!folder) {
+        make_ext4(node, label, options, true, cancellable);
+        return;
+    }
+    uint64_t size = 0;
+    std::string name;
+    {
+        UniqueFd target(::open(node.c_str(), O_RDONLY | O_CLOEXEC));
+        if (!target)
+            throw_errno("open " + node);
+        size = size_of(target.get(), node);
+    }
+    name = kept_name(size, label, options);
+    UniqueFd blank = open_kept(folder.get(), name + ".ext4", size);
+    if (!blank && ::faccessat(folder.get(), (name + ".mkfs").c_str(), F_OK, AT_SYMLINK_NOFOLLOW) != 0)
+        blank = make_kept(folder.get(), *cache_dir, name, size, label, options, cancellable);
+    if (!blank) {
+        make_ext4(node, label, options, true, cancellable);
+        return;
+    }
+    {
+        // O_EXCL on a block device: refused while mounted or claimed.
+        UniqueFd target(::open(node.c_str(), O_WRONLY | O_EXCL | O_CLOEXEC));
+        if (!target)
+            throw_errno("open " + node);
+        copy_data(blank.get(), target.get(), size, node);
+        if (::fsync(target.get()) != 0)
+            throw_errno("sync " + node);
+    }
+    if (!give_new_identity(node))
+        throw Error(node + ": the UUID of the kept blank file system cannot change; delete " + (*cache_dir / (name + ".ext4")).string());
+}
+
+} // namespace treeflash::flasher
