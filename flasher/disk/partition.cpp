@@ -288,7 +288,7 @@ std::string partition_node(const std::string& disk, unsigned number)
 }
 
 void write_partition_table(int fd, const std::string& device_path, const std::filesystem::path& script_path,
-                           const std::string& disk_id)
+                           bool fresh_zeroed, const std::string& disk_id)
 {
     FdiskContext cxt = new_context();
     int rc = fdisk_assign_device_by_fd(cxt.get(), fd, device_path.c_str(), 0);
@@ -300,7 +300,7 @@ void write_partition_table(int fd, const std::string& device_path, const std::fi
     if (fdisk_has_label(cxt.get()) != 1 || fdisk_get_partitions(cxt.get(), &old_raw) != 0)
         old_raw = fdisk_new_table();
     FdiskTable old_table(old_raw);
-    fdisk_enable_wipe(cxt.get(), 1);
+    fdisk_enable_wipe(cxt.get(), fresh_zeroed ? 0 : 1); // the wipe probes the whole disk for signatures
     if ((rc = fdisk_apply_script(cxt.get(), script.get())) != 0)
         throw Error(fdisk_error("fdisk_apply_script " + script_path.string(), rc));
     if (!disk_id.empty() && (rc = fdisk_set_disklabel_id_from_string(cxt.get(), disk_id.c_str())) != 0)

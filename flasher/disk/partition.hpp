@@ -32,12 +32,12 @@ struct PartitionLayout {
 PartitionLayout read_partition_script(const std::filesystem::path& script);
 
 // Writes the table from `script` onto the open disk `fd` (after wiping old
-// signatures), then makes the kernel re-read it and waits for the partition
-// device nodes.
+// signatures, unless `fresh_zeroed`: a new image file holds none), then
+// makes the kernel re-read it and waits for the partition device nodes.
 // `disk_id`: the MBR disk identifier or GPT disk GUID to give the table
 // instead of a random one ("" keeps libfdisk's).
 void write_partition_table(int fd, const std::string& device_path, const std::filesystem::path& script,
-                           const std::string& disk_id = "");
+                           bool fresh_zeroed, const std::string& disk_id = "");
 
 // The partition device node for partition `number` of `disk` (/dev/sdb3, /dev/loop0p3).
 std::string partition_node(const std::string& disk, unsigned number);

@@ -229,7 +229,7 @@ std::jthread write_image_from_directories(const FlashPlan& plan, Target& target,
     std::string identity = plan.source.commit + "\n" + board.name + "\n" + std::to_string(plan.image_size) + "\n";
     notice("partitioning " + target.image().string() + " (" + plan.layout.label + ", without loop devices)");
     in_step("partition", [&] {
-        write_partition_table(target.fd(), target.device(), board.partition_table, derived_disk_id(identity));
+        write_partition_table(target.fd(), target.device(), board.partition_table, true, derived_disk_id(identity));
     });
     in_step("firmware", [&] { write_firmware(target.fd(), plan.firmware); });
     describe_firmware(plan, result);

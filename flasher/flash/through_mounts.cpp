@@ -27,7 +27,7 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
     notice("partitioning " + target.device() + " (" + plan.layout.label + ")");
     // From the first byte of the table on, the old contents are gone.
     progress = Progress::Partitioned;
-    in_step("partition", [&] { write_partition_table(target.fd(), target.device(), board.partition_table); });
+    in_step("partition", [&] { write_partition_table(target.fd(), target.device(), board.partition_table, target.is_image()); });
     in_step("firmware", [&] { write_firmware(target.fd(), plan.firmware); });
     in_step("partition", [&] { target.release_exclusive_claim(); });
     describe_firmware(plan, result);
