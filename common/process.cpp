@@ -202,6 +202,7 @@ ProcessResult run_process(const std::vector<std::string>& argv, const ProcessOpt
     Pipe out, err;
     ChildSetup setup;
     setup.descriptors = {{out.write_end.get(), 1}, {err.write_end.get(), 2}};
+    setup.descriptors.insert(setup.descriptors.end(), options.descriptors.begin(), options.descriptors.end());
     setup.extra_environment = options.extra_environment;
     setup.new_process_group = options.new_process_group;
     pid_t pid = spawn_child(argv, setup);

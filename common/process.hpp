@@ -31,6 +31,9 @@ struct ProcessOptions {
     // A process group of its own, so a Ctrl-C at the terminal does not reach
     // it: for a step that would damage what it works on if cut short.
     bool new_process_group = false;
+    // Descriptors the child gets besides its output pipes: {descriptor
+    // here, number in the child (3 or more)}.
+    std::vector<std::pair<int, int>> descriptors;
 };
 
 // The caller's environment with `overrides` ("KEY=VALUE") set.

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <dirent.h>
 #include <dlfcn.h>
@@ -106,21 +107,45 @@ std::string kept_name(uint64_t size, const std::string& label, const std::vector
     return sha256_hex(key).substr(0, 32);
 }
 
-// The cache folder, made (0700) when missing; empty unless it is this
-// user's alone, so that no one else can put a file system there.
+// Whether no one but this user (and root) can change what a folder holds:
+// theirs, and writable by no one else (a sticky folder of root's, such as
+// /tmp, lets no one else rename or remove what is in it).
+bool folder_is_ours(int fd, bool last)
+{
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISDIR(st.st_mode))
+        return false;
+    if (last)
+        return st.st_uid == ::geteuid() && (st.st_mode & 077) == 0;
+    if (st.st_uid != ::geteuid() && st.st_uid != 0)
+        return false;
+    return (st.st_mode & 022) == 0 || (st.st_uid == 0 && (st.st_mode & S_ISVTX));
+}
+
+// The cache folder, walked from / without following links, each missing
+// folder made 0700; empty when any folder on the way is someone else's (root
+// with a user's HOME, say): then no one else can put a file system there,
+// nor have root make folders in their place.
 UniqueFd open_cache_folder(const std::filesystem::path& dir)
 {
     if (!dir.is_absolute())
         return {};
-    std::filesystem::path partial;
-    for (const auto& part : dir) {
-        partial /= part;
-        if (::mkdir(partial.c_str(), 0700) != 0 && errno != EEXIST)
+    UniqueFd folder(::open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    std::vector<std::string> parts;
+    for (const auto& part : dir.relative_path())
+        if (!part.empty())
+            parts.push_back(part.string());
+    for (size_t i = 0; folder && i < parts.size(); ++i) {
+        if (parts[i] == "." || parts[i] == "..")
             return {};
+        if (!folder_is_ours(folder.get(), false))
+            return {};
+        UniqueFd next(::openat(folder.get(), parts[i].c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+        if (!next && errno == ENOENT && ::mkdirat(folder.get(), parts[i].c_str(), 0700) == 0)
+            next.reset(::openat(folder.get(), parts[i].c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+        folder = std::move(next);
     }
-    UniqueFd folder(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-    struct stat st {};
-    if (!folder || ::fstat(folder.get(), &st) != 0 || st.st_uid != ::geteuid() || (st.st_mode & 022) != 0)
+    if (!folder || !folder_is_ours(folder.get(), true))
         return {};
     return folder;
 }
@@ -129,7 +154,7 @@ UniqueFd open_cache_folder(const std::filesystem::path& dir)
 // to copy (missing, not a file of this user's, another size).
 UniqueFd open_kept(int folder, const std::string& name, uint64_t size)
 {
-    UniqueFd file(::openat(folder, name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+    UniqueFd file(::openat(folder, name.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)); // a FIFO does not block
     struct stat st {};
     if (!file || ::fstat(file.get(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_uid != ::geteuid()
         || static_cast<uint64_t>(st.st_size) != size)
@@ -169,6 +194,26 @@ void prune(int folder)
         ::unlinkat(folder, kept[i].second.c_str(), 0);
 }
 
+// Frees what reads zero but holds disk space: without uninit_bg, mkfs.ext4
+// zeroes every inode table with fallocate(FALLOC_FL_ZERO_RANGE), which on a
+// file takes size/64 of disk for nothing (unwritten extents, which SEEK_DATA
+// reports as holes).
+void punch_holes(int fd, uint64_t size, const std::string& what)
+{
+    for (off_t pos = 0; static_cast<uint64_t>(pos) < size;) {
+        off_t hole = ::lseek(fd, pos, SEEK_HOLE);
+        if (hole < 0)
+            throw_errno("read " + what);
+        if (static_cast<uint64_t>(hole) >= size)
+            return;
+        off_t data = ::lseek(fd, hole, SEEK_DATA);
+        off_t end = data < 0 ? static_cast<off_t>(size) : data;
+        if (::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, hole, end - hole) != 0 && errno != EOPNOTSUPP)
+            throw_errno("free the unwritten blocks of " + what);
+        pos = end;
+    }
+}
+
 // mkfs.ext4 into a new file of the cache, moved into place under `name`
 // once made and checked. Empty when its UUID could not change in place:
 // then `name`.mkfs is left to say so, and mkfs.ext4 runs on each card.
@@ -185,10 +230,14 @@ UniqueFd make_kept(int folder, const std::filesystem::path& dir, const std::stri
     try {
         if (::ftruncate(file.get(), static_cast<off_t>(size)) != 0)
             throw_errno("size " + (dir / temp).string());
-        make_ext4((dir / temp).string(), label, options, true, cancellable);
+        // Through the descriptor: a folder swapped meanwhile cannot send
+        // mkfs.ext4 anywhere else.
+        make_ext4("/dev/fd/3", label, options, true, cancellable, file.get());
         std::string made = "/proc/self/fd/" + std::to_string(file.get());
         verify_filesystem(made, "ext4", label);
         suitable = identity_can_change(open_ext4(made, 0).get());
+        if (suitable)
+            punch_holes(file.get(), size, (dir / temp).string());
         if (suitable && ::fsync(file.get()) != 0)
             throw_errno("sync " + (dir / temp).string());
     } catch (...) {
@@ -262,7 +311,7 @@ std::optional<std::filesystem::path> blank_ext4_cache_dir()
 
 bool give_new_identity(const std::string& path)
 {
-    Ext2Filesystem fs = open_ext4(path, EXT2_FLAG_RW);
+    Ext2Filesystem fs = open_ext4(path, EXT2_FLAG_RW | EXT2_FLAG_SKIP_MMP); // no one else can use it
     if (!identity_can_change(fs.get()))
         return false;
     // Group descriptor checksums (uninit_bg) are seeded by the UUID: set
@@ -288,30 +337,30 @@ bool give_new_identity(const std::string& path)
     return true;
 }
 
-void make_blank_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options,
-                     const std::optional<std::filesystem::path>& cache_dir, GCancellable* cancellable)
+namespace {
+
+// Puts a copy of the kept blank file system on `node`, making it first when
+// there is none; false when the cache cannot give one (unsuitable folder or
+// file system, or a kept file not as mkfs.ext4 left it, which is removed).
+bool copy_kept(const std::string& node, const std::string& label, const std::vector<std::string>& options,
+               const std::filesystem::path& cache_dir, GCancellable* cancellable)
 {
-    UniqueFd folder = cache_dir && mke2fs_environment_is_plain() ? open_cache_folder(*cache_dir) : UniqueFd();
-    if (!folder) {
-        make_ext4(node, label, options, true, cancellable);
-        return;
-    }
+    UniqueFd folder = mke2fs_environment_is_plain() ? open_cache_folder(cache_dir) : UniqueFd();
+    if (!folder)
+        return false;
     uint64_t size = 0;
-    std::string name;
     {
         UniqueFd target(::open(node.c_str(), O_RDONLY | O_CLOEXEC));
         if (!target)
             throw_errno("open " + node);
         size = size_of(target.get(), node);
     }
-    name = kept_name(size, label, options);
+    const std::string name = kept_name(size, label, options);
     UniqueFd blank = open_kept(folder.get(), name + ".ext4", size);
     if (!blank && ::faccessat(folder.get(), (name + ".mkfs").c_str(), F_OK, AT_SYMLINK_NOFOLLOW) != 0)
-        blank = make_kept(folder.get(), *cache_dir, name, size, label, options, cancellable);
-    if (!blank) {
-        make_ext4(node, label, options, true, cancellable);
-        return;
-    }
+        blank = make_kept(folder.get(), cache_dir, name, size, label, options, cancellable);
+    if (!blank)
+        return false;
     {
         // O_EXCL on a block device: refused while mounted or claimed.
         UniqueFd target(::open(node.c_str(), O_WRONLY | O_EXCL | O_CLOEXEC));
@@ -321,8 +370,42 @@ void make_blank_ext4(const std::string& node, const std::string& label, const st
         if (::fsync(target.get()) != 0)
             throw_errno("sync " + node);
     }
-    if (!give_new_identity(node))
-        throw Error(node + ": the UUID of the kept blank file system cannot change; delete " + (*cache_dir / (name + ".ext4")).string());
+    // Only a file system as mkfs.ext4 left it is copied on: never mounted,
+    // nothing to recover, no errors, this label.
+    bool as_made = false;
+    {
+        Ext2Filesystem fs = open_ext4(node, 0);
+        const ext2_super_block* sb = fs->super;
+        const auto* volume = reinterpret_cast<const char*>(sb->s_volume_name);
+        as_made = (sb->s_state & EXT2_VALID_FS) && !(sb->s_state & EXT2_ERROR_FS) && sb->s_mnt_count == 0
+                  && !ext2fs_has_feature_journal_needs_recovery(fs->super)
+                  && std::string(volume, ::strnlen(volume, sizeof sb->s_volume_name)) == label;
+    }
+    if (!as_made || !give_new_identity(node)) {
+        ::unlinkat(folder.get(), (name + ".ext4").c_str(), 0); // made again next time
+        return false;
+    }
+    return true;
+}
+
+} // namespace
+
+void make_blank_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options,
+                     const std::optional<std::filesystem::path>& cache_dir, GCancellable* cancellable)
+{
+    bool copied = false;
+    if (cache_dir) {
+        try {
+            copied = copy_kept(node, label, options, *cache_dir, cancellable);
+        } catch (const Cancelled&) {
+            throw;
+        } catch (const std::exception&) {
+            // The cache only saves time (a full or read-only folder, say):
+            // mkfs.ext4 below makes the file system, over whatever was copied.
+        }
+    }
+    if (!copied)
+        make_ext4(node, label, options, true, cancellable);
 }
 
 } // namespace treeflash::flasher

@@ -24,9 +24,11 @@ std::optional<std::filesystem::path> blank_ext4_cache_dir();
 // reads zero (mkfs.ext4's lazy init: inode tables and journal are not
 // written). Copied from `cache_dir` when an earlier flash left one made
 // there with the same mkfs.ext4, configuration, size, label and options,
-// else made there by mkfs.ext4 first. A folder that is not this user's
-// alone, or a file system whose UUID cannot change in place (metadata_csum
-// without metadata_csum_seed), is not used: mkfs.ext4 formats `node`.
+// else made there by mkfs.ext4 first. A folder on a path where someone else
+// could change it, a file system whose UUID cannot change in place
+// (metadata_csum without metadata_csum_seed), a kept file that is not as
+// mkfs.ext4 left it (removed, to be made again), or any failure of the
+// cache itself (a full disk, say): mkfs.ext4 formats `node` instead.
 void make_blank_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options,
                      const std::optional<std::filesystem::path>& cache_dir, GCancellable* cancellable = nullptr);
 

@@ -10,7 +10,7 @@
 namespace treeflash::flasher {
 
 void make_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options,
-               bool fresh_zeroed, GCancellable* cancellable)
+               bool fresh_zeroed, GCancellable* cancellable, int passed_fd)
 {
     std::vector<std::string> argv{"mkfs.ext4", "-F", "-q", "-L", label};
     argv.insert(argv.end(), options.begin(), options.end());
@@ -21,6 +21,8 @@ void make_ext4(const std::string& node, const std::string& label, const std::vec
     argv.push_back(node);
     ProcessOptions process;
     process.cancellable = cancellable;
+    if (passed_fd >= 0)
+        process.descriptors = {{passed_fd, 3}};
     run_checked(argv, process);
 }
 

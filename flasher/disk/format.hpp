@@ -18,8 +18,9 @@ struct FilesystemInfo {
 // mkfs.ext4 with the board's options and the partition's label. On a new
 // image file every block already reads as zero, so inode tables and the
 // journal need not be written out (`fresh_zeroed`); on a used card they must.
+// `passed_fd`: a descriptor mkfs.ext4 gets as 3 (for a `node` of "/dev/fd/3").
 void make_ext4(const std::string& node, const std::string& label, const std::vector<std::string>& options,
-               bool fresh_zeroed = false, GCancellable* cancellable = nullptr);
+               bool fresh_zeroed = false, GCancellable* cancellable = nullptr, int passed_fd = -1);
 
 // How make_ext4_in_image makes a file system that is the same every time.
 struct ReproducibleExt4 {

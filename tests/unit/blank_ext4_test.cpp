@@ -92,8 +92,15 @@ TEST_CASE("a blank file system is mkfs.ext4's own, copied with a UUID and hash s
     fs::path kept = cache / entries(cache).front();
     CHECK(kept.extension() == ".ext4");
     CHECK((fs::status(cache).permissions() & fs::perms::all) == fs::perms::owner_all);
+    struct stat made {};
+    REQUIRE(::stat(kept.c_str(), &made) == 0);
     make_blank_ext4(second.string(), "rootfs", ls104x_options, cache);
-    CHECK(entries(cache).size() == 1); // the same one, copied again
+    CHECK(entries(cache).size() == 1);
+    struct stat copied {};
+    REQUIRE(::stat(kept.c_str(), &copied) == 0);
+    CHECK(copied.st_ino == made.st_ino); // copied, not made again
+    // Only what mkfs.ext4 wrote takes room: not the inode tables it zeroed.
+    CHECK(copied.st_blocks * 512 < 8u << 20);
     make_ext4(by_mkfs.string(), "rootfs", ls104x_options, true);
 
     for (const auto& file : {first, second, kept})
@@ -136,6 +143,30 @@ TEST_CASE("a blank file system is mkfs.ext4's own, copied with a UUID and hash s
         make_blank_ext4(fourth.string(), "rootfs", ls104x_options, cache);
         check_clean(fourth);
         CHECK(read_text(elsewhere) == "not a file system");
+
+        // A FIFO does not block it, and a folder in the way (the new one
+        // cannot be moved there) leaves the work to mkfs.ext4.
+        fs::remove(kept);
+        REQUIRE(::mkfifo(kept.c_str(), 0600) == 0);
+        fs::path fifth = new_file(tmp, "fifth.img", size);
+        make_blank_ext4(fifth.string(), "rootfs", ls104x_options, cache);
+        check_clean(fifth);
+        fs::remove(kept);
+        fs::create_directory(kept);
+        fs::path sixth = new_file(tmp, "sixth.img", size);
+        make_blank_ext4(sixth.string(), "rootfs", ls104x_options, cache);
+        check_clean(sixth);
+        CHECK(probe_filesystem(sixth.string()).label == "rootfs");
+    }
+    SUBCASE("a kept file system that was mounted or changed is not copied on, and is made again")
+    {
+        auto changed = run_process({"debugfs", "-w", "-R", "ssv mnt_count 3", kept.string()});
+        REQUIRE_MESSAGE(changed.ok(), changed.err);
+        fs::path third = new_file(tmp, "third.img", size);
+        make_blank_ext4(third.string(), "rootfs", ls104x_options, cache);
+        check_clean(third);
+        CHECK(field(third, "Mount count") == "0");
+        CHECK_FALSE(fs::exists(kept)); // removed: the next flash makes it again
     }
 }
 
@@ -190,6 +221,18 @@ TEST_CASE("a cache folder others can write to is not used, nor one given by a re
     make_blank_ext4(image.string(), "rootfs", ls104x_options, relative);
     CHECK_FALSE(fs::exists(tmp / "relative"));
     check_clean(image);
+}
+
+TEST_CASE("a cache folder below someone else's folder is not used: root with a user's HOME" * doctest::skip(!is_root()))
+{
+    Scratch tmp;
+    fs::path home = tmp / "home";
+    fs::create_directories(home);
+    REQUIRE(::chown(home.c_str(), 4242, 4242) == 0);
+    fs::path image = new_file(tmp, "image.img", 64u << 20);
+    make_blank_ext4(image.string(), "rootfs", ls104x_options, home / ".cache/treeflash/blank-ext4");
+    check_clean(image);
+    CHECK_FALSE(fs::exists(home / ".cache")); // nothing made in the user's home
 }
 
 TEST_CASE("the cache keeps the 16 most recently used file systems")
