@@ -4,14 +4,13 @@
 #include "flasher/flash/steps.hpp"
 
 #include "common/error.hpp"
+#include "common/fd.hpp"
 #include "common/fs.hpp"
 #include "flasher/boot/boot_state.hpp"
 #include "flasher/boot/bootscript.hpp"
 #include "flasher/disk/blank_ext4.hpp"
 #include "flasher/disk/format.hpp"
 #include "flasher/disk/mount.hpp"
-
-#include "common/fd.hpp"
 
 #include <fcntl.h>
 #include <gio/gio.h>
