@@ -30,7 +30,10 @@ serial, size and partitions are shown and you are asked before anything is
 written, unless --yes.
 
 An --image appears under its name only when complete, with IMAGE.bmap beside
-it. Flashes into one folder take turns, so an image, its .bmap, its
+it. Its empty file systems are copies, each with a UUID of its own, of ones
+mkfs.ext4 made on an earlier flash of the same size, kept in
+~/.cache/treeflash/blank-ext4 (TREEFLASH_BLANK_CACHE=off: mkfs.ext4 each
+time). Flashes into one folder take turns, so an image, its .bmap, its
 compressed form and the folder's SHA256SUMS come from one flash. The folder
 must be one no other user can swap or empty meanwhile (a sticky one such as
 /tmp is fine), and those files replace regular files only. A local --repo

@@ -2,6 +2,7 @@
 
 #include "common/error.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <fcntl.h>
 #include <fstream>
@@ -69,6 +70,28 @@ UniqueFd open_directory(const std::filesystem::path& path)
     if (!fd)
         throw_errno("open directory " + path.string());
     return fd;
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> data_extents(int fd, uint64_t size, const std::string& what)
+{
+    std::vector<std::pair<uint64_t, uint64_t>> extents;
+    off_t pos = 0;
+    while (static_cast<uint64_t>(pos) < size) {
+        off_t data = ::lseek(fd, pos, SEEK_DATA);
+        if (data < 0) {
+            if (errno == ENXIO)
+                break; // only a hole is left
+            throw_errno("find data in " + what);
+        }
+        if (static_cast<uint64_t>(data) >= size)
+            break;
+        off_t hole = ::lseek(fd, data, SEEK_HOLE);
+        if (hole < 0)
+            throw_errno("find holes in " + what);
+        extents.emplace_back(static_cast<uint64_t>(data), std::min(static_cast<uint64_t>(hole), size));
+        pos = hole;
+    }
+    return extents;
 }
 
 std::string read_file(const std::filesystem::path& path)

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace treeflash::fs {
@@ -33,6 +34,10 @@ std::string read_all(int fd, const std::string& what);
 // retried); Error naming `what` and the offset otherwise.
 void read_at(int fd, char* data, size_t size, uint64_t offset, const std::string& what);
 void write_at(int fd, const char* data, size_t size, uint64_t offset, const std::string& what);
+
+// The byte ranges [from, to) of the first `size` bytes of `fd` that hold
+// data (SEEK_DATA / SEEK_HOLE); the rest reads zero. Error naming `what`.
+std::vector<std::pair<uint64_t, uint64_t>> data_extents(int fd, uint64_t size, const std::string& what);
 
 // Writes all of `text` to a pipe or socket, retrying short writes; stops
 // quietly when the reader is gone (a child reporting to its parent).

@@ -2,6 +2,7 @@
 
 #include "common/error.hpp"
 #include "common/fd.hpp"
+#include "common/fs.hpp"
 #include "common/process.hpp"
 #include "common/sha256.hpp"
 #include "common/text.hpp"
@@ -65,6 +66,18 @@ Ext2Filesystem open_ext4(const std::string& path, int flags)
     if (err)
         throw Error("open the ext4 file system on " + path + ": " + error_message(err));
     return Ext2Filesystem(raw);
+}
+
+// Whether the file system on `path` is as mkfs.ext4 left it: never
+// mounted, nothing to recover, no errors, labelled `label`.
+bool as_mkfs_left_it(const std::string& path, const std::string& label)
+{
+    Ext2Filesystem fs = open_ext4(path, 0);
+    const ext2_super_block* sb = fs->super;
+    const auto* volume = reinterpret_cast<const char*>(sb->s_volume_name);
+    return (sb->s_state & EXT2_VALID_FS) && !(sb->s_state & EXT2_ERROR_FS) && sb->s_mnt_count == 0
+           && !ext2fs_has_feature_journal_needs_recovery(fs->super)
+           && std::string(volume, ::strnlen(volume, sizeof sb->s_volume_name)) == label;
 }
 
 // mke2fs reads variables besides its configuration file (fake times,
@@ -200,18 +213,17 @@ void prune(int folder)
 // reports as holes).
 void punch_holes(int fd, uint64_t size, const std::string& what)
 {
-    for (off_t pos = 0; static_cast<uint64_t>(pos) < size;) {
-        off_t hole = ::lseek(fd, pos, SEEK_HOLE);
-        if (hole < 0)
-            throw_errno("read " + what);
-        if (static_cast<uint64_t>(hole) >= size)
-            return;
-        off_t data = ::lseek(fd, hole, SEEK_DATA);
-        off_t end = data < 0 ? static_cast<off_t>(size) : data;
-        if (::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, hole, end - hole) != 0 && errno != EOPNOTSUPP)
+    uint64_t pos = 0;
+    auto punch = [&](uint64_t to) {
+        if (to > pos && ::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(pos),
+                                    static_cast<off_t>(to - pos)) != 0 && errno != EOPNOTSUPP)
             throw_errno("free the unwritten blocks of " + what);
-        pos = end;
+    };
+    for (const auto& [from, to] : fs::data_extents(fd, size, what)) {
+        punch(from);
+        pos = to;
     }
+    punch(size);
 }
 
 // mkfs.ext4 into a new file of the cache, moved into place under `name`
@@ -261,25 +273,16 @@ UniqueFd make_kept(int folder, const std::filesystem::path& dir, const std::stri
 // `to`; its other bytes already read zero.
 void copy_data(int from, int to, uint64_t size, const std::string& what)
 {
-    for (off_t pos = 0; static_cast<uint64_t>(pos) < size;) {
-        off_t data = ::lseek(from, pos, SEEK_DATA);
-        if (data < 0 && errno == ENXIO)
-            return;
-        if (data < 0)
-            throw_errno("read " + what);
-        off_t hole = ::lseek(from, data, SEEK_HOLE);
-        if (hole < 0)
-            throw_errno("read " + what);
-        if (::lseek(to, data, SEEK_SET) != data)
+    for (const auto& [start, end] : fs::data_extents(from, size, what)) {
+        if (::lseek(to, static_cast<off_t>(start), SEEK_SET) != static_cast<off_t>(start))
             throw_errno("seek " + what);
-        for (off_t in = data; in < hole;) {
-            ssize_t n = ::sendfile(to, from, &in, static_cast<size_t>(hole - in));
+        for (auto in = static_cast<off_t>(start); in < static_cast<off_t>(end);) {
+            ssize_t n = ::sendfile(to, from, &in, static_cast<size_t>(end) - static_cast<size_t>(in));
             if (n < 0 && errno == EINTR)
                 continue;
             if (n <= 0)
                 throw_errno("copy " + what);
         }
-        pos = hole;
     }
 }
 
@@ -348,43 +351,28 @@ bool copy_kept(const std::string& node, const std::string& label, const std::vec
     UniqueFd folder = mke2fs_environment_is_plain() ? open_cache_folder(cache_dir) : UniqueFd();
     if (!folder)
         return false;
-    uint64_t size = 0;
-    {
-        UniqueFd target(::open(node.c_str(), O_RDONLY | O_CLOEXEC));
-        if (!target)
-            throw_errno("open " + node);
-        size = size_of(target.get(), node);
-    }
-    const std::string name = kept_name(size, label, options);
-    UniqueFd blank = open_kept(folder.get(), name + ".ext4", size);
-    if (!blank && ::faccessat(folder.get(), (name + ".mkfs").c_str(), F_OK, AT_SYMLINK_NOFOLLOW) != 0)
-        blank = make_kept(folder.get(), cache_dir, name, size, label, options, cancellable);
-    if (!blank)
-        return false;
     {
         // O_EXCL on a block device: refused while mounted or claimed.
         UniqueFd target(::open(node.c_str(), O_WRONLY | O_EXCL | O_CLOEXEC));
         if (!target)
             throw_errno("open " + node);
+        uint64_t size = size_of(target.get(), node);
+        const std::string name = kept_name(size, label, options);
+        UniqueFd blank = open_kept(folder.get(), name + ".ext4", size);
+        if (!blank && ::faccessat(folder.get(), (name + ".mkfs").c_str(), F_OK, AT_SYMLINK_NOFOLLOW) != 0)
+            blank = make_kept(folder.get(), cache_dir, name, size, label, options, cancellable);
+        if (!blank)
+            return false;
+        if (!as_mkfs_left_it("/proc/self/fd/" + std::to_string(blank.get()), label)) {
+            ::unlinkat(folder.get(), (name + ".ext4").c_str(), 0); // made again next time
+            return false;
+        }
         copy_data(blank.get(), target.get(), size, node);
         if (::fsync(target.get()) != 0)
             throw_errno("sync " + node);
     }
-    // Only a file system as mkfs.ext4 left it is copied on: never mounted,
-    // nothing to recover, no errors, this label.
-    bool as_made = false;
-    {
-        Ext2Filesystem fs = open_ext4(node, 0);
-        const ext2_super_block* sb = fs->super;
-        const auto* volume = reinterpret_cast<const char*>(sb->s_volume_name);
-        as_made = (sb->s_state & EXT2_VALID_FS) && !(sb->s_state & EXT2_ERROR_FS) && sb->s_mnt_count == 0
-                  && !ext2fs_has_feature_journal_needs_recovery(fs->super)
-                  && std::string(volume, ::strnlen(volume, sizeof sb->s_volume_name)) == label;
-    }
-    if (!as_made || !give_new_identity(node)) {
-        ::unlinkat(folder.get(), (name + ".ext4").c_str(), 0); // made again next time
-        return false;
-    }
+    if (!give_new_identity(node))
+        throw Error("the UUID of the copy on " + node + " cannot change"); // checked when it was kept
     return true;
 }
 

@@ -29,27 +29,6 @@ namespace {
 // The most one checksum of a new bmap covers: see map_open_image.
 constexpr uint64_t hash_piece_bytes = 16 << 20;
 
-// The byte ranges of `fd` that hold data, from SEEK_DATA / SEEK_HOLE.
-std::vector<std::pair<uint64_t, uint64_t>> data_extents(int fd, uint64_t size, const std::string& what)
-{
-    std::vector<std::pair<uint64_t, uint64_t>> extents;
-    off_t pos = 0;
-    while (static_cast<uint64_t>(pos) < size) {
-        off_t data = ::lseek(fd, pos, SEEK_DATA);
-        if (data < 0) {
-            if (errno == ENXIO)
-                break; // only a hole is left
-            throw_errno("find data in " + what);
-        }
-        off_t hole = ::lseek(fd, data, SEEK_HOLE);
-        if (hole < 0)
-            throw_errno("find holes in " + what);
-        extents.emplace_back(static_cast<uint64_t>(data), static_cast<uint64_t>(hole));
-        pos = hole;
-    }
-    return extents;
-}
-
 std::string range_sha256(int fd, uint64_t from, uint64_t to, const std::string& what, GCancellable* cancellable)
 {
     Sha256 sum;
@@ -132,7 +111,7 @@ Bmap map_open_image(int fd, uint64_t size, const std::string& what, GCancellable
     map.image_size = size;
     const uint64_t bs = map.block_size;
     map.blocks_count = (map.image_size + bs - 1) / bs;
-    for (const auto& [from, to] : data_extents(fd, map.image_size, what)) {
+    for (const auto& [from, to] : fs::data_extents(fd, map.image_size, what)) {
         uint64_t first = from / bs, last = (std::min(to, map.image_size) - 1) / bs;
         if (!map.ranges.empty() && first <= map.ranges.back().last + 1)
             map.ranges.back().last = std::max(map.ranges.back().last, last);
