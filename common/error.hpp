@@ -36,8 +36,9 @@ public:
 [[noreturn]] void throw_gerror(GError*& err, std::string_view what = {});
 
 // With TREEFLASH_STEP_TIMES set in the environment, every step's wall
-// time is printed on stderr when it ends (for benchmarks; nested steps
-// print before the step holding them).
+// time, and the CPU time of the thread running it, are printed on stderr
+// when it ends (for benchmarks; nested steps print before the step holding
+// them).
 class StepTimer {
 public:
     explicit StepTimer(std::string_view step);
@@ -48,6 +49,7 @@ public:
 private:
     std::string_view m_step;
     long long m_start_ns = -1;
+    long long m_start_cpu_ns = 0;
 };
 
 // Runs fn; an Error escaping it gets "step: " in front of its message.
