@@ -1,6 +1,7 @@
 #include "common/fs.hpp"
 
 #include "common/error.hpp"
+#include "common/pending_file.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -134,33 +135,7 @@ void write_to_pipe(int fd, std::string_view text) noexcept
 
 void write_file_atomic_at(int folder, const std::string& name, std::string_view content, const std::string& what)
 {
-    // A new file, never through a symlink someone put under that name (the
-    // folder may be shared): what a killed run left is removed first.
-    std::string temp = name + ".tmp-" + std::to_string(::getpid());
-    ::unlinkat(folder, temp.c_str(), 0);
-    UniqueFd fd(::openat(folder, temp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
-    if (!fd)
-        throw_errno("write " + what);
-    auto fail = [&](const std::string& step) {
-        int err = errno;
-        ::unlinkat(folder, temp.c_str(), 0);
-        throw_errno(step + " " + what, err);
-    };
-    for (size_t done = 0; done < content.size();) {
-        ssize_t n = ::write(fd.get(), content.data() + done, content.size() - done);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            if (n == 0)
-                errno = ENOSPC;
-            fail("write");
-        }
-        done += static_cast<size_t>(n);
-    }
-    if (::fsync(fd.get()) != 0)
-        fail("sync");
-    if (::renameat(folder, temp.c_str(), folder, name.c_str()) != 0)
-        fail("move into place");
+    PendingFile(folder, name, content, what).publish();
 }
 
 void write_file_atomic(const std::filesystem::path& path, std::string_view content)

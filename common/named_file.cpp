@@ -247,16 +247,40 @@ UniqueFd check_output(const std::filesystem::path& path, std::string_view what)
     return folder;
 }
 
-void write_output(const std::filesystem::path& path, std::string_view what, std::string_view content,
-                  const struct stat* never_over)
+namespace {
+
+void check_not_over(int folder, const std::string& name, const std::filesystem::path& path, std::string_view what,
+                    const struct stat* never_over)
+{
+    struct stat existing {};
+    if (never_over && ::fstatat(folder, name.c_str(), &existing, AT_SYMLINK_NOFOLLOW) == 0
+        && same_file(existing, *never_over))
+        throw Error(named(path, what) + " would replace a file this run reads; name another file");
+}
+
+} // namespace
+
+PendingFile prepare_output(const std::filesystem::path& path, std::string_view what, std::string_view content,
+                           const struct stat* never_over)
 {
     UniqueFd folder = check_output(path, what);
     std::string name = path.filename().string();
-    struct stat existing {};
-    if (never_over && ::fstatat(folder.get(), name.c_str(), &existing, AT_SYMLINK_NOFOLLOW) == 0
-        && same_file(existing, *never_over))
-        throw Error(named(path, what) + " would replace a file this run reads; name another file");
-    fs::write_file_atomic_at(folder.get(), name, content, named(path, what));
+    check_not_over(folder.get(), name, path, what, never_over);
+    return PendingFile(folder.get(), name, content, named(path, what));
+}
+
+void publish_output(PendingFile& output, const std::filesystem::path& path, std::string_view what,
+                    const struct stat* never_over)
+{
+    check_not_over(output.folder(), output.name(), path, what, never_over);
+    output.publish();
+}
+
+void write_output(const std::filesystem::path& path, std::string_view what, std::string_view content,
+                  const struct stat* never_over)
+{
+    PendingFile output = prepare_output(path, what, content, never_over);
+    publish_output(output, path, what, never_over);
 }
 
 void check_folder_is_stable(const std::filesystem::path& folder, std::string_view what)

@@ -16,6 +16,7 @@
 #pragma once
 
 #include "common/fd.hpp"
+#include "common/pending_file.hpp"
 
 #include <cstdint>
 #include <filesystem>
@@ -55,6 +56,13 @@ UniqueFd check_output(const std::filesystem::path& path, std::string_view what);
 // the same open folder and a rename, never over the file `never_over`.
 void write_output(const std::filesystem::path& path, std::string_view what, std::string_view content,
                   const struct stat* never_over = nullptr);
+
+// write_output in two halves: checked, written and synced now, moved over
+// `path` by publish_output, checked again.
+PendingFile prepare_output(const std::filesystem::path& path, std::string_view what, std::string_view content,
+                           const struct stat* never_over = nullptr);
+void publish_output(PendingFile& output, const std::filesystem::path& path, std::string_view what,
+                    const struct stat* never_over = nullptr);
 
 // Throws unless no folder on the way to `folder`, as it really is (links
 // followed by the rules above), can be renamed or replaced by another user,

@@ -410,8 +410,9 @@ std::unique_ptr<Target> Target::create_image(const std::filesystem::path& image,
     std::filesystem::path dir = image.parent_path().empty() ? "." : image.parent_path();
     std::string prefix = "." + image.filename().string() + ".partial-";
     std::vector<std::string> notes;
-    // Partial images, and the partial compressed forms a killed publish left.
-    std::vector<std::string> prefixes{prefix};
+    // Partial images, the partial compressed forms a killed publish left,
+    // and block maps written but not yet moved into place (see flash.cpp).
+    std::vector<std::string> prefixes{prefix, image.filename().string() + ".bmap.tmp-"};
     for (const char* compressed : compressions)
         prefixes.push_back("." + image.filename().string() + "." + compressed + ".partial-");
     for (const auto& entry : std::filesystem::directory_iterator(dir, ec))
@@ -517,6 +518,19 @@ void Target::start_writeback() const
 {
     if (is_image() && m_partial_lock)
         ::sync_file_range(m_partial_lock.get(), 0, 0, SYNC_FILE_RANGE_WRITE); // a failure shows in commit()'s fsync
+}
+
+UniqueFd Target::image_file() const
+{
+    UniqueFd file(is_image() ? ::fcntl(m_partial_lock.get(), F_DUPFD_CLOEXEC, 0) : -1);
+    if (!file)
+        throw_errno("open " + m_partial.string() + " again");
+    // The device's cached writes go to the file (through the loop device),
+    // without the cache flush an fsync asks for.
+    if (::sync_file_range(m_fd.get(), 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER)
+        != 0)
+        throw_errno("write out " + m_device);
+    return file;
 }
 
 void Target::commit()

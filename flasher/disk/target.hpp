@@ -126,6 +126,12 @@ public:
     void start_writeback() const;
     // Flushes and, for an image, detaches the loop device and moves the file into place.
     void commit();
+    // An image: another descriptor of the file written (through the same
+    // open file, which stays the image once commit() moved it into place),
+    // once all written to the loop device itself (the partition table and
+    // firmware) has reached the file: enough to read the image back, while
+    // commit() makes it durable.
+    UniqueFd image_file() const;
     // The image file commit() replaced (with `overwrite`), still open: its
     // blocks are freed when this closes, which takes a while for a large
     // image, so a caller may close it beside other work. Empty when nothing

@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <fcntl.h>
+#include <future>
 #include <gio/gio.h>
 #include <memory>
 #include <sys/file.h>
@@ -203,11 +204,26 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
 
     Progress progress = Progress::Untouched;
     std::jthread remove_scratch_trees;
+    UniqueFd image_file;           // an image's, read for its block map
+    std::future<PendingFile> bmap; // (declared after it: waited for before it closes)
     try {
         if (plan.unprivileged)
             remove_scratch_trees = write_image_from_directories(plan, *target, result, notice, cancellable);
         else
             write_card(plan, *target, result, progress, notice, cancellable);
+        // An image is complete: its block map is read (from the page cache,
+        // on the CPU) and written while the sync waits for the disk; it is
+        // moved into place beside the image once the image is.
+        if (options.image) {
+            image_file = target->image_file();
+            bmap = std::async(std::launch::async, [fd = image_file.get(), size = target->size(), &options, cancellable] {
+                return in_step("bmap", [&] {
+                    return prepare_bmap(fd, size, published_beside(*options.image, "").front(), options.image->string(),
+                                        cancellable);
+                });
+            });
+        }
+        in_step("sync", [&] { target->commit(); });
     } catch (const Cancelled&) {
         throw Cancelled("interrupted; " + state_after(progress, options.image.has_value()));
     } catch (const Error& e) {
@@ -236,15 +252,16 @@ FlashResult flash(const FlashOptions& options, GCancellable* cancellable)
         }
         try {
             // The block map, made from the raw image (before anyone compresses it).
-            const std::filesystem::path& bmap = published.front();
-            in_step("bmap", [&] { write_bmap(*options.image, bmap, cancellable); });
-            result.bmap = bmap.string();
+            const std::filesystem::path& bmap_path = published.front();
+            PendingFile prepared = bmap.get();
+            in_step("bmap", [&] { publish_bmap(prepared, image_file.get(), bmap_path); });
+            result.bmap = bmap_path.string();
             if (!options.compress.empty()) {
                 auto compressed = in_step("compress", [&] {
                     return compress_image(*options.image, options.compress, options.overwrite, cancellable);
                 });
                 result.compressed = compressed.string();
-                result.sums = in_step("SHA256SUMS", [&] { return update_sha256sums({compressed, bmap}, cancellable); }).string();
+                result.sums = in_step("SHA256SUMS", [&] { return update_sha256sums({compressed, bmap_path}, cancellable); }).string();
             }
         } catch (const Cancelled&) {
             throw Cancelled("interrupted; " + incomplete);

@@ -349,7 +349,6 @@ std::jthread write_image_from_directories(const FlashPlan& plan, Target& target,
         remove_trees = start_beside([trees = std::make_shared<std::pair<fs::TempDir, UniqueFd>>(std::move(*trees))] {
             trees->first.remove();
         });
-    in_step("sync", [&] { target.commit(); });
     return remove_trees;
 }
 

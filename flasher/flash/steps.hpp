@@ -45,13 +45,13 @@ std::filesystem::path memory_with_room(uint64_t bytes, uint64_t entries);
 
 // The loop-device and card path (through_mounts.cpp): partition, mkfs,
 // mount, deploy, boot script, in the order that leaves the clearest state;
-// `progress` says how far it got.
+// `progress` says how far it got. The caller syncs the target.
 void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Progress& progress,
                 const std::function<void(const std::string&)>& notice, GCancellable* cancellable);
 
 // The path without privileges (from_trees.cpp): the same card, made from
 // directories by mkfs.ext4 -d in a user namespace. Returns the thread that
-// removes the trees, still at work.
+// removes the trees, still at work. The caller syncs the target.
 std::jthread write_image_from_directories(const FlashPlan& plan, Target& target, FlashResult& result,
                                           const std::function<void(const std::string&)>& notice,
                                           GCancellable* cancellable);

@@ -96,7 +96,6 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
             boot.unmount();
         });
     }
-    in_step("sync", [&] { target.commit(); });
 }
 
 } // namespace treeflash::flasher

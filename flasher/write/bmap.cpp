@@ -308,16 +308,44 @@ std::string bmap_xml(const Bmap& map)
     return xml;
 }
 
-Bmap write_bmap(const std::filesystem::path& image, const std::filesystem::path& output, GCancellable* cancellable)
+namespace {
+
+void check_bmap_output(const std::filesystem::path& output, const struct stat& image)
 {
     named::check_output(output, "the bmap");
-    named::OpenFile file = named::open_input(image, "the image");
     struct stat out {};
-    if (::stat(output.c_str(), &out) == 0 && named::same_file(out, file.st))
+    if (::stat(output.c_str(), &out) == 0 && named::same_file(out, image))
         throw Error("the bmap " + output.string() + " would replace the image it maps; name another file");
+}
+
+} // namespace
+
+Bmap write_bmap(const std::filesystem::path& image, const std::filesystem::path& output, GCancellable* cancellable)
+{
+    named::OpenFile file = named::open_input(image, "the image");
+    check_bmap_output(output, file.st);
     Bmap map = map_open_image(file.fd.get(), static_cast<uint64_t>(file.st.st_size), image.string(), cancellable);
     named::write_output(output, "the bmap", bmap_xml(map), &file.st);
     return map;
+}
+
+PendingFile prepare_bmap(int image_fd, uint64_t size, const std::filesystem::path& output, const std::string& what,
+                         GCancellable* cancellable)
+{
+    struct stat image {};
+    if (::fstat(image_fd, &image) != 0)
+        throw_errno("stat " + what);
+    check_bmap_output(output, image);
+    Bmap map = map_open_image(image_fd, size, what, cancellable);
+    return named::prepare_output(output, "the bmap", bmap_xml(map), &image);
+}
+
+void publish_bmap(PendingFile& bmap, int image_fd, const std::filesystem::path& output)
+{
+    struct stat image {};
+    if (::fstat(image_fd, &image) != 0)
+        throw_errno("stat the image");
+    named::publish_output(bmap, output, "the bmap", &image);
 }
 
 } // namespace treeflash::flasher

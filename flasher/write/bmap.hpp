@@ -4,6 +4,8 @@
 // SEEK_HOLE), before any compression.
 #pragma once
 
+#include "common/pending_file.hpp"
+
 #include <cstdint>
 #include <filesystem>
 #include <string>
@@ -60,5 +62,12 @@ std::string bmap_xml(const Bmap& map);
 // Writes the bmap of `image` to `output` (through a temporary file); the
 // output may only replace a regular file, never the image itself.
 Bmap write_bmap(const std::filesystem::path& image, const std::filesystem::path& output, GCancellable* cancellable = nullptr);
+
+// The bmap of the image open as `image_fd`, written and synced beside
+// `output` under a temporary name, with the rules of write_bmap; moved into
+// place by publish_bmap (once the image itself is in place).
+PendingFile prepare_bmap(int image_fd, uint64_t size, const std::filesystem::path& output, const std::string& what,
+                         GCancellable* cancellable = nullptr);
+void publish_bmap(PendingFile& bmap, int image_fd, const std::filesystem::path& output);
 
 } // namespace treeflash::flasher

@@ -2,12 +2,14 @@
 // the binary, and file writes.
 #include "common/error.hpp"
 #include "common/fs.hpp"
+#include "common/pending_file.hpp"
 #include "common/process.hpp"
 #include "common/templates.hpp"
 #include "common/text.hpp"
 #include "tests/support/fixtures.hpp"
 
 #include <cstdlib>
+#include <fcntl.h>
 #include <doctest/doctest.h>
 #include <gio/gio.h>
 #include <unistd.h>
@@ -94,6 +96,32 @@ TEST_CASE("a file written atomically never goes through a symlink at its tempora
     CHECK_FALSE(fs::is_symlink(out));
     CHECK(read_text(out) == "the map");
     CHECK_FALSE(fs::exists(fs::symlink_status(temporary)));
+}
+
+TEST_CASE("a pending file replaces its name only when published, and leaves nothing when dropped")
+{
+    Scratch tmp;
+    write_file(tmp / "card.img.bmap", "the old map");
+    auto temporaries = [&] {
+        size_t n = 0;
+        for (const auto& entry : fs::directory_iterator(tmp.path()))
+            n += entry.path().filename().string().find(".tmp-") != std::string::npos;
+        return n;
+    };
+    treeflash::UniqueFd folder(::open(tmp.path().c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+    {
+        treeflash::PendingFile dropped(folder.get(), "card.img.bmap", "a map never published", "the bmap");
+        CHECK(temporaries() == 1);
+    }
+    CHECK(temporaries() == 0);
+    CHECK(read_text(tmp / "card.img.bmap") == "the old map");
+    treeflash::PendingFile pending(folder.get(), "card.img.bmap", "the new map", "the bmap");
+    treeflash::PendingFile moved(std::move(pending)); // what a thread hands back
+    CHECK(read_text(tmp / "card.img.bmap") == "the old map");
+    moved.publish();
+    CHECK(read_text(tmp / "card.img.bmap") == "the new map");
+    CHECK(temporaries() == 0);
+    CHECK_THROWS_AS(moved.publish(), Error);
 }
 
 TEST_CASE("printable: text from a card cannot drive the terminal, and readable text stays as it is")
