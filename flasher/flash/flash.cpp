@@ -65,7 +65,7 @@ std::string state_after(Progress progress, bool image)
     case Progress::Untouched: return "nothing was written to the device";
     case Progress::Partitioned: return "the device's partition table was being written or is written, nothing formatted; it will not boot";
     case Progress::Formatted: return "the device is partitioned and formatted but holds no deployment; it will not boot";
-    case Progress::Deployed: return "the device holds a deployment but no boot script; it will not boot";
+    case Progress::Deployed: return "the device holds a deployment and its boot script, not all of it synced; it may not boot";
     }
     return "";
 }

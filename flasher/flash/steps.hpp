@@ -44,8 +44,8 @@ std::jthread start_beside(const std::function<void()>& work);
 std::filesystem::path memory_with_room(uint64_t bytes, uint64_t entries);
 
 // The loop-device and card path (through_mounts.cpp): partition, mkfs,
-// mount, deploy, boot script, in the order that leaves the clearest state;
-// `progress` says how far it got. The caller syncs the target.
+// mount, deploy, boot script; `progress` says how far it got. The caller
+// syncs the target.
 void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Progress& progress,
                 const std::function<void(const std::string&)>& notice, GCancellable* cancellable);
 
