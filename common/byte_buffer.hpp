@@ -23,6 +23,13 @@ public:
     ByteBuffer() = default;
     ByteBuffer(const ByteBuffer&) = delete;
     ByteBuffer& operator=(const ByteBuffer&) = delete;
+    ByteBuffer(ByteBuffer&& other) noexcept { swap(other); }
+    ByteBuffer& operator=(ByteBuffer&& other) noexcept
+    {
+        ByteBuffer gone(std::move(other));
+        swap(gone);
+        return *this;
+    }
     ~ByteBuffer() { release(); }
 
     // Room for `size` bytes; what the buffer held is lost. Grows at least

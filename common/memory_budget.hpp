@@ -33,6 +33,8 @@ public:
         Grant& operator=(const Grant&) = delete;
         ~Grant() { release(); }
 
+        explicit operator bool() const { return m_budget != nullptr; }
+
         void release()
         {
             if (m_budget)
@@ -46,13 +48,27 @@ public:
     };
 
     // Waits until `bytes` fit (or nothing else is held), then holds them
-    // until the grant goes away.
+    // until the grant goes away. Once close() was called, returns at once
+    // an empty grant (false).
     Grant take(uint64_t bytes)
     {
         std::unique_lock guard(m_lock);
-        m_room.wait(guard, [&] { return m_used == 0 || m_used + bytes <= m_total; });
+        m_room.wait(guard, [&] { return m_closed || m_used == 0 || m_used + bytes <= m_total; });
+        if (m_closed)
+            return Grant();
         m_used += bytes;
         return Grant(this, bytes);
+    }
+
+    // Wakes every take() waiting and empties every later one: for work that
+    // stops while others hold grants that may never go.
+    void close()
+    {
+        {
+            std::lock_guard guard(m_lock);
+            m_closed = true;
+        }
+        m_room.notify_all();
     }
 
 private:
@@ -67,6 +83,7 @@ private:
 
     uint64_t m_total;
     uint64_t m_used = 0;
+    bool m_closed = false;
     std::mutex m_lock;
     std::condition_variable m_room;
 };

@@ -75,6 +75,19 @@ struct Item {
     std::string path = {}; // of a dirtree, as first met
 };
 
+// An object fetched and checked before the repository it goes to is there
+// (see Prefetch::attach).
+struct HeldWrite {
+    Kind kind;
+    std::string checksum;
+    glib::Variant metadata;       // a dirtree or dirmeta
+    glib::Object<GFileInfo> info; // a file
+    glib::Variant xattrs;
+    ByteBuffer content; // a regular file's bytes
+    size_t size = 0;
+    MemoryBudget::Grant grant;
+};
+
 // The order objects are taken in: the folders first (so every file is
 // known early), then the boot files (the kernel and initramfs, the biggest
 // files of most commits: started early, they do not finish last on one
@@ -92,12 +105,22 @@ Priority priority_of(const Item& item, const std::string& folder)
 
 class Prefetch {
 public:
-    Prefetch(OstreeRepo* repo, std::function<std::unique_ptr<ObjectSource>()> make_source, GCancellable* cancellable)
-        : m_repo(repo), m_make_source(std::move(make_source)), m_cancellable(cancellable)
+    Prefetch(std::function<std::unique_ptr<ObjectSource>()> make_source, GCancellable* cancellable)
+        : m_make_source(std::move(make_source)), m_cancellable(cancellable)
     {
     }
 
-    void run(const std::string& commit, unsigned jobs, bool sync_while_fetching, PrefetchResult& result)
+    ~Prefetch()
+    {
+        stop("");
+        m_workers.clear(); // joins
+        m_flusher = {};
+        m_held.clear(); // their grants go back to m_budget, still there
+    }
+
+    // Fetches the commit, then starts `jobs` workers on its objects, which
+    // hold what they fetch in memory until attach() names the repository.
+    void start(const std::string& commit, unsigned jobs)
     {
         // The commit and its detached metadata (signatures) are read and the
         // commit checked against its name; written only by
@@ -106,56 +129,78 @@ public:
             auto source = m_make_source();
             ByteBuffer buffer;
             auto bytes = source->fetch(loose_object_path(commit, "commit"), largest_metadata_object, buffer, m_cancellable);
-            result.commit_object = checked_metadata(bytes, commit, MetadataKind::Commit);
-            glib::Variant contents(g_variant_get_child_value(result.commit_object.get(), 6));
-            glib::Variant meta(g_variant_get_child_value(result.commit_object.get(), 7));
+            m_result.commit_object = checked_metadata(bytes, commit, MetadataKind::Commit);
+            glib::Variant contents(g_variant_get_child_value(m_result.commit_object.get(), 6));
+            glib::Variant meta(g_variant_get_child_value(m_result.commit_object.get(), 7));
             add({Kind::DirTree, checksum_hex(contents.get()), ""}, "");
             add({Kind::DirMeta, checksum_hex(meta.get())}, "");
             try {
                 bytes = source->fetch(loose_object_path(commit, "commitmeta"), largest_metadata_object, buffer, m_cancellable);
                 gpointer copy = g_memdup2(bytes.data(), bytes.size());
-                result.detached_metadata = glib::adopt_variant(
+                m_result.detached_metadata = glib::adopt_variant(
                     g_variant_new_from_data(G_VARIANT_TYPE_VARDICT, copy, bytes.size(), FALSE, g_free, copy));
             } catch (const SourceMissing&) {
                 // Unsigned: nothing to keep beside the commit.
             }
         } catch (const SourceStop& stop) {
-            result.stopped = stop.why;
+            m_result.stopped = stop.why;
             return;
         } catch (const SourceTooBig&) {
-            result.stopped = "the commit or its detached metadata is over " + std::to_string(largest_metadata_object >> 20) + " MiB";
+            m_result.stopped = "the commit or its detached metadata is over " + std::to_string(largest_metadata_object >> 20) + " MiB";
             return;
+        }
+        for (unsigned i = 0; i < jobs; ++i)
+            m_workers.emplace_back([this] { work(); });
+    }
+
+    // From now on objects go to `repo`, in a transaction; those held so
+    // far are written on this thread.
+    void attach(OstreeRepo* repo, bool sync_while_fetching)
+    {
+        m_transaction.emplace(repo, nullptr);
+        std::vector<HeldWrite> held;
+        {
+            std::lock_guard guard(m_lock);
+            m_repo = repo;
+            held.swap(m_held);
         }
         // The card is written while objects still arrive: every 32 MiB
         // fetched, the repository's file system is synced on a thread of its
         // own, rather than all at once when libostree deploys.
-        auto flush = [this](std::stop_token stop) {
-            uint64_t flushed = 0;
-            std::unique_lock guard(m_lock);
-            while (!m_flush_wake.wait_for(guard, stop, std::chrono::milliseconds(50), [&] { return stop.stop_requested(); })) {
-                if (m_bytes - flushed < flush_every)
-                    continue;
-                flushed = m_bytes;
-                guard.unlock();
-                ::syncfs(ostree_repo_get_dfd(m_repo)); // a failure shows in the final sync
-                guard.lock();
-            }
-        };
-        std::jthread flusher;
         if (sync_while_fetching)
-            flusher = std::jthread(flush);
-        std::vector<std::jthread> workers;
-        for (unsigned i = 0; i < jobs; ++i)
-            workers.emplace_back([this] { work(); });
-        workers.clear(); // joins
-        flusher = {};    // stops and joins it
+            m_flusher = std::jthread([this](std::stop_token stop) { flush(stop); });
+        for (auto& write : held) {
+            if (m_halted)
+                break;
+            try {
+                if (g_cancellable_is_cancelled(m_cancellable))
+                    throw Cancelled();
+                write_now(write);
+            } catch (const Cancelled&) {
+                m_cancelled = true;
+                stop("cancelled");
+            } catch (const std::exception& e) {
+                stop("object " + write.checksum + ": " + e.what());
+            }
+        }
+    }
+
+    // Waits for the workers; what the prefetch did.
+    PrefetchResult finish()
+    {
+        m_workers.clear(); // joins
+        m_flusher = {};    // stops and joins it
         if (m_cancelled)
             throw Cancelled();
-        result.objects = m_written;
-        result.bytes = m_bytes;
-        result.stopped = m_stopped;
-        result.left = m_skipped;
-        result.complete = m_stopped.empty() && m_skipped == 0;
+        if (m_transaction)
+            m_transaction->commit(nullptr);
+        m_result.objects = m_written;
+        m_result.bytes = m_bytes;
+        if (m_result.stopped.empty())
+            m_result.stopped = m_stopped;
+        m_result.left = m_skipped;
+        m_result.complete = m_result.stopped.empty() && m_skipped == 0 && m_held.empty();
+        return std::move(m_result);
     }
 
 private:
@@ -181,6 +226,7 @@ private:
         for (auto& queue : m_queues)
             queue.clear();
         m_wake.notify_all();
+        m_budget.close(); // a worker waiting for room held by writes never made
     }
 
     void work()
@@ -230,6 +276,20 @@ private:
         }
     }
 
+    void flush(std::stop_token stop)
+    {
+        uint64_t flushed = 0;
+        std::unique_lock guard(m_lock);
+        while (!m_flush_wake.wait_for(guard, stop, std::chrono::milliseconds(50), [&] { return stop.stop_requested(); })) {
+            if (m_bytes - flushed < flush_every)
+                continue;
+            flushed = m_bytes;
+            guard.unlock();
+            ::syncfs(ostree_repo_get_dfd(m_repo)); // a failure shows in the final sync
+            guard.lock();
+        }
+    }
+
     bool queued() const
     {
         for (const auto& queue : m_queues)
@@ -240,9 +300,12 @@ private:
 
     bool have(OstreeObjectType type, const std::string& checksum)
     {
+        OstreeRepo* repo = attached();
+        if (!repo)
+            return false; // a new repository: it has nothing yet
         GError* error = nullptr;
         gboolean have = FALSE;
-        if (!ostree_repo_has_object(m_repo, type, checksum.c_str(), &have, nullptr, &error))
+        if (!ostree_repo_has_object(repo, type, checksum.c_str(), &have, nullptr, &error))
             throw_gerror(error, "look up object " + checksum);
         return have;
     }
@@ -255,27 +318,20 @@ private:
             if (have(OSTREE_OBJECT_TYPE_DIR_META, item.checksum))
                 return;
             auto bytes = fetched(source, loose_object_path(item.checksum, "dirmeta"), largest_metadata_object, buffers.fetched);
-            glib::Variant meta = checked_metadata(bytes, item.checksum, MetadataKind::DirMeta);
-            if (!ostree_repo_write_metadata_trusted(m_repo, OSTREE_OBJECT_TYPE_DIR_META, item.checksum.c_str(),
-                                                    meta.get(), nullptr, &error))
-                throw_gerror(error);
-            ++m_written;
+            write_or_hold({Kind::DirMeta, item.checksum, checked_metadata(bytes, item.checksum, MetadataKind::DirMeta)});
             return;
         }
         case Kind::DirTree: {
             glib::Variant tree;
             if (have(OSTREE_OBJECT_TYPE_DIR_TREE, item.checksum)) {
                 GVariant* raw = nullptr;
-                if (!ostree_repo_load_variant(m_repo, OSTREE_OBJECT_TYPE_DIR_TREE, item.checksum.c_str(), &raw, &error))
+                if (!ostree_repo_load_variant(attached(), OSTREE_OBJECT_TYPE_DIR_TREE, item.checksum.c_str(), &raw, &error))
                     throw_gerror(error);
                 tree.reset(raw); // a full reference already
             } else {
                 auto bytes = fetched(source, loose_object_path(item.checksum, "dirtree"), largest_metadata_object, buffers.fetched);
                 tree = checked_metadata(bytes, item.checksum, MetadataKind::DirTree);
-                if (!ostree_repo_write_metadata_trusted(m_repo, OSTREE_OBJECT_TYPE_DIR_TREE, item.checksum.c_str(),
-                                                        tree.get(), nullptr, &error))
-                    throw_gerror(error);
-                ++m_written;
+                write_or_hold({Kind::DirTree, item.checksum, glib::Variant(g_variant_ref(tree.get()))});
             }
             glib::Variant files(g_variant_get_child_value(tree.get(), 0));
             for (gsize i = 0, n = g_variant_n_children(files.get()); i < n; ++i) {
@@ -343,6 +399,8 @@ private:
             if (static_cast<uint64_t>(size) > largest_inflated)
                 throw SourceTooBig();
             grant = m_budget.take(static_cast<uint64_t>(size));
+            if (!grant)
+                throw SourceStop{"stopped"}; // halted while waiting for room
             unsigned char* content = buffers.content.reserve(static_cast<size_t>(size));
             // Exactly `size` bytes, or an error (an empty file is checked by
             // its checksum alone).
@@ -355,22 +413,82 @@ private:
         }
         if (objects::content_checksum(info.get(), xattrs.get(), bytes, nullptr) != checksum)
             throw SourceStop{"object " + checksum + ": its content does not match its checksum"};
-        // Checked: libostree writes it as it is, without hashing it again.
+        HeldWrite write{Kind::File, checksum};
+        write.info = std::move(info);
+        write.xattrs = std::move(xattrs);
+        write.size = bytes.size();
+        write.grant = std::move(grant);
+        if (attached()) {
+            write_file(write, bytes);
+            return;
+        }
+        // Held: the bytes go with it, and this worker takes a new buffer.
+        write.content = std::move(buffers.content);
+        write_or_hold(std::move(write));
+    }
+
+    OstreeRepo* attached()
+    {
+        std::lock_guard guard(m_lock);
+        return m_repo;
+    }
+
+    // Writes `write` now, or holds it when there is no repository yet.
+    void write_or_hold(HeldWrite write)
+    {
+        {
+            std::lock_guard guard(m_lock);
+            if (!m_repo) {
+                m_held.push_back(std::move(write));
+                return;
+            }
+        }
+        write_now(write);
+    }
+
+    void write_now(HeldWrite& write)
+    {
+        GError* error = nullptr;
+        switch (write.kind) {
+        case Kind::DirMeta:
+        case Kind::DirTree:
+            if (!ostree_repo_write_metadata_trusted(m_repo,
+                                                    write.kind == Kind::DirMeta ? OSTREE_OBJECT_TYPE_DIR_META
+                                                                                : OSTREE_OBJECT_TYPE_DIR_TREE,
+                                                    write.checksum.c_str(), write.metadata.get(), nullptr, &error))
+                throw_gerror(error);
+            ++m_written;
+            return;
+        case Kind::File:
+            write_file(write, {write.content.data(), write.size});
+            return;
+        }
+    }
+
+    // Checked: libostree writes it as it is, without hashing it again.
+    void write_file(HeldWrite& write, std::span<const unsigned char> bytes)
+    {
+        GError* error = nullptr;
         glib::Object<GInputStream> input;
-        if (g_file_info_get_file_type(info.get()) == G_FILE_TYPE_REGULAR)
+        if (g_file_info_get_file_type(write.info.get()) == G_FILE_TYPE_REGULAR)
             input.reset(g_memory_input_stream_new_from_data(bytes.data(), static_cast<gssize>(bytes.size()), nullptr));
         GInputStream* raw_stream = nullptr;
         guint64 length = 0;
-        if (!ostree_raw_file_to_content_stream(input.get(), info.get(), xattrs.get(), &raw_stream, &length, nullptr,
-                                               &error))
+        if (!ostree_raw_file_to_content_stream(input.get(), write.info.get(), write.xattrs.get(), &raw_stream, &length,
+                                               nullptr, &error))
             throw_gerror(error);
         glib::Object<GInputStream> stream(raw_stream);
-        if (!ostree_repo_write_content(m_repo, checksum.c_str(), stream.get(), length, nullptr, nullptr, &error))
+        if (!ostree_repo_write_content(m_repo, write.checksum.c_str(), stream.get(), length, nullptr, nullptr, &error))
             throw_gerror(error);
         ++m_written;
     }
 
-    OstreeRepo* m_repo;
+    OstreeRepo* m_repo = nullptr; // set by attach()
+    std::vector<HeldWrite> m_held;
+    std::optional<objects::Transaction> m_transaction;
+    std::vector<std::jthread> m_workers;
+    std::jthread m_flusher;
+    PrefetchResult m_result;
     std::function<std::unique_ptr<ObjectSource>()> m_make_source;
     GCancellable* m_cancellable;
     std::mutex m_lock;
@@ -390,27 +508,53 @@ private:
 
 } // namespace
 
-PrefetchResult prefetch_objects(OstreeRepo* repo, const std::string& url, const std::string& commit,
-                                unsigned network_timeout, bool sync_while_fetching, GCancellable* cancellable)
+struct StartedPrefetch::State {
+    std::unique_ptr<Prefetch> prefetch;
+    bool attempted = false;
+};
+
+StartedPrefetch::StartedPrefetch(const std::string& url, const std::string& commit, unsigned network_timeout,
+                                 GCancellable* cancellable)
+    : m_state(std::make_unique<State>())
 {
-    PrefetchResult result;
     auto make_source = object_sources(url, network_timeout);
     if (!make_source)
-        return result;
+        return;
     // Over HTTP, more workers than cores hide each request's round trip.
     unsigned cores = std::max(1u, std::thread::hardware_concurrency());
     unsigned jobs = url.rfind("http://", 0) == 0 ? std::max(4u, 2 * cores) : std::max(2u, cores);
     try {
         if (!is_archive(*make_source(), cancellable))
-            return result;
+            return;
     } catch (const SourceStop&) { // no libcurl handle: libostree's pull does it all
-        return result;
+        return;
     }
+    m_state->attempted = true;
+    m_state->prefetch = std::make_unique<Prefetch>(make_source, cancellable);
+    m_state->prefetch->start(commit, jobs);
+}
+
+StartedPrefetch::~StartedPrefetch() = default;
+StartedPrefetch::StartedPrefetch(StartedPrefetch&&) noexcept = default;
+
+PrefetchResult StartedPrefetch::finish_into(OstreeRepo* repo, bool sync_while_fetching)
+{
+    PrefetchResult result;
+    if (!m_state->prefetch)
+        return result;
+    // Whatever happens, the prefetch (and its transaction) ends here, while
+    // `repo` is still there.
+    std::unique_ptr<Prefetch> prefetch = std::move(m_state->prefetch);
+    prefetch->attach(repo, sync_while_fetching);
+    result = prefetch->finish();
     result.attempted = true;
-    objects::Transaction transaction(repo, nullptr);
-    Prefetch(repo, make_source, cancellable).run(commit, jobs, sync_while_fetching, result);
-    transaction.commit(nullptr);
     return result;
+}
+
+PrefetchResult prefetch_objects(OstreeRepo* repo, const std::string& url, const std::string& commit,
+                                unsigned network_timeout, bool sync_while_fetching, GCancellable* cancellable)
+{
+    return StartedPrefetch(url, commit, network_timeout, cancellable).finish_into(repo, sync_while_fetching);
 }
 
 bool record_prefetched_commit(OstreeRepo* repo, const std::string& remote, const std::string& ref,

@@ -24,6 +24,7 @@
 #include "common/glib.hpp"
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 typedef struct _GCancellable GCancellable;
@@ -51,6 +52,28 @@ struct PrefetchResult {
 // still arrive rather than all at once at the end.
 PrefetchResult prefetch_objects(OstreeRepo* repo, const std::string& url, const std::string& commit,
                                 unsigned network_timeout, bool sync_while_fetching, GCancellable* cancellable);
+
+// prefetch_objects started before the repository exists (while the card is
+// partitioned and formatted): objects are fetched and checked on threads
+// of their own from when this is made, held in memory (within the
+// prefetch's budget) until finish_into names a new, empty repository.
+// Destroyed unfinished, it stops its transfers and waits for its threads.
+class StartedPrefetch {
+public:
+    StartedPrefetch(const std::string& url, const std::string& commit, unsigned network_timeout,
+                    GCancellable* cancellable);
+    ~StartedPrefetch();
+    StartedPrefetch(StartedPrefetch&&) noexcept;
+    StartedPrefetch& operator=(StartedPrefetch&&) = delete;
+
+    // Writes what is held into `repo`, then the rest as it comes; waits
+    // for the end (see prefetch_objects). Once only.
+    PrefetchResult finish_into(OstreeRepo* repo, bool sync_while_fetching);
+
+private:
+    struct State;
+    std::unique_ptr<State> m_state;
+};
 
 // What libostree's pull of `commit` (named by `remote`:`ref`) would still
 // do once the prefetch brought every object over HTTP, for a remote whose

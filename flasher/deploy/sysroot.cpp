@@ -239,6 +239,8 @@ Deployment provision_sysroot(const std::filesystem::path& root, const SysrootOpt
     PrefetchResult prefetched;
     if (!options.commit.empty()) {
         prefetched = in_step("prefetch", [&] {
+            if (options.started_prefetch)
+                return options.started_prefetch->finish_into(repo, options.sync_while_fetching);
             return prefetch_objects(repo, options.pull_url, options.commit, options.network_timeout,
                                     options.sync_while_fetching, cancellable);
         });

@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -14,6 +15,8 @@ typedef struct OstreeSysroot OstreeSysroot;
 typedef struct _OstreeDeployment OstreeDeployment;
 
 namespace treeflash::flasher {
+
+class StartedPrefetch;
 
 struct SysrootOptions {
     std::string os = "tcu";
@@ -32,6 +35,9 @@ struct SysrootOptions {
     // Called once every object of the commit is in the card's repository,
     // before the deploy: where the card starts writing them out.
     std::function<void()> objects_written;
+    // The prefetch of `commit`, started before the card's repository was
+    // made (see StartedPrefetch); otherwise it starts once it is.
+    std::shared_ptr<StartedPrefetch> started_prefetch;
 };
 
 // Whether a deployment's tree carries a devicetree where OSTree looks for

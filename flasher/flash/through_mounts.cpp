@@ -10,6 +10,7 @@
 #include "common/glib.hpp"
 #include "flasher/boot/boot_state.hpp"
 #include "flasher/boot/bootscript.hpp"
+#include "flasher/deploy/prefetch.hpp"
 #include "flasher/disk/blank_ext4.hpp"
 #include "flasher/disk/format.hpp"
 #include "flasher/disk/mount.hpp"
@@ -66,6 +67,16 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
         std::lock_guard hold(notice_lock);
         notice(text);
     };
+    // The deploy, most of a flash, runs on a thread of its own (below), with
+    // a cancellable of its own.
+    LinkedCancellable deploy_cancellable(cancellable);
+    // The commit's objects are fetched and checked from now on, while the
+    // card is partitioned and formatted; written once its repository is
+    // made.
+    std::shared_ptr<StartedPrefetch> prefetch;
+    if (!plan.sysroot.commit.empty())
+        prefetch = std::make_shared<StartedPrefetch>(plan.sysroot.pull_url, plan.sysroot.commit,
+                                                     plan.sysroot.network_timeout, deploy_cancellable.get());
     say("partitioning " + target.device() + " (" + plan.layout.label + ")");
     // From the first byte of the table on, the old contents are gone.
     progress = Progress::Partitioned;
@@ -112,6 +123,7 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
     // in memory when it has room for all of them at once.
     SysrootOptions sysroot = plan.sysroot;
     sysroot.download_dir = memory_with_room(plan.source.content_bytes, 1000);
+    sysroot.started_prefetch = prefetch;
     // The objects are most of what the card holds: they go out to the card
     // (or the image's disk) while libostree deploys, rather than all in the
     // final sync. Joined before the unmount.
@@ -123,7 +135,6 @@ void write_card(const FlashPlan& plan, Target& target, FlashResult& result, Prog
                 target.start_writeback();
         });
     };
-    LinkedCancellable deploy_cancellable(cancellable);
     std::future<Deployment> deployed = std::async(std::launch::async, [&] {
         return in_step("sysroot", [&] { return provision_sysroot(rootfs.path(), sysroot, say, deploy_cancellable.get()); });
     });
