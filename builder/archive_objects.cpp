@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <cstdio>
 #include <fcntl.h>
 #include <libdeflate.h>
 #include <sys/stat.h>
@@ -59,13 +60,21 @@ ArchiveObjectWriter::ArchiveObjectWriter(OstreeRepo* repo, const std::filesystem
     m_staging_fd.reset(::open(m_staging.path().c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
     if (!m_staging_fd)
         throw_errno("open " + m_staging.path().string());
+    // Staged as in objects/, in a folder per first byte: 200,000 new files
+    // in one folder queue the writers on its lock and its inode group.
+    for (unsigned byte = 0; byte < 256; ++byte) {
+        char prefix[3];
+        std::snprintf(prefix, sizeof prefix, "%02x", byte);
+        if (::mkdirat(m_staging_fd.get(), prefix, 0700) != 0)
+            throw_errno("create " + (m_staging.path() / prefix).string());
+    }
 }
 
 bool ArchiveObjectWriter::stage(const std::string& checksum, std::span<const unsigned char> header,
                                 std::span<const unsigned char> content, bool regular, DeflateCompressor& compressor,
                                 ByteBuffer& scratch)
 {
-    std::string name = checksum + ".filez";
+    std::string name = checksum.substr(0, 2) + "/" + checksum.substr(2) + ".filez";
     UniqueFd fd(::openat(m_staging_fd.get(), name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
     if (!fd) {
         if (errno == EEXIST) // the same content twice in one tree
@@ -98,8 +107,8 @@ void ArchiveObjectWriter::publish()
         std::string prefix = checksum.substr(0, 2);
         if (::mkdirat(m_objects.get(), prefix.c_str(), 0777) != 0 && errno != EEXIST) // less the umask, as libostree
             throw_errno("create objects/" + prefix);
-        std::string from = checksum + ".filez";
         std::string to = prefix + "/" + checksum.substr(2) + ".filez";
+        const std::string& from = to; // the same name under the staging folder
         // An object already there has the same content by its name: keep it.
         // File systems without RENAME_NOREPLACE (NFS, some FUSE) get a plain
         // rename, as libostree does: same name, same bytes.
