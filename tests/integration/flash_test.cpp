@@ -49,16 +49,6 @@ const std::string& root_disk()
     return disk;
 }
 
-// Checks, when the test ends, that it left no loop device or mount behind.
-std::string random_bytes(size_t size, unsigned seed)
-{
-    std::mt19937 rng(seed);
-    std::string data(size, '\0');
-    for (auto& c : data)
-        c = static_cast<char>(rng());
-    return data;
-}
-
 // Commits 60 MiB of random files in `tmp` and starts an ls104x flash of
 // them into `image`, logging to `log`; returns once it pulls (the rootfs
 // partition is mounted then).

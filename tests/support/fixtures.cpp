@@ -10,6 +10,7 @@
 #include <fstream>
 #include <glib.h>
 #include <mutex>
+#include <random>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -23,6 +24,15 @@
 extern char** environ;
 
 namespace treeflash::test {
+
+std::string random_bytes(size_t size, unsigned seed)
+{
+    std::mt19937 rng(seed);
+    std::string data(size, '\0');
+    for (auto& c : data)
+        c = static_cast<char>(rng());
+    return data;
+}
 
 bool is_root()
 {

@@ -37,6 +37,8 @@ std::vector<fs::path> scratch_paths_made();
 
 void write_file(const fs::path& path, const std::string& content, mode_t mode = 0644);
 std::string read_text(const fs::path& path);
+// `size` bytes that do not compress, the same for the same `seed`.
+std::string random_bytes(size_t size, unsigned seed);
 std::string sha256_hex(const std::string& data);
 // U-Boot's environment at `offset` of `file`, `size` bytes, as libubootenv's
 // fw_printenv reads it (its config written to `config`): a reader that is

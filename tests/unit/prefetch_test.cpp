@@ -8,23 +8,12 @@
 #include <chrono>
 #include <doctest/doctest.h>
 #include <ostree.h>
-#include <random>
 #include <thread>
 
 using namespace treeflash;
 using namespace treeflash::test;
 
 namespace {
-
-// Bytes that do not compress: the archive holds them as large as they are.
-std::string noise(size_t size, unsigned seed)
-{
-    std::mt19937 rng(seed);
-    std::string data(size, '\0');
-    for (auto& c : data)
-        c = static_cast<char>(rng());
-    return data;
-}
 
 glib::Object<OstreeRepo> new_bare_repo(const fs::path& path)
 {
@@ -44,7 +33,7 @@ TEST_CASE("objects fetched before the repository exists are all written once it 
     Scratch tmp;
     make_rootfs(tmp / "rootfs");
     for (int i = 0; i < 8; ++i) // files of several MiB: held in memory until the repository is named
-        write_file(tmp / ("rootfs/usr/share/blob/" + std::to_string(i)), noise((3 << 20) + i, static_cast<unsigned>(i)));
+        write_file(tmp / ("rootfs/usr/share/blob/" + std::to_string(i)), random_bytes((3 << 20) + i, static_cast<unsigned>(i)));
     std::string commit = build_commit(tmp.path(), tmp / "repo");
     flasher::StartedPrefetch started("file://" + (tmp / "repo").string(), commit, 30, nullptr);
     // The card is partitioned and formatted meanwhile: the workers hold
@@ -71,7 +60,7 @@ TEST_CASE("a prefetch dropped before the repository exists stops at once, whatev
     Scratch tmp;
     make_rootfs(tmp / "rootfs");
     for (int i = 0; i < 8; ++i)
-        write_file(tmp / ("rootfs/usr/share/blob/" + std::to_string(i)), noise((3 << 20) + i, static_cast<unsigned>(i)));
+        write_file(tmp / ("rootfs/usr/share/blob/" + std::to_string(i)), random_bytes((3 << 20) + i, static_cast<unsigned>(i)));
     std::string commit = build_commit(tmp.path(), tmp / "repo");
     auto begun = std::chrono::steady_clock::now();
     {
