@@ -525,10 +525,13 @@ UniqueFd Target::image_file() const
     UniqueFd file(is_image() ? ::fcntl(m_partial_lock.get(), F_DUPFD_CLOEXEC, 0) : -1);
     if (!file)
         throw_errno("open " + m_partial.string() + " again");
-    // The device's cached writes go to the file (through the loop device),
-    // without the cache flush an fsync asks for.
-    if (::sync_file_range(m_fd.get(), 0, 0, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER)
-        != 0)
+    // The loop device's cached writes go to the file, without the cache
+    // flush an fsync asks for. (Without a loop device the file is written
+    // directly: its page cache is what a read sees.)
+    if (m_loop
+        && ::sync_file_range(m_fd.get(), 0, 0,
+                             SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER)
+               != 0)
         throw_errno("write out " + m_device);
     return file;
 }
